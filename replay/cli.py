@@ -1,0 +1,77 @@
+"""The ``replay`` command line: a thin layer over the library.
+
+``main(argv) -> int`` parses arguments, calls one command module in ``replay.commands`` and maps
+exceptions to exit codes in exactly one place. Command modules are imported lazily, so ``replay inspect``
+does not pay for importing the migration driver. Each command module provides ``configure(parser)`` and
+``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import ExitCode, ReplayError, UsageError, one_line
+
+# name -> (module, one-line help). Order is the order of `replay --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "gen": ("replay.commands.gen", "generate a synthetic workload trace"),
+    "inspect": ("replay.commands.inspect", "show a trace's metadata, op counts, write rate and working set"),
+    "record": ("replay.commands.record", "record a real program into a trace (valgrind lackey)"),
+    "import": ("replay.commands.importcmd", "convert CSV/Parquet accesses or a dirty-page log into a trace"),
+    "run": ("replay.commands.run", "replay a scenario under one migration strategy into a run directory"),
+    "compare": ("replay.commands.compare", "run a scenario under mirror-vm and shadow-vcpu and compare"),
+    "diff": ("replay.commands.diff", "compare two run directories (exit 0 equivalent, 1 differ, 2 bad input)"),
+    "report": ("replay.commands.report", "write a self-contained HTML report of one or more runs"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a one-line UsageError instead of usage text and exit(2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser(selected: str | None) -> ArgumentParser:
+    parser = ArgumentParser(prog="replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"snp-replay {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    selected = selected if selected in COMMANDS else None
+    try:
+        args = build_parser(selected).parse_args(argv)
+        if args.command is None:
+            build_parser(None).print_help()
+            return ExitCode.BAD_INPUT
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return int(module.run(args))
+    except ReplayError as exc:
+        print(f"replay: error: {one_line(exc)}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("replay: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return ExitCode.OK
+    except OSError as exc:
+        # Missing files, permissions, a full disk: the user's environment, reported in one line.
+        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        print(f"replay: error:{where} {exc.strerror or one_line(exc)}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

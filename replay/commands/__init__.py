@@ -1,0 +1,1 @@
+"""One module per `replay` subcommand: configure(parser) and run(args) -> int."""

@@ -1,0 +1,33 @@
+"""Build the Cython page engine (cext/) into the ``replay`` package.
+
+Compiler directives are set here, once, for every extension. ``SNP_REPLAY_DEBUG=1`` at build time turns
+bounds and wraparound checks back on (and keeps asserts) for debugging a crash in the engine.
+"""
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("SNP_REPLAY_DEBUG", "") not in ("", "0")
+
+directives = {
+    "language_level": "3",
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "embedsignature": True,
+}
+
+extensions = [
+    Extension(
+        "replay._engine",
+        ["cext/_engine.pyx"],
+        include_dirs=["cext", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+    ),
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["cext"]))
