@@ -1,0 +1,173 @@
+# C declarations of the Cython page engine (cext/_engine.pyx -> replay._engine).
+#
+# The constants mirror replay/snp.py and replay/engine.py (tests/test_engine_rules.py checks that they agree).
+# Page state and RMP entries are C arrays of structs, 8 and 16 bytes, so one replayed page touches
+# about two cache lines.
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef enum:
+    PAGE_SHIFT = 12
+    PAGES_PER_2M = 512
+    VMPLS = 4
+    VMSA_SPARE = 1024          # replay.engine.VMSA_SPARE
+    FIRST_FAULTS_MAX = 16
+    MAX_HOSTS = 64
+
+# page-state flags (replay.engine PRIVATE / DIRTY / PRESENT)
+cdef enum:
+    PG_PRIVATE = 1
+    PG_DIRTY = 2
+    PG_PRESENT = 4
+
+# RMP entry flags
+cdef enum:
+    R_ASSIGNED = 1
+    R_SIZE_2M = 2
+    R_IMMUTABLE = 4
+    R_VALIDATED = 8
+    R_VMSA = 16
+
+# snp.Op
+cdef enum:
+    OP_WRITE = 0
+    OP_READ = 1
+    OP_TO_SHARED = 2
+    OP_TO_PRIVATE = 3
+
+# snp.Perm / snp.Access
+cdef enum:
+    PERM_READ = 1
+    PERM_WRITE = 2
+    PERM_USER_EXEC = 4
+    PERM_SUPERVISOR_EXEC = 8
+    PERM_ALL = 15
+
+# snp.Rc
+cdef enum:
+    RC_SUCCESS = 0
+    RC_FAIL_INPUT = 1
+    RC_FAIL_PERMISSION = 2
+    RC_FAIL_INUSE = 3
+    RC_FAIL_OVERLAP = 4
+    RC_FAIL_SIZEMISMATCH = 6
+    RC_FAIL_NOUPDATE = 255
+    RC_NESTED_PF = 0x100
+
+# snp.Fault
+cdef enum:
+    F_NONE = 0
+    F_NPF_GPA_MISMATCH = 1
+    F_NPF_NOT_ASSIGNED = 2
+    F_NPF_ASID = 3
+    F_NPF_IMMUTABLE = 4
+    F_NPF_SIZE = 5
+    F_VC_NOT_VALIDATED = 6
+    F_NPF_VMPL = 7
+    F_NPF_SHARED_ASSIGNED = 8
+    F_HOST_RMP_PF = 9
+    F_USERFAULT = 10
+    NFAULTS = 11
+
+# errors of a trace row (negative returns of replay_rows / transfer_pages); raised as TraceError in one place
+cdef enum:
+    ERR_VCPU = -1
+    ERR_LEN = -2
+    ERR_RANGE = -3
+    ERR_OP = -4
+
+ctypedef struct PageState:        # 8 bytes per gfn per host
+    uint32_t version
+    uint8_t flags                 # PG_*
+    uint8_t pad[3]
+
+ctypedef struct RmpEntry:         # 16 bytes per SPA per host
+    uint32_t gfn
+    uint32_t asid
+    uint8_t flags                 # R_*
+    uint8_t perms[4]              # per VMPL; perms[0] is always PERM_ALL
+    uint8_t pad[3]
+
+ctypedef struct Cols:             # zero-copy views of one record batch's columns
+    const uint64_t* t_ns
+    const uint16_t* vcpu
+    const uint64_t* gpa
+    const uint32_t* len
+    const uint8_t* op
+    int64_t n
+
+ctypedef struct Xfer:             # begin_transfer parameters and the transfer clock
+    int active
+    int charge_guest
+    int target_rmp
+    int skip_present
+    int64_t bandwidth
+    int64_t page_bytes
+    int64_t header_bytes
+    int64_t agents
+    int64_t pack_private_ns
+    int64_t pack_zero_ns
+    int64_t batch_pages
+    int64_t vmgexit_ns
+    int64_t unpack_private_ns
+    int64_t v0
+    int64_t g0
+    int64_t v
+    int64_t g
+    int64_t pages
+    int64_t zero_pages
+    int64_t private_pages
+    int64_t shared_pages
+    int64_t bytes
+    int64_t agent_cpu_ns
+    int64_t vmgexits
+    int64_t target_cpu_ns
+    int64_t priv_in_batch
+
+ctypedef struct State:
+    int64_t npages
+    int64_t vcpus
+    uint32_t asid
+    int os_vmpl
+    int hosts
+    PageState* img[MAX_HOSTS]
+    RmpEntry* rmp[MAX_HOSTS]
+    int64_t spa_base[MAX_HOSTS]
+    int64_t rmp_size[MAX_HOSTS]
+    uint8_t logging[MAX_HOSTS]
+    uint64_t n_rmpupdate
+    uint64_t n_pvalidate
+    uint64_t n_rmpadjust
+    uint64_t n_psmash
+    uint64_t n_psc
+    uint64_t faults[NFAULTS]
+    int64_t ff[FIRST_FAULTS_MAX][3]   # first faults: event index (-1 outside replay), kind, gfn
+    int n_ff
+    int ls_fault                      # last_stop
+    int64_t ls_gfn
+    int64_t ls_vcpu
+    int64_t ls_row
+    int64_t err_row                   # row and offending value of the last row error
+    int64_t err_val
+    Xfer x
+
+# RMP instructions and checks (return RC_* / F_*); ev = event index for first_faults, -1 outside replay
+cdef int rmpupdate_c(State* s, int host, int64_t spa, bint assigned, uint32_t asid, uint32_t gfn,
+                     bint size_2m, bint immutable) noexcept nogil
+cdef int pvalidate_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int vmpl, bint validate,
+                     bint size_2m, int64_t ev) noexcept nogil
+cdef int rmpadjust_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int caller_vmpl,
+                     int target_vmpl, int perms, bint vmsa, bint size_2m, int64_t ev) noexcept nogil
+cdef int psmash_c(State* s, int host, int64_t spa) noexcept nogil
+cdef int check_c(State* s, int host, int64_t gfn, int vmpl, int access, bint private) noexcept nogil
+cdef void launch_c(State* s, int host, const uint8_t* shared) noexcept nogil
+cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64_t base_index,
+                         uint64_t stop, const uint64_t* delays) noexcept nogil
+cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
+                            const Cols* c, int64_t* row, int64_t base_index, int run_host,
+                            const uint64_t* delays) noexcept nogil
+
+
+cdef class Engine:
+    cdef State st
+    cdef readonly tuple spa_base

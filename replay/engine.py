@@ -1,0 +1,110 @@
+"""Page-engine selection and the value types both engines return.
+
+Two engines implement the Engine API of docs/internals.md with identical semantics:
+
+- ``"cython"``: ``replay._engine.Engine`` (cext/_engine.pyx), the fast one, used by the driver;
+- ``"reference"``: ``replay.refengine.Engine``, pure Python, the executable statement of the semantics.
+
+``tests/test_engine_*.py`` run every engine test against both and compare them on random operations.
+This module holds what both share (the ``RmpEntry`` / ``PageView`` tuples, the batch and delay argument
+checks) so that they return equal values and reject bad arguments with the same exceptions. It imports
+neither engine at module level (both import it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from replay.errors import TraceError
+
+ENGINE_KINDS = ("cython", "reference")
+
+#: RMP entries past each host's guest pages, for VMSA pages (agents' and vCPUs' VMSAs) and other
+#: hypervisor-side pages. Mirrored in cext/_engine.pxd.
+VMSA_SPARE = 1024
+
+#: Engine page-state flag bits (``flags(host, gfns)``). Mirrored in cext/_engine.pxd.
+PRIVATE = 1
+DIRTY = 2
+PRESENT = 4
+
+#: Column names and Arrow types of a trace batch (trace format v1, SPEC section 2), in schema order.
+BATCH_COLUMNS = (
+    ("t_ns", pa.uint64()),
+    ("vcpu", pa.uint16()),
+    ("gpa", pa.uint64()),
+    ("len", pa.uint32()),
+    ("op", pa.uint8()),
+    ("value", pa.uint64()),
+)
+
+U64_MAX = (1 << 64) - 1
+
+
+class RmpEntry(NamedTuple):
+    """One RMP entry as seen through ``Engine.rmp_entry``; ``perms`` is the 4-tuple of VMPL masks."""
+
+    assigned: bool
+    asid: int
+    gfn: int
+    size_2m: bool
+    immutable: bool
+    validated: bool
+    vmsa: bool
+    perms: tuple[int, int, int, int]
+
+
+class PageView(NamedTuple):
+    """One guest page of one host's memory image, as seen through ``Engine.page``."""
+
+    version: int
+    private: bool
+    dirty: bool
+    present: bool
+
+
+def check_batch(batch: pa.RecordBatch) -> None:
+    """Raise TypeError unless ``batch`` is a RecordBatch with the trace schema, ValueError on nulls."""
+    if not isinstance(batch, pa.RecordBatch):
+        raise TypeError(f"expected a pyarrow.RecordBatch, got {type(batch).__name__}")
+    schema = batch.schema
+    if len(schema) != len(BATCH_COLUMNS) or any(
+        schema.field(i).name != name or schema.field(i).type != typ
+        for i, (name, typ) in enumerate(BATCH_COLUMNS)
+    ):
+        raise TypeError(f"record batch does not have the trace schema: {schema.to_string(show_schema_metadata=False)!r}")
+    for i, (name, _) in enumerate(BATCH_COLUMNS):
+        if batch.column(i).null_count:
+            raise TraceError(f"record batch column {name!r} has nulls")
+
+
+def as_delays(delays, vcpus: int):
+    """Per-vCPU guest delays as a contiguous uint64 array of length ``vcpus`` (None stays None)."""
+    if delays is None:
+        return None
+    arr = np.ascontiguousarray(delays, dtype=np.uint64)
+    if arr.ndim != 1 or arr.shape[0] != vcpus:
+        raise ValueError(f"delays must have one entry per vCPU ({vcpus}), got shape {arr.shape}")
+    return arr
+
+
+def as_gfns(gfns):
+    """A transfer's page list as a contiguous uint32 array."""
+    arr = np.ascontiguousarray(gfns, dtype=np.uint32)
+    if arr.ndim != 1:
+        raise ValueError(f"gfns must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def make_engine(kind: str = "cython", **kw):
+    """Build an engine of ``kind`` (one of ENGINE_KINDS); ``kw`` are the Engine constructor arguments."""
+    if kind == "cython":
+        from replay._engine import Engine
+    elif kind == "reference":
+        from replay.refengine import Engine
+    else:
+        raise ValueError(f"unknown engine kind {kind!r} (expected one of {', '.join(ENGINE_KINDS)})")
+    return Engine(**kw)

@@ -1,0 +1,610 @@
+"""The migration driver: replays a whole trace on one virtual clock and migrates the guest inside it.
+
+Time is virtual ns (``v``); the guest's own clock is trace time (``g``). Before migration they are equal.
+While migration works, ``g`` falls behind ``v`` when agents take the primary VM's CPU (shadow vCPUs) and
+stops while the guest is paused (downtime). Page contents are tracked by the page engine
+(``replay.engine``); the driver decides what is sent when, following QEMU's pre-copy semantics, and
+records rounds, events and metrics. Nothing here reads a wall clock or an unseeded random source.
+
+Flow of one run (SPEC section 4):
+  guest runs to ``migration.start_ns`` -> capability/setup checks -> setup steps (strategy-specific) ->
+  round 0 (every page) -> rounds 1.. (dirty-log sync, send dirty pages) until pending bytes fit in
+  bandwidth x downtime_limit or max_rounds -> stop-and-copy (pause, final sync, pages, VMSAs, device
+  state, target unpack, validation token, resume) -> the guest runs on at the target to the end of the
+  trace. Post-copy and hybrid replace the rounds/stop-and-copy tail (``_postcopy``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .engine import make_engine
+from .errors import ScenarioError, TraceError
+from .runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, RUN_FORMAT, RUN_VERSION, ROUNDS_SCHEMA, write_run
+from .scenario import FOREVER, Scenario
+from .snp import PAGE_SIZE, FAULT_KINDS, Fault
+from .strategies import HOST, OWNERS, PRIMARY_VM, Step, make_strategy
+from .trace import TraceMeta, open_trace, read_meta
+
+NS_PER_S = 1_000_000_000
+U64_MAX = (1 << 64) - 1
+TRANSFER_CHUNK = 1 << 16  # pages per engine call: bounds how late a link failure is noticed
+RMP_OPS = ("rmpupdate", "pvalidate", "rmpadjust", "psmash", "psc")
+
+ProgressFn = Callable[[int], None]
+
+
+# ------------------------------------------------------------------------------------------- traces
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SNP_REPLAY_CACHE", Path.home() / ".cache" / "snp-replay"))
+
+
+def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
+    """The trace file a scenario replays: its ``trace.file``, or its generator's output (cached by spec)."""
+    t = scenario.trace
+    if t.file:
+        path = Path(scenario.base_dir) / t.file
+        if not path.exists():
+            raise ScenarioError(f"trace.file {t.file!r}: no such file (looked in {path})")
+        return path
+    from .generators import generate  # only scenarios with a generator need it
+
+    seed = scenario.seed if t.seed < 0 else t.seed
+    g = scenario.guest
+    spec = {
+        "generator": t.generator, "events": t.events, "rate": t.rate, "fill": t.fill, "seed": seed,
+        "guest_bytes": g.guest_bytes, "vcpus": g.vcpus, "options": {k: repr(v) for k, v in sorted(t.options.items())},
+    }
+    key = hashlib.blake2b(repr(sorted(spec.items())).encode(), digest_size=12).hexdigest()
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{t.generator}-{key}.arrow"
+    if not path.exists():
+        if not g.guest_bytes or not g.vcpus:
+            raise ScenarioError("a [trace] generator needs guest.guest_bytes (or guest.size) and guest.vcpus")
+        generate(
+            t.generator, path, guest_bytes=g.guest_bytes, vcpus=g.vcpus, events=t.events, seed=seed,
+            rate=t.rate, fill=t.fill, **dict(t.options),
+        )
+    return path
+
+
+class Cursor:
+    """Where the guest is in the trace: the current record batch and row."""
+
+    def __init__(self, reader, progress: ProgressFn | None):
+        self._it = iter(reader)
+        self._progress = progress
+        self.batch: pa.RecordBatch | None = None
+        self.base = 0
+        self.row = 0
+        self._next()
+
+    def _next(self) -> None:
+        if self.batch is not None and self._progress:
+            self._progress(self.batch.num_rows)
+        nxt = next(self._it, None)
+        if nxt is None:
+            self.batch = None
+        else:
+            self.base, self.batch = nxt
+            self.row = 0
+
+    @property
+    def done(self) -> bool:
+        return self.batch is None
+
+    @property
+    def index(self) -> int:
+        return self.base + self.row if self.batch is not None else -1
+
+    def settle(self, row: int) -> None:
+        self.row = row
+        while self.batch is not None and self.row >= self.batch.num_rows:
+            self._next()
+
+
+# ------------------------------------------------------------------------------------------- results
+
+@dataclass
+class RunResult:
+    summary: dict
+    rounds: pa.Table
+    events: pa.Table
+    faults: pa.Table | None
+
+    @property
+    def status(self) -> str:
+        return self.summary["status"]
+
+    def write(self, out_dir: str | Path) -> Path:
+        return write_run(out_dir, self.summary, self.rounds, self.events, self.faults)
+
+
+@dataclass
+class _Round:
+    round: int
+    phase: str
+    sync_ns: int
+    dirty_pages: int
+    start_ns: int
+    end_ns: int = 0
+    pages_sent: int = 0
+    zero_pages: int = 0
+    private_pages: int = 0
+    shared_pages: int = 0
+    bytes_sent: int = 0
+    agents: int = 0
+    agent_cpu_ns: int = 0
+    guest_progress_ns: int = 0
+
+
+@dataclass
+class _Tally:
+    pages: dict = field(default_factory=lambda: {"precopy": 0, "downtime": 0, "postcopy": 0})
+    bytes: dict = field(default_factory=lambda: {"precopy": 0, "downtime": 0, "postcopy": 0})
+    zero_pages: int = 0
+    private_pages: int = 0
+    shared_pages: int = 0
+    cpu: dict = field(default_factory=lambda: {o: 0 for o in OWNERS})
+    live_v: int = 0  # virtual time the guest was live during migration
+    live_g: int = 0  # guest progress in that time
+
+
+class LinkDown(Exception):
+    """The link failed at ``at_ns`` (internal control flow)."""
+
+    def __init__(self, at_ns: int):
+        self.at_ns = at_ns
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+class Migration:
+    """One run: a scenario, a trace and a strategy. ``run()`` returns a RunResult."""
+
+    def __init__(self, scenario: Scenario, trace_path: str | Path, *, engine: str = "cython",
+                 progress: ProgressFn | None = None):
+        self.trace_path = Path(trace_path)
+        self.meta: TraceMeta = read_meta(self.trace_path)
+        g = scenario.guest
+        if g.guest_bytes and g.guest_bytes != self.meta.guest_bytes:
+            raise ScenarioError(f"guest.guest_bytes {g.guest_bytes} does not match the trace's {self.meta.guest_bytes}")
+        if g.vcpus and g.vcpus != self.meta.vcpus:
+            raise ScenarioError(f"guest.vcpus {g.vcpus} does not match the trace's {self.meta.vcpus}")
+        self.s = scenario
+        self.m = scenario.migration
+        self.c = scenario.costs
+        self.strategy = make_strategy(scenario)
+        self.engine_kind = engine
+        self.progress = progress
+        self.npages = self.meta.guest_bytes // PAGE_SIZE
+        self.vcpus = self.meta.vcpus
+        self.eng = make_engine(engine, npages=self.npages, vcpus=self.vcpus, asid=g.asid, os_vmpl=g.os_vmpl, hosts=2)
+        self.v = 0
+        self.g = 0
+        self.agents = 0
+        self.agents_created = 0
+        self.agents_max_seen = 0
+        self._events: list[tuple[int, str, int, int, str]] = []
+        self._rounds: list[_Round] = []
+        self._faults_rows: list[tuple] = []
+        self.t = _Tally()
+        self.link_faults = sorted(scenario.faults, key=lambda f: f.at_ns)
+
+    # -- bookkeeping
+    def log(self, kind: str, detail: str = "", gfn: int = -1, vcpu: int = -1, t: int | None = None) -> None:
+        self._events.append((self.v if t is None else t, kind, gfn, vcpu, detail))
+
+    def _vmpls_in_use(self) -> int:
+        return 2 if self.s.guest.os_vmpl > 0 else 1
+
+    # -- the guest
+    def _run_guest(self, host: int, g_stop: int) -> None:
+        cur = self.cur
+        while not cur.done:
+            row = self.eng.replay(host, cur.batch, cur.row, cur.base, g_stop)
+            stop = self.eng.last_stop
+            cur.settle(row)
+            if row < (cur.batch.num_rows if cur.batch is not None else 0) or stop[0] != Fault.NONE:
+                break
+
+    def _elapse(self, dv: int, guest_cpu_ns: int = 0, host: int = 0, live: bool = True) -> None:
+        """Let ``dv`` of virtual time pass with the guest running on ``host``; ``guest_cpu_ns`` of the
+        primary VM's CPU quota is taken by agents meanwhile (shadow vCPUs)."""
+        dg = max(0, dv - guest_cpu_ns // self.vcpus)
+        self.v += dv
+        self.g += dg
+        if live:
+            self.t.live_v += dv
+            self.t.live_g += dg
+        self._run_guest(host, self.g)
+
+    def _step(self, step: Step, host: int = 0) -> None:
+        self.log("setup_step", f"{step.name} ({step.ns} ns, {step.owner})")
+        self.t.cpu[step.owner] += step.ns
+        self._elapse(step.ns, step.ns if step.owner == PRIMARY_VM else 0, host)
+
+    # -- the link
+    def _link_fault_before(self, v_end: int) -> int | None:
+        """The first link failure at or before ``v_end`` that has not been handled, else None."""
+        # Pre-copy has no recovery (QEMU aborts): any failure up to now ends the migration.
+        for f in self.link_faults:
+            if f.at_ns <= v_end:
+                return f.at_ns
+        return None
+
+    # -- sending
+    def _begin(self, agents: int) -> None:
+        c = self.c
+        self.eng.begin_transfer(
+            self.v, self.g,
+            bandwidth_bytes_per_s=self.m.bandwidth_bytes_per_s, page_bytes=PAGE_SIZE,
+            header_bytes=c.page_header_bytes, agents=agents, pack_private_ns=c.page_pack_ns,
+            pack_zero_ns=c.zero_page_ns, batch_pages=c.batch_pages, vmgexit_ns=c.vmgexit_ns,
+            charge_guest=self.strategy.charge_guest, unpack_private_ns=c.page_unpack_ns, target_rmp=True,
+        )
+
+    def _send(self, gfns: np.ndarray, rnd: _Round, *, paused: bool, run_host: int = 0) -> None:
+        """Send ``gfns`` (in order) from the source to the target, the guest running unless ``paused``."""
+        self._begin(self.agents)
+        v0, g0 = self.v, self.g
+        start = 0
+        while start < len(gfns):
+            chunk = gfns[start:start + TRANSFER_CHUNK]
+            k = 0
+            while k < len(chunk):
+                cur = self.cur
+                batch = None if (paused or cur.done) else cur.batch
+                row, k = self.eng.transfer(0, 1, chunk, k, batch, cur.row, cur.base, run_host)
+                if batch is not None:
+                    cur.settle(row)
+            start += len(chunk)
+            st = self.eng.transfer_state()
+            at = self._link_fault_before(st["v_ns"])
+            if at is not None:
+                self._account(rnd, st, v0, g0, paused)
+                raise LinkDown(at)
+        self._account(rnd, self.eng.transfer_state(), v0, g0, paused)
+
+    def _account(self, rnd: _Round, st: dict, v0: int, g0: int, paused: bool) -> None:
+        rnd.pages_sent += st["pages"]
+        rnd.zero_pages += st["zero_pages"]
+        rnd.private_pages += st["private_pages"]
+        rnd.shared_pages += st["shared_pages"]
+        rnd.bytes_sent += st["bytes"]
+        rnd.agent_cpu_ns += st["agent_cpu_ns"]
+        rnd.agents = self.agents
+        self.t.cpu[self.strategy.agent_owner] += st["agent_cpu_ns"]
+        self._target_cpu += st.get("target_cpu_ns", 0)
+        self.t.pages[rnd.phase] += st["pages"]
+        self.t.bytes[rnd.phase] += st["bytes"]
+        self.t.zero_pages += st["zero_pages"]
+        self.t.private_pages += st["private_pages"]
+        self.t.shared_pages += st["shared_pages"]
+        dv, dg = st["v_ns"] - v0, st["g_ns"] - g0
+        if not paused:
+            self.t.live_v += dv
+            self.t.live_g += dg
+            self.g = st["g_ns"]
+        self.v = st["v_ns"]
+
+    # -- agents
+    def _agents_wanted(self, n_private: int, n_bytes: int) -> int:
+        """On-demand agents: enough that packaging keeps pace with the link, within the strategy's limit."""
+        link_ns = -(-n_bytes * NS_PER_S // self.m.bandwidth_bytes_per_s)
+        pack_ns = n_private * self.c.page_pack_ns + (n_private // self.c.batch_pages) * self.c.vmgexit_ns
+        need = max(1, -(-pack_ns // max(1, link_ns)))
+        return min(self.strategy.agent_limit(), max(self.agents, need))
+
+    def _grow_agents(self, want: int) -> None:
+        while self.agents < want:
+            for host in ("source", "target"):
+                step = self.strategy.agent_step(host)
+                self._step(step)
+            self.agents += 1
+            self.agents_created += 1
+            self.log("agent_added", f"agents={self.agents}")
+        self.agents_max_seen = max(self.agents_max_seen, self.agents)
+
+    def _estimate(self, gfns: np.ndarray) -> tuple[int, int]:
+        """(private pages, bytes) the source would send for ``gfns`` now."""
+        if len(gfns) == 0:
+            return 0, 0
+        flags = self.eng.flags(0, gfns)
+        vers = self.eng.versions(0, gfns)
+        private = int(np.count_nonzero(flags & 1))
+        zero = int(np.count_nonzero(vers == 0))
+        return private, len(gfns) * self.c.page_header_bytes + (len(gfns) - zero) * PAGE_SIZE
+
+    def _sync(self) -> np.ndarray:
+        """Dirty-log get-and-clear on the source; its cost elapses with the guest running."""
+        dirty = self.eng.collect_dirty(0)
+        cost = self.c.dirty_sync_ns + self.c.dirty_sync_ns_per_gib * self.meta.guest_bytes // (1 << 30)
+        self.log("dirty_sync", f"dirty_pages={len(dirty)}")
+        self.t.cpu[HOST] += cost
+        self._elapse(cost)
+        return dirty
+
+    # -- phases
+    def run(self) -> RunResult:
+        self._target_cpu = 0
+        nomig = self._no_migration_digest()
+        self.status, self.reason = "completed", ""
+        self.switchover_reason = ""
+        self.digests = {"no_migration": nomig, "end_of_trace": "", "source_at_switchover": "", "target_at_switchover": ""}
+        self.times = {"migration_start_ns": 0, "setup_ns": 0, "switchover_ns": 0, "completion_ns": 0, "downtime_ns": 0,
+                      "expected_downtime_ns": 0, "trace_end_ns": 0}
+        self.downtime_limit_exceeded = False
+        with open_trace(self.trace_path) as reader:
+            self.cur = Cursor(reader, self.progress)
+            self.eng.launch(0, list(self.meta.shared_ranges))
+            self.eng.reset_counters()
+            self._rmp_base = self._rmp_snapshot()
+            self.strategy.check(self._has_private(), self.vcpus)
+            self._run_guest(0, self.m.start_ns)
+            if self.cur.done and self.m.start_ns > 0:
+                last = self._last_t()
+                if last < self.m.start_ns:
+                    raise ScenarioError(
+                        f"migration.start_ns {self.m.start_ns} is after the end of the trace ({last} ns)")
+            self.v = self.g = self.m.start_ns
+            self.times["migration_start_ns"] = self.v
+            self.log("migration_start", f"strategy={self.strategy.name} mode={self.m.mode}")
+            run_host = 0
+            try:
+                self._setup()
+                if self.m.mode == "precopy":
+                    self._precopy(max_rounds=self.m.max_rounds, converge=True)
+                    self._stop_and_copy()
+                    run_host = 1
+                else:
+                    self._postcopy()
+                    run_host = 1
+            except LinkDown as down:
+                run_host = self._link_lost(down.at_ns)
+            if self.status != "failed":
+                self._finish_trace(run_host)
+        return self._result()
+
+    def _has_private(self) -> bool:
+        shared = sum(last - first + 1 for first, last in self.meta.shared_ranges)
+        return shared < self.npages
+
+    def _last_t(self) -> int:
+        """Guest time of the trace's last event (read from the last record batch only)."""
+        with pa.memory_map(str(self.trace_path)) as src:
+            f = pa.ipc.open_file(src)
+            for i in range(f.num_record_batches - 1, -1, -1):
+                b = f.get_batch(i)
+                if b.num_rows:
+                    return int(b.column("t_ns")[b.num_rows - 1].as_py())
+        return 0
+
+    def _no_migration_digest(self) -> str:
+        """The end-of-trace memory of the same guest with no migration at all: the reference digest."""
+        eng = make_engine(self.engine_kind, npages=self.npages, vcpus=self.vcpus, asid=self.s.guest.asid,
+                          os_vmpl=self.s.guest.os_vmpl, hosts=1)
+        eng.launch(0, list(self.meta.shared_ranges))
+        with open_trace(self.trace_path) as reader:
+            for base, batch in reader:
+                eng.replay(0, batch, 0, base, U64_MAX)
+        return eng.digest(0)
+
+    def _setup(self) -> None:
+        v0 = self.v
+        self.agents = self.m.agents_initial
+        self.agents_created = self.agents
+        self.agents_max_seen = self.agents
+        for step in self.strategy.setup_steps():
+            self._step(step)
+        self._step(self.strategy.attestation_step())
+        self.times["setup_ns"] = self.v - v0
+        self.log("setup_done", f"setup_ns={self.v - v0} agents={self.agents}")
+
+    def _precopy(self, *, max_rounds: int, converge: bool) -> None:
+        """Pre-copy rounds: round 0 sends every page, then dirty-log syncs until the switchover rule holds
+        (``converge``) or ``max_rounds`` rounds are done. Leaves ``self._pending`` (dirty at the last sync)."""
+        self.eng.set_dirty_logging(0, True)
+        threshold = self.m.bandwidth_bytes_per_s * self.m.downtime_limit_ns // NS_PER_S
+        gfns = np.arange(self.npages, dtype=np.uint32)
+        sync_ns = self.v
+        rnd_no = 0
+        while True:
+            private, nbytes = self._estimate(gfns)
+            self._grow_agents(self._agents_wanted(private, nbytes))
+            rnd = _Round(rnd_no, "precopy", sync_ns, len(gfns), self.v)
+            g0 = self.g
+            self.log("round_start", f"round={rnd_no} pages={len(gfns)} agents={self.agents}")
+            self._rounds.append(rnd)
+            self._send(gfns, rnd, paused=False)
+            rnd.end_ns, rnd.guest_progress_ns = self.v, self.g - g0
+            self.log("round_end", f"round={rnd_no} pages={rnd.pages_sent} bytes={rnd.bytes_sent}")
+            rnd_no += 1
+            self._check_link(self.v)
+            sync_ns = self.v
+            gfns = self._sync()
+            _, pending = self._estimate(gfns)
+            self.times["expected_downtime_ns"] = pending * NS_PER_S // self.m.bandwidth_bytes_per_s
+            if converge and pending <= threshold:
+                self.switchover_reason = "converged"
+                break
+            if rnd_no >= max_rounds:
+                self.switchover_reason = "max_rounds"
+                if converge:
+                    self.downtime_limit_exceeded = pending > threshold
+                break
+        self._pending, self._pending_sync_ns = gfns, sync_ns
+
+    def _check_link(self, v_end: int) -> None:
+        at = self._link_fault_before(v_end)
+        if at is not None:
+            raise LinkDown(at)
+
+    def _stop_and_copy(self) -> None:
+        """Pause, final sync, send the rest, VMSAs and device state; the target unpacks, validates, resumes."""
+        c = self.c
+        self.times["switchover_ns"] = self.v
+        self.log("pause", "guest paused (stop-and-copy)")
+        v_pause = self.v
+        final = self.eng.collect_dirty(0)
+        sync_cost = c.dirty_sync_ns + c.dirty_sync_ns_per_gib * self.meta.guest_bytes // (1 << 30)
+        self.v += sync_cost
+        self.t.cpu[HOST] += sync_cost
+        pages = np.union1d(self._pending, final).astype(np.uint32)
+        self.eng.set_dirty_logging(0, False)
+        self.digests["source_at_switchover"] = self.eng.digest(0)
+        rnd = _Round(len(self._rounds), "downtime", self.v, len(pages), self.v)
+        self._rounds.append(rnd)
+        rmp_before = self._rmp_snapshot()
+        self._target_cpu = 0
+        self._send(pages, rnd, paused=True)
+        # VMSAs (one per vCPU per VMPL in use) go through an agent like private pages; device state plain.
+        nvmsa = self.vcpus * self._vmpls_in_use()
+        vmsa_bytes = nvmsa * (c.vmsa_bytes + c.page_header_bytes)
+        vmsa_pack = nvmsa * c.page_pack_ns
+        link_ns = -(-(vmsa_bytes + c.device_state_bytes) * NS_PER_S // self.m.bandwidth_bytes_per_s)
+        self.v += max(link_ns, -(-vmsa_pack // self.agents))
+        self.t.cpu[self.strategy.agent_owner] += vmsa_pack
+        rnd.bytes_sent += vmsa_bytes + c.device_state_bytes
+        self.t.bytes["downtime"] += vmsa_bytes + c.device_state_bytes
+        self.vmsas_sent = nvmsa
+        self.log("vmsas_sent", f"vmsas={nvmsa} device_state_bytes={c.device_state_bytes}")
+        self._check_link(self.v)
+        # The last byte lands one latency later; then the target agents unpack what arrived while paused.
+        self.v += self.m.latency_ns
+        rmp_after = self._rmp_snapshot()
+        target_ops = {k: rmp_after[k] - rmp_before[k] for k in RMP_OPS}
+        unpack_cpu = self._target_cpu + nvmsa * c.page_unpack_ns + target_ops["rmpupdate"] * c.rmpupdate_ns \
+            + target_ops["pvalidate"] * c.pvalidate_ns
+        self.t.cpu[self.strategy.agent_owner] += unpack_cpu
+        self.v += -(-unpack_cpu // self.agents)
+        self.digests["target_at_switchover"] = self.eng.digest(1)
+        # End-of-migration validation: the token (page count + running hash) crosses the link.
+        self.v += self.m.latency_ns
+        self.log("validation_token", f"pages={self.t.pages['precopy'] + self.t.pages['downtime']} "
+                 f"match={self.digests['target_at_switchover'] == self.digests['source_at_switchover']}")
+        self.v += c.resume_ns
+        rnd.end_ns = self.v
+        self.times["downtime_ns"] = self.v - v_pause
+        self.times["completion_ns"] = self.v
+        if self.times["downtime_ns"] > self.m.downtime_limit_ns:
+            self.downtime_limit_exceeded = True
+        self.log("resume", f"target resumed; downtime_ns={self.times['downtime_ns']}")
+
+    def _postcopy(self) -> None:
+        raise ScenarioError(f"migration.mode {self.m.mode!r}: post-copy is not implemented in this build")
+
+    def _link_lost(self, at_ns: int) -> int:
+        """A link failure before the target runs: abort; the source runs on with its memory intact."""
+        self.log("link_down", "migration link lost", t=at_ns)
+        self.status, self.reason = "aborted", f"link down at {at_ns} ns before switchover: source runs on"
+        self.eng.set_dirty_logging(0, False)
+        self.times["completion_ns"] = max(self.v, at_ns)
+        self.log("abort", self.reason)
+        return 0
+
+    def _finish_trace(self, host: int) -> None:
+        """The guest runs on (at the target after a completed migration) to the end of the trace."""
+        self._run_guest(host, U64_MAX)
+        self.digests["end_of_trace"] = self.eng.digest(host)
+        self.times["trace_end_ns"] = self.v + max(0, self._last_t() - self.g)
+        self.log("trace_end", f"host={'target' if host else 'source'}", t=self.times["trace_end_ns"])
+
+    def _rmp_snapshot(self) -> dict:
+        rmp = self.eng.counters()["rmp"]
+        return {k: int(rmp.get(k, 0)) for k in RMP_OPS}
+
+    # -- the record
+    def _result(self) -> RunResult:
+        counters = self.eng.counters()
+        faults = {k.key: int(counters["faults"].get(k.key, 0)) for k in FAULT_KINDS}
+        t = self.t
+        rmp_now = self._rmp_snapshot()
+        live_v = max(1, t.live_v)
+        guest_cpu = self.vcpus * t.live_g
+        t.cpu["guest"] = guest_cpu
+        times = self.times
+        completed = self.status == "completed"
+        metrics = {
+            "total_ns": times["completion_ns"] - times["migration_start_ns"] if times["completion_ns"] else 0,
+            "setup_ns": times["setup_ns"],
+            "downtime_ns": times["downtime_ns"],
+            "expected_downtime_ns": times["expected_downtime_ns"],
+            "downtime_limit_exceeded": self.downtime_limit_exceeded,
+            "switchover_reason": self.switchover_reason,
+            "migration_start_ns": times["migration_start_ns"],
+            "switchover_ns": times["switchover_ns"],
+            "completion_ns": times["completion_ns"],
+            "trace_end_ns": times["trace_end_ns"],
+            "rounds": sum(1 for r in self._rounds if r.phase == "precopy"),
+            "pages_sent": sum(t.pages.values()),
+            "zero_pages": t.zero_pages,
+            "bytes_sent": sum(t.bytes.values()),
+            "precopy_bytes": t.bytes["precopy"], "downtime_bytes": t.bytes["downtime"], "postcopy_bytes": t.bytes["postcopy"],
+            "precopy_pages": t.pages["precopy"], "downtime_pages": t.pages["downtime"], "postcopy_pages": t.pages["postcopy"],
+            "private_pages_sent": t.private_pages, "shared_pages_sent": t.shared_pages,
+            "vmsas_sent": getattr(self, "vmsas_sent", 0),
+            "device_state_bytes": self.c.device_state_bytes if completed else 0,
+            "agents_max": self.agents_max_seen, "agents_created": self.agents_created,
+            "cpu_ns": dict(t.cpu),
+            "guest_slowdown_ppm": (t.live_v - t.live_g) * 1_000_000 // live_v if t.live_v else 0,
+            "rmp": {k: rmp_now[k] - self._rmp_base[k] for k in RMP_OPS},
+            "faults": faults,
+            "postcopy": self._postcopy_metrics(),
+        }
+        digests = self.digests
+        invariants = {
+            "end_of_trace_equals_no_migration": digests["end_of_trace"] == digests["no_migration"],
+            "target_equals_source_at_switchover": (digests["target_at_switchover"] == digests["source_at_switchover"])
+            if digests["target_at_switchover"] else completed is False,
+            "no_faults": not any(faults.values()),
+        }
+        summary = {
+            "format": RUN_FORMAT, "version": RUN_VERSION,
+            "tool": {"name": "snp-replay", "version": __version__, "engine": self.engine_kind},
+            "status": self.status, "status_reason": self.reason,
+            "strategy": self.strategy.name, "mode": self.m.mode,
+            "scenario": self.s.resolved(guest_bytes=self.meta.guest_bytes, vcpus=self.vcpus,
+                                        trace_seed=self.s.seed if self.s.trace.seed < 0 else self.s.trace.seed),
+            "trace": {"digest": self.meta.digest, "events": self.meta.events, "guest_bytes": self.meta.guest_bytes,
+                      "vcpus": self.vcpus, "source": self.meta.source},
+            "metrics": metrics,
+            "first_faults": [list(map(int, f)) for f in counters.get("first_faults", [])],
+            "digests": digests,
+            "invariants": invariants,
+        }
+        rounds = pa.Table.from_pylist([r.__dict__ for r in self._rounds], schema=ROUNDS_SCHEMA)
+        events = pa.Table.from_pylist(
+            [{"seq": i, "t_ns": e[0], "kind": e[1], "gfn": e[2], "vcpu": e[3], "detail": e[4]}
+             for i, e in enumerate(self._events)], schema=EVENTS_SCHEMA)
+        faults_tbl = None
+        if self.m.mode != "precopy":
+            faults_tbl = pa.Table.from_pylist(
+                [dict(zip(FAULTS_SCHEMA.names, r)) for r in self._faults_rows], schema=FAULTS_SCHEMA)
+        return RunResult(summary, rounds, events, faults_tbl)
+
+    def _postcopy_metrics(self) -> dict:
+        return {
+            "requests": 0, "bytes": 0, "blocktime_ns": 0, "blocktime_ns_per_vcpu": [0] * self.vcpus,
+            "latency_p50_ns": 0, "latency_p99_ns": 0, "latency_max_ns": 0, "latency_hist": [],
+            "switchover_to_complete_ns": 0, "source_only_pages": 0,
+        }
+
+
+def run(scenario: Scenario, *, strategy: str | None = None, engine: str = "cython", trace_path: str | Path | None = None,
+        progress: ProgressFn | None = None) -> RunResult:
+    """Run ``scenario`` (optionally under another strategy) and return its record (not yet written)."""
+    if strategy is not None:
+        scenario = scenario.with_strategy(strategy)
+    path = Path(trace_path) if trace_path is not None else trace_for(scenario)
+    return Migration(scenario, path, engine=engine, progress=progress).run()

@@ -1,0 +1,618 @@
+"""The reference page engine: the executable statement of the engine semantics, in plain Python.
+
+This engine exists to be read and to be compared against, not to be fast. It implements the Engine API of
+docs/internals.md ("Engine API") with the same semantics as the Cython engine (``replay._engine``), which
+is the one the driver uses. Every rule is written once, as straight-line Python over numpy arrays, in the
+order docs/internals.md states it; ``tests/test_engine_agree.py`` applies random operation sequences to
+both engines and requires every observable (return values, RMP entries, pages, counters, transfer clock,
+``last_stop``, digests) to be equal. When the two disagree, this file and docs/internals.md decide.
+
+State per host ``h``: a memory image (``version`` uint32 and ``flags`` uint8 per gfn, flags PRIVATE=1,
+DIRTY=2, PRESENT=4) and an RMP table indexed by SPA, ``spa(h, gfn) = spa_base[h] + gfn``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from replay.engine import (
+    DIRTY,
+    PRESENT,
+    PRIVATE,
+    U64_MAX,
+    VMSA_SPARE,
+    PageView,
+    RmpEntry,
+    as_delays,
+    as_gfns,
+    check_batch,
+)
+from replay.errors import TraceError
+from replay.snp import FAULT_KINDS, PAGE_SHIFT, PAGES_PER_2M, VMPLS, Access, Fault, Op, Perm, Rc
+
+# RMP entry flag bits (internal; mirrored in cext/_engine.pxd)
+R_ASSIGNED = 1
+R_SIZE_2M = 2
+R_IMMUTABLE = 4
+R_VALIDATED = 8
+R_VMSA = 16
+
+FIRST_FAULTS_MAX = 16
+U32_MASK = 0xFFFFFFFF
+_NO_STOP = (Fault.NONE, 0, 0, 0)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Engine:
+    """Pure-Python page engine; see the module docstring and docs/internals.md."""
+
+    def __init__(self, npages, vcpus, *, asid=1, os_vmpl=0, hosts=2, spa_base=None):
+        npages, vcpus, asid, os_vmpl, hosts = int(npages), int(vcpus), int(asid), int(os_vmpl), int(hosts)
+        if not 1 <= npages < 1 << 32:
+            raise ValueError(f"npages must be in [1, 2**32), got {npages}")
+        if not 1 <= vcpus <= 1 << 16:
+            raise ValueError(f"vcpus must be in [1, 65536], got {vcpus}")
+        if not 1 <= asid < 1 << 32:
+            raise ValueError(f"asid must be in [1, 2**32), got {asid}")
+        if not 0 <= os_vmpl < VMPLS:
+            raise ValueError(f"os_vmpl must be in [0, {VMPLS}), got {os_vmpl}")
+        if not 1 <= hosts <= 64:
+            raise ValueError(f"hosts must be in [1, 64], got {hosts}")
+        if spa_base is None:
+            spa_base = [1024 * (h + 1) for h in range(hosts)]
+        spa_base = tuple(int(b) for b in spa_base)
+        if len(spa_base) != hosts or any(not 0 <= b < 1 << 40 for b in spa_base):
+            raise ValueError(f"spa_base must have {hosts} entries in [0, 2**40), got {spa_base}")
+        self.npages, self.vcpus, self.asid, self.os_vmpl, self.hosts = npages, vcpus, asid, os_vmpl, hosts
+        self.spa_base = spa_base
+        # memory images
+        self._version = [np.zeros(npages, np.uint32) for _ in range(hosts)]
+        self._flags = [np.zeros(npages, np.uint8) for _ in range(hosts)]
+        self._logging = [False] * hosts
+        # RMP tables: per entry gfn, asid, flags, perms[4] (perms[0] is always Perm.ALL)
+        sizes = [b + npages + VMSA_SPARE for b in spa_base]
+        self._r_gfn = [np.zeros(n, np.uint32) for n in sizes]
+        self._r_asid = [np.zeros(n, np.uint32) for n in sizes]
+        self._r_flags = [np.zeros(n, np.uint8) for n in sizes]
+        self._r_perms = [np.zeros((n, VMPLS), np.uint8) for n in sizes]
+        for p in self._r_perms:
+            p[:, 0] = Perm.ALL
+        self._last_stop = _NO_STOP
+        self.reset_counters()
+        self._xfer = None
+        self._xfer_reset()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _host(self, host):
+        host = int(host)
+        if not 0 <= host < self.hosts:
+            raise ValueError(f"host {host} out of range (hosts={self.hosts})")
+        return host
+
+    def _spa(self, host, spa):
+        spa = int(spa)
+        if not 0 <= spa < len(self._r_flags[host]):
+            raise ValueError(f"spa {spa} out of range for host {host} (RMP size {len(self._r_flags[host])})")
+        return spa
+
+    def _gfn(self, gfn):
+        gfn = int(gfn)
+        if not 0 <= gfn < self.npages:
+            raise ValueError(f"gfn {gfn} out of range (npages={self.npages})")
+        return gfn
+
+    @staticmethod
+    def _u32(name, x):
+        x = int(x)
+        if not 0 <= x < 1 << 32:
+            raise ValueError(f"{name} must be in [0, 2**32), got {x}")
+        return x
+
+    @staticmethod
+    def _vmpl(name, x):
+        x = int(x)
+        if not 0 <= x < VMPLS:
+            raise ValueError(f"{name} must be in [0, {VMPLS}), got {x}")
+        return x
+
+    def _count_fault(self, kind, event_index, gfn):
+        self._faults[kind] += 1
+        if len(self._first_faults) < FIRST_FAULTS_MAX:
+            self._first_faults.append([int(event_index), Fault(kind).key, int(gfn)])
+
+    def _npf_kind(self, host, spa, asid, gfn):
+        """The nested #PF an instruction on (asid, gfn) takes at ``spa``, or NONE (checks in check_access order)."""
+        f = int(self._r_flags[host][spa])
+        if f & R_ASSIGNED and int(self._r_gfn[host][spa]) != gfn:
+            return Fault.NPF_GPA_MISMATCH
+        if not f & R_ASSIGNED:
+            return Fault.NPF_NOT_ASSIGNED
+        if int(self._r_asid[host][spa]) != asid:
+            return Fault.NPF_ASID
+        return Fault.NONE
+
+    def rmp_size(self, host):
+        """Number of RMP entries of ``host`` (valid SPAs are ``range(rmp_size(host))``)."""
+        return len(self._r_flags[self._host(host)])
+
+    def spa(self, host, gfn):
+        return self.spa_base[self._host(host)] + self._gfn(gfn)
+
+    # ------------------------------------------------------------------ RMP instructions
+
+    def rmpupdate(self, host, spa, *, assigned, asid=0, gfn=0, size_2m=False, immutable=False):
+        host = self._host(host)
+        spa = self._spa(host, spa)
+        asid, gfn = self._u32("asid", asid), self._u32("gfn", gfn)
+        return Rc(self._rmpupdate(host, spa, bool(assigned), asid, gfn, bool(size_2m), bool(immutable)))
+
+    def _rmpupdate(self, host, spa, assigned, asid, gfn, size_2m, immutable):
+        self._rmp["rmpupdate"] += 1
+        rf = self._r_flags[host]
+        if rf[spa] & R_IMMUTABLE:
+            return Rc.FAIL_PERMISSION
+        n = 1
+        if size_2m:
+            n = PAGES_PER_2M
+            if spa % PAGES_PER_2M or gfn % PAGES_PER_2M or spa + PAGES_PER_2M > len(rf):
+                return Rc.FAIL_INPUT
+            for i in range(1, PAGES_PER_2M):
+                if rf[spa + i] & R_IMMUTABLE:
+                    return Rc.FAIL_PERMISSION
+            for i in range(1, PAGES_PER_2M):
+                if rf[spa + i] & R_ASSIGNED and not rf[spa + i] & R_SIZE_2M:
+                    return Rc.FAIL_OVERLAP
+        if not assigned:
+            asid, gfn = 0, 0
+        for i in range(n):
+            e = spa + i
+            new_gfn = gfn + i if assigned else 0
+            old = int(rf[e])
+            changed = (
+                bool(old & R_ASSIGNED) != assigned
+                or int(self._r_asid[host][e]) != asid
+                or int(self._r_gfn[host][e]) != new_gfn
+                or bool(old & R_SIZE_2M) != size_2m
+            )
+            keep = old & (R_VALIDATED | R_VMSA)
+            if changed:
+                keep = 0
+                self._r_perms[host][e] = (Perm.ALL, 0, 0, 0)
+            rf[e] = (
+                keep
+                | (R_ASSIGNED if assigned else 0)
+                | (R_SIZE_2M if size_2m else 0)
+                | (R_IMMUTABLE if immutable else 0)
+            )
+            self._r_asid[host][e] = asid
+            self._r_gfn[host][e] = new_gfn
+        return Rc.SUCCESS
+
+    def pvalidate(self, host, spa, *, asid, gfn, vmpl, validate, size_2m=False):
+        host = self._host(host)
+        spa = self._spa(host, spa)
+        asid, gfn = self._u32("asid", asid), self._u32("gfn", gfn)
+        vmpl = self._vmpl("vmpl", vmpl)
+        return Rc(self._pvalidate(host, spa, asid, gfn, vmpl, bool(validate), bool(size_2m), -1))
+
+    def _pvalidate(self, host, spa, asid, gfn, vmpl, validate, size_2m, event_index):
+        self._rmp["pvalidate"] += 1
+        rf = self._r_flags[host]
+        if vmpl != 0:
+            return Rc.FAIL_PERMISSION
+        if size_2m and (spa % PAGES_PER_2M or spa + PAGES_PER_2M > len(rf)):
+            return Rc.FAIL_INPUT
+        npf = self._npf_kind(host, spa, asid, gfn)
+        if npf != Fault.NONE:
+            self._count_fault(npf, event_index, gfn)
+            return Rc.NESTED_PF
+        if size_2m and not rf[spa] & R_SIZE_2M:
+            return Rc.FAIL_SIZEMISMATCH
+        if bool(rf[spa] & R_VALIDATED) == validate:
+            return Rc.FAIL_NOUPDATE
+        for e in range(spa, spa + (PAGES_PER_2M if size_2m else 1)):
+            if validate:
+                rf[e] |= R_VALIDATED
+            else:
+                rf[e] &= ~R_VALIDATED & 0xFF
+        return Rc.SUCCESS
+
+    def rmpadjust(self, host, spa, *, asid, gfn, caller_vmpl, target_vmpl, perms, vmsa=False, size_2m=False):
+        host = self._host(host)
+        spa = self._spa(host, spa)
+        asid, gfn = self._u32("asid", asid), self._u32("gfn", gfn)
+        caller_vmpl = self._vmpl("caller_vmpl", caller_vmpl)
+        target_vmpl, perms = int(target_vmpl), int(perms)
+        if not 0 <= perms <= Perm.ALL:
+            raise ValueError(f"perms must be in [0, 15], got {perms}")
+        return Rc(
+            self._rmpadjust(host, spa, asid, gfn, caller_vmpl, target_vmpl, perms, bool(vmsa), bool(size_2m), -1)
+        )
+
+    def _rmpadjust(self, host, spa, asid, gfn, caller_vmpl, target_vmpl, perms, vmsa, size_2m, event_index):
+        self._rmp["rmpadjust"] += 1
+        rf = self._r_flags[host]
+        if target_vmpl <= caller_vmpl or target_vmpl >= VMPLS:
+            return Rc.FAIL_PERMISSION
+        if vmsa and caller_vmpl != 0:
+            return Rc.FAIL_PERMISSION
+        if perms & ~int(self._r_perms[host][spa, caller_vmpl]):
+            return Rc.FAIL_PERMISSION
+        if size_2m and (spa % PAGES_PER_2M or spa + PAGES_PER_2M > len(rf)):
+            return Rc.FAIL_INPUT
+        npf = self._npf_kind(host, spa, asid, gfn)
+        if npf != Fault.NONE:
+            self._count_fault(npf, event_index, gfn)
+            return Rc.NESTED_PF
+        if not rf[spa] & R_VALIDATED:
+            return Rc.FAIL_INPUT
+        if bool(rf[spa] & R_SIZE_2M) != size_2m:
+            return Rc.FAIL_SIZEMISMATCH
+        for e in range(spa, spa + (PAGES_PER_2M if size_2m else 1)):
+            self._r_perms[host][e, target_vmpl] = perms
+            if caller_vmpl == 0:
+                rf[e] = (int(rf[e]) & ~R_VMSA) | (R_VMSA if vmsa else 0)
+        return Rc.SUCCESS
+
+    def psmash(self, host, spa):
+        host = self._host(host)
+        spa = self._spa(host, spa)
+        self._rmp["psmash"] += 1
+        rf = self._r_flags[host]
+        if spa % PAGES_PER_2M or not rf[spa] & R_ASSIGNED or not rf[spa] & R_SIZE_2M:
+            return Rc.FAIL_INPUT
+        for e in range(spa, spa + PAGES_PER_2M):
+            rf[e] = int(rf[e]) & ~R_SIZE_2M
+        return Rc.SUCCESS
+
+    def rmp_entry(self, host, spa):
+        host = self._host(host)
+        spa = self._spa(host, spa)
+        f = int(self._r_flags[host][spa])
+        return RmpEntry(
+            assigned=bool(f & R_ASSIGNED),
+            asid=int(self._r_asid[host][spa]),
+            gfn=int(self._r_gfn[host][spa]),
+            size_2m=bool(f & R_SIZE_2M),
+            immutable=bool(f & R_IMMUTABLE),
+            validated=bool(f & R_VALIDATED),
+            vmsa=bool(f & R_VMSA),
+            perms=tuple(int(p) for p in self._r_perms[host][spa]),
+        )
+
+    # ------------------------------------------------------------------ access checks
+
+    def check_access(self, host, gfn, *, vmpl, access, private):
+        host = self._host(host)
+        gfn = self._gfn(gfn)
+        vmpl = self._vmpl("vmpl", vmpl)
+        access = int(access)
+        if not 1 <= access <= Perm.ALL:
+            raise ValueError(f"access must be in [1, 15], got {access}")
+        return Fault(self._check(host, gfn, vmpl, access, bool(private)))
+
+    def _check(self, host, gfn, vmpl, access, private):
+        spa = self.spa_base[host] + gfn
+        f = int(self._r_flags[host][spa])
+        if not private:
+            return Fault.NPF_SHARED_ASSIGNED if f & R_ASSIGNED else Fault.NONE
+        if f & R_ASSIGNED and int(self._r_gfn[host][spa]) != gfn:
+            return Fault.NPF_GPA_MISMATCH
+        if not f & R_ASSIGNED:
+            return Fault.NPF_NOT_ASSIGNED
+        if int(self._r_asid[host][spa]) != self.asid:
+            return Fault.NPF_ASID
+        if f & R_IMMUTABLE:
+            return Fault.NPF_IMMUTABLE
+        if f & R_SIZE_2M:  # the guest's nested mapping is always 4K in this model
+            return Fault.NPF_SIZE
+        if not f & R_VALIDATED:
+            return Fault.VC_NOT_VALIDATED
+        if not int(self._r_perms[host][spa, vmpl]) & access:
+            return Fault.NPF_VMPL
+        return Fault.NONE
+
+    def host_write(self, host, spa):
+        host = self._host(host)
+        spa = self._spa(host, spa)
+        if self._r_flags[host][spa] & R_ASSIGNED:
+            self._count_fault(Fault.HOST_RMP_PF, -1, int(self._r_gfn[host][spa]))
+            return Fault.HOST_RMP_PF
+        return Fault.NONE
+
+    # ------------------------------------------------------------------ guest page state
+
+    def launch(self, host, shared_ranges):
+        host = self._host(host)
+        shared = np.zeros(self.npages, bool)
+        for r in shared_ranges:
+            first, last = (int(x) for x in r)
+            if not 0 <= first <= last < self.npages:
+                raise ValueError(f"shared range [{first}, {last}] out of range (npages={self.npages})")
+            shared[first : last + 1] = True
+        base = self.spa_base[host]
+        for gfn in range(self.npages):
+            spa = base + gfn
+            if shared[gfn]:
+                if self._r_flags[host][spa] & R_ASSIGNED:
+                    self._rmpupdate(host, spa, False, 0, 0, False, False)
+                self._flags[host][gfn] = PRESENT
+            else:
+                self._rmpupdate(host, spa, True, self.asid, gfn, False, False)
+                self._pvalidate(host, spa, self.asid, gfn, 0, True, False, -1)
+                if self.os_vmpl > 0:
+                    self._rmpadjust(host, spa, self.asid, gfn, 0, self.os_vmpl, Perm.ALL, False, False, -1)
+                self._flags[host][gfn] = PRIVATE | PRESENT
+            self._version[host][gfn] = 0
+
+    def page(self, host, gfn):
+        host = self._host(host)
+        gfn = self._gfn(gfn)
+        f = int(self._flags[host][gfn])
+        return PageView(int(self._version[host][gfn]), bool(f & PRIVATE), bool(f & DIRTY), bool(f & PRESENT))
+
+    def _gfn_array(self, gfns):
+        arr = np.asarray(gfns, dtype=np.int64).reshape(-1)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.npages):
+            raise ValueError(f"gfn out of range (npages={self.npages})")
+        return arr
+
+    def flags(self, host, gfns):
+        host = self._host(host)
+        return self._flags[host][self._gfn_array(gfns)].copy()
+
+    def versions(self, host, gfns):
+        host = self._host(host)
+        return self._version[host][self._gfn_array(gfns)].copy()
+
+    def set_dirty_logging(self, host, enabled):
+        self._logging[self._host(host)] = bool(enabled)
+
+    def collect_dirty(self, host):
+        host = self._host(host)
+        out = []
+        for gfn in range(self.npages):
+            if self._flags[host][gfn] & DIRTY:
+                out.append(gfn)
+                self._flags[host][gfn] &= ~DIRTY & 0xFF
+        return np.array(out, dtype=np.uint32)
+
+    def count_present(self, host):
+        host = self._host(host)
+        return sum(1 for gfn in range(self.npages) if self._flags[host][gfn] & PRESENT)
+
+    def digest(self, host):
+        """blake2b-256 over the little-endian uint32 versions of all gfns, then one byte (PRIVATE bit) each."""
+        host = self._host(host)
+        h = hashlib.blake2b(digest_size=32)
+        h.update(self._version[host].astype("<u4").tobytes())
+        h.update((self._flags[host] & PRIVATE).astype(np.uint8).tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ replay
+
+    @property
+    def last_stop(self):
+        f, gfn, vcpu, row = self._last_stop
+        return (Fault(f), gfn, vcpu, row)
+
+    def replay(self, host, batch, start, base_index, stop_t_ns, delays=None):
+        host = self._host(host)
+        check_batch(batch)
+        delays = as_delays(delays, self.vcpus)
+        start, base_index, stop_t_ns = int(start), int(base_index), int(stop_t_ns)
+        if not 0 <= start <= batch.num_rows:
+            raise ValueError(f"start {start} out of range (batch has {batch.num_rows} rows)")
+        if base_index < 0:
+            raise ValueError(f"base_index must be >= 0, got {base_index}")
+        if not 0 <= stop_t_ns <= U64_MAX:
+            raise ValueError(f"stop_t_ns must be in [0, 2**64), got {stop_t_ns}")
+        self._last_stop = _NO_STOP
+        cols = [batch.column(i).to_numpy(zero_copy_only=True) for i in range(6)]
+        return self._replay(host, cols, start, base_index, stop_t_ns, delays)
+
+    def _replay(self, host, cols, start, base_index, stop_t_ns, delays):
+        t_ns, vcpu, gpa, length, op, _value = cols
+        n = len(t_ns)
+        flags = self._flags[host]
+        for row in range(start, n):
+            v = int(vcpu[row])
+            if v >= self.vcpus:
+                raise TraceError(f"event {base_index + row} (batch row {row}): vcpu {v} >= vcpus {self.vcpus}")
+            t = int(t_ns[row])
+            if delays is not None:
+                t = min(t + int(delays[v]), U64_MAX)
+            if t >= stop_t_ns:
+                return row
+            ln, a, o = int(length[row]), int(gpa[row]), int(op[row])
+            if ln == 0:
+                raise TraceError(f"event {base_index + row} (batch row {row}): len is 0")
+            first, last = a >> PAGE_SHIFT, (a + ln - 1) >> PAGE_SHIFT
+            if last >= self.npages:
+                raise TraceError(
+                    f"event {base_index + row} (batch row {row}): gpa+len beyond the guest ({self.npages} pages)"
+                )
+            if o > Op.TO_PRIVATE:
+                raise TraceError(f"event {base_index + row} (batch row {row}): unknown op {o}")
+            # post-copy: the whole row waits until every page it spans is present
+            for gfn in range(first, last + 1):
+                if not flags[gfn] & PRESENT:
+                    self._last_stop = (Fault.USERFAULT, gfn, v, row)
+                    return row
+            ev = base_index + row
+            for gfn in range(first, last + 1):
+                self._apply(host, gfn, o, ev)
+        return n
+
+    def _apply(self, host, gfn, op, ev):
+        flags = self._flags[host]
+        private = bool(flags[gfn] & PRIVATE)
+        spa = self.spa_base[host] + gfn
+        if op == Op.WRITE or op == Op.READ:
+            access = Access.WRITE if op == Op.WRITE else Access.READ
+            f = self._check(host, gfn, self.os_vmpl, access, private)
+            if f != Fault.NONE:
+                self._count_fault(f, ev, gfn)
+            elif op == Op.WRITE:
+                self._version[host][gfn] = (int(self._version[host][gfn]) + 1) & U32_MASK
+                if self._logging[host]:
+                    flags[gfn] |= DIRTY
+        elif op == Op.TO_SHARED:
+            if private:
+                self._pvalidate(host, spa, self.asid, gfn, 0, False, False, ev)
+                self._rmpupdate(host, spa, False, 0, 0, False, False)
+                flags[gfn] &= ~PRIVATE & 0xFF
+                if self._logging[host]:
+                    flags[gfn] |= DIRTY
+                self._rmp["psc"] += 1
+        else:  # TO_PRIVATE
+            if not private:
+                self._rmpupdate(host, spa, True, self.asid, gfn, False, False)
+                self._pvalidate(host, spa, self.asid, gfn, 0, True, False, ev)
+                if self.os_vmpl > 0:
+                    self._rmpadjust(host, spa, self.asid, gfn, 0, self.os_vmpl, Perm.ALL, False, False, ev)
+                flags[gfn] |= PRIVATE
+                if self._logging[host]:
+                    flags[gfn] |= DIRTY
+                self._rmp["psc"] += 1
+
+    # ------------------------------------------------------------------ transfer
+
+    def _xfer_reset(self, params=None):
+        self._xfer = dict(params or {})
+        self._xs = dict(
+            v_ns=0, g_ns=0, pages=0, zero_pages=0, private_pages=0, shared_pages=0,
+            bytes=0, agent_cpu_ns=0, vmgexits=0, target_cpu_ns=0,
+        )  # fmt: skip
+        self._v0 = self._g0 = 0
+        self._priv_in_batch = 0
+
+    def begin_transfer(
+        self, v_ns, g_ns, *, bandwidth_bytes_per_s, page_bytes, header_bytes, agents, pack_private_ns,
+        pack_zero_ns, batch_pages, vmgexit_ns, charge_guest, unpack_private_ns=0, target_rmp=True,
+        skip_present=False,
+    ):  # fmt: skip
+        p = dict(
+            v_ns=v_ns, g_ns=g_ns, bandwidth_bytes_per_s=bandwidth_bytes_per_s, page_bytes=page_bytes,
+            header_bytes=header_bytes, agents=agents, pack_private_ns=pack_private_ns, pack_zero_ns=pack_zero_ns,
+            batch_pages=batch_pages, vmgexit_ns=vmgexit_ns, unpack_private_ns=unpack_private_ns,
+        )  # fmt: skip
+        for k, x in p.items():
+            x = p[k] = int(x)
+            if not 0 <= x < 1 << 62:
+                raise ValueError(f"begin_transfer: {k} must be in [0, 2**62), got {x}")
+        for k in ("bandwidth_bytes_per_s", "agents", "batch_pages"):
+            if p[k] < 1:
+                raise ValueError(f"begin_transfer: {k} must be >= 1, got {p[k]}")
+        p.update(charge_guest=bool(charge_guest), target_rmp=bool(target_rmp), skip_present=bool(skip_present))
+        self._xfer_reset(p)
+        self._v0 = self._xs["v_ns"] = p["v_ns"]
+        self._g0 = self._xs["g_ns"] = p["g_ns"]
+
+    def transfer_state(self):
+        return dict(self._xs)
+
+    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None):
+        src, dst, run_host = self._host(src), self._host(dst), self._host(run_host)
+        if not self._xfer:
+            raise RuntimeError("transfer() before begin_transfer()")
+        gfns = as_gfns(gfns)
+        k, start, base_index = int(k), int(start), int(base_index)
+        if not 0 <= k <= len(gfns):
+            raise ValueError(f"k {k} out of range (len(gfns) = {len(gfns)})")
+        if len(gfns) > k and int(gfns[k:].max()) >= self.npages:
+            raise ValueError(f"gfn out of range in gfns (npages={self.npages})")
+        cols = None
+        if batch is not None:
+            check_batch(batch)
+            if not 0 <= start <= batch.num_rows:
+                raise ValueError(f"start {start} out of range (batch has {batch.num_rows} rows)")
+            if base_index < 0:
+                raise ValueError(f"base_index must be >= 0, got {base_index}")
+            cols = [batch.column(i).to_numpy(zero_copy_only=True) for i in range(6)]
+        delays = as_delays(delays, self.vcpus)
+        self._last_stop = _NO_STOP
+        p, xs = self._xfer, self._xs
+        row = start
+        while k < len(gfns):
+            # 1. the guest runs up to the transfer clock
+            if cols is not None:
+                row = self._replay(run_host, cols, row, base_index, xs["g_ns"], delays)
+                if row == len(cols[0]) or self._last_stop[0] == Fault.USERFAULT:
+                    return (row, k)
+            gfn = int(gfns[k])
+            if p["skip_present"] and self._flags[dst][gfn] & PRESENT:
+                k += 1
+                continue
+            # 2. what the page costs
+            version = int(self._version[src][gfn])
+            private = bool(self._flags[src][gfn] & PRIVATE)
+            zero = version == 0
+            nbytes = p["header_bytes"] + (0 if zero else p["page_bytes"])
+            cpu = 0
+            if private:
+                cpu = p["pack_zero_ns"] if zero else p["pack_private_ns"]
+                self._priv_in_batch += 1
+                if self._priv_in_batch == p["batch_pages"]:
+                    cpu += p["vmgexit_ns"]
+                    xs["vmgexits"] += 1
+                    self._priv_in_batch = 0
+                xs["target_cpu_ns"] += p["unpack_private_ns"]
+            # 3. the clock
+            xs["bytes"] += nbytes
+            xs["agent_cpu_ns"] += cpu
+            link_ns = _ceil_div(xs["bytes"] * 10**9, p["bandwidth_bytes_per_s"])
+            pack_ns = _ceil_div(xs["agent_cpu_ns"], p["agents"])
+            xs["v_ns"] = self._v0 + max(link_ns, pack_ns)
+            elapsed = xs["v_ns"] - self._v0
+            if p["charge_guest"]:
+                xs["g_ns"] = max(xs["g_ns"], self._g0 + elapsed - xs["agent_cpu_ns"] // self.vcpus)
+            else:
+                xs["g_ns"] = self._g0 + elapsed
+            # 4. delivery
+            self._version[dst][gfn] = version
+            self._flags[dst][gfn] = (int(self._flags[dst][gfn]) & ~(PRIVATE | DIRTY)) | PRESENT | (
+                PRIVATE if private else 0
+            )
+            if p["target_rmp"]:
+                self._target_rmp(dst, gfn, private)
+            xs["pages"] += 1
+            xs["zero_pages"] += zero
+            xs["private_pages"] += private
+            xs["shared_pages"] += not private
+            k += 1
+        return (row, k)
+
+    def _target_rmp(self, dst, gfn, private):
+        spa = self.spa_base[dst] + gfn
+        f = int(self._r_flags[dst][spa])
+        assigned = bool(f & R_ASSIGNED)
+        if private:
+            if not (assigned and int(self._r_asid[dst][spa]) == self.asid and int(self._r_gfn[dst][spa]) == gfn):
+                self._rmpupdate(dst, spa, True, self.asid, gfn, False, False)
+                self._pvalidate(dst, spa, self.asid, gfn, 0, True, False, -1)
+                if self.os_vmpl > 0:
+                    self._rmpadjust(dst, spa, self.asid, gfn, 0, self.os_vmpl, Perm.ALL, False, False, -1)
+        elif assigned:
+            self._pvalidate(dst, spa, self.asid, gfn, 0, False, False, -1)
+            self._rmpupdate(dst, spa, False, 0, 0, False, False)
+
+    # ------------------------------------------------------------------ counters
+
+    def counters(self):
+        return {
+            "rmp": dict(self._rmp),
+            "faults": {Fault(k).key: n for k, n in self._faults.items()},
+            "first_faults": [list(x) for x in self._first_faults],
+        }
+
+    def reset_counters(self):
+        self._rmp = {"rmpupdate": 0, "pvalidate": 0, "rmpadjust": 0, "psmash": 0, "psc": 0}
+        self._faults = {int(f): 0 for f in FAULT_KINDS}
+        self._first_faults = []

@@ -1,0 +1,314 @@
+"""HTML reports of one or more runs: ``write_report(runs, out_html)`` (``replay report``, ``replay compare``).
+
+The report is ONE self-contained file: plots are inline SVG drawn by matplotlib's Agg-based SVG backend
+(text as paths, so no fonts are needed), the style sheet is inline, there is no script and nothing is
+fetched, so it opens offline in any browser. It is deterministic -- the same runs give byte-identical
+HTML -- because the SVG writer gets a fixed hash salt per figure and no date metadata, and nothing in the
+page depends on the clock or the machine.
+
+Sections (ids are stable; tests and users link to them): ``summary`` (status, key numbers), ``plots``
+(pages sent and dirty pages per round, cumulative bytes over time, agents over time, guest slowdown,
+post-copy fault latency histogram when any run has one), ``metrics`` (every metric side by side, grouped
+as in ``replay.diff``), ``runs`` (each run's digests, invariants and effective parameters in a
+collapsible ``<details>``).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from .diff import GROUPS, diff_runs, flatten, fmt, metric_group, metric_rows
+from .records import write_atomic
+from .runrecord import Run
+
+# Colour-blind-safe palette (Okabe-Ito), one colour per run in the order given.
+COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1200px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; }
+.sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; font-size: .9em; margin: .5em 0 1em; }
+th, td { padding: .25em .7em; border-bottom: 1px solid #eee; text-align: left; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-monospace, monospace; }
+tr.group th { background: #f4f4f4; text-transform: uppercase; font-size: .8em; letter-spacing: .05em; }
+tr.differs td { background: #fff6e0; } tr.differs td:first-child { border-left: 3px solid #E69F00; }
+.ok { color: #08752b; font-weight: 600; } .bad { color: #b00020; font-weight: 600; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 1em; }
+figure { margin: 0; border: 1px solid #e4e4e4; border-radius: 6px; padding: .5em; background: #fff; }
+figcaption { font-size: .85em; color: #555; margin-top: .3em; }
+figure svg { width: 100%; height: auto; }
+code, .digest { font-family: ui-monospace, monospace; font-size: .85em; }
+details { margin: .5em 0 1em; } summary { cursor: pointer; font-weight: 600; }
+.swatch { display: inline-block; width: .9em; height: .9em; border-radius: 2px; vertical-align: -.1em;
+          margin-right: .35em; }
+"""
+
+
+def labels(runs: Sequence[Run]) -> list[str]:
+    """A short distinct label per run: strategy/mode, with the directory name when those collide."""
+    names = [r.name for r in runs]
+    return [n if names.count(n) == 1 else f"{n} ({r.path.name})" for n, r in zip(names, runs)]
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _svg(fig, salt: str) -> str:
+    """Render ``fig`` to an inline <svg> element, deterministically."""
+    import matplotlib
+
+    buf = io.StringIO()
+    # A per-figure salt keeps generated ids (clip paths) distinct between the figures of one page and
+    # stable between runs; metadata Date=None drops the timestamp matplotlib would otherwise embed.
+    with matplotlib.rc_context({"svg.hashsalt": f"snp-replay-{salt}", "svg.fonttype": "path"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]  # drop the XML declaration and DOCTYPE: we are inside HTML
+    # Give glyph/clip ids a per-figure prefix so several inline SVGs never share an id in one document.
+    return re.sub(r'(id="|xlink:href="#|url\(#)', lambda m: f"{m.group(1)}{salt}-", text)
+
+
+def _figure(title: str, xlabel: str, ylabel: str, size=(6.4, 3.4)):
+    # A bare Figure, not pyplot: no global figure registry, no GUI backend, nothing to close.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    ax = fig.subplots()
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, color="#e6e6e6", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for spine in ("top", "right"):
+        ax.spines[spine].set_visible(False)
+    return fig, ax
+
+
+def _plot_pages(runs, names) -> str:
+    fig, ax = _figure("Pages sent and dirty pages per round", "round", "pages")
+    for i, (run, name) in enumerate(zip(runs, names)):
+        r = run.rounds.sort("round")
+        c = COLORS[i % len(COLORS)]
+        # Earlier runs are drawn wider so identical curves stay visible underneath later ones.
+        lw = 3.2 if i == 0 and len(runs) > 1 else 1.6
+        ax.plot(r["round"].to_list(), r["pages_sent"].to_list(), "-o", color=c, ms=4, lw=lw, label=f"{name}: sent")
+        ax.plot(r["round"].to_list(), r["dirty_pages"].to_list(), "--s", color=c, ms=3, alpha=0.7,
+                label=f"{name}: dirty")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, frameon=False)
+    return _svg(fig, "pages")
+
+
+def _plot_bytes(runs, names) -> str:
+    import polars as pl
+
+    fig, ax = _figure("Bytes sent over time", "virtual time (ms)", "cumulative bytes sent (MiB)")
+    for i, (run, name) in enumerate(zip(runs, names)):
+        r = run.rounds.sort("round").with_columns(pl.col("bytes_sent").cum_sum().alias("cum"))
+        # Start at the first round's start with zero bytes so each line begins on the time axis.
+        xs = [r["start_ns"][0] / 1e6] + [v / 1e6 for v in r["end_ns"].to_list()] if r.height else []
+        ys = [0.0] + [v / 2**20 for v in r["cum"].to_list()] if r.height else []
+        lw = 3.2 if i == 0 and len(runs) > 1 else 1.6
+        ax.plot(xs, ys, "-o", color=COLORS[i % len(COLORS)], ms=3, lw=lw, label=name)
+    ax.legend(fontsize=8, frameon=False)
+    return _svg(fig, "bytes")
+
+
+def _plot_agents(runs, names) -> str:
+    fig, ax = _figure("Agents over time", "virtual time (ms)", "agents")
+    for i, (run, name) in enumerate(zip(runs, names)):
+        r = run.rounds.sort("round")
+        if not r.height:
+            continue
+        xs = [v / 1e6 for v in r["start_ns"].to_list()] + [r["end_ns"][-1] / 1e6]
+        ys = r["agents"].to_list()
+        ax.step(xs, ys + ys[-1:], where="post", color=COLORS[i % len(COLORS)],
+                lw=3.6 if i == 0 and len(runs) > 1 else 1.8, label=name)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, frameon=False)
+    return _svg(fig, "agents")
+
+
+def _plot_slowdown(runs, names) -> str:
+    fig, ax = _figure("Guest slowdown during migration", "", "slowdown (%)", size=(6.4, 3.0))
+    values = [run.metrics.get("guest_slowdown_ppm", 0) / 1e4 for run in runs]
+    bars = ax.bar(range(len(runs)), values, color=[COLORS[i % len(COLORS)] for i in range(len(runs))], width=0.6)
+    ax.set_xticks(range(len(runs)), names, fontsize=8)
+    ax.bar_label(bars, labels=[f"{v:.2f}%" for v in values], fontsize=8, padding=2)
+    ax.grid(True, axis="y", color="#e6e6e6")
+    ax.grid(False, axis="x")
+    return _svg(fig, "slowdown")
+
+
+def _plot_latency(runs, names) -> str | None:
+    hists = [(run.metrics.get("postcopy") or {}).get("latency_hist") or [] for run in runs]
+    if not any(sum(b["count"] for b in h) for h in hists):
+        return None
+    buckets = sorted({(b["bucket_us_lo"], b["bucket_us_hi"]) for h in hists for b in h})
+    fig, ax = _figure("Post-copy fault latency", "latency bucket (µs)", "faults")
+    width = 0.8 / len(runs)
+    for i, (h, name) in enumerate(zip(hists, names)):
+        counts = {(b["bucket_us_lo"], b["bucket_us_hi"]): b["count"] for b in h}
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(buckets))]
+        ax.bar(xs, [counts.get(k, 0) for k in buckets], width=width, color=COLORS[i % len(COLORS)], label=name)
+    ax.set_xticks(range(len(buckets)), [f"{lo}–{hi}" for lo, hi in buckets], fontsize=8, rotation=30)
+    ax.grid(False, axis="x")
+    ax.legend(fontsize=8, frameon=False)
+    return _svg(fig, "latency")
+
+
+# ------------------------------------------------------------------------------------------------- html
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _swatch(i: int) -> str:
+    return f'<span class="swatch" style="background:{COLORS[i % len(COLORS)]}"></span>'
+
+
+def _summary_table(runs, names) -> str:
+    keys = [("status", None), ("total_ns", "total"), ("downtime_ns", "downtime"), ("setup_ns", "setup"),
+            ("rounds", "rounds"), ("bytes_sent", "bytes sent"), ("guest_slowdown_ppm", "guest slowdown (ppm)")]
+    head = "".join(f'<th class="num">{_e(label or k)}</th>' for k, label in keys)
+    rows = []
+    for i, (run, name) in enumerate(zip(runs, names)):
+        s = run.summary
+        status_cls = "ok" if s["status"] == "completed" else "bad"
+        reason = f" — {_e(s.get('status_reason'))}" if s.get("status_reason") else ""
+        cells = [f'<td class="num"><span class="{status_cls}">{_e(s["status"])}</span>{reason}</td>']
+        cells += [f'<td class="num">{_e(fmt(run.metrics.get(k, "")))}</td>' for k, _ in keys[1:]]
+        rows.append(f"<tr><td>{_swatch(i)}{_e(name)}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th>run</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _metrics_table(runs, names) -> str:
+    flats = [flatten({k: v for k, v in r.metrics.items()}) for r in runs]
+    # latency_hist is plotted, not tabulated (it is a list of buckets)
+    flats = [{k: v for k, v in f.items() if ".latency_hist" not in k} for f in flats]
+    two = len(runs) == 2
+    rows_by_name = {row.name: row for row in metric_rows(*runs)} if two else {}
+    order = list(rows_by_name) if two else sorted(
+        set().union(*flats), key=lambda n: (GROUPS.index(metric_group(n)), n)
+    )
+    head = "".join(f'<th class="num">{_swatch(i)}{_e(n)}</th>' for i, n in enumerate(names))
+    if two:
+        head += '<th class="num">delta (B−A)</th><th class="num">change</th>'
+    out = [f"<table><tr><th>metric</th>{head}</tr>"]
+    group = None
+    for name in order:
+        g = metric_group(name)
+        if g != group:
+            group = g
+            out.append(f'<tr class="group"><th colspan="{len(runs) + 1 + 2 * two}">{_e(g)}</th></tr>')
+        values = [f.get(name) for f in flats]
+        cls = ' class="differs"' if any(v != values[0] for v in values) else ""
+        cells = "".join(f'<td class="num">{_e(fmt(v)) if v is not None else "—"}</td>' for v in values)
+        if two:
+            row = rows_by_name[name]
+            delta = "" if row.delta is None else f"{row.delta:+,}" if row.delta else "0"
+            cells += f'<td class="num">{_e(delta)}</td><td class="num">{_e(row.change)}</td>'
+        out.append(f"<tr{cls}><td><code>{_e(name)}</code></td>{cells}</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _comparison(runs) -> str:
+    """For exactly two runs: the diff verdict and the parameters that differ."""
+    if len(runs) != 2:
+        return ""
+    result = diff_runs(runs[0], runs[1])
+    cls = "ok" if result.reasons == [] else "bad"
+    reasons = "".join(f"<li>{_e(r)}</li>" for r in result.reasons)
+    params = "".join(
+        f"<tr><td><code>{_e(p.key)}</code></td><td>{_e(fmt(p.a))}</td><td>{_e(fmt(p.b))}</td></tr>"
+        for p in result.params
+    )
+    params_html = (
+        f"<table><tr><th>parameter</th><th>A</th><th>B</th></tr>{params}</table>"
+        if params else "<p>Same scenario and strategy: every resolved parameter is equal.</p>"
+    )
+    return (
+        f'<p>Comparison (A = first run, B = second): <span class="{cls}">{_e(result.outcome.value)}</span></p>'
+        f"<ul>{reasons}</ul><h3>Parameters that differ</h3>{params_html}"
+    )
+
+
+def _run_section(i: int, run: Run, name: str) -> str:
+    s = run.summary
+    digests = "".join(
+        f'<tr><td>{_e(k)}</td><td class="digest">{_e(v) if v else "(not reached)"}</td></tr>'
+        for k, v in s["digests"].items()
+    )
+    inv = "".join(
+        f'<tr><td>{_e(k)}</td><td class="{"ok" if v else "bad"}">{_e(fmt(v))}</td></tr>'
+        for k, v in (s.get("invariants") or {}).items()
+    )
+    params = "".join(
+        f"<tr><td><code>{_e(k)}</code></td><td>{_e(fmt(v))}</td></tr>" for k, v in flatten(s["scenario"]).items()
+    )
+    tool = s.get("tool") or {}
+    return f"""
+<h3>{_swatch(i)}{_e(name)}</h3>
+<p class="sub"><code>{_e(run.path)}</code> · status <b>{_e(s["status"])}</b>{" — " + _e(s.get("status_reason")) if s.get("status_reason") else ""}
+ · trace <span class="digest">{_e(str(s["trace"].get("digest", ""))[:16])}</span> ({_e(fmt(s["trace"].get("events", "")))} events)
+ · {_e(tool.get("name", ""))} {_e(tool.get("version", ""))} ({_e(tool.get("engine", ""))} engine)</p>
+<table><tr><th>digest</th><th>value</th></tr>{digests}</table>
+<table><tr><th>invariant</th><th>holds</th></tr>{inv}</table>
+<details><summary>Effective parameters ({len(flatten(s["scenario"]))})</summary>
+<table><tr><th>parameter</th><th>value</th></tr>{params}</table></details>
+"""
+
+
+def render_html(runs: Sequence[Run]) -> str:
+    """The report as a string (see the module docstring for its sections)."""
+    if not runs:
+        raise ValueError("a report needs at least one run")
+    runs = list(runs)
+    names = labels(runs)
+    figures = [
+        ("Pages sent (solid) and dirty pages at each sync (dashed), per round.", _plot_pages(runs, names)),
+        ("Cumulative bytes on the wire against virtual time (each point: end of a round).",
+         _plot_bytes(runs, names)),
+        ("Migration agents working in each round (mirror-VM vCPUs or shadow vCPUs).", _plot_agents(runs, names)),
+        ("Guest slowdown while migrating (lower is better).", _plot_slowdown(runs, names)),
+    ]
+    latency = _plot_latency(runs, names)
+    if latency:
+        figures.append(("Post-copy remote fault latency histogram.", latency))
+    figs = "".join(f"<figure>{svg}<figcaption>{_e(cap)}</figcaption></figure>" for cap, svg in figures)
+    title = "snp-replay: " + " vs ".join(names)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+<p class="sub">Migration run report · {len(runs)} run(s) · scenario {_e(runs[0].summary["scenario"].get("name", ""))}</p>
+<section id="summary"><h2>Summary</h2>{_summary_table(runs, names)}{_comparison(runs)}</section>
+<section id="plots"><h2>Plots</h2><div class="grid">{figs}</div></section>
+<section id="metrics"><h2>Metrics</h2>{_metrics_table(runs, names)}</section>
+<section id="runs"><h2>Runs</h2>{"".join(_run_section(i, r, n) for i, (r, n) in enumerate(zip(runs, names)))}</section>
+</body></html>
+"""
+
+
+def write_report(runs: Sequence[Run], out_html: str | Path) -> Path:
+    """Write the self-contained HTML report of ``runs`` to ``out_html`` atomically; returns the path."""
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, render_html(runs).encode("utf-8"))
+    # write_atomic's temp file is created 0600; a report is meant to be shared, so honour the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)
+    return out

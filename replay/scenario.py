@@ -1,0 +1,358 @@
+"""Scenarios: the declarative description of one comparison, parsed from TOML into frozen dataclasses.
+
+A scenario names the guest, the trace (a file, or a generator spec so that no file is needed), the
+migration (strategy, mode, link, limits, agents), the costs of every step (``[costs]``: integers in ns or
+bytes, defaults below with where each figure comes from), the capabilities of the kernel under test
+(``[kernel]``), link faults (``[[fault]]``) and a seed. Unknown keys are rejected with a "did you mean"
+hint; ``--set section.key=value`` overrides any key. ``Scenario.resolved()`` is the fully resolved form
+that every run record embeds, so that two runs can be compared by their effective parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import ScenarioError, UsageError
+from .units import parse_duration_ns, parse_size
+
+STRATEGIES = ("mirror-vm", "shadow-vcpu")
+MODES = ("precopy", "postcopy", "hybrid")
+FAULT_KINDS = ("link_down",)
+FOREVER = -1  # duration_ns of a link that never comes back
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """The customer's VM. ``guest_bytes``/``vcpus`` default to the trace's."""
+
+    guest_bytes: int = 0  # 0: take the trace's guest_bytes
+    vcpus: int = 0  # 0: take the trace's vcpus
+    os_vmpl: int = 2  # the OS runs at VMPL2 under an SVSM at VMPL0 (COCONUT-SVSM's layout)
+    apic_id_first: int = 0
+    apic_id_last: int = -1  # -1: apic_id_first + vcpus - 1
+    asid: int = 1
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """Either ``file`` (relative to the scenario file) or a generator spec (``generator`` + options)."""
+
+    file: str = ""
+    generator: str = ""
+    events: int = 0
+    rate: int = 1_000_000  # accesses per guest second
+    fill: bool = False
+    seed: int = -1  # -1: the scenario's seed
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MigrationSpec:
+    strategy: str = "mirror-vm"
+    mode: str = "precopy"
+    start_ns: int = 0  # guest (trace) time at which migration starts
+    bandwidth_bytes_per_s: int = 1_250_000_000  # 10 Gbit/s
+    latency_ns: int = 50_000  # one way; a datacentre hop plus the agent's queueing
+    downtime_limit_ns: int = 300_000_000  # QEMU's default downtime-limit is 300 ms
+    max_rounds: int = 30  # guestperf's max_iters
+    agents_initial: int = 1
+    agents_max: int = 4
+    shadow_apic_id_base: int = 240  # reserved APIC ID range for shadow vCPUs
+    shadow_apic_ids: int = 4  # size of that range: bounds the number of shadow agents
+    precopy_rounds: int = 1  # hybrid: pre-copy rounds before switching to post-copy
+    postcopy_preempt: bool = False  # requests get their own channel (QEMU postcopy-preempt)
+    prepaging: bool = False  # background push around recent faults (Hines & Gopalan, VEE'09)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Every cost in one place: integers in ns or bytes.
+
+    Figures are order-of-magnitude defaults for a current EPYC host; change them per scenario. Where a
+    figure comes from is said beside it. The comparison between strategies depends on their ratios more
+    than on their absolute values.
+    """
+
+    # -- setup, mirror-vm
+    mirror_vm_create_ns: int = 2_000_000  # KVM_CREATE_VM + KVM_CAP_VM_COPY_ENC_CONTEXT_FROM (ms scale)
+    gmem_link_ns: int = 500_000  # KVM_LINK_GUEST_MEMFD: a new file on the same inode, memslot setup
+    vcpu_create_ns: int = 1_000_000  # KVM_CREATE_VCPU + LAUNCH_UPDATE of its VMSA (per mirror agent)
+    # -- setup, shadow-vcpu
+    ap_create_ns: int = 600_000  # SVSM builds a VMSA, RMPADJUST vmsa=1, AP Creation NAE (per shadow agent)
+    # -- both
+    attestation_ns: int = 20_000_000  # SNP_GUEST_REQUEST report via the PSP (~10 ms) + chain checks + ECDH
+    dirty_sync_ns: int = 200_000  # fixed cost of one get-and-clear of the dirty log
+    dirty_sync_ns_per_gib: int = 100_000  # bitmap walk: 32 KiB of bitmap per GiB
+    page_pack_ns: int = 2_000  # agent CPU per private 4 KiB page: AES-GCM ~2 GB/s + copy + header
+    zero_page_ns: int = 300  # agent detects a zero private page (sends a header only)
+    page_unpack_ns: int = 2_000  # target agent: verify/decrypt one private page
+    vmgexit_ns: int = 5_000  # one VMGEXIT round trip to the host per batch of pages
+    batch_pages: int = 64  # pages an agent packages per VMGEXIT
+    rmpupdate_ns: int = 1_000  # RMPUPDATE (host, per 4K page)
+    pvalidate_ns: int = 1_000  # PVALIDATE (agent at VMPL0, per 4K page)
+    page_header_bytes: int = 64  # gfn, stream, sequence, flags, GCM tag (a zero page costs only this)
+    vmsa_bytes: int = 4_096  # one VMSA page per vCPU per VMPL in use
+    device_state_bytes: int = 1_048_576  # QEMU device state (virtio, APIC, timers...)
+    resume_ns: int = 5_000_000  # target resumes vCPUs after the validation token is accepted
+    postcopy_fault_exit_ns: int = 10_000  # vCPU exit to userspace + userfault bookkeeping
+    postcopy_request_bytes: int = 64  # page request on the return path
+
+
+@dataclass(frozen=True)
+class KernelCaps:
+    """Capabilities of the kernel under test (SPEC section 4)."""
+
+    gmem_link: bool = True  # KVM_LINK_GUEST_MEMFD (RFC): mirror VM shares private memory
+    kvm_userfault: bool = True  # KVM_MEM_USERFAULT + bitmap (RFC): post-copy of private memory
+    gmem_link_userfault: bool = True  # userfault on a linked guest_memfd (mirror post-copy)
+    gmem_dirty_log: bool = True  # dirty logging on guest_memfd slots (upstream refuses it today)
+
+
+@dataclass(frozen=True)
+class LinkFault:
+    kind: str = "link_down"
+    at_ns: int = 0  # virtual time
+    duration_ns: int = FOREVER
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = ""
+    description: str = ""
+    seed: int = 0
+    guest: GuestSpec = GuestSpec()
+    trace: TraceSpec = TraceSpec()
+    migration: MigrationSpec = MigrationSpec()
+    costs: Costs = Costs()
+    kernel: KernelCaps = KernelCaps()
+    faults: tuple[LinkFault, ...] = ()
+    base_dir: str = "."  # directory of the scenario file (trace.file is relative to it); not recorded
+
+    def with_strategy(self, strategy: str) -> "Scenario":
+        return override(self, [f"migration.strategy={strategy}"])
+
+    def resolved(self, *, guest_bytes: int, vcpus: int, trace_seed: int) -> dict:
+        """The effective parameters, as every run record embeds them."""
+        guest = dataclasses.replace(
+            self.guest,
+            guest_bytes=guest_bytes,
+            vcpus=vcpus,
+            apic_id_last=self.guest.apic_id_first + vcpus - 1 if self.guest.apic_id_last < 0 else self.guest.apic_id_last,
+        )
+        trace = dataclasses.replace(self.trace, seed=trace_seed) if self.trace.generator else self.trace
+        out = {
+            "name": self.name,
+            "seed": self.seed,
+            "guest": _plain(guest),
+            "trace": _plain(trace),
+            "migration": _plain(self.migration),
+            "costs": _plain(self.costs),
+            "kernel": _plain(self.kernel),
+            "faults": [_plain(f) for f in self.faults],
+        }
+        return out
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclass -> dict with JSON-safe values; floats become decimal strings (records hold no floats)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float):
+        return repr(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+_SECTIONS = {"guest": GuestSpec, "trace": TraceSpec, "migration": MigrationSpec, "costs": Costs, "kernel": KernelCaps}
+_TOP_KEYS = {"name", "description", "seed", "fault", *_SECTIONS}
+# Keys that accept human units ("16GiB", "500ms") besides integers.
+_SIZE_KEYS = {("guest", "guest_bytes")}
+_DURATION_KEYS = {("migration", "start_ns"), ("migration", "latency_ns"), ("migration", "downtime_limit_ns")}
+# Friendly aliases users reach for first.
+_ALIASES = {("guest", "size"): "guest_bytes"}
+
+
+def _negative_ok(section: str, key: str) -> bool:
+    # -1 means "the scenario's seed", "derived from vcpus" and "forever" respectively.
+    return (section, key) in {("trace", "seed"), ("guest", "apic_id_last")} or (section.startswith("fault") and key == "duration_ns")
+
+
+def _hint(word: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(where: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ScenarioError(f"{where}: expected true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"{where}: expected an integer, got {value!r}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ScenarioError(f"{where}: expected a string, got {value!r}")
+    elif isinstance(default, Mapping):
+        if not isinstance(value, Mapping):
+            raise ScenarioError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls, table: Mapping[str, Any], section: str, src: str):
+    if not isinstance(table, Mapping):
+        raise ScenarioError(f"{src}: [{section}] must be a table")
+    names = [f.name for f in fields(cls)]
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        name = _ALIASES.get((section, key), key)
+        where = f"{src}: {section}.{key}"
+        if name not in names:
+            raise ScenarioError(f"{where}: unknown key{_hint(key, names)}")
+        try:
+            if (section, name) in _SIZE_KEYS and isinstance(value, str):
+                value = parse_size(value, where)
+            elif (section, name) in _DURATION_KEYS and isinstance(value, str):
+                value = parse_duration_ns(value, where)
+        except UsageError as exc:
+            raise ScenarioError(str(exc)) from None
+        kwargs[name] = _check_type(where, value, getattr(defaults, name))
+        if isinstance(kwargs[name], int) and not isinstance(kwargs[name], bool) and kwargs[name] < 0:
+            if not _negative_ok(section, name):
+                raise ScenarioError(f"{where}: must be >= 0, got {kwargs[name]}")
+    return cls(**kwargs)
+
+
+def _validate(s: Scenario, src: str) -> Scenario:
+    m, t, g, c = s.migration, s.trace, s.guest, s.costs
+    if m.strategy not in STRATEGIES:
+        raise ScenarioError(f"{src}: migration.strategy {m.strategy!r} is not one of {', '.join(STRATEGIES)}{_hint(m.strategy, STRATEGIES)}")
+    if m.mode not in MODES:
+        raise ScenarioError(f"{src}: migration.mode {m.mode!r} is not one of {', '.join(MODES)}{_hint(m.mode, MODES)}")
+    if bool(t.file) == bool(t.generator):
+        raise ScenarioError(f"{src}: [trace] needs exactly one of 'file' or 'generator'")
+    if t.generator and t.events <= 0:
+        raise ScenarioError(f"{src}: trace.events must be > 0 with a generator")
+    if m.bandwidth_bytes_per_s <= 0:
+        raise ScenarioError(f"{src}: migration.bandwidth_bytes_per_s must be > 0")
+    if m.max_rounds < 1:
+        raise ScenarioError(f"{src}: migration.max_rounds must be >= 1")
+    if not 1 <= m.agents_initial <= m.agents_max:
+        raise ScenarioError(f"{src}: migration.agents_initial must be between 1 and agents_max ({m.agents_max})")
+    if g.os_vmpl > 3:
+        raise ScenarioError(f"{src}: guest.os_vmpl must be 0..3")
+    if c.batch_pages < 1:
+        raise ScenarioError(f"{src}: costs.batch_pages must be >= 1")
+    if t.rate <= 0:
+        raise ScenarioError(f"{src}: trace.rate must be > 0")
+    for i, f in enumerate(s.faults):
+        if f.kind not in FAULT_KINDS:
+            raise ScenarioError(f"{src}: fault[{i}].kind {f.kind!r} is not one of {', '.join(FAULT_KINDS)}")
+        if f.duration_ns < FOREVER or f.duration_ns == 0:
+            raise ScenarioError(f"{src}: fault[{i}].duration_ns must be > 0, or -1 for forever")
+    return s
+
+
+def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
+    for key in doc:
+        if key not in _TOP_KEYS:
+            raise ScenarioError(f"{src}: unknown key or section {key!r}{_hint(key, sorted(_TOP_KEYS))}")
+    kwargs: dict[str, Any] = {"base_dir": base_dir}
+    for key in ("name", "description"):
+        if key in doc:
+            kwargs[key] = _check_type(f"{src}: {key}", doc[key], "")
+    if "seed" in doc:
+        kwargs["seed"] = _check_type(f"{src}: seed", doc["seed"], 0)
+    for section, cls in _SECTIONS.items():
+        if section in doc:
+            kwargs[section] = _build(cls, doc[section], section, src)
+    faults = doc.get("fault", [])
+    if not isinstance(faults, list):
+        raise ScenarioError(f"{src}: 'fault' must be an array of tables ([[fault]])")
+    parsed = []
+    for i, f in enumerate(faults):
+        f = dict(f) if isinstance(f, Mapping) else f
+        if isinstance(f, dict):
+            for k in ("at_ns", "duration_ns"):
+                if isinstance(f.get(k), str):
+                    if f[k] == "forever":
+                        f[k] = FOREVER
+                    else:
+                        try:
+                            f[k] = parse_duration_ns(f[k], f"fault[{i}].{k}")
+                        except UsageError as exc:
+                            raise ScenarioError(f"{src}: {exc}") from None
+        parsed.append(_build(LinkFault, f, f"fault[{i}]", src))
+    kwargs["faults"] = tuple(parsed)
+    return _validate(Scenario(**kwargs), src)
+
+
+def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
+    """Parse a scenario file, apply ``--set section.key=value`` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read ({exc})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: invalid TOML ({exc})") from None
+    doc = apply_overrides(doc, overrides)
+    return _from_table(doc, str(path), str(path.parent))
+
+
+def parse_scenario_text(text: str, src: str = "<scenario>", base_dir: str = ".", overrides: Sequence[str] = ()) -> Scenario:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{src}: invalid TOML ({exc})") from None
+    return _from_table(apply_overrides(doc, overrides), src, base_dir)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: a string (strategy names, sizes like 4GiB)
+
+
+def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``section.key=value`` (value in TOML syntax, bare words as strings) to a parsed document."""
+    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ScenarioError(f"--set {item!r}: expected section.key=value")
+        parts = key.strip().split(".")
+        if len(parts) == 1:
+            if parts[0] not in ("name", "description", "seed"):
+                raise ScenarioError(f"--set {item!r}: unknown key {parts[0]!r}{_hint(parts[0], ['name', 'description', 'seed'])}")
+            doc[parts[0]] = _parse_value(value)
+            continue
+        section, *rest = parts
+        if section not in _SECTIONS:
+            raise ScenarioError(f"--set {item!r}: unknown section {section!r}{_hint(section, list(_SECTIONS))}")
+        table = doc.setdefault(section, {})
+        for p in rest[:-1]:
+            table = table.setdefault(p, {})
+        table[rest[-1]] = _parse_value(value)
+    return doc
+
+
+def make_scenario(**sections: Mapping[str, Any]) -> Scenario:
+    """Build a scenario from plain dicts (tests, library users): ``make_scenario(migration={...})``."""
+    return _from_table(dict(sections), "<scenario>", ".")
