@@ -1,8 +1,31 @@
-# C declarations of the Cython page engine (cext/_engine.pyx -> replay._engine).
+# C declarations of the Cython page engine (cext/_engine.pyx -> replay._engine): the structs and the
+# constants, which mirror replay/snp.py and replay/engine.py (tests/test_engine_rules.py checks that they agree).
 #
-# The constants mirror replay/snp.py and replay/engine.py (tests/test_engine_rules.py checks that they agree).
-# Page state and RMP entries are C arrays of structs, 8 and 16 bytes, so one replayed page touches
-# about two cache lines.
+# Page state and RMP entries are C arrays of structs, 8 and 16 bytes, so one replayed page touches about two
+# cache lines.
+#
+# How it is used: Cython looks up a module's own .pxd by the module's qualified name (replay._engine ->
+# replay/_engine.pxd or <include dir>/replay._engine.pxd), so this header, named for the cext/ source, is
+# cimported explicitly by _engine.pyx (`from _engine cimport *`, found through setup.py's include_path).
+# It therefore holds only types and constants (a cimported pxd's cdef functions would be imported from a
+# module "_engine" at run time). The C functions of the engine, all defined in _engine.pyx, are:
+#
+#   int rmpupdate_c(State* s, int host, int64_t spa, bint assigned, uint32_t asid, uint32_t gfn,
+#                   bint size_2m, bint immutable) noexcept nogil                       -> RC_*
+#   int pvalidate_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int vmpl,
+#                   bint validate, bint size_2m, int64_t ev) noexcept nogil           -> RC_*
+#   int rmpadjust_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int caller_vmpl,
+#                   int target_vmpl, int perms, bint vmsa, bint size_2m, int64_t ev) noexcept nogil -> RC_*
+#   int psmash_c(State* s, int host, int64_t spa) noexcept nogil                      -> RC_*
+#   int check_c(State* s, int host, int64_t gfn, int vmpl, int access, bint private) noexcept nogil -> F_*
+#   void launch_c(State* s, int host, const uint8_t* shared) noexcept nogil
+#   int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64_t base_index,
+#                       uint64_t stop, const uint64_t* delays) noexcept nogil   -> next row, or ERR_*
+#   int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
+#                          const Cols* c, int64_t* row, int64_t base_index, int run_host,
+#                          const uint64_t* delays) noexcept nogil                 -> next k, or ERR_*
+#
+# (ev: event index recorded in first_faults, -1 outside replay.)
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -150,24 +173,3 @@ ctypedef struct State:
     int64_t err_row                   # row and offending value of the last row error
     int64_t err_val
     Xfer x
-
-# RMP instructions and checks (return RC_* / F_*); ev = event index for first_faults, -1 outside replay
-cdef int rmpupdate_c(State* s, int host, int64_t spa, bint assigned, uint32_t asid, uint32_t gfn,
-                     bint size_2m, bint immutable) noexcept nogil
-cdef int pvalidate_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int vmpl, bint validate,
-                     bint size_2m, int64_t ev) noexcept nogil
-cdef int rmpadjust_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int caller_vmpl,
-                     int target_vmpl, int perms, bint vmsa, bint size_2m, int64_t ev) noexcept nogil
-cdef int psmash_c(State* s, int host, int64_t spa) noexcept nogil
-cdef int check_c(State* s, int host, int64_t gfn, int vmpl, int access, bint private) noexcept nogil
-cdef void launch_c(State* s, int host, const uint8_t* shared) noexcept nogil
-cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64_t base_index,
-                         uint64_t stop, const uint64_t* delays) noexcept nogil
-cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
-                            const Cols* c, int64_t* row, int64_t base_index, int run_host,
-                            const uint64_t* delays) noexcept nogil
-
-
-cdef class Engine:
-    cdef State st
-    cdef readonly tuple spa_base

@@ -16,6 +16,8 @@ import numpy as np
 from libc.stdlib cimport calloc, free
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 
+from _engine cimport *
+
 from replay.engine import (
     PageView,
     RmpEntry as _RmpEntryT,
@@ -454,12 +456,13 @@ cdef int _raise_row_error(State* s, int64_t code, int64_t base_index) except -1:
 cdef const char* _col_ptr(object arr, int width, int64_t n, list keep) except NULL:
     """Zero-copy pointer to element 0 of a primitive Arrow array (data buffer + offset)."""
     cdef const char[::1] mv
+    cdef int64_t off = arr.offset
     buf = arr.buffers()[1]
     mv = buf
-    if (arr.offset + n) * width > mv.shape[0]:
+    if (off + n) * width > mv.shape[0]:
         raise ValueError("arrow column buffer shorter than its length")
     keep.append(mv)
-    return &mv[0] + arr.offset * width
+    return &mv[0] + off * width
 
 
 cdef int _cols(Cols* c, object batch, list keep) except -1:
@@ -482,6 +485,9 @@ cdef int _cols(Cols* c, object batch, list keep) except -1:
 
 cdef class Engine:
     """The Cython page engine; API and semantics in docs/internals.md ("Engine API")."""
+
+    cdef State st
+    cdef readonly tuple spa_base
 
     def __cinit__(self):
         cdef int h

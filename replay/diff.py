@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -39,7 +40,7 @@ GROUPS = ("time", "volume", "cpu", "security", "postcopy", "other")
 # Tuples, in the order of docs/internals.md: rows are shown in this order (the most telling first).
 _TIME = (
     "total_ns", "setup_ns", "downtime_ns", "expected_downtime_ns", "downtime_limit_exceeded",
-    "migration_start_ns", "switchover_ns", "completion_ns", "trace_end_ns",
+    "migration_start_ns", "switchover_ns", "switchover_reason", "completion_ns", "trace_end_ns",
 )
 _VOLUME = (
     "rounds", "pages_sent", "zero_pages", "bytes_sent", "precopy_bytes", "downtime_bytes", "postcopy_bytes",
@@ -243,8 +244,6 @@ def _metric_order(name: str) -> tuple:
 
 def _natural(name: str) -> tuple:
     # Keep list elements in numeric order: blocktime_ns_per_vcpu[2] before [10].
-    import re
-
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
@@ -527,6 +526,8 @@ def render_text(result: DiffResult, *, only_diff: bool = False) -> str:
             rows.append(["  " + r.name, fmt(r.a), fmt(r.b), _fmt_delta(r.delta), r.change, "*" if r.differs else ""])
     if rows:
         out += table(["metric", "A", "B", "delta", "change", ""], rows, right={1, 2, 3, 4})
+    else:
+        out.append("  (all equal)")
     out.append("")
 
     if result.regressions:

@@ -324,7 +324,16 @@ def _psc(p: Params, o: dict, s: Streams):
             if left <= 0:
                 break
             to_shared = bool(s.addr.bit_generator.random_raw() & 1)
-            first = int(s.addr.integers(0, npages - bp + 1))
+            # Start the window at a page that can convert (so shared pages do convert back), found by
+            # bounded rejection sampling; give up on an empty burst rather than scan the guest.
+            first = None
+            for _ in range(64):
+                g = int(s.addr.integers(0, npages))
+                if shared[g] != to_shared:
+                    first = min(g, npages - bp)
+                    break
+            if first is None:
+                continue
             window = np.arange(first, first + bp, dtype=np.uint64)
             # Only pages not already in the target state change: never a double conversion.
             todo = window[shared[first:first + bp] != to_shared][:left]

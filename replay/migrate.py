@@ -200,6 +200,11 @@ class Migration:
         self._faults_rows: list[tuple] = []
         self.t = _Tally()
         self.link_faults = sorted(scenario.faults, key=lambda f: f.at_ns)
+        # Everything that can be refused is refused before any replay work.
+        self.strategy.check(self._has_private(), self.vcpus)
+        last = self._last_t()
+        if self.m.start_ns > last:
+            raise ScenarioError(f"migration.start_ns {self.m.start_ns} is after the end of the trace ({last} ns)")
 
     # -- bookkeeping
     def log(self, kind: str, detail: str = "", gfn: int = -1, vcpu: int = -1, t: int | None = None) -> None:
@@ -292,11 +297,13 @@ class Migration:
         self.t.private_pages += st["private_pages"]
         self.t.shared_pages += st["shared_pages"]
         dv, dg = st["v_ns"] - v0, st["g_ns"] - g0
+        self.v = st["v_ns"]
         if not paused:
             self.t.live_v += dv
             self.t.live_g += dg
             self.g = st["g_ns"]
-        self.v = st["v_ns"]
+            # The engine applies rows lazily, before each page; bring the guest up to the clock.
+            self._run_guest(0, self.g)
 
     # -- agents
     def _agents_wanted(self, n_private: int, n_bytes: int) -> int:
@@ -350,13 +357,7 @@ class Migration:
             self.eng.launch(0, list(self.meta.shared_ranges))
             self.eng.reset_counters()
             self._rmp_base = self._rmp_snapshot()
-            self.strategy.check(self._has_private(), self.vcpus)
             self._run_guest(0, self.m.start_ns)
-            if self.cur.done and self.m.start_ns > 0:
-                last = self._last_t()
-                if last < self.m.start_ns:
-                    raise ScenarioError(
-                        f"migration.start_ns {self.m.start_ns} is after the end of the trace ({last} ns)")
             self.v = self.g = self.m.start_ns
             self.times["migration_start_ns"] = self.v
             self.log("migration_start", f"strategy={self.strategy.name} mode={self.m.mode}")

@@ -134,7 +134,9 @@ class Scenario:
     base_dir: str = "."  # directory of the scenario file (trace.file is relative to it); not recorded
 
     def with_strategy(self, strategy: str) -> "Scenario":
-        return override(self, [f"migration.strategy={strategy}"])
+        if strategy not in STRATEGIES:
+            raise ScenarioError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}{_hint(strategy, STRATEGIES)}")
+        return dataclasses.replace(self, migration=dataclasses.replace(self.migration, strategy=strategy))
 
     def resolved(self, *, guest_bytes: int, vcpus: int, trace_seed: int) -> dict:
         """The effective parameters, as every run record embeds them."""

@@ -130,7 +130,10 @@ def test_divergence_each_column_and_prefix(tmp_path):
     for col, val in (("t_ns", 1), ("kind", "other"), ("gfn", 5), ("vcpu", 3), ("detail", "x")):
         b = load_run(make_run(tmp_path / col, event_changes={10: {col: val}}))
         assert diff_runs(a, b).divergence.index == 10, col
-    # seq is the order key, not compared: renumbering the log is not a divergence
+    # seq is the order key, not compared: renumbering the log is not a divergence (but --strict sees it)
+    renum = load_run(make_run(tmp_path / "renum", event_changes={i: {"seq": 1000 + i} for i in range(120)}))
+    assert diff_runs(a, renum).divergence is None
+    assert any("events.arrow differs" in r for r in diff_runs(a, renum, strict=True).reasons)
     # one log a prefix of the other: diverges where the shorter ends, context shows the end
     short = load_run(make_run(tmp_path / "short", events=100))
     d = diff_runs(a, short).divergence

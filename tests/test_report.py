@@ -85,7 +85,7 @@ def check_structure(text: str, figures: int) -> Structure:
     assert len(svgs) == figures
     for svg in svgs:
         root = ET.fromstring(svg)  # well-formed XML
-        assert root.tag.endswith("svg") and len(root.iter().__next__()) > 0
+        assert root.tag.endswith("svg") and len(root) > 0
         assert re.search(r"<path\b", svg)
     return s
 

@@ -1,0 +1,400 @@
+"""Trace format v1: round trip, digest, and every way a trace can be wrong (one-line TraceError)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from replay import cli
+from replay.errors import TraceError
+from replay.trace import (
+    COLUMNS,
+    SCHEMA,
+    TraceMeta,
+    TraceWriter,
+    _metadata,
+    compute_digest,
+    open_trace,
+    read_meta,
+)
+
+G = 1 << 20  # 256 pages
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cols(n: int, seed: int = 0, vcpus: int = 2):
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.integers(0, 10**9, n, dtype=np.uint64))
+    return {
+        "t_ns": t,
+        "vcpu": (np.arange(n) % vcpus).astype(np.uint16),
+        "gpa": rng.integers(0, G // 8, n, dtype=np.uint64) * 8,
+        "len": np.full(n, 8, np.uint32),
+        "op": rng.integers(0, 4, n, dtype=np.uint8),
+        "value": rng.integers(0, 2**63, n, dtype=np.uint64),
+    }
+
+
+def write(path, c, *, batch_rows=1000, compression="zstd", chunk=None, **kw):
+    args = dict(guest_bytes=G, vcpus=2, shared_ranges=[(0, 15)], source={"test": 1})
+    args.update(kw)
+    n = len(c["t_ns"])
+    chunk = chunk or max(n, 1)
+    with TraceWriter(path, batch_rows=batch_rows, compression=compression, **args) as w:
+        for s in range(0, n, chunk):
+            w.write(*(c[k][s:s + chunk] for k in COLUMNS))
+    return w.meta
+
+
+def raw_file(path, c, *, batch_sizes=None, meta_over=None, drop=(), schema=SCHEMA, compression=None):
+    """A trace written with pyarrow directly, bypassing the writer's checks."""
+    n = len(c["t_ns"])
+    meta = TraceMeta(str(path), G, 2, ((0, 15),), {"test": 1}, n, "0" * 64)
+    md = {k.decode(): v.decode() for k, v in _metadata(meta).items()}
+    md.update(meta_over or {})
+    for k in drop:
+        md.pop(k)
+    sizes = batch_sizes or [n]
+    with pa.OSFile(str(path), "wb") as f:
+        opts = pa.ipc.IpcWriteOptions(compression=compression)
+        with pa.ipc.new_file(f, schema.with_metadata(md), options=opts) as w:
+            s = 0
+            for k in sizes:
+                arrays = [pa.array(c[name][s:s + k], type=fld.type) for name, fld in zip(COLUMNS, schema)]
+                w.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                s += k
+    return path
+
+
+def read_all(path):
+    rows = []
+    with open_trace(path) as r:
+        for first, b in r:
+            rows.append((first, b.num_rows))
+    return rows
+
+
+def assert_one_line(exc: TraceError, path, batch=None, row=None):
+    msg = str(exc)
+    assert "\n" not in msg
+    assert str(path) in msg
+    if batch is not None:
+        assert f"batch {batch}, row {row}:" in msg, msg
+
+
+# -- round trip and digest -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_round_trip(tmp_path, compression):
+    c = cols(2500)
+    meta = write(tmp_path / "t.arrow", c, compression=compression)
+    assert meta.events == 2500 and meta.vcpus == 2 and meta.guest_bytes == G and meta.npages == 256
+    assert meta.shared_ranges == ((0, 15),)
+    assert read_meta(tmp_path / "t.arrow") == meta
+    got = {k: [] for k in COLUMNS}
+    with open_trace(tmp_path / "t.arrow") as r:
+        assert r.num_batches == 3
+        firsts = []
+        for first, b in r:
+            firsts.append(first)
+            assert b.schema.equals(SCHEMA)
+            for k in COLUMNS:
+                got[k].append(b.column(k).to_numpy())
+    assert firsts == [0, 1000, 2000]
+    for k in COLUMNS:
+        np.testing.assert_array_equal(np.concatenate(got[k]), c[k])
+    md = pa.ipc.open_file(pa.memory_map(str(tmp_path / "t.arrow"))).schema.metadata
+    assert md[b"format"] == b"snp-replay-trace" and md[b"version"] == b"1" and md[b"page_size"] == b"4096"
+    assert json.loads(md[b"shared_ranges"]) == [[0, 15]]
+    assert json.loads(md[b"source"]) == {"test": 1}
+    assert meta.to_json()["events"] == 2500
+    assert [p.name for p in tmp_path.iterdir()] == ["t.arrow"]  # no temporaries left
+
+
+def test_compression_actually_differs(tmp_path):
+    c = cols(5000)
+    write(tmp_path / "z.arrow", c)
+    write(tmp_path / "u.arrow", c, compression=None)
+    assert os.path.getsize(tmp_path / "z.arrow") < os.path.getsize(tmp_path / "u.arrow")
+    f = pa.ipc.open_file(pa.memory_map(str(tmp_path / "u.arrow")))
+    assert f.get_batch(0).num_rows == 1000
+
+
+def test_digest_independent_of_batching_compression_name(tmp_path):
+    c = cols(3001)
+    digests = {
+        write(tmp_path / "a.arrow", c, batch_rows=1 << 20).digest,
+        write(tmp_path / "b.arrow", c, batch_rows=7, compression=None, chunk=100).digest,
+        write(tmp_path / "other-name.arrow", c, batch_rows=1000, chunk=333).digest,
+        compute_digest(tmp_path / "a.arrow"),
+        compute_digest(tmp_path / "b.arrow"),
+    }
+    assert len(digests) == 1
+    c2 = dict(c, value=c["value"].copy())
+    c2["value"][5] ^= 1
+    assert write(tmp_path / "c.arrow", c2).digest not in digests
+    # The digest is blake2b-256 of the per-column blake2b-256 of little-endian bytes.
+    import hashlib
+
+    outer = hashlib.blake2b(digest_size=32)
+    for k in COLUMNS:
+        outer.update(hashlib.blake2b(c[k].astype(c[k].dtype.newbyteorder("<")).tobytes(), digest_size=32).digest())
+    assert outer.hexdigest() in digests
+
+
+def test_write_batch_and_slices(tmp_path):
+    c = cols(2000)
+    batch = pa.RecordBatch.from_arrays([pa.array(c[k], type=f.type) for k, f in zip(COLUMNS, SCHEMA)], schema=SCHEMA)
+    with TraceWriter(tmp_path / "s.arrow", guest_bytes=G, vcpus=2, source={"test": 1}) as w:
+        w.write_batch(batch.slice(0, 700))  # slices have array offsets
+        w.write_batch(batch.slice(700))
+    assert w.meta.digest == write(tmp_path / "t.arrow", c).digest
+
+
+def test_empty_trace_and_scalars(tmp_path):
+    meta = write(tmp_path / "e.arrow", {k: np.zeros(0, np.uint64) for k in COLUMNS})
+    assert meta.events == 0 and read_all(tmp_path / "e.arrow") == []
+    with TraceWriter(tmp_path / "s.arrow", guest_bytes=G, vcpus=1, source={}) as w:
+        w.write(np.arange(5, dtype=np.uint64), 0, np.arange(5, dtype=np.uint64) * 4096, 8, 0, 7)
+    assert w.meta.events == 5
+
+
+def test_verify_digest(tmp_path):
+    c = cols(100)
+    raw_file(tmp_path / "r.arrow", c)  # digest in metadata is all zeros
+    with open_trace(tmp_path / "r.arrow", verify_digest=True) as r:
+        with pytest.raises(TraceError, match="digest"):
+            list(r)
+    write(tmp_path / "ok.arrow", c)
+    with open_trace(tmp_path / "ok.arrow", verify_digest=True) as r:
+        assert sum(b.num_rows for _, b in r) == 100
+
+
+# -- reader validation ----------------------------------------------------------------------------
+
+
+def bad(c, **changes):
+    c = {k: v.copy() for k, v in c.items()}
+    for key, (idx, val) in changes.items():
+        c[key][idx] = val
+    return c
+
+
+ROW_CASES = {
+    "t_ns within batch": (dict(t_ns=(25, 0)), 25, "t_ns must be non-decreasing"),
+    "t_ns across batches": (dict(t_ns=(30, 0)), 30, "t_ns must be non-decreasing"),
+    "vcpu": (dict(vcpu=(17, 2)), 17, "vcpu 2 out of range"),
+    "gpa+len": (dict(gpa=(33, G - 4)), 33, "beyond guest_bytes"),
+    "gpa overflow": (dict(gpa=(12, 2**64 - 4)), 12, "beyond guest_bytes"),
+    "len 0": (dict(len=(14, 0)), 14, "len 0"),
+    "len huge": (dict(len=(14, 2**32 - 1)), 14, "beyond guest_bytes"),
+    "op": (dict(op=(38, 4)), 38, "unknown op 4"),
+}
+
+
+@pytest.mark.parametrize("case", ROW_CASES)
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_row_errors_name_file_batch_row(tmp_path, case, compression):
+    changes, row, text = ROW_CASES[case]
+    c = cols(40)
+    c["t_ns"] = np.arange(40, dtype=np.uint64) * 10 + 5
+    path = raw_file(tmp_path / "bad.arrow", bad(c, **changes), batch_sizes=[10, 20, 10], compression=compression)
+    batch = 0 if row < 10 else 1 if row < 30 else 2
+    with pytest.raises(TraceError, match=text) as ei:
+        read_all(path)
+    assert_one_line(ei.value, path, batch, row)
+
+
+def test_error_message_format(tmp_path):
+    c = cols(40)
+    c["t_ns"] = np.arange(40, dtype=np.uint64) * 10
+    c["t_ns"][30] = 5
+    path = raw_file(tmp_path / "trace.arrow", c, batch_sizes=[10, 20, 10])
+    with pytest.raises(TraceError) as ei:
+        read_all(path)
+    assert str(ei.value) == f"{path}: batch 2, row 30: t_ns 5 < previous 290 (t_ns must be non-decreasing)"
+
+
+def test_earliest_bad_row_wins(tmp_path):
+    c = bad(cols(40), op=(20, 9), vcpu=(11, 7))
+    path = raw_file(tmp_path / "b.arrow", c)
+    with pytest.raises(TraceError, match="vcpu 7") as ei:
+        read_all(path)
+    assert_one_line(ei.value, path, 0, 11)
+
+
+def test_nulls_rejected(tmp_path):
+    c = cols(10)
+    schema = pa.schema([pa.field(f.name, f.type, nullable=True) for f in SCHEMA])
+    path = tmp_path / "n.arrow"
+    raw_file(path, c, schema=schema)
+    with pytest.raises(TraceError, match="nullable") as ei:
+        read_all(path)
+    assert_one_line(ei.value, path)
+
+
+def test_events_mismatch(tmp_path):
+    path = raw_file(tmp_path / "e.arrow", cols(10), meta_over={"events": "11"})
+    with pytest.raises(TraceError, match="events=11") as ei:
+        read_all(path)
+    assert_one_line(ei.value, path, 1, 10)
+
+
+@pytest.mark.parametrize(
+    "kind,kw,text",
+    [
+        ("wrong type", dict(schema=pa.schema([pa.field("gpa", pa.int64(), False) if f.name == "gpa" else f for f in SCHEMA])), "column gpa is int64"),
+        ("wrong names", dict(schema=pa.schema([pa.field("addr" if f.name == "gpa" else f.name, f.type, False) for f in SCHEMA])), "schema: columns"),
+        ("missing key", dict(drop=("digest",)), "missing key digest"),
+        ("wrong version", dict(meta_over={"version": "2"}), "unsupported trace version '2'"),
+        ("wrong format", dict(meta_over={"format": "parquet-ish"}), "not a snp-replay trace"),
+        ("bad guest", dict(meta_over={"guest_bytes": "12345"}), "guest_bytes"),
+        ("bad ranges", dict(meta_over={"shared_ranges": "[[3, 1]]"}), "shared_ranges"),
+        ("bad source", dict(meta_over={"source": "{"}), "source is not JSON"),
+    ],
+)
+def test_header_errors(tmp_path, kind, kw, text):
+    path = tmp_path / "h.arrow"
+    raw_file(path, cols(10), **kw)
+    with pytest.raises(TraceError, match=text) as ei:
+        open_trace(path)
+    assert_one_line(ei.value, path)
+
+
+def test_not_arrow_truncated_corrupt(tmp_path):
+    good = tmp_path / "good.arrow"
+    write(good, cols(3000), batch_rows=1000)
+    data = good.read_bytes()
+    cases = {
+        "empty.arrow": (b"", "empty file"),
+        "text.arrow": (b"t_ns,vcpu\n1,2\n" * 10, "not an Arrow IPC file"),
+        "cut.arrow": (data[: len(data) * 2 // 3], "truncated"),
+        "footer.arrow": (data[:-40] + b"\x13" * 30 + data[-10:], "corrupt"),
+    }
+    for name, (content, text) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        with pytest.raises(TraceError, match=text) as ei:
+            read_all(p)
+        assert_one_line(ei.value, p)
+    with pytest.raises(TraceError, match="cannot open") as ei:
+        open_trace(tmp_path / "missing.arrow")
+    assert_one_line(ei.value, tmp_path / "missing.arrow")
+    # An Arrow *stream* is not a trace file.
+    stream = tmp_path / "stream.arrow"
+    with pa.OSFile(str(stream), "wb") as f, pa.ipc.new_stream(f, SCHEMA) as w:
+        w.write_batch(pa.RecordBatch.from_arrays([pa.array([0], type=f.type) for f in SCHEMA], schema=SCHEMA))
+    with pytest.raises(TraceError, match="not an Arrow IPC file"):
+        open_trace(stream)
+
+
+def test_corrupt_batch_bytes(tmp_path):
+    """Flipping bytes inside compressed batches: a TraceError naming a batch, never a crash."""
+    good = tmp_path / "good.arrow"
+    write(good, cols(3000), batch_rows=1000)
+    data = bytearray(good.read_bytes())
+    rng = np.random.default_rng(5)
+    seen_batch_error = False
+    for trial in range(40):
+        d = bytearray(data)
+        lo, hi = 400, len(d) - 1200  # past the schema, before the footer: inside the batches
+        for pos in rng.integers(lo, hi, 8):
+            d[pos] ^= 0xFF
+        p = tmp_path / f"c{trial}.arrow"
+        p.write_bytes(bytes(d))
+        try:
+            read_all(p)
+        except TraceError as exc:
+            assert_one_line(exc, p)
+            seen_batch_error |= "batch " in str(exc)
+    assert seen_batch_error
+
+
+def test_cli_bad_trace_exit_2(tmp_path, capsys):
+    p = tmp_path / "x.arrow"
+    p.write_bytes(b"hello")
+    assert cli.main(["inspect", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(p) in err
+    c = bad(cols(40), vcpu=(17, 9))
+    raw_file(tmp_path / "v.arrow", c, batch_sizes=[10, 30])
+    assert cli.main(["inspect", str(tmp_path / "v.arrow")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch 1, row 17" in err and "Traceback" not in err
+
+
+def test_cli_subprocess_one_line(tmp_path):
+    p = tmp_path / "cut.arrow"
+    write(tmp_path / "g.arrow", cols(100))
+    p.write_bytes((tmp_path / "g.arrow").read_bytes()[:300])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "replay.cli", "inspect", str(p)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stdout == "" and r.stderr.count("\n") == 1 and "truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- writer validation: same rules, nothing left on disk -------------------------------------------
+
+
+@pytest.mark.parametrize("case", [c for c in ROW_CASES if c != "gpa overflow" and c != "len huge"])
+def test_writer_rejects_and_leaves_nothing(tmp_path, case):
+    changes, row, text = ROW_CASES[case]
+    c = cols(40)
+    c["t_ns"] = np.arange(40, dtype=np.uint64) * 10 + 5
+    path = tmp_path / "w.arrow"
+    with pytest.raises(TraceError, match=text) as ei:
+        write(path, bad(c, **changes), batch_rows=10, chunk=7)
+    assert_one_line(ei.value, path, row // 10, row)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_bad_input_types(tmp_path):
+    path = tmp_path / "w.arrow"
+    with pytest.raises(TraceError, match="does not fit"):
+        with TraceWriter(path, guest_bytes=G, vcpus=2, source={}) as w:
+            w.write(np.array([0, 1]), np.array([0, -1]), 0, 8, 0, 0)
+    with pytest.raises(TraceError, match="unequal length"):
+        with TraceWriter(path, guest_bytes=G, vcpus=2, source={}) as w:
+            w.write(np.array([0, 1]), np.array([0]), 0, 8, 0, 0)
+    with pytest.raises(TraceError, match="dtype float"):
+        with TraceWriter(path, guest_bytes=G, vcpus=2, source={}) as w:
+            w.write(np.array([0.5]), 0, 0, 8, 0, 0)
+    with pytest.raises(TraceError, match="guest_bytes"):
+        TraceWriter(path, guest_bytes=1000, vcpus=2, source={})
+    with pytest.raises(TraceError, match="vcpus"):
+        TraceWriter(path, guest_bytes=G, vcpus=0, source={})
+    with pytest.raises(TraceError, match="shared_ranges"):
+        TraceWriter(path, guest_bytes=G, vcpus=1, shared_ranges=[(0, 300)], source={})
+    with pytest.raises(TraceError, match="canonical JSON"):
+        TraceWriter(path, guest_bytes=G, vcpus=1, source={"rate": 0.5})
+    with pytest.raises(TraceError, match="schema"):
+        with TraceWriter(path, guest_bytes=G, vcpus=2, source={}) as w:
+            w.write_batch(pa.record_batch({"t_ns": pa.array([1], pa.int64())}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    path = tmp_path / "i.arrow"
+    with pytest.raises(KeyboardInterrupt):
+        with TraceWriter(path, guest_bytes=G, vcpus=2, source={}, batch_rows=10) as w:
+            c = cols(100)
+            w.write(*(c[k] for k in COLUMNS))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    w = TraceWriter(path, guest_bytes=G, vcpus=2, source={})
+    w.write(*(cols(10)[k] for k in COLUMNS))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    # A failed write does not clobber an existing trace either.
+    meta = write(path, cols(10))
+    with pytest.raises(TraceError):
+        write(path, bad(cols(10), op=(3, 7)))
+    assert read_meta(path) == meta and [p.name for p in tmp_path.iterdir()] == ["i.arrow"]

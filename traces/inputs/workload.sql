@@ -1,0 +1,7 @@
+CREATE TABLE kv(k INTEGER PRIMARY KEY, v TEXT, n INTEGER);
+WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 2000)
+INSERT INTO kv SELECT i, printf('value-%08d', (i * 7919) % 100003), (i * 31) % 97 FROM c;
+CREATE INDEX kv_n ON kv(n);
+UPDATE kv SET v = upper(v) WHERE n < 10;
+DELETE FROM kv WHERE k % 5 = 0;
+SELECT n, count(*), max(v) FROM kv GROUP BY n ORDER BY n LIMIT 3;
