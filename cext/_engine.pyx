@@ -44,7 +44,8 @@ cdef extern from *:
     void SNP_PREFETCH(const void* p) noexcept nogil
     bint SNP_LIKELY(bint x) noexcept nogil
 
-cdef int PREFETCH = 16
+cdef enum:
+    PREFETCH = 8  # rows ahead whose page state and RMP entry are prefetched
 
 _FAULT_KEYS = {int(f): f.key for f in Fault}
 
@@ -283,19 +284,25 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
     cdef uint32_t asid = s.asid
     cdef int vmpl = s.os_vmpl
     cdef int64_t vcpus = s.vcpus
+    # locals, not c->/s-> loads: the uint8 flag stores below may alias anything, so the compiler would
+    # reload every field it reads through a pointer on each row
     cdef const uint64_t* gpa = c.gpa
+    cdef const uint64_t* tns = c.t_ns
+    cdef const uint16_t* vcpu = c.vcpu
+    cdef const uint32_t* lens = c.len
+    cdef const uint8_t* ops = c.op
     for r in range(start, n):
         if r + PREFETCH < n:
             pf = <int64_t>(gpa[r + PREFETCH] >> PAGE_SHIFT)
             if pf < npages:
                 SNP_PREFETCH(&img[pf])
                 SNP_PREFETCH(&rmp[pf])
-        v = c.vcpu[r]
+        v = vcpu[r]
         if v >= vcpus:
             s.err_row = r
             s.err_val = v
             return ERR_VCPU
-        t = c.t_ns[r]
+        t = tns[r]
         if delays != NULL:
             d = delays[v]
             t = t + d
@@ -303,7 +310,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
                 t = UINT64_MAX
         if t >= stop:
             return r
-        ln = c.len[r]
+        ln = lens[r]
         a = gpa[r]
         if ln == 0:
             s.err_row = r
@@ -312,7 +319,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
         if end < a or (end >> PAGE_SHIFT) >= <uint64_t>npages:
             s.err_row = r
             return ERR_RANGE
-        o = c.op[r]
+        o = ops[r]
         if o > OP_TO_PRIVATE:
             s.err_row = r
             s.err_val = o

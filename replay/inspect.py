@@ -75,7 +75,6 @@ def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None) -> di
         seen_total = np.zeros(npages, dtype=bool)
         seen_cur = np.zeros(npages, dtype=bool)
         cur_bucket = -1
-        cur_count = 0
 
         for _, batch in r:
             df = pl.from_arrow(batch)
@@ -93,29 +92,29 @@ def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None) -> di
             bytes_written += int(w["len"].sum())
             per = w.group_by("bucket").len()
             np.add.at(writes, per["bucket"].to_numpy(), per["len"].to_numpy())
-            # Distinct (bucket, page) pairs of this batch; a span crossing pages touches each of them.
-            single = w.filter(pl.col("first") == pl.col("last")).select("bucket", pl.col("first").alias("gfn"))
-            multi = w.filter(pl.col("first") != pl.col("last"))
-            if multi.height:
-                multi = multi.select("bucket", pl.int_ranges("first", pl.col("last") + 1, dtype=pl.UInt64).alias("gfn")).explode("gfn")
-                single = pl.concat([single, multi])
-            pairs = single.unique().sort("bucket", "gfn")
-            buckets = pairs["bucket"].to_numpy()
-            gfns = pairs["gfn"].to_numpy().astype(np.intp)
+            # Pages written, in row order (so in bucket order: t_ns is sorted); a span crossing page
+            # boundaries touches each page, so such rows are expanded.
+            if (w["first"] != w["last"]).any():
+                w = w.select("bucket", pl.int_ranges("first", pl.col("last") + 1, dtype=pl.UInt64).alias("gfn")).explode("gfn")
+            else:
+                w = w.select("bucket", pl.col("first").alias("gfn"))
+            buckets = w["bucket"].to_numpy()
+            gfns = w["gfn"].to_numpy().astype(np.intp)
             seen_total[gfns] = True
-            # Split by bucket (sorted); the buckets of a batch continue those of the previous one.
+            # Combine with the previous batches: one bitmap for the open interval, counted when it closes.
             cuts = np.flatnonzero(np.diff(buckets)) + 1
-            for seg_b, seg_g in zip(np.split(buckets, cuts), np.split(gfns, cuts)):
-                b = int(seg_b[0])
+            starts = np.concatenate([[0], cuts])
+            ends = np.concatenate([cuts, [len(buckets)]])
+            for a, z in zip(starts, ends):
+                b = int(buckets[a])
                 if b != cur_bucket:
                     if cur_bucket >= 0:
-                        working[cur_bucket] = cur_count
+                        working[cur_bucket] = np.count_nonzero(seen_cur)
                         seen_cur[:] = False
-                    cur_bucket, cur_count = b, 0
-                cur_count += int(np.count_nonzero(~seen_cur[seg_g]))
-                seen_cur[seg_g] = True
+                    cur_bucket = b
+                seen_cur[gfns[a:z]] = True
         if cur_bucket >= 0:
-            working[cur_bucket] = cur_count
+            working[cur_bucket] = np.count_nonzero(seen_cur)
 
     names = {int(o): o.name.lower() for o in Op}
     intervals = [

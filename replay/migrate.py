@@ -37,6 +37,7 @@ from .trace import TraceMeta, open_trace, read_meta
 NS_PER_S = 1_000_000_000
 U64_MAX = (1 << 64) - 1
 TRANSFER_CHUNK = 1 << 16  # pages per engine call: bounds how late a link failure is noticed
+POSTCOPY_CHUNK = 1 << 10  # smaller in post-copy, where faults and link failures interleave with the push
 RMP_OPS = ("rmpupdate", "pvalidate", "rmpadjust", "psmash", "psc")
 
 ProgressFn = Callable[[int], None]
@@ -199,7 +200,15 @@ class Migration:
         self._rounds: list[_Round] = []
         self._faults_rows: list[tuple] = []
         self.t = _Tally()
-        self.link_faults = sorted(scenario.faults, key=lambda f: f.at_ns)
+        self.link_faults = sorted(scenario.faults, key=lambda f: (f.at_ns, f.duration_ns))
+        self.run_host = 0  # where the guest runs: the source until it resumes on the target
+        self._delays = None  # post-copy: per-vCPU blocked time so far (ns); None in pre-copy
+        self._ready = None  # post-copy: guest time at which each page is usable on the target
+        self._handled_faults: set = set()
+        self._link_dead_at: int | None = None
+        self._source_only = 0
+        self._pc = None
+        self.vmsas_sent = 0
         # Everything that can be refused is refused before any replay work.
         self.strategy.check(self._has_private(), self.vcpus)
         last = self._last_t()
@@ -215,13 +224,19 @@ class Migration:
 
     # -- the guest
     def _run_guest(self, host: int, g_stop: int) -> None:
+        """Replay the guest on ``host`` up to guest time ``g_stop`` (post-copy: serving its userfaults)."""
         cur = self.cur
         while not cur.done:
-            row = self.eng.replay(host, cur.batch, cur.row, cur.base, g_stop)
-            stop = self.eng.last_stop
+            n = cur.batch.num_rows
+            row = self.eng.replay(host, cur.batch, cur.row, cur.base, g_stop, self._delays, self._ready)
+            if self.eng.last_stop[0] == Fault.USERFAULT:
+                cur.settle(row)
+                if not self._userfault():
+                    return
+                continue
             cur.settle(row)
-            if row < (cur.batch.num_rows if cur.batch is not None else 0) or stop[0] != Fault.NONE:
-                break
+            if row < n:
+                break  # stopped by time
 
     def _elapse(self, dv: int, guest_cpu_ns: int = 0, host: int = 0, live: bool = True) -> None:
         """Let ``dv`` of virtual time pass with the guest running on ``host``; ``guest_cpu_ns`` of the
@@ -249,7 +264,7 @@ class Migration:
         return None
 
     # -- sending
-    def _begin(self, agents: int) -> None:
+    def _begin(self, agents: int, skip_present: bool = False) -> None:
         c = self.c
         self.eng.begin_transfer(
             self.v, self.g,
@@ -257,6 +272,7 @@ class Migration:
             header_bytes=c.page_header_bytes, agents=agents, pack_private_ns=c.page_pack_ns,
             pack_zero_ns=c.zero_page_ns, batch_pages=c.batch_pages, vmgexit_ns=c.vmgexit_ns,
             charge_guest=self.strategy.charge_guest, unpack_private_ns=c.page_unpack_ns, target_rmp=True,
+            skip_present=skip_present,
         )
 
     def _send(self, gfns: np.ndarray, rnd: _Round, *, paused: bool, run_host: int = 0) -> None:
@@ -303,7 +319,7 @@ class Migration:
             self.t.live_g += dg
             self.g = st["g_ns"]
             # The engine applies rows lazily, before each page; bring the guest up to the clock.
-            self._run_guest(0, self.g)
+            self._run_guest(self.run_host, self.g)
 
     # -- agents
     def _agents_wanted(self, n_private: int, n_bytes: int) -> int:
@@ -333,10 +349,13 @@ class Migration:
         zero = int(np.count_nonzero(vers == 0))
         return private, len(gfns) * self.c.page_header_bytes + (len(gfns) - zero) * PAGE_SIZE
 
+    def _sync_cost(self) -> int:
+        return self.c.dirty_sync_ns + self.c.dirty_sync_ns_per_gib * self.meta.guest_bytes // (1 << 30)
+
     def _sync(self) -> np.ndarray:
         """Dirty-log get-and-clear on the source; its cost elapses with the guest running."""
         dirty = self.eng.collect_dirty(0)
-        cost = self.c.dirty_sync_ns + self.c.dirty_sync_ns_per_gib * self.meta.guest_bytes // (1 << 30)
+        cost = self._sync_cost()
         self.log("dirty_sync", f"dirty_pages={len(dirty)}")
         self.t.cpu[HOST] += cost
         self._elapse(cost)
@@ -361,20 +380,19 @@ class Migration:
             self.v = self.g = self.m.start_ns
             self.times["migration_start_ns"] = self.v
             self.log("migration_start", f"strategy={self.strategy.name} mode={self.m.mode}")
-            run_host = 0
             try:
                 self._setup()
                 if self.m.mode == "precopy":
                     self._precopy(max_rounds=self.m.max_rounds, converge=True)
                     self._stop_and_copy()
-                    run_host = 1
                 else:
+                    if self.m.mode == "hybrid":
+                        self._precopy(max_rounds=self.m.precopy_rounds, converge=False)
                     self._postcopy()
-                    run_host = 1
             except LinkDown as down:
-                run_host = self._link_lost(down.at_ns)
+                self._link_lost(down.at_ns)
             if self.status != "failed":
-                self._finish_trace(run_host)
+                self._finish_trace(self.run_host)
         return self._result()
 
     def _has_private(self) -> bool:
@@ -451,25 +469,9 @@ class Migration:
         if at is not None:
             raise LinkDown(at)
 
-    def _stop_and_copy(self) -> None:
-        """Pause, final sync, send the rest, VMSAs and device state; the target unpacks, validates, resumes."""
+    def _send_vmsas_and_devices(self, rnd: _Round) -> None:
+        """VMSAs (one per vCPU per VMPL in use) go through an agent like private pages; device state plain."""
         c = self.c
-        self.times["switchover_ns"] = self.v
-        self.log("pause", "guest paused (stop-and-copy)")
-        v_pause = self.v
-        final = self.eng.collect_dirty(0)
-        sync_cost = c.dirty_sync_ns + c.dirty_sync_ns_per_gib * self.meta.guest_bytes // (1 << 30)
-        self.v += sync_cost
-        self.t.cpu[HOST] += sync_cost
-        pages = np.union1d(self._pending, final).astype(np.uint32)
-        self.eng.set_dirty_logging(0, False)
-        self.digests["source_at_switchover"] = self.eng.digest(0)
-        rnd = _Round(len(self._rounds), "downtime", self.v, len(pages), self.v)
-        self._rounds.append(rnd)
-        rmp_before = self._rmp_snapshot()
-        self._target_cpu = 0
-        self._send(pages, rnd, paused=True)
-        # VMSAs (one per vCPU per VMPL in use) go through an agent like private pages; device state plain.
         nvmsa = self.vcpus * self._vmpls_in_use()
         vmsa_bytes = nvmsa * (c.vmsa_bytes + c.page_header_bytes)
         vmsa_pack = nvmsa * c.page_pack_ns
@@ -481,11 +483,30 @@ class Migration:
         self.vmsas_sent = nvmsa
         self.log("vmsas_sent", f"vmsas={nvmsa} device_state_bytes={c.device_state_bytes}")
         self._check_link(self.v)
+
+    def _stop_and_copy(self) -> None:
+        """Pause, final sync, send the rest, VMSAs and device state; the target unpacks, validates, resumes."""
+        c = self.c
+        self.times["switchover_ns"] = self.v
+        self.log("pause", "guest paused (stop-and-copy)")
+        v_pause = self.v
+        final = self.eng.collect_dirty(0)
+        self.v += self._sync_cost()
+        self.t.cpu[HOST] += self._sync_cost()
+        pages = np.union1d(self._pending, final).astype(np.uint32)
+        self.eng.set_dirty_logging(0, False)
+        self.digests["source_at_switchover"] = self.eng.digest(0)
+        rnd = _Round(len(self._rounds), "downtime", self.v, len(pages), self.v)
+        self._rounds.append(rnd)
+        rmp_before = self._rmp_snapshot()
+        self._target_cpu = 0
+        self._send(pages, rnd, paused=True)
+        self._send_vmsas_and_devices(rnd)
         # The last byte lands one latency later; then the target agents unpack what arrived while paused.
         self.v += self.m.latency_ns
         rmp_after = self._rmp_snapshot()
         target_ops = {k: rmp_after[k] - rmp_before[k] for k in RMP_OPS}
-        unpack_cpu = self._target_cpu + nvmsa * c.page_unpack_ns + target_ops["rmpupdate"] * c.rmpupdate_ns \
+        unpack_cpu = self._target_cpu + self.vmsas_sent * c.page_unpack_ns + target_ops["rmpupdate"] * c.rmpupdate_ns \
             + target_ops["pvalidate"] * c.pvalidate_ns
         self.t.cpu[self.strategy.agent_owner] += unpack_cpu
         self.v += -(-unpack_cpu // self.agents)
@@ -500,19 +521,194 @@ class Migration:
         self.times["completion_ns"] = self.v
         if self.times["downtime_ns"] > self.m.downtime_limit_ns:
             self.downtime_limit_exceeded = True
+        self.run_host = 1
         self.log("resume", f"target resumed; downtime_ns={self.times['downtime_ns']}")
 
-    def _postcopy(self) -> None:
-        raise ScenarioError(f"migration.mode {self.m.mode!r}: post-copy is not implemented in this build")
+    # -- post-copy
+    def _switchover_postcopy(self) -> np.ndarray:
+        """Pause; the pages the target lacks or holds stale become userfault pages; VMSAs and device state
+        cross; the target resumes. Returns the gfns the target does not hold, in gfn order."""
+        c = self.c
+        self.times["switchover_ns"] = self.v
+        self.switchover_reason = "postcopy"
+        v_pause = self.v
+        self.log("pause", f"guest paused (switch over to post-copy)")
+        if self.m.mode == "hybrid":
+            final = self.eng.collect_dirty(0)
+            self.v += self._sync_cost()
+            self.t.cpu[HOST] += self._sync_cost()
+            stale = np.union1d(self._pending, final).astype(np.uint32)
+            # Discard: the target's copies of pages dirtied since they were sent are stale.
+            self.eng.clear_present(1, stale)
+            self.eng.set_dirty_logging(0, False)
+        self.digests["source_at_switchover"] = self.eng.digest(0)
+        flags = self.eng.flags(1, np.arange(self.npages, dtype=np.uint32))
+        missing = np.flatnonzero((flags & 4) == 0).astype(np.uint32)
+        rnd = _Round(len(self._rounds), "downtime", self.v, len(missing), self.v)
+        self._rounds.append(rnd)
+        self._send_vmsas_and_devices(rnd)
+        self.v += self.m.latency_ns
+        unpack = self.vcpus * self._vmpls_in_use() * c.page_unpack_ns
+        self.t.cpu[self.strategy.agent_owner] += unpack
+        self.v += -(-unpack // self.agents) + c.resume_ns
+        rnd.end_ns = self.v
+        self.times["downtime_ns"] = self.v - v_pause
+        self.downtime_limit_exceeded = self.times["downtime_ns"] > self.m.downtime_limit_ns
+        self.log("resume", f"target resumed; downtime_ns={self.times['downtime_ns']} userfault_pages={len(missing)}")
+        return missing
 
-    def _link_lost(self, at_ns: int) -> int:
+    def _postcopy(self) -> None:
+        """Post-copy: the target runs; its accesses to pages it lacks fault to the source (per vCPU),
+        while a background push sends the rest (gfn order, or around recent faults with prepaging)."""
+        missing = self._switchover_postcopy()
+        self.run_host = 1
+        self._delays = np.zeros(self.vcpus, dtype=np.uint64)
+        self._ready = np.zeros(self.npages, dtype=np.uint64)
+        self._requested = np.zeros(self.npages, dtype=bool)
+        self._pc = {"requests": 0, "duplicates": 0, "bytes": 0, "latencies": [], "blocked": [[] for _ in range(self.vcpus)]}
+        self._prepage_next: np.ndarray | None = None
+        self._link_up_ns = 0
+        v_switch = self.times["switchover_ns"]
+        rnd = _Round(len(self._rounds), "postcopy", self.v, len(missing), self.v)
+        self._rounds.append(rnd)
+        self._pc_round = rnd
+        g0 = self.g
+        self._begin(self.agents, skip_present=True)
+        self._push_v0, self._push_g0 = self.v, self.g
+        base_k = 0
+        window, wk = None, 0
+        while True:
+            if self._prepage_next is not None:
+                # Pre-paging: the pages after the latest fault go first (Hines & Gopalan's bubbling).
+                window, wk, self._prepage_next = self._prepage_next, 0, None
+            if window is not None:
+                arr, k0, end = window, wk, len(window)
+            elif base_k < len(missing):
+                arr, k0, end = missing, base_k, min(len(missing), base_k + POSTCOPY_CHUNK)
+            else:
+                break
+            cur = self.cur
+            batch = None if cur.done else cur.batch
+            row, k = self.eng.transfer(0, 1, arr[:end], k0, batch, cur.row, cur.base, 1, self._delays, self._ready)
+            if window is not None:
+                wk = k
+                if wk >= len(window):
+                    window = None
+            else:
+                base_k = k
+            if batch is not None:
+                cur.settle(row)
+                if self.eng.last_stop[0] == Fault.USERFAULT and not self._userfault():
+                    return self._postcopy_failed()
+            if not self._postcopy_link_ok():
+                return self._postcopy_failed()
+        self._account_push(rnd)
+        rnd.end_ns, rnd.guest_progress_ns = self.v, self.g - g0
+        self.times["completion_ns"] = self.v
+        complete = self.eng.count_present(1) == self.npages
+        source_now = self.eng.digest(0)
+        # The source is frozen since the switchover and the target now holds every page it sent.
+        self.digests["target_at_switchover"] = source_now if complete else ""
+        self.log("validation_token", f"pages={self.t.pages['precopy'] + self.t.pages['postcopy']} complete={complete}")
+        self.log("postcopy_complete", f"switchover_to_complete_ns={self.v - v_switch}")
+
+    def _account_push(self, rnd: _Round) -> None:
+        st = self.eng.transfer_state()
+        self._account(rnd, st, self._push_v0, self._push_g0, paused=False)
+
+    def _fault_path_ns(self, private: bool) -> int:
+        """Exit, request on the return path, packaging at the source, the page on the link, unpacking and
+        RMPUPDATE + PVALIDATE at the target. Without a preempt channel the page waits behind the push."""
+        c, m = self.c, self.m
+        bw = m.bandwidth_bytes_per_s
+        page_wire = -(-(PAGE_SIZE + c.page_header_bytes) * NS_PER_S // bw)
+        path = c.postcopy_fault_exit_ns + m.latency_ns + -(-c.postcopy_request_bytes * NS_PER_S // bw)
+        path += page_wire + m.latency_ns
+        if private:
+            path += c.page_pack_ns + c.page_unpack_ns + c.rmpupdate_ns + c.pvalidate_ns
+        if not m.postcopy_preempt:
+            path += -(-c.postcopy_queue_bytes * NS_PER_S // bw)
+        return path
+
+    def _userfault(self) -> bool:
+        """Serve the userfault the engine stopped on: block that vCPU until the page is usable. False if the
+        link never comes back (the guest cannot go on)."""
+        _, gfn, vcpu, row = self.eng.last_stop
+        cur = self.cur
+        e = int(cur.batch.column("t_ns")[row].as_py()) + int(self._delays[vcpu])
+        voff = self.v - self.g  # guest time -> virtual time, at the current rate
+        private = bool(self.eng.flags(0, np.array([gfn], dtype=np.uint32))[0] & 1)
+        if self._requested[gfn]:
+            served = int(self._ready[gfn])  # already requested and in flight: wait for it, send nothing
+            self._pc["duplicates"] += 1
+        else:
+            v_req = e + voff
+            start = e
+            if self._link_up_ns and v_req < self._link_up_ns:
+                start = self._link_up_ns - voff  # raised while the link was down: waits for recovery
+            elif self._link_dead_at is not None and v_req >= self._link_dead_at:
+                self._stuck = (vcpu, gfn)
+                return False
+            served = start + self._fault_path_ns(private)
+            present = bool(self.eng.flags(1, np.array([gfn], dtype=np.uint32))[0] & 4)
+            if present:
+                served = min(served, int(self._ready[gfn]))  # already on its way in the push
+            else:
+                self.eng.deliver(0, 1, gfn)
+                nbytes = PAGE_SIZE + self.c.page_header_bytes + self.c.postcopy_request_bytes
+                self.eng.transfer_add(nbytes, self.c.page_pack_ns if private else 0)
+                self._pc["bytes"] += nbytes
+            self._requested[gfn] = True
+            self._ready[gfn] = served
+            self._pc["requests"] += 1
+            if self.m.prepaging:
+                self._prepage_next = np.arange(gfn + 1, min(self.npages, gfn + 1 + self.m.prepage_pages), dtype=np.uint32)
+        served = max(served, e)
+        self._delays[vcpu] += served - e
+        self._pc["latencies"].append(served - e)
+        self._pc["blocked"][vcpu].append((e, served))
+        self._faults_rows.append((vcpu, gfn, private, e + voff, served + voff, cur.base + row))
+        return True
+
+    def _postcopy_link_ok(self) -> bool:
+        """Check the link at the push's clock; a failure with recovery stalls the push until the link is
+        back and re-keyed (QEMU's postcopy recovery); a permanent one returns False."""
+        st = self.eng.transfer_state()
+        for f in self.link_faults:
+            if f.at_ns > st["v_ns"] or f.at_ns < self._push_v0 or f in self._handled_faults:
+                continue
+            self._handled_faults.add(f)
+            self._account_push(self._pc_round)
+            self.log("link_down", "migration link lost during post-copy", t=f.at_ns)
+            if f.duration_ns == FOREVER:
+                self._link_dead_at = f.at_ns
+                return False
+            up = f.at_ns + f.duration_ns + self.c.attestation_ns  # re-handshake before pages move again
+            self._link_up_ns = up
+            self.log("link_up", f"recovered; re-keyed; stalled_ns={up - f.at_ns}", t=up)
+            if up > self.v:
+                self._elapse(up - self.v, host=1)
+            self._begin(self.agents, skip_present=True)
+            self._push_v0, self._push_g0 = self.v, self.g
+        return True
+
+    def _postcopy_failed(self) -> None:
+        """The link never came back: neither side has the whole guest. Never reported as success."""
+        only_source = self.npages - self.eng.count_present(1)
+        self.status = "failed"
+        self.reason = (f"link lost for good during post-copy: {only_source} pages exist only on the source; "
+                       "the target cannot run on and the source is stopped")
+        self._source_only = only_source
+        self.log("postcopy_failed", self.reason)
+
+    def _link_lost(self, at_ns: int) -> None:
         """A link failure before the target runs: abort; the source runs on with its memory intact."""
         self.log("link_down", "migration link lost", t=at_ns)
         self.status, self.reason = "aborted", f"link down at {at_ns} ns before switchover: source runs on"
         self.eng.set_dirty_logging(0, False)
         self.times["completion_ns"] = max(self.v, at_ns)
+        self.run_host = 0
         self.log("abort", self.reason)
-        return 0
 
     def _finish_trace(self, host: int) -> None:
         """The guest runs on (at the target after a completed migration) to the end of the trace."""
@@ -595,11 +791,54 @@ class Migration:
         return RunResult(summary, rounds, events, faults_tbl)
 
     def _postcopy_metrics(self) -> dict:
+        """QEMU-style post-copy statistics: requests, bytes, blocktime, fault-latency percentiles and the
+        histogram with QEMU's buckets ([2^N us, 2^(N+1) us); below 2 us counts in bucket 0)."""
+        pc = self._pc or {"requests": 0, "duplicates": 0, "bytes": 0, "latencies": [], "blocked": [[] for _ in range(self.vcpus)]}
+        lat = np.sort(np.array(pc["latencies"], dtype=np.int64))
+        hist = [0] * HIST_BUCKETS
+        for us in (lat // 1000).tolist():
+            hist[min(HIST_BUCKETS - 1, max(0, int(us).bit_length() - 1))] += 1
+
+        def pct(ppm: int) -> int:  # nearest-rank percentile, integer arithmetic
+            return int(lat[max(0, -(-len(lat) * ppm // 1_000_000) - 1)]) if len(lat) else 0
+
+        per_vcpu = [sum(b - a for a, b in iv) for iv in pc["blocked"]]
+        postcopy = self.m.mode != "precopy" and self.times["switchover_ns"] > 0
         return {
-            "requests": 0, "bytes": 0, "blocktime_ns": 0, "blocktime_ns_per_vcpu": [0] * self.vcpus,
-            "latency_p50_ns": 0, "latency_p99_ns": 0, "latency_max_ns": 0, "latency_hist": [],
-            "switchover_to_complete_ns": 0, "source_only_pages": 0,
+            "requests": pc["requests"],
+            "duplicate_requests": pc["duplicates"],
+            "bytes": pc["bytes"],
+            "blocktime_ns": sum(per_vcpu),
+            "blocktime_all_vcpus_ns": _all_blocked_ns(pc["blocked"]),
+            "blocktime_ns_per_vcpu": per_vcpu,
+            "latency_p50_ns": pct(500_000),
+            "latency_p99_ns": pct(990_000),
+            "latency_max_ns": int(lat[-1]) if len(lat) else 0,
+            "latency_hist": [{"bucket_us_lo": 1 << n if n else 0, "bucket_us_hi": 1 << (n + 1), "count": c}
+                             for n, c in enumerate(hist)],
+            "switchover_to_complete_ns": (self.times["completion_ns"] - self.times["switchover_ns"])
+            if postcopy and self.status == "completed" else 0,
+            "source_only_pages": self._source_only,
         }
+
+
+HIST_BUCKETS = 24  # up to [2^23 us, 2^24 us) = 8.4 s .. 16.8 s; slower faults count in the last bucket
+
+
+def _all_blocked_ns(blocked: list[list[tuple[int, int]]]) -> int:
+    """Time during which every vCPU was blocked at once (QEMU's overlapped postcopy-blocktime)."""
+    if not blocked or any(not iv for iv in blocked):
+        return 0
+    edges = sorted([(a, 1) for iv in blocked for a, _ in iv] + [(b, -1) for iv in blocked for _, b in iv],
+                   key=lambda x: (x[0], x[1]))
+    total, depth, since = 0, 0, 0
+    n = len(blocked)
+    for t, d in edges:
+        if depth == n:
+            total += t - since
+        depth += d
+        since = t
+    return total
 
 
 def run(scenario: Scenario, *, strategy: str | None = None, engine: str = "cython", trace_path: str | Path | None = None,

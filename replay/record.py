@@ -71,9 +71,14 @@ _MAX_DEC = 5  # sizes are <= MAX_ACCESS
 _PAD = _MAX_HEX + 8  # bytes of padding so that fixed-offset gathers never run off the buffer
 
 _SCHED = re.compile(rb"SCHED\[(\d+)\]:\s+acquired lock")
-_BANNER_PID = re.compile(rb"^==(\d+)==")
+_BANNER_PID = re.compile(rb"==(\d+)==")
 
 VCPUS_FROM = ("threads", "single")
+# argv and the environment sit on the program's initial stack, so their total size shifts every stack
+# address; a fixed environment makes recordings independent of the shell they were started from (bash's
+# `_`, PWD, OLDPWD, ...). Valgrind itself gets --command-line-only=yes so ~/.valgrindrc, ./.valgrindrc and
+# VALGRIND_OPTS cannot change how it runs.
+CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class RecordOptions:
     valgrind: str = "valgrind"
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
     tmp_dir: str | None = None  # where pass 1 spools its columns (default: beside the output)
+    clean_env: bool = False  # run the program with CLEAN_ENV instead of our environment (reproducibility)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -466,7 +472,7 @@ def valgrind_version(valgrind: str = "valgrind") -> str:
 
 
 def lackey_argv(valgrind: str, log_fd: int, argv: Sequence[str], *, sched: bool) -> list[str]:
-    cmd = [valgrind, "--tool=lackey", "--trace-mem=yes", f"--log-fd={log_fd}"]
+    cmd = [valgrind, "--command-line-only=yes", "--tool=lackey", "--trace-mem=yes", f"--log-fd={log_fd}"]
     if sched:
         cmd.append("--trace-sched=yes")  # thread switches (SCHED[tid]: acquired lock) for --vcpus-from threads
     return cmd + ["--", *argv]
@@ -495,7 +501,8 @@ def stream_lackey(opts: RecordOptions, consume: Callable[[bytes], None]) -> int:
 
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
     try:
-        proc = subprocess.Popen(lackey_argv(exe, w, opts.argv, sched=opts.vcpus_from == "threads"), pass_fds=(w,))
+        proc = subprocess.Popen(lackey_argv(exe, w, opts.argv, sched=opts.vcpus_from == "threads"), pass_fds=(w,),
+                                env=dict(CLEAN_ENV) if opts.clean_env else None)
     except OSError as exc:
         os.close(r)
         os.close(w)
@@ -629,6 +636,7 @@ def record(out: str | os.PathLike, opts: RecordOptions, *, stream: Callable | No
             "ns_per_instr": opts.ns_per_instr,
             "reads": opts.reads,
             "vcpus_from": opts.vcpus_from,
+            "env": "clean" if opts.clean_env else "inherited",
             "instructions": parser.stats.instructions,
             "lackey": stats,
             "mapping": amap.summary(),

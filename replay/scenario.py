@@ -67,6 +67,7 @@ class MigrationSpec:
     precopy_rounds: int = 1  # hybrid: pre-copy rounds before switching to post-copy
     postcopy_preempt: bool = False  # requests get their own channel (QEMU postcopy-preempt)
     prepaging: bool = False  # background push around recent faults (Hines & Gopalan, VEE'09)
+    prepage_pages: int = 64  # pages after a faulting gfn pushed first when prepaging
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ class Costs:
     resume_ns: int = 5_000_000  # target resumes vCPUs after the validation token is accepted
     postcopy_fault_exit_ns: int = 10_000  # vCPU exit to userspace + userfault bookkeeping
     postcopy_request_bytes: int = 64  # page request on the return path
+    # Push data already queued ahead of a requested page without a preempt channel: QEMU's postcopy-
+    # preempt cover letter measured 10.7 ms vanilla vs 0.57 ms preempt per 4K fault (Peter Xu, 2022).
+    postcopy_queue_bytes: int = 4_194_304
 
 
 @dataclass(frozen=True)

@@ -635,30 +635,52 @@ class TraceReader:
         prev_t: int | None = None
         row = 0
         hashers = _new_hashers() if self.verify_digest else None
-        for i in range(self.num_batches):
-            batch = self._read(i, row)
-            n = batch.num_rows
-            if n:
-                for name, col in zip(COLUMNS, batch.columns):
-                    if col.null_count:
-                        j = int(np.asarray(col.is_null()).argmax())
-                        raise TraceError(f"{self.path}: batch {i}, row {row + j}: null in column {name}")
-                cols = _batch_arrays(batch)
-                bad = _find_violation(cols, prev_t, meta.guest_bytes, meta.vcpus)
-                if bad is not None:
-                    raise TraceError(f"{self.path}: batch {i}, row {row + bad[0]}: {bad[1]}")
-                if hashers is not None:
-                    for h, c in zip(hashers, cols):
-                        h.update(_le(c))
-                prev_t = int(cols[0][-1])
-            yield row, batch
-            row += n
+        # Read (decompress) batch i+1 in a helper thread while the consumer works on batch i:
+        # pyarrow releases the GIL there, and on zstd traces decompression is the reader's main cost.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-read") if self.num_batches > 1 else None
+        ahead: Future | None = None
+        try:
+            for i in range(self.num_batches):
+                if ahead is not None:
+                    job, ahead = ahead, None
+                    batch = job.result()
+                else:
+                    batch = self._read(i, row)
+                n = batch.num_rows
+                if pool is not None and i + 1 < self.num_batches:
+                    ahead = pool.submit(self._read, i + 1, row + n)
+                prev_t = self._check(i, row, batch, prev_t, hashers)
+                yield row, batch
+                row += n
+        finally:
+            if ahead is not None:
+                with contextlib.suppress(BaseException):
+                    ahead.result()
+            if pool is not None:
+                pool.shutdown(wait=True)
         if row != meta.events:
             raise TraceError(
                 f"{self.path}: batch {self.num_batches}, row {row}: file has {row} rows but metadata says events={meta.events}"
             )
         if hashers is not None and _digest(hashers) != meta.digest:
             raise TraceError(f"{self.path}: batch {self.num_batches}, row {row}: content digest {_digest(hashers)} != metadata digest {meta.digest}")
+
+    def _check(self, i: int, row: int, batch: pa.RecordBatch, prev_t: int | None, hashers) -> int | None:
+        """Validate batch ``i`` (first row ``row``) against the rows before it; the new previous t_ns."""
+        if not batch.num_rows:
+            return prev_t
+        for name, col in zip(COLUMNS, batch.columns):
+            if col.null_count:
+                j = int(np.asarray(col.is_null()).argmax())
+                raise TraceError(f"{self.path}: batch {i}, row {row + j}: null in column {name}")
+        cols = _batch_arrays(batch)
+        bad = _find_violation(cols, prev_t, self.meta.guest_bytes, self.meta.vcpus)
+        if bad is not None:
+            raise TraceError(f"{self.path}: batch {i}, row {row + bad[0]}: {bad[1]}")
+        if hashers is not None:
+            for h, c in zip(hashers, cols):
+                h.update(_le(c))
+        return int(cols[0][-1])
 
 
 def _short(exc: BaseException) -> str:

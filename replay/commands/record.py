@@ -24,6 +24,9 @@ def configure(p) -> None:
                    help="guest memory size (e.g. 64MiB); default: what the program touched, rounded up to 2 MiB")
     p.add_argument("--region-size", default="1MiB", metavar="SIZE",
                    help="granularity of the virtual->guest-physical layout (power of two, 4KiB..1GiB; default 1MiB)")
+    p.add_argument("--clean-env", action="store_true",
+                   help="run the program with a fixed minimal environment (PATH, LC_ALL=C, TZ=UTC) so that the "
+                        "trace does not depend on the calling shell's environment (it shifts stack addresses)")
     p.add_argument("--valgrind", default="valgrind", metavar="PATH", help="valgrind executable (default: from PATH)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the program to record")
@@ -48,6 +51,7 @@ def run(args) -> int:
         guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size else None,
         region_shift=region.bit_length() - 1,
         valgrind=args.valgrind,
+        clean_env=args.clean_env,
         progress=False if args.no_progress else None,
     )
     result = record(args.out, opts)

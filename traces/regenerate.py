@@ -1,0 +1,46 @@
+"""Re-record the traces listed in MANIFEST.json and rewrite their digests, sizes and event counts.
+
+Run from the repository root: ``PYTHONPATH=. python traces/regenerate.py [NAME...]``. Each entry's
+``record_args`` are passed to ``replay record`` and ``argv`` is the program; its stdout goes to
+/dev/null. The digests depend on valgrind's version and on the environment's size (argv and environ sit
+on the program's initial stack), so a re-recording elsewhere may differ: the manifest pins the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = ROOT / "traces" / "MANIFEST.json"
+
+
+def main(names: list[str]) -> int:
+    from replay.records import write_atomic
+    from replay.trace import read_meta
+
+    manifest = json.loads(MANIFEST.read_text())
+    for entry in manifest["traces"]:
+        if names and entry["name"] not in names:
+            continue
+        cmd = [sys.executable, "-m", "replay.cli", "record", "--out", entry["file"], "--no-progress",
+               *entry["record_args"], "--", *entry["argv"]]
+        print("+", " ".join(cmd[2:]), file=sys.stderr)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=True)
+        os.chmod(ROOT / entry["file"], 0o644)  # the writer's temporary file was private
+        meta = read_meta(ROOT / entry["file"])
+        entry.update(digest=meta.digest, events=meta.events, guest_bytes=meta.guest_bytes, vcpus=meta.vcpus,
+                     file_bytes=(ROOT / entry["file"]).stat().st_size, valgrind=meta.source["valgrind"],
+                     command="replay record --out {} {} -- {} > /dev/null".format(
+                         entry["file"], " ".join(entry["record_args"]), " ".join(entry["argv"])))
+    write_atomic(MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    os.chmod(MANIFEST, 0o644)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
