@@ -928,3 +928,24 @@ cdef class Engine:
         for i in range(NFAULTS):
             self.st.faults[i] = 0
         self.st.n_ff = 0
+
+
+def _c_constants():
+    """The C-level constants of cext/_engine.pxd, for tests/test_engine_rules.py to compare with replay/snp.py."""
+    return {
+        "PAGE_SHIFT": PAGE_SHIFT, "PAGES_PER_2M": PAGES_PER_2M, "VMPLS": VMPLS, "VMSA_SPARE": VMSA_SPARE,
+        "PRIVATE": PG_PRIVATE, "DIRTY": PG_DIRTY, "PRESENT": PG_PRESENT,
+        "Op": {"WRITE": OP_WRITE, "READ": OP_READ, "TO_SHARED": OP_TO_SHARED, "TO_PRIVATE": OP_TO_PRIVATE},
+        "Perm": {"READ": PERM_READ, "WRITE": PERM_WRITE, "USER_EXEC": PERM_USER_EXEC,
+                 "SUPERVISOR_EXEC": PERM_SUPERVISOR_EXEC, "ALL": PERM_ALL},
+        "Rc": {"SUCCESS": RC_SUCCESS, "FAIL_INPUT": RC_FAIL_INPUT, "FAIL_PERMISSION": RC_FAIL_PERMISSION,
+               "FAIL_INUSE": RC_FAIL_INUSE, "FAIL_OVERLAP": RC_FAIL_OVERLAP,
+               "FAIL_SIZEMISMATCH": RC_FAIL_SIZEMISMATCH, "FAIL_NOUPDATE": RC_FAIL_NOUPDATE,
+               "NESTED_PF": RC_NESTED_PF},
+        "Fault": {"NONE": F_NONE, "NPF_GPA_MISMATCH": F_NPF_GPA_MISMATCH, "NPF_NOT_ASSIGNED": F_NPF_NOT_ASSIGNED,
+                  "NPF_ASID": F_NPF_ASID, "NPF_IMMUTABLE": F_NPF_IMMUTABLE, "NPF_SIZE": F_NPF_SIZE,
+                  "VC_NOT_VALIDATED": F_VC_NOT_VALIDATED, "NPF_VMPL": F_NPF_VMPL,
+                  "NPF_SHARED_ASSIGNED": F_NPF_SHARED_ASSIGNED, "HOST_RMP_PF": F_HOST_RMP_PF,
+                  "USERFAULT": F_USERFAULT},
+        "sizeof": {"PageState": sizeof(PageState), "RmpEntry": sizeof(RmpEntry)},
+    }

@@ -26,13 +26,13 @@ the same lackey output always gives the same trace. Valgrind places the client (
 itself, independently of the kernel's ASLR, so nothing needs ``setarch -R``; what does move addresses is
 the size of argv and the environment (they sit on the initial stack) and, for loads only, a few lookups
 that ld.so makes with the kernel's AT_RANDOM bytes. Recording the same program with the same arguments and
-environment with ``--no-reads`` gives the same digest; with reads a handful of load addresses may differ.
+environment (``--clean-env`` fixes it) with ``--no-reads`` gives the same digest; with reads a handful of
+load addresses may differ.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import queue
 import re
@@ -555,7 +555,8 @@ def stream_lackey(opts: RecordOptions, consume: Callable[[bytes], None]) -> int:
         with contextlib.suppress(OSError):
             proc.kill()
         proc.wait()
-        while thread.is_alive():  # unblock a reader stuck on a full queue
+        deadline = time.monotonic() + 10  # cleanup only: a forked child may still hold the pipe
+        while thread.is_alive() and time.monotonic() < deadline:  # unblock a reader stuck on a full queue
             with contextlib.suppress(queue.Empty):
                 chunks.get(timeout=0.1)
         raise

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import TraceError
-from .records import canonical_json
+from .records import canonical_json, publish_mode
 
 FORMAT = "snp-replay-trace"
 VERSION = 1
@@ -454,6 +454,7 @@ class TraceWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            publish_mode(self._tmp2)
             os.replace(self._tmp2, self.path)
             self._tmp2 = None
             os.unlink(self._tmp1)
