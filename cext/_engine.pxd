@@ -158,11 +158,11 @@ ctypedef struct State:
     int64_t spa_base[MAX_HOSTS]
     int64_t rmp_size[MAX_HOSTS]
     uint8_t logging[MAX_HOSTS]
-    uint64_t n_rmpupdate
-    uint64_t n_pvalidate
-    uint64_t n_rmpadjust
-    uint64_t n_psmash
-    uint64_t n_psc
+    uint64_t n_rmpupdate[MAX_HOSTS]        # per host
+    uint64_t n_pvalidate[MAX_HOSTS]
+    uint64_t n_rmpadjust[MAX_HOSTS]
+    uint64_t n_psmash[MAX_HOSTS]
+    uint64_t n_psc[MAX_HOSTS]
     uint64_t faults[NFAULTS]
     int64_t ff[FIRST_FAULTS_MAX][3]   # first faults: event index (-1 outside replay), kind, gfn
     int n_ff

@@ -23,6 +23,7 @@ from replay.engine import (
     RmpEntry as _RmpEntryT,
     U64_MAX,
     as_delays,
+    as_ready,
     as_gfns,
     check_batch,
 )
@@ -86,7 +87,7 @@ cdef int rmpupdate_c(State* s, int host, int64_t spa, bint assigned, uint32_t as
     cdef uint32_t new_gfn
     cdef uint8_t keep
     cdef bint changed
-    s.n_rmpupdate += 1
+    s.n_rmpupdate[host] += 1
     if t[spa].flags & R_IMMUTABLE:
         return RC_FAIL_PERMISSION
     if size_2m:
@@ -125,7 +126,7 @@ cdef int pvalidate_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gf
     cdef RmpEntry* t = s.rmp[host]
     cdef int64_t i, n
     cdef int npf
-    s.n_pvalidate += 1
+    s.n_pvalidate[host] += 1
     if vmpl != 0:
         return RC_FAIL_PERMISSION
     if size_2m and (spa % PAGES_PER_2M or spa + PAGES_PER_2M > s.rmp_size[host]):
@@ -152,7 +153,7 @@ cdef int rmpadjust_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gf
     cdef RmpEntry* t = s.rmp[host]
     cdef int64_t i, n
     cdef int npf
-    s.n_rmpadjust += 1
+    s.n_rmpadjust[host] += 1
     if target_vmpl <= caller_vmpl or target_vmpl >= VMPLS:
         return RC_FAIL_PERMISSION
     if vmsa and caller_vmpl != 0:
@@ -180,7 +181,7 @@ cdef int rmpadjust_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gf
 cdef int psmash_c(State* s, int host, int64_t spa) noexcept nogil:
     cdef RmpEntry* t = s.rmp[host]
     cdef int64_t i
-    s.n_psmash += 1
+    s.n_psmash[host] += 1
     if spa % PAGES_PER_2M or not (t[spa].flags & R_ASSIGNED) or not (t[spa].flags & R_SIZE_2M):
         return RC_FAIL_INPUT
     for i in range(spa, spa + PAGES_PER_2M):
@@ -254,7 +255,7 @@ cdef inline void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev,
             pvalidate_c(s, host, spa, s.asid, <uint32_t>gfn, 0, False, False, ev)
             rmpupdate_c(s, host, spa, False, 0, 0, False, False)
             p.flags = (p.flags & ~PG_PRIVATE) | dirty
-            s.n_psc += 1
+            s.n_psc[host] += 1
     else:
         if not private:
             rmpupdate_c(s, host, spa, True, s.asid, <uint32_t>gfn, False, False)
@@ -262,13 +263,14 @@ cdef inline void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev,
             if s.os_vmpl > 0:
                 rmpadjust_c(s, host, spa, s.asid, <uint32_t>gfn, 0, s.os_vmpl, PERM_ALL, False, False, ev)
             p.flags |= PG_PRIVATE | dirty
-            s.n_psc += 1
+            s.n_psc[host] += 1
 
 
 cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64_t base_index,
-                         uint64_t stop, const uint64_t* delays) noexcept nogil:
+                         uint64_t stop, const uint64_t* delays, const uint64_t* ready) noexcept nogil:
     """Rows start.. of c on image host until effective time >= stop; returns the first row not applied,
-    or an ERR_* code (s.err_row / s.err_val say where)."""
+    or an ERR_* code (s.err_row / s.err_val say where). With ``ready`` (post-copy), a page is usable only
+    from guest time ready[gfn] on: a row that needs it earlier stops as a userfault (in flight)."""
     cdef int64_t r, n = c.n, npages = s.npages
     cdef int64_t first, last, g, pf
     cdef uint64_t t, d, a, end
@@ -328,7 +330,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
         last = <int64_t>(end >> PAGE_SHIFT)
         if SNP_LIKELY(first == last):
             p = &img[first]
-            if not (p.flags & PG_PRESENT):
+            if not (p.flags & PG_PRESENT) or (ready != NULL and ready[first] > t):
                 s.ls_fault = F_USERFAULT
                 s.ls_gfn = first
                 s.ls_vcpu = v
@@ -346,7 +348,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
                 apply_page(s, host, first, o, base_index + r, dirty)
         else:
             for g in range(first, last + 1):
-                if not (img[g].flags & PG_PRESENT):
+                if not (img[g].flags & PG_PRESENT) or (ready != NULL and ready[g] > t):
                     s.ls_fault = F_USERFAULT
                     s.ls_gfn = g
                     s.ls_vcpu = v
@@ -376,13 +378,42 @@ cdef inline void target_rmp(State* s, int dst, int64_t gfn, bint private) noexce
         rmpupdate_c(s, dst, spa, False, 0, 0, False, False)
 
 
+cdef inline void xfer_clock(State* s) noexcept nogil:
+    """v = v0 + max(link time of the bytes so far, packaging time of the agent CPU so far); g follows v,
+    less the agents' share of the guest's CPU quota when they are the guest's own vCPUs."""
+    cdef Xfer* x = &s.x
+    cdef int64_t link_ns, pack_ns, elapsed, cand
+    link_ns = <int64_t>(((<snp_u128>x.bytes) * 1000000000 + <snp_u128>(x.bandwidth - 1))
+                        / <snp_u128>x.bandwidth)
+    pack_ns = ceil_div(x.agent_cpu_ns, x.agents)
+    x.v = x.v0 + (link_ns if link_ns > pack_ns else pack_ns)
+    elapsed = x.v - x.v0
+    if x.charge_guest:
+        cand = x.g0 + elapsed - x.agent_cpu_ns // s.vcpus
+        if cand > x.g:
+            x.g = cand
+    else:
+        x.g = x.g0 + elapsed
+
+
+cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, bint rmp) noexcept nogil:
+    """The target receives gfn as the source holds it: content, attribute, and its RMP state."""
+    cdef PageState* ps = &s.img[src][gfn]
+    cdef PageState* pd = &s.img[dst][gfn]
+    cdef bint private = (ps.flags & PG_PRIVATE) != 0
+    pd.version = ps.version
+    pd.flags = (pd.flags & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
+    if rmp:
+        target_rmp(s, dst, gfn, private)
+
+
 cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
                             const Cols* c, int64_t* row, int64_t base_index, int run_host,
-                            const uint64_t* delays) noexcept nogil:
+                            const uint64_t* delays, uint64_t* ready) noexcept nogil:
     """Send gfns[k:n] src -> dst on the transfer clock while the guest replays c on run_host.
     Returns the next k (== n when done), or an ERR_* code from the replay; *row is updated."""
     cdef Xfer* x = &s.x
-    cdef int64_t gfn, r, nbytes, cpu, link_ns, pack_ns, elapsed, cand
+    cdef int64_t gfn, r, nbytes, cpu
     cdef uint32_t version
     cdef bint private, zero
     cdef PageState* ps
@@ -390,7 +421,7 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
     while k < n:
         # 1. the guest runs up to the transfer clock
         if c != NULL:
-            r = replay_rows(s, run_host, c, row[0], base_index, <uint64_t>x.g, delays)
+            r = replay_rows(s, run_host, c, row[0], base_index, <uint64_t>x.g, delays, ready)
             if r < 0:
                 return r
             row[0] = r
@@ -419,22 +450,11 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
         # 3. the clock
         x.bytes += nbytes
         x.agent_cpu_ns += cpu
-        link_ns = <int64_t>(((<snp_u128>x.bytes) * 1000000000 + <snp_u128>(x.bandwidth - 1))
-                            / <snp_u128>x.bandwidth)
-        pack_ns = ceil_div(x.agent_cpu_ns, x.agents)
-        x.v = x.v0 + (link_ns if link_ns > pack_ns else pack_ns)
-        elapsed = x.v - x.v0
-        if x.charge_guest:
-            cand = x.g0 + elapsed - x.agent_cpu_ns // s.vcpus
-            if cand > x.g:
-                x.g = cand
-        else:
-            x.g = x.g0 + elapsed
-        # 4. delivery
-        pd.version = version
-        pd.flags = (pd.flags & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
-        if x.target_rmp:
-            target_rmp(s, dst, gfn, private)
+        xfer_clock(s)
+        # 4. delivery; with ready, the page is usable on the target from the end of its slot
+        deliver_page(s, src, dst, gfn, x.target_rmp)
+        if ready != NULL:
+            ready[gfn] = <uint64_t>x.g
         x.pages += 1
         x.zero_pages += zero
         x.private_pages += private
@@ -780,15 +800,20 @@ cdef class Engine:
     def last_stop(self):
         return (Fault(self.st.ls_fault), self.st.ls_gfn, self.st.ls_vcpu, self.st.ls_row)
 
-    def replay(self, host, batch, start, base_index, stop_t_ns, delays=None):
+    def replay(self, host, batch, start, base_index, stop_t_ns, delays=None, ready=None):
         cdef int h = self._host(host)
         cdef Cols c
         cdef int64_t st, bi, r
         cdef uint64_t stop
         cdef const uint64_t[::1] dv
         cdef const uint64_t* dp = NULL
+        cdef const uint64_t[::1] rv
+        cdef const uint64_t* rp = NULL
         check_batch(batch)
         delays = as_delays(delays, self.st.vcpus)
+        if ready is not None:
+            rv = as_ready(ready, self.st.npages)
+            rp = &rv[0]
         start, base_index, stop_t_ns = int(start), int(base_index), int(stop_t_ns)
         if not 0 <= start <= batch.num_rows:
             raise ValueError(f"start {start} out of range (batch has {batch.num_rows} rows)")
@@ -805,7 +830,7 @@ cdef class Engine:
             dp = &dv[0]
         st, bi, stop = start, base_index, stop_t_ns
         with nogil:
-            r = replay_rows(&self.st, h, &c, st, bi, stop, dp)
+            r = replay_rows(&self.st, h, &c, st, bi, stop, dp, rp)
         if r < 0:
             _raise_row_error(&self.st, r, bi)
         return r
@@ -859,7 +884,7 @@ cdef class Engine:
             target_cpu_ns=x.target_cpu_ns,
         )
 
-    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None):
+    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None, ready=None):
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int rh = self._host(run_host)
@@ -869,6 +894,8 @@ cdef class Engine:
         cdef const uint32_t* gp = NULL
         cdef const uint64_t[::1] dv
         cdef const uint64_t* dp = NULL
+        cdef uint64_t[::1] rv
+        cdef uint64_t* rp = NULL
         cdef int64_t kk, n, row, bi, res
         if not self.st.x.active:
             raise RuntimeError("transfer() before begin_transfer()")
@@ -891,6 +918,9 @@ cdef class Engine:
         if delays is not None:
             dv = delays
             dp = &dv[0]
+        if ready is not None:
+            rv = as_ready(ready, self.st.npages)
+            rp = &rv[0]
         n = len(gfns)
         if n:
             gv = gfns
@@ -899,23 +929,55 @@ cdef class Engine:
         self.st.ls_gfn = self.st.ls_vcpu = self.st.ls_row = 0
         kk, row, bi = k, start, base_index
         with nogil:
-            res = transfer_pages(&self.st, s, d, gp, n, kk, cp, &row, bi, rh, dp)
+            res = transfer_pages(&self.st, s, d, gp, n, kk, cp, &row, bi, rh, dp, rp)
         if res < 0:
             _raise_row_error(&self.st, res, bi)
         return (row, res)
 
+    def transfer_add(self, nbytes, agent_cpu_ns):
+        """Traffic outside the page list (post-copy fault pages) shares the link and the agents: it moves
+        the transfer clock as if sent in the current slot."""
+        nbytes, agent_cpu_ns = int(nbytes), int(agent_cpu_ns)
+        if not self.st.x.active:
+            raise RuntimeError("transfer_add() before begin_transfer()")
+        if not (0 <= nbytes < 1 << 62 and 0 <= agent_cpu_ns < 1 << 62):
+            raise ValueError("transfer_add: nbytes and agent_cpu_ns must be in [0, 2**62)")
+        self.st.x.bytes += nbytes
+        self.st.x.agent_cpu_ns += agent_cpu_ns
+        xfer_clock(&self.st)
+
+    def deliver(self, src, dst, gfn, target_rmp=True):
+        """One page src -> dst outside the transfer clock (a post-copy fault being served)."""
+        cdef int s = self._host(src)
+        cdef int d = self._host(dst)
+        cdef int64_t g = self._gfn(gfn)
+        deliver_page(&self.st, s, d, g, bool(target_rmp))
+
+    def clear_present(self, host, gfns):
+        """The host's copies of gfns are stale (hybrid switchover): they must be fetched again."""
+        cdef int h = self._host(host)
+        cdef const int64_t[::1] g = self._gfn_array(gfns)
+        cdef Py_ssize_t i
+        for i in range(g.shape[0]):
+            self.st.img[h][g[i]].flags &= ~PG_PRESENT
+
     # ------------------------------------------------------------------ counters
 
     def counters(self):
-        cdef int i
+        cdef int i, h
+        by_host = [
+            {
+                "rmpupdate": self.st.n_rmpupdate[h],
+                "pvalidate": self.st.n_pvalidate[h],
+                "rmpadjust": self.st.n_rmpadjust[h],
+                "psmash": self.st.n_psmash[h],
+                "psc": self.st.n_psc[h],
+            }
+            for h in range(self.st.hosts)
+        ]
         return {
-            "rmp": {
-                "rmpupdate": self.st.n_rmpupdate,
-                "pvalidate": self.st.n_pvalidate,
-                "rmpadjust": self.st.n_rmpadjust,
-                "psmash": self.st.n_psmash,
-                "psc": self.st.n_psc,
-            },
+            "rmp": {k: sum(d[k] for d in by_host) for k in by_host[0]},
+            "rmp_by_host": by_host,
             "faults": {f.key: self.st.faults[int(f)] for f in FAULT_KINDS},
             "first_faults": [
                 [self.st.ff[i][0], _FAULT_KEYS[self.st.ff[i][1]], self.st.ff[i][2]] for i in range(self.st.n_ff)
@@ -924,7 +986,9 @@ cdef class Engine:
 
     def reset_counters(self):
         cdef int i
-        self.st.n_rmpupdate = self.st.n_pvalidate = self.st.n_rmpadjust = self.st.n_psmash = self.st.n_psc = 0
+        for i in range(MAX_HOSTS):
+            self.st.n_rmpupdate[i] = self.st.n_pvalidate[i] = self.st.n_rmpadjust[i] = 0
+            self.st.n_psmash[i] = self.st.n_psc[i] = 0
         for i in range(NFAULTS):
             self.st.faults[i] = 0
         self.st.n_ff = 0

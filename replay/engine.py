@@ -91,6 +91,15 @@ def as_delays(delays, vcpus: int):
     return arr
 
 
+def as_ready(ready, npages: int):
+    """Post-copy page-ready times: the caller's own uint64 array of length ``npages``, written in place by
+    transfer(), so it is never copied: anything else is an error."""
+    if not isinstance(ready, np.ndarray) or ready.dtype != np.uint64 or ready.ndim != 1 \
+            or ready.shape[0] != npages or not ready.flags.c_contiguous or not ready.flags.writeable:
+        raise ValueError(f"ready must be a writable contiguous numpy uint64 array of {npages} entries")
+    return ready
+
+
 def as_gfns(gfns):
     """A transfer's page list as a contiguous uint32 array."""
     arr = np.ascontiguousarray(gfns, dtype=np.uint32)

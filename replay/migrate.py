@@ -208,6 +208,8 @@ class Migration:
         self._link_dead_at: int | None = None
         self._source_only = 0
         self._pc = None
+        self._pushing = False
+        self._outage_backlog: list[int] | None = None
         self.vmsas_sent = 0
         # Everything that can be refused is refused before any replay work.
         self.strategy.check(self._has_private(), self.vcpus)
@@ -374,8 +376,7 @@ class Migration:
         with open_trace(self.trace_path) as reader:
             self.cur = Cursor(reader, self.progress)
             self.eng.launch(0, list(self.meta.shared_ranges))
-            self.eng.reset_counters()
-            self._rmp_base = self._rmp_snapshot()
+            self.eng.reset_counters()  # launch is not part of the migration
             self._run_guest(0, self.m.start_ns)
             self.v = self.g = self.m.start_ns
             self.times["migration_start_ns"] = self.v
@@ -577,6 +578,7 @@ class Migration:
         self._push_v0, self._push_g0 = self.v, self.g
         base_k = 0
         window, wk = None, 0
+        self._pushing = True
         while True:
             if self._prepage_next is not None:
                 # Pre-paging: the pages after the latest fault go first (Hines & Gopalan's bubbling).
@@ -603,6 +605,7 @@ class Migration:
             if not self._postcopy_link_ok():
                 return self._postcopy_failed()
         self._account_push(rnd)
+        self._pushing = False
         rnd.end_ns, rnd.guest_progress_ns = self.v, self.g - g0
         self.times["completion_ns"] = self.v
         complete = self.eng.count_present(1) == self.npages
@@ -636,7 +639,9 @@ class Migration:
         _, gfn, vcpu, row = self.eng.last_stop
         cur = self.cur
         e = int(cur.batch.column("t_ns")[row].as_py()) + int(self._delays[vcpu])
-        voff = self.v - self.g  # guest time -> virtual time, at the current rate
+        # guest time -> virtual time, at the current rate (the push's clock while it runs)
+        st = self.eng.transfer_state() if self._pushing else {"v_ns": self.v, "g_ns": self.g}
+        voff = st["v_ns"] - st["g_ns"]
         private = bool(self.eng.flags(0, np.array([gfn], dtype=np.uint32))[0] & 1)
         if self._requested[gfn]:
             served = int(self._ready[gfn])  # already requested and in flight: wait for it, send nothing
@@ -656,8 +661,18 @@ class Migration:
             else:
                 self.eng.deliver(0, 1, gfn)
                 nbytes = PAGE_SIZE + self.c.page_header_bytes + self.c.postcopy_request_bytes
-                self.eng.transfer_add(nbytes, self.c.page_pack_ns if private else 0)
+                if self._pushing:  # the page shares the link and the agents with the push
+                    self.eng.transfer_add(nbytes, self.c.page_pack_ns if private else 0)
+                elif self._outage_backlog is not None:  # crosses once the link is back
+                    self._outage_backlog[0] += nbytes
+                    self._outage_backlog[1] += self.c.page_pack_ns if private else 0
+                else:
+                    self.t.bytes["postcopy"] += nbytes
+                    self.t.cpu[self.strategy.agent_owner] += self.c.page_pack_ns if private else 0
                 self._pc["bytes"] += nbytes
+                self.t.pages["postcopy"] += 1
+                self.t.private_pages += private
+                self.t.shared_pages += not private
             self._requested[gfn] = True
             self._ready[gfn] = served
             self._pc["requests"] += 1
@@ -686,14 +701,19 @@ class Migration:
             up = f.at_ns + f.duration_ns + self.c.attestation_ns  # re-handshake before pages move again
             self._link_up_ns = up
             self.log("link_up", f"recovered; re-keyed; stalled_ns={up - f.at_ns}", t=up)
+            # The guest runs on through the outage; its faults wait for the link (served after `up`).
+            self._pushing, self._outage_backlog = False, [0, 0]
             if up > self.v:
                 self._elapse(up - self.v, host=1)
             self._begin(self.agents, skip_present=True)
             self._push_v0, self._push_g0 = self.v, self.g
+            self.eng.transfer_add(*self._outage_backlog)
+            self._pushing, self._outage_backlog = True, None
         return True
 
     def _postcopy_failed(self) -> None:
         """The link never came back: neither side has the whole guest. Never reported as success."""
+        self._pushing = False
         only_source = self.npages - self.eng.count_present(1)
         self.status = "failed"
         self.reason = (f"link lost for good during post-copy: {only_source} pages exist only on the source; "
@@ -714,19 +734,24 @@ class Migration:
         """The guest runs on (at the target after a completed migration) to the end of the trace."""
         self._run_guest(host, U64_MAX)
         self.digests["end_of_trace"] = self.eng.digest(host)
-        self.times["trace_end_ns"] = self.v + max(0, self._last_t() - self.g)
+        lag = int(self._delays.max()) if self._delays is not None else 0  # the most-blocked vCPU ends last
+        self.times["trace_end_ns"] = self.v + max(0, self._last_t() + lag - self.g)
         self.log("trace_end", f"host={'target' if host else 'source'}", t=self.times["trace_end_ns"])
 
     def _rmp_snapshot(self) -> dict:
-        rmp = self.eng.counters()["rmp"]
-        return {k: int(rmp.get(k, 0)) for k in RMP_OPS}
+        """RMP operation counts on the target so far (the guest's own PSCs run on the source)."""
+        rmp = self.eng.counters()["rmp_by_host"][1]
+        return {k: int(rmp[k]) for k in RMP_OPS}
+
+    def _rmp_metrics(self) -> dict:
+        by_host = self.eng.counters()["rmp_by_host"]
+        return {name: {k: int(by_host[h][k]) for k in RMP_OPS} for h, name in ((0, "source"), (1, "target"))}
 
     # -- the record
     def _result(self) -> RunResult:
         counters = self.eng.counters()
         faults = {k.key: int(counters["faults"].get(k.key, 0)) for k in FAULT_KINDS}
         t = self.t
-        rmp_now = self._rmp_snapshot()
         live_v = max(1, t.live_v)
         guest_cpu = self.vcpus * t.live_g
         t.cpu["guest"] = guest_cpu
@@ -755,7 +780,7 @@ class Migration:
             "agents_max": self.agents_max_seen, "agents_created": self.agents_created,
             "cpu_ns": dict(t.cpu),
             "guest_slowdown_ppm": (t.live_v - t.live_g) * 1_000_000 // live_v if t.live_v else 0,
-            "rmp": {k: rmp_now[k] - self._rmp_base[k] for k in RMP_OPS},
+            "rmp": self._rmp_metrics(),
             "faults": faults,
             "postcopy": self._postcopy_metrics(),
         }

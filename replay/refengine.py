@@ -26,6 +26,7 @@ from replay.engine import (
     PageView,
     RmpEntry,
     as_delays,
+    as_ready,
     as_gfns,
     check_batch,
 )
@@ -153,7 +154,7 @@ class Engine:
         return Rc(self._rmpupdate(host, spa, bool(assigned), asid, gfn, bool(size_2m), bool(immutable)))
 
     def _rmpupdate(self, host, spa, assigned, asid, gfn, size_2m, immutable):
-        self._rmp["rmpupdate"] += 1
+        self._rmp[host]["rmpupdate"] += 1
         rf = self._r_flags[host]
         if rf[spa] & R_IMMUTABLE:
             return Rc.FAIL_PERMISSION
@@ -202,7 +203,7 @@ class Engine:
         return Rc(self._pvalidate(host, spa, asid, gfn, vmpl, bool(validate), bool(size_2m), -1))
 
     def _pvalidate(self, host, spa, asid, gfn, vmpl, validate, size_2m, event_index):
-        self._rmp["pvalidate"] += 1
+        self._rmp[host]["pvalidate"] += 1
         rf = self._r_flags[host]
         if vmpl != 0:
             return Rc.FAIL_PERMISSION
@@ -236,7 +237,7 @@ class Engine:
         )
 
     def _rmpadjust(self, host, spa, asid, gfn, caller_vmpl, target_vmpl, perms, vmsa, size_2m, event_index):
-        self._rmp["rmpadjust"] += 1
+        self._rmp[host]["rmpadjust"] += 1
         rf = self._r_flags[host]
         if target_vmpl <= caller_vmpl or target_vmpl >= VMPLS:
             return Rc.FAIL_PERMISSION
@@ -263,7 +264,7 @@ class Engine:
     def psmash(self, host, spa):
         host = self._host(host)
         spa = self._spa(host, spa)
-        self._rmp["psmash"] += 1
+        self._rmp[host]["psmash"] += 1
         rf = self._r_flags[host]
         if spa % PAGES_PER_2M or not rf[spa] & R_ASSIGNED or not rf[spa] & R_SIZE_2M:
             return Rc.FAIL_INPUT
@@ -402,10 +403,11 @@ class Engine:
         f, gfn, vcpu, row = self._last_stop
         return (Fault(f), gfn, vcpu, row)
 
-    def replay(self, host, batch, start, base_index, stop_t_ns, delays=None):
+    def replay(self, host, batch, start, base_index, stop_t_ns, delays=None, ready=None):
         host = self._host(host)
         check_batch(batch)
         delays = as_delays(delays, self.vcpus)
+        ready = None if ready is None else as_ready(ready, self.npages)
         start, base_index, stop_t_ns = int(start), int(base_index), int(stop_t_ns)
         if not 0 <= start <= batch.num_rows:
             raise ValueError(f"start {start} out of range (batch has {batch.num_rows} rows)")
@@ -415,9 +417,9 @@ class Engine:
             raise ValueError(f"stop_t_ns must be in [0, 2**64), got {stop_t_ns}")
         self._last_stop = _NO_STOP
         cols = [batch.column(i).to_numpy(zero_copy_only=True) for i in range(6)]
-        return self._replay(host, cols, start, base_index, stop_t_ns, delays)
+        return self._replay(host, cols, start, base_index, stop_t_ns, delays, ready)
 
-    def _replay(self, host, cols, start, base_index, stop_t_ns, delays):
+    def _replay(self, host, cols, start, base_index, stop_t_ns, delays, ready=None):
         t_ns, vcpu, gpa, length, op, _value = cols
         n = len(t_ns)
         flags = self._flags[host]
@@ -440,9 +442,10 @@ class Engine:
                 )
             if o > Op.TO_PRIVATE:
                 raise TraceError(f"event {base_index + row} (batch row {row}): unknown op {o}")
-            # post-copy: the whole row waits until every page it spans is present
+            # post-copy: the whole row waits until every page it spans is present (and, with ready,
+            # has arrived by the row's effective time)
             for gfn in range(first, last + 1):
-                if not flags[gfn] & PRESENT:
+                if not flags[gfn] & PRESENT or (ready is not None and int(ready[gfn]) > t):
                     self._last_stop = (Fault.USERFAULT, gfn, v, row)
                     return row
             ev = base_index + row
@@ -470,7 +473,7 @@ class Engine:
                 flags[gfn] &= ~PRIVATE & 0xFF
                 if self._logging[host]:
                     flags[gfn] |= DIRTY
-                self._rmp["psc"] += 1
+                self._rmp[host]["psc"] += 1
         else:  # TO_PRIVATE
             if not private:
                 self._rmpupdate(host, spa, True, self.asid, gfn, False, False)
@@ -480,7 +483,7 @@ class Engine:
                 flags[gfn] |= PRIVATE
                 if self._logging[host]:
                     flags[gfn] |= DIRTY
-                self._rmp["psc"] += 1
+                self._rmp[host]["psc"] += 1
 
     # ------------------------------------------------------------------ transfer
 
@@ -518,7 +521,7 @@ class Engine:
     def transfer_state(self):
         return dict(self._xs)
 
-    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None):
+    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None, ready=None):
         src, dst, run_host = self._host(src), self._host(dst), self._host(run_host)
         if not self._xfer:
             raise RuntimeError("transfer() before begin_transfer()")
@@ -537,13 +540,14 @@ class Engine:
                 raise ValueError(f"base_index must be >= 0, got {base_index}")
             cols = [batch.column(i).to_numpy(zero_copy_only=True) for i in range(6)]
         delays = as_delays(delays, self.vcpus)
+        ready = None if ready is None else as_ready(ready, self.npages)
         self._last_stop = _NO_STOP
         p, xs = self._xfer, self._xs
         row = start
         while k < len(gfns):
             # 1. the guest runs up to the transfer clock
             if cols is not None:
-                row = self._replay(run_host, cols, row, base_index, xs["g_ns"], delays)
+                row = self._replay(run_host, cols, row, base_index, xs["g_ns"], delays, ready)
                 if row == len(cols[0]) or self._last_stop[0] == Fault.USERFAULT:
                     return (row, k)
             gfn = int(gfns[k])
@@ -567,27 +571,59 @@ class Engine:
             # 3. the clock
             xs["bytes"] += nbytes
             xs["agent_cpu_ns"] += cpu
-            link_ns = _ceil_div(xs["bytes"] * 10**9, p["bandwidth_bytes_per_s"])
-            pack_ns = _ceil_div(xs["agent_cpu_ns"], p["agents"])
-            xs["v_ns"] = self._v0 + max(link_ns, pack_ns)
-            elapsed = xs["v_ns"] - self._v0
-            if p["charge_guest"]:
-                xs["g_ns"] = max(xs["g_ns"], self._g0 + elapsed - xs["agent_cpu_ns"] // self.vcpus)
-            else:
-                xs["g_ns"] = self._g0 + elapsed
-            # 4. delivery
-            self._version[dst][gfn] = version
-            self._flags[dst][gfn] = (int(self._flags[dst][gfn]) & ~(PRIVATE | DIRTY)) | PRESENT | (
-                PRIVATE if private else 0
-            )
-            if p["target_rmp"]:
-                self._target_rmp(dst, gfn, private)
+            self._clock()
+            # 4. delivery; with ready, the page is usable on the target from the end of its slot
+            self._deliver(src, dst, gfn, p["target_rmp"])
+            if ready is not None:
+                ready[gfn] = xs["g_ns"]
             xs["pages"] += 1
             xs["zero_pages"] += zero
             xs["private_pages"] += private
             xs["shared_pages"] += not private
             k += 1
         return (row, k)
+
+    def _clock(self):
+        """v = v0 + max(link time, packaging time) of everything so far; g follows (less the agents' share
+        of the guest's CPU when they are its own vCPUs)."""
+        p, xs = self._xfer, self._xs
+        link_ns = _ceil_div(xs["bytes"] * 10**9, p["bandwidth_bytes_per_s"])
+        pack_ns = _ceil_div(xs["agent_cpu_ns"], p["agents"])
+        xs["v_ns"] = self._v0 + max(link_ns, pack_ns)
+        elapsed = xs["v_ns"] - self._v0
+        if p["charge_guest"]:
+            xs["g_ns"] = max(xs["g_ns"], self._g0 + elapsed - xs["agent_cpu_ns"] // self.vcpus)
+        else:
+            xs["g_ns"] = self._g0 + elapsed
+
+    def _deliver(self, src, dst, gfn, rmp):
+        private = bool(self._flags[src][gfn] & PRIVATE)
+        self._version[dst][gfn] = self._version[src][gfn]
+        self._flags[dst][gfn] = (int(self._flags[dst][gfn]) & ~(PRIVATE | DIRTY)) | PRESENT | (PRIVATE if private else 0)
+        if rmp:
+            self._target_rmp(dst, gfn, private)
+
+    def transfer_add(self, nbytes, agent_cpu_ns):
+        """Traffic outside the page list (post-copy fault pages) moves the transfer clock."""
+        nbytes, agent_cpu_ns = int(nbytes), int(agent_cpu_ns)
+        if not self._xfer:
+            raise RuntimeError("transfer_add() before begin_transfer()")
+        if not (0 <= nbytes < 1 << 62 and 0 <= agent_cpu_ns < 1 << 62):
+            raise ValueError("transfer_add: nbytes and agent_cpu_ns must be in [0, 2**62)")
+        self._xs["bytes"] += nbytes
+        self._xs["agent_cpu_ns"] += agent_cpu_ns
+        self._clock()
+
+    def deliver(self, src, dst, gfn, target_rmp=True):
+        """One page src -> dst outside the transfer clock (a post-copy fault being served)."""
+        src, dst = self._host(src), self._host(dst)
+        self._deliver(src, dst, self._gfn(gfn), bool(target_rmp))
+
+    def clear_present(self, host, gfns):
+        """The host's copies of gfns are stale (hybrid switchover): they must be fetched again."""
+        host = self._host(host)
+        for g in self._gfn_array(gfns):
+            self._flags[host][int(g)] &= ~PRESENT & 0xFF
 
     def _target_rmp(self, dst, gfn, private):
         spa = self.spa_base[dst] + gfn
@@ -606,13 +642,15 @@ class Engine:
     # ------------------------------------------------------------------ counters
 
     def counters(self):
+        by_host = [dict(d) for d in self._rmp]
         return {
-            "rmp": dict(self._rmp),
+            "rmp": {k: sum(d[k] for d in by_host) for k in by_host[0]},
+            "rmp_by_host": by_host,
             "faults": {Fault(k).key: n for k, n in self._faults.items()},
             "first_faults": [list(x) for x in self._first_faults],
         }
 
     def reset_counters(self):
-        self._rmp = {"rmpupdate": 0, "pvalidate": 0, "rmpadjust": 0, "psmash": 0, "psc": 0}
+        self._rmp = [{"rmpupdate": 0, "pvalidate": 0, "rmpadjust": 0, "psmash": 0, "psc": 0} for _ in range(self.hosts)]
         self._faults = {int(f): 0 for f in FAULT_KINDS}
         self._first_faults = []

@@ -51,8 +51,10 @@ def test_layout_and_defaults(engine_kind):
     assert e.rmp_size(1) == 2048 + 100 + engine_mod.VMSA_SPARE
     assert e.rmp_entry(0, 0) == FRESH and e.rmp_entry(1, e.rmp_size(1) - 1) == FRESH
     assert e.page(0, 5) == (0, False, False, False)
+    zero = {"rmpupdate": 0, "pvalidate": 0, "rmpadjust": 0, "psmash": 0, "psc": 0}
     assert e.counters() == {
-        "rmp": {"rmpupdate": 0, "pvalidate": 0, "rmpadjust": 0, "psmash": 0, "psc": 0},
+        "rmp": zero,
+        "rmp_by_host": [zero, zero],
         "faults": {f.key: 0 for f in snp.FAULT_KINDS},
         "first_faults": [],
     }

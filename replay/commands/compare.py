@@ -31,8 +31,9 @@ ROWS = [
     ("CPU: mirror VM", ("metrics", "cpu_ns", "mirror_vm"), format_ns),
     ("CPU: host", ("metrics", "cpu_ns", "host"), format_ns),
     ("guest slowdown", ("metrics", "guest_slowdown_ppm"), lambda v: f"{v / 10_000:.2f} %"),
-    ("RMPUPDATE", ("metrics", "rmp", "rmpupdate"), str),
-    ("PVALIDATE", ("metrics", "rmp", "pvalidate"), str),
+    ("RMPUPDATE (target)", ("metrics", "rmp", "target", "rmpupdate"), str),
+    ("PVALIDATE (target)", ("metrics", "rmp", "target", "pvalidate"), str),
+    ("page-state changes (source)", ("metrics", "rmp", "source", "psc"), str),
 ]
 POSTCOPY_ROWS = [
     ("post-copy requests", ("metrics", "postcopy", "requests"), str),

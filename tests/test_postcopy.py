@@ -1,0 +1,205 @@
+"""Post-copy and hybrid: a hand-computed tiny run (faults, blocktime, duplicates), per-vCPU blocking,
+capability errors, link failures with and without recovery, and the invariants, on both engines.
+
+The tiny guest: 4 private pages, 3 vCPUs, OS at VMPL0. Every page is 5000 bytes on the wire (4096 +
+904-byte header) on a 5 GB/s link (1000 ns); packaging a private page costs 500 ns; one-way latency
+100 ns. A fault path is: exit 0 + latency 100 + request 0 + wire 1000 + latency 100 + packaging 500 = 1700 ns
+(unpack, RMPUPDATE, PVALIDATE cost 0 here).
+"""
+
+import numpy as np
+import pytest
+
+from replay.cli import main
+from replay.engine import ENGINE_KINDS
+from replay.migrate import run
+from replay.scenario import make_scenario
+from replay.trace import TraceWriter
+
+from test_precopy import COSTS
+
+ROWS = [  # (t_ns, vcpu, gfn)
+    (0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3),
+    (3500, 1, 3),   # vCPU 1 faults on gfn 3
+    (3600, 0, 2),   # vCPU 0 faults on gfn 2
+    (3620, 2, 2),   # vCPU 2 wants gfn 2 while it is in flight: waits, no second request
+    (20000, 0, 0),
+]
+PC_COSTS = {**COSTS, "postcopy_fault_exit_ns": 0, "postcopy_request_bytes": 0, "postcopy_queue_bytes": 0}
+
+
+def pc_trace(path, rows=ROWS, npages=4, vcpus=3):
+    n = len(rows)
+    with TraceWriter(path, guest_bytes=npages * 4096, vcpus=vcpus, source={"test": "postcopy"}) as w:
+        w.write(np.array([r[0] for r in rows], np.uint64), np.array([r[1] for r in rows], np.uint16),
+                np.array([r[2] * 4096 for r in rows], np.uint64), np.full(n, 8, np.uint32),
+                np.zeros(n, np.uint8), np.arange(1, n + 1, dtype=np.uint64))
+    return path
+
+
+def pc_scenario(costs=None, faults=(), **migration):
+    m = {"mode": "postcopy", "start_ns": 1000, "bandwidth_bytes_per_s": 5_000_000_000, "latency_ns": 100,
+         "downtime_limit_ns": 10_000, "agents_initial": 1, "agents_max": 1, "shadow_apic_id_base": 8,
+         "shadow_apic_ids": 1}
+    m.update(migration)
+    return make_scenario(guest={"os_vmpl": 0}, trace={"file": "x"}, migration=m, costs={**PC_COSTS, **(costs or {})},
+                         fault=list(faults))
+
+
+@pytest.fixture
+def trace(tmp_path):
+    return pc_trace(tmp_path / "pc.arrow")
+
+
+@pytest.mark.parametrize("engine", ENGINE_KINDS)
+def test_postcopy_by_hand(trace, engine):
+    r = run(pc_scenario(), strategy="mirror-vm", engine=engine, trace_path=trace)
+    m, pc = r.summary["metrics"], r.summary["metrics"]["postcopy"]
+    assert r.status == "completed", r.summary["status_reason"]
+    # Setup 2000 (v = g = 3000); switchover at once: 3 VMSAs + device state = 20000 bytes = 4000 ns, latency
+    # 100: downtime 4100, the target resumes at v = 7100 with the guest at g = 3000.
+    assert (m["switchover_ns"], m["downtime_ns"]) == (3000, 4100)
+    # Push: gfn 0 (v 8100, g 4000). vCPU 1 faults on gfn 3 at 3500 -> served 5200 (1700 ns); its page takes the
+    # link (v 9100). Push gfn 1 (v 10100, g 6000). vCPU 0 faults on gfn 2 at 3600 -> 5300 (v 11100). vCPU 2
+    # touches gfn 2 at 3620 while in flight: waits until 5300 (1680 ns), no second request. gfn 2 and 3 are
+    # present: the push skips them. Complete at v = 11100.
+    assert pc["requests"] == 2 and pc["duplicate_requests"] == 1
+    assert pc["blocktime_ns_per_vcpu"] == [1700, 1700, 1680]
+    assert pc["blocktime_ns"] == 5080
+    assert pc["blocktime_all_vcpus_ns"] == 5200 - 3620  # every vCPU blocked at once
+    assert (pc["latency_p50_ns"], pc["latency_p99_ns"], pc["latency_max_ns"]) == (1700, 1700, 1700)
+    assert pc["latency_hist"][0] == {"bucket_us_lo": 0, "bucket_us_hi": 2, "count": 3}
+    assert sum(b["count"] for b in pc["latency_hist"]) == 3
+    assert pc["bytes"] == 10000
+    assert pc["switchover_to_complete_ns"] == 11100 - 3000
+    assert m["completion_ns"] == 11100 and m["total_ns"] == 10100
+    assert (m["postcopy_pages"], m["postcopy_bytes"]) == (4, 20000)
+    assert m["trace_end_ns"] == 11100 + (20000 + 1700 - 7000)
+    faults = r.faults.to_pylist()
+    assert [(f["vcpu"], f["gfn"], f["raised_ns"], f["served_ns"], f["event_index"]) for f in faults] == [
+        (1, 3, 3500 + 4100, 5200 + 4100, 4), (0, 2, 3600 + 4100, 5300 + 4100, 5), (2, 2, 3620 + 4100, 5300 + 4100, 6)]
+    d = r.summary["digests"]
+    assert d["end_of_trace"] == d["no_migration"] and d["target_at_switchover"] == d["source_at_switchover"]
+    assert all(r.summary["invariants"].values())
+
+
+def test_a_blocked_vcpu_does_not_stop_the_others(tmp_path):
+    # vCPU 1 faults at 3500 on gfn 3 and is blocked 1700 ns; vCPU 0 keeps writing gfn 0 (pushed first) at
+    # 4000..4400 and is never blocked.
+    rows = [(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3), (3500, 1, 3)] + [(4000 + 100 * i, 0, 0) for i in range(5)]
+    trace = pc_trace(tmp_path / "t.arrow", rows=rows, vcpus=2)
+    r = run(pc_scenario(), strategy="mirror-vm", trace_path=trace)
+    pc = r.summary["metrics"]["postcopy"]
+    assert pc["blocktime_ns_per_vcpu"] == [0, 1700]
+    assert pc["blocktime_all_vcpus_ns"] == 0
+    assert all(r.summary["invariants"].values())
+
+
+def test_preempt_channel_skips_the_push_queue(trace):
+    slow = run(pc_scenario(costs={"postcopy_queue_bytes": 5000}), strategy="mirror-vm", trace_path=trace)
+    fast = run(pc_scenario(costs={"postcopy_queue_bytes": 5000}, postcopy_preempt=True), strategy="mirror-vm",
+               trace_path=trace)
+    assert slow.summary["metrics"]["postcopy"]["latency_max_ns"] == 1700 + 1000
+    assert fast.summary["metrics"]["postcopy"]["latency_max_ns"] == 1700
+
+
+@pytest.mark.parametrize("engine", ENGINE_KINDS)
+def test_hybrid_sends_a_round_then_faults_only_on_stale_pages(tmp_path, engine):
+    # Round 0 sends all 4 pages (v = g 3000 -> 7000), then the sync (7000..7100) runs with the guest live:
+    # the write to gfn 1 at 7050 makes the target's copy stale, and the final sync at the pause (7100) finds
+    # it. Post-copy then needs only gfn 1: the push sends it at once (usable at g = 8100), but vCPU 0 wants
+    # it at 7100: it faults, and is served by the push's copy, 1000 ns later.
+    rows = [(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3), (7050, 1, 1), (7100, 0, 1), (20000, 2, 0)]
+    trace = pc_trace(tmp_path / "t.arrow", rows=rows)
+    r = run(pc_scenario(mode="hybrid", precopy_rounds=1), strategy="mirror-vm", engine=engine, trace_path=trace)
+    m, pc = r.summary["metrics"], r.summary["metrics"]["postcopy"]
+    assert r.status == "completed"
+    assert m["rounds"] == 1 and m["precopy_pages"] == 4 and m["switchover_ns"] == 7100
+    assert pc["requests"] == 1 and pc["latency_max_ns"] == 1000
+    assert [(f["vcpu"], f["gfn"]) for f in r.faults.to_pylist()] == [(0, 1)]
+    assert m["postcopy_pages"] == 1
+    assert all(r.summary["invariants"].values())
+
+
+def test_prepaging_pushes_pages_after_the_fault_first(tmp_path):
+    # 64 pages; vCPU 0 faults on gfn 40; with prepaging gfn 41.. are pushed next (usable from g = 6000,
+    # 7000, ...), so its later accesses to 41 and 42 do not fault; in gfn order they would come much later.
+    rows = [(i, 0, i) for i in range(64)] + [(3500, 0, 40), (8000, 0, 41), (9000, 0, 42)]
+    trace = pc_trace(tmp_path / "t.arrow", rows=rows, npages=64, vcpus=1)
+    plain = run(pc_scenario(), strategy="mirror-vm", trace_path=trace).summary["metrics"]["postcopy"]
+    pre = run(pc_scenario(prepaging=True, prepage_pages=8), strategy="mirror-vm", trace_path=trace).summary["metrics"]["postcopy"]
+    assert plain["requests"] == 3
+    assert pre["requests"] == 1
+
+
+@pytest.mark.parametrize(
+    "strategy, caps, message",
+    [
+        ("mirror-vm", {"kvm_userfault": False}, "post-copy needs kernel capability 'kvm_userfault'"),
+        ("shadow-vcpu", {"kvm_userfault": False}, "post-copy needs kernel capability 'kvm_userfault'"),
+        ("mirror-vm", {"gmem_link_userfault": False}, "needs kernel capability 'gmem_link_userfault'"),
+        ("mirror-vm", {"gmem_link": False}, "needs kernel capability 'gmem_link'"),
+    ],
+)
+def test_capability_errors(tmp_path, capsys, strategy, caps, message):
+    pc_trace(tmp_path / "t.arrow")
+    scen = tmp_path / "s.toml"
+    scen.write_text('[trace]\nfile = "t.arrow"\n[migration]\nmode = "postcopy"\nstart_ns = 1000\n')
+    args = ["run", str(scen), "--out", str(tmp_path / "o"), "--strategy", strategy, "--no-progress"]
+    for k, v in caps.items():
+        args += ["--set", f"kernel.{k}={str(v).lower()}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_shadow_postcopy_needs_no_link_capabilities(trace):
+    s = pc_scenario()
+    s = make_scenario(guest={"os_vmpl": 0}, trace={"file": "x"}, migration=s.resolved(guest_bytes=1, vcpus=1, trace_seed=0)["migration"],
+                      costs=PC_COSTS, kernel={"gmem_link": False, "gmem_link_userfault": False, "gmem_dirty_log": False})
+    assert run(s, strategy="shadow-vcpu", trace_path=trace).status == "completed"
+
+
+def test_link_lost_for_good_during_postcopy_fails_truthfully(trace):
+    r = run(pc_scenario(faults=[{"at_ns": 9000, "duration_ns": -1}]), strategy="mirror-vm", trace_path=trace)
+    pc = r.summary["metrics"]["postcopy"]
+    assert r.status == "failed"
+    assert "exist only on the source" in r.summary["status_reason"]
+    assert pc["source_only_pages"] == 2  # gfn 0 was pushed and gfn 3 served before the link went
+    assert r.summary["digests"]["end_of_trace"] == ""
+    assert r.summary["invariants"]["end_of_trace_equals_no_migration"] is False
+
+
+def test_link_recovers_during_postcopy(trace):
+    r = run(pc_scenario(faults=[{"at_ns": 9000, "duration_ns": 1000}]), strategy="mirror-vm", trace_path=trace)
+    assert r.status == "completed"
+    kinds = [e["kind"] for e in r.events.to_pylist()]
+    assert kinds.count("link_down") == 1 and kinds.count("link_up") == 1
+    ok = run(pc_scenario(), strategy="mirror-vm", trace_path=trace).summary["metrics"]
+    assert r.summary["metrics"]["completion_ns"] > ok["completion_ns"]
+    assert all(r.summary["invariants"].values())
+
+
+def test_link_lost_during_postcopy_downtime_aborts(trace):
+    # The link fails while VMSAs cross (3000..7000): the target never ran, so the source resumes.
+    r = run(pc_scenario(faults=[{"at_ns": 5000, "duration_ns": -1}]), strategy="shadow-vcpu", trace_path=trace)
+    assert r.status == "aborted"
+    d = r.summary["digests"]
+    assert d["end_of_trace"] == d["no_migration"]
+
+
+@pytest.mark.parametrize("strategy", ["mirror-vm", "shadow-vcpu"])
+@pytest.mark.parametrize("mode", ["postcopy", "hybrid"])
+def test_engines_agree_on_postcopy(tmp_path, strategy, mode):
+    rows = [(i, i % 3, i % 32) for i in range(32)] + [(3000 + 37 * i, i % 3, (i * 7) % 32) for i in range(200)]
+    trace = pc_trace(tmp_path / "t.arrow", rows=rows, npages=32)
+    s = pc_scenario(mode=mode, precopy_rounds=1, prepaging=(strategy == "shadow-vcpu"), prepage_pages=3)
+    a = run(s, strategy=strategy, engine="cython", trace_path=trace)
+    b = run(s, strategy=strategy, engine="reference", trace_path=trace)
+    a.summary["tool"]["engine"] = b.summary["tool"]["engine"] = ""
+    assert a.summary == b.summary
+    assert a.faults.equals(b.faults) and a.rounds.equals(b.rounds) and a.events.equals(b.events)
+    assert a.summary["metrics"]["postcopy_pages"] > 0
+    if mode == "postcopy":
+        assert a.summary["metrics"]["postcopy"]["requests"] > 0
+    assert all(a.summary["invariants"].values())
