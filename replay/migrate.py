@@ -324,10 +324,9 @@ class Migration:
             self._run_guest(self.run_host, self.g)
 
     # -- agents
-    def _agents_wanted(self, n_private: int, n_bytes: int) -> int:
+    def _agents_wanted(self, pack_ns: int, n_bytes: int) -> int:
         """On-demand agents: enough that packaging keeps pace with the link, within the strategy's limit."""
         link_ns = -(-n_bytes * NS_PER_S // self.m.bandwidth_bytes_per_s)
-        pack_ns = n_private * self.c.page_pack_ns + (n_private // self.c.batch_pages) * self.c.vmgexit_ns
         need = max(1, -(-pack_ns // max(1, link_ns)))
         return min(self.strategy.agent_limit(), max(self.agents, need))
 
@@ -342,14 +341,16 @@ class Migration:
         self.agents_max_seen = max(self.agents_max_seen, self.agents)
 
     def _estimate(self, gfns: np.ndarray) -> tuple[int, int]:
-        """(private pages, bytes) the source would send for ``gfns`` now."""
+        """(agent CPU ns, bytes) that sending ``gfns`` would cost if sent now (the transfer's own rules)."""
         if len(gfns) == 0:
             return 0, 0
-        flags = self.eng.flags(0, gfns)
-        vers = self.eng.versions(0, gfns)
-        private = int(np.count_nonzero(flags & 1))
-        zero = int(np.count_nonzero(vers == 0))
-        return private, len(gfns) * self.c.page_header_bytes + (len(gfns) - zero) * PAGE_SIZE
+        c = self.c
+        private = (self.eng.flags(0, gfns) & 1) != 0
+        zero = self.eng.versions(0, gfns) == 0
+        n_priv, n_priv_zero = int(np.count_nonzero(private)), int(np.count_nonzero(private & zero))
+        pack = (n_priv - n_priv_zero) * c.page_pack_ns + n_priv_zero * c.zero_page_ns \
+            + (n_priv // c.batch_pages) * c.vmgexit_ns
+        return pack, len(gfns) * c.page_header_bytes + int(np.count_nonzero(~zero)) * PAGE_SIZE
 
     def _sync_cost(self) -> int:
         return self.c.dirty_sync_ns + self.c.dirty_sync_ns_per_gib * self.meta.guest_bytes // (1 << 30)
@@ -440,8 +441,8 @@ class Migration:
         sync_ns = self.v
         rnd_no = 0
         while True:
-            private, nbytes = self._estimate(gfns)
-            self._grow_agents(self._agents_wanted(private, nbytes))
+            pack_ns, nbytes = self._estimate(gfns)
+            self._grow_agents(self._agents_wanted(pack_ns, nbytes))
             rnd = _Round(rnd_no, "precopy", sync_ns, len(gfns), self.v)
             g0 = self.g
             self.log("round_start", f"round={rnd_no} pages={len(gfns)} agents={self.agents}")
@@ -644,7 +645,10 @@ class Migration:
         voff = st["v_ns"] - st["g_ns"]
         private = bool(self.eng.flags(0, np.array([gfn], dtype=np.uint32))[0] & 1)
         if self._requested[gfn]:
-            served = int(self._ready[gfn])  # already requested and in flight: wait for it, send nothing
+            # Already requested: send nothing more. Requests are handled in trace order, so the earlier
+            # request may be later in time than this one: the page is there at whichever comes first.
+            served = min(int(self._ready[gfn]), e + self._fault_path_ns(private))
+            self._ready[gfn] = served
             self._pc["duplicates"] += 1
         else:
             v_req = e + voff

@@ -33,7 +33,9 @@ def test_golden_replay(scenario, strategy, tmp_path):
         )
         return
     assert result.rc == 0, f"replay run exited {result.rc}: {result.error_line}"
-    diff = diff_runs(load_run(golden), load_run(fresh), strict=True)
+    run = load_run(fresh)
+    _check_invariants(run.summary)
+    diff = diff_runs(load_run(golden), run, strict=True)
     if diff.outcome is not Outcome.EQUIVALENT:
         pytest.fail(
             f"{scenario.stem}/{strategy} no longer reproduces its golden record "
@@ -41,6 +43,20 @@ def test_golden_replay(scenario, strategy, tmp_path):
             + render_text(diff, only_diff=True),
             pytrace=False,
         )
+
+
+def _check_invariants(summary: dict) -> None:
+    """SPEC section 4: a completed run ends where a run without migration ends, and the target held the
+    source's memory at switchover; an aborted one lost nothing; a failed one says what only the source has."""
+    d, status = summary["digests"], summary["status"]
+    if status == "completed":
+        assert d["end_of_trace"] == d["no_migration"] != ""
+        assert d["target_at_switchover"] == d["source_at_switchover"] != ""
+        assert summary["invariants"]["no_faults"]
+    elif status == "aborted":
+        assert d["end_of_trace"] == d["no_migration"]
+    else:
+        assert status == "failed" and summary["metrics"]["postcopy"]["source_only_pages"] > 0
 
 
 def test_no_orphan_goldens():

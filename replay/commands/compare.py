@@ -52,20 +52,29 @@ def _get(summary: dict, path: tuple[str, ...]):
     return summary
 
 
+def _invariants(s: dict) -> str:
+    """A failed migration has no end of trace to check: say so rather than "NO"."""
+    if s["status"] == "failed":
+        return "n/a (failed)"
+    return "yes" if all(s["invariants"].values()) else "NO"
+
+
 def table(summaries: list[dict]) -> str:
     rows = ROWS + (POSTCOPY_ROWS if summaries[0]["mode"] != "precopy" else [])
     head = ["metric"] + [s["strategy"] for s in summaries]
     body = [[label] + [fmt(_get(s, path)) for s in summaries] for label, path, fmt in rows]
     faults = [sum(s["metrics"]["faults"].values()) for s in summaries]
     body.append(["RMP faults"] + [str(f) for f in faults])
-    inv = [all(s["invariants"].values()) for s in summaries]
-    body.append(["invariants hold"] + ["yes" if ok else "NO" for ok in inv])
-    same = len({s["digests"]["end_of_trace"] for s in summaries}) == 1
+    body.append(["invariants hold"] + [_invariants(s) for s in summaries])
+    ends = {s["digests"]["end_of_trace"] for s in summaries}
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"end-of-trace digests {'equal' if same else 'DIFFER'} across strategies"
-                 f" ({summaries[0]['digests']['end_of_trace'][:16]}...)")
+    if "" in ends:
+        lines.append("end of trace not reached by every run (a failed migration stops the guest)")
+    else:
+        lines.append(f"end-of-trace digests {'equal' if len(ends) == 1 else 'DIFFER'} across strategies"
+                     f" ({sorted(ends)[0][:16]}...)")
     return "\n".join(lines)
 
 
