@@ -516,7 +516,7 @@ def render_text(result: DiffResult, *, only_diff: bool = False) -> str:
     # Metrics
     ndiff = sum(r.differs for r in result.metrics)
     out.append(f"Metrics ({ndiff} of {len(result.metrics)} differ; change = B vs A)")
-    rows, marks = [], []
+    rows = []
     for group in GROUPS:
         members = [r for r in result.metrics if r.group == group and (r.differs or not only_diff)]
         if not members:

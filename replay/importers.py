@@ -442,7 +442,7 @@ def _import_dirtylog(inp: _Input, out: str, opts: ImportOptions, source: dict):
     source.update(columns=cols, interval_ns=interval_ns, spread="k-th of n pages at start + k*interval_ns//n")
     with TraceWriter(out, guest_bytes=guest_bytes, vcpus=vcpus, source=source, batch_rows=opts.batch_rows) as w:
         row = 0
-        for first, t, vcpu, gpa, ln in rows():
+        for _first, t, vcpu, gpa, ln in rows():
             op = np.full(len(t), Op.WRITE, np.uint8)
             w.write(t, vcpu, gpa, ln, op, content_seeds(row, op))
             row += len(t)

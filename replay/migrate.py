@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from . import __version__
 from .engine import make_engine
-from .errors import ScenarioError, TraceError
+from .errors import ScenarioError
 from .runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, RUN_FORMAT, RUN_VERSION, ROUNDS_SCHEMA, write_run
 from .scenario import FOREVER, Scenario
 from .snp import PAGE_SIZE, FAULT_KINDS, Fault
@@ -62,6 +62,7 @@ def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
     seed = scenario.seed if t.seed < 0 else t.seed
     g = scenario.guest
     spec = {
+        "snp_replay": __version__,  # a new version may generate differently: never reuse across versions
         "generator": t.generator, "events": t.events, "rate": t.rate, "fill": t.fill, "seed": seed,
         "guest_bytes": g.guest_bytes, "vcpus": g.vcpus, "options": {k: repr(v) for k, v in sorted(t.options.items())},
     }
@@ -534,7 +535,7 @@ class Migration:
         self.times["switchover_ns"] = self.v
         self.switchover_reason = "postcopy"
         v_pause = self.v
-        self.log("pause", f"guest paused (switch over to post-copy)")
+        self.log("pause", "guest paused (switch over to post-copy)")
         if self.m.mode == "hybrid":
             final = self.eng.collect_dirty(0)
             self.v += self._sync_cost()

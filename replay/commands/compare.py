@@ -93,14 +93,11 @@ def run(args) -> int:
     print(f"{scenario.name or Path(args.scenario).stem}: {s0['mode']}, trace {s0['trace']['digest'][:16]}... "
           f"({s0['trace']['events']} events, {format_bytes(s0['trace']['guest_bytes'])}, {s0['trace']['vcpus']} vCPUs)")
     print(table([r.summary for r in results]))
-    try:
-        from ..report import write_report
-        from ..runrecord import load_run
-    except ImportError:  # reports are optional until replay.report lands
-        write_report = None
-    if write_report is not None:
-        write_report([load_run(out / s) for s in STRATEGIES], out / "report.html")
-        print(f"runs: {out / STRATEGIES[0]}, {out / STRATEGIES[1]}; report: {out / 'report.html'}")
+    from ..report import write_report
+    from ..runrecord import load_run
+
+    write_report([load_run(out / s) for s in STRATEGIES], out / "report.html")
+    print(f"runs: {out / STRATEGIES[0]}, {out / STRATEGIES[1]}; report: {out / 'report.html'}")
     for r, s in zip(results, STRATEGIES):
         check_invariants(r, out / s)
     return ExitCode.OK

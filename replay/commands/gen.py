@@ -62,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fill", action="store_true", help="first write every page once, in address order (extra events)")
     parser.add_argument("--compression", choices=("zstd", "none"), default="zstd")
     group = parser.add_argument_group("workload options")
-    for flag, (dest, _, help_text, kinds) in KIND_OPTIONS.items():
+    for flag, (dest, _, help_text, _kinds) in KIND_OPTIONS.items():
         group.add_argument(flag, dest=dest, default=None, help=help_text)
     # argparse 3.11 does not suggest near misses, and leftovers are reported by the top-level parser:
     # catch them here, where the workload options are known, and name the closest option.

@@ -29,7 +29,7 @@ def render(s: dict) -> str:
         f"trace       {s['path']}",
         f"digest      {m['digest']}",
         f"guest       {format_bytes(m['guest_bytes'])} ({s['guest_pages']} pages, {shared} shared at start), {m['vcpus']} vcpus",
-        f"source      " + ", ".join(f"{k}={v}" for k, v in sorted(src.items())),
+        "source      " + ", ".join(f"{k}={v}" for k, v in sorted(src.items())),
         f"events      {s['events']}",
         f"span        {format_ns(s['span_ns'])} ({s['t_first_ns']}..{s['t_last_ns']} ns)",
         f"written     {s['pages_written']} distinct pages ({format_bytes(s['pages_written'] * 4096)}), {s['bytes_written']} bytes",
