@@ -23,6 +23,8 @@ from replay.engine import (
     RmpEntry as _RmpEntryT,
     U64_MAX,
     as_delays,
+    check_u32,
+    check_vmpl,
     as_ready,
     as_gfns,
     check_batch,
@@ -613,20 +615,6 @@ cdef class Engine:
             raise ValueError(f"gfn {gfn} out of range (npages={self.st.npages})")
         return gfn
 
-    @staticmethod
-    def _u32(name, x):
-        x = int(x)
-        if not 0 <= x < 1 << 32:
-            raise ValueError(f"{name} must be in [0, 2**32), got {x}")
-        return x
-
-    @staticmethod
-    def _vmpl(name, x):
-        x = int(x)
-        if not 0 <= x < VMPLS:
-            raise ValueError(f"{name} must be in [0, {VMPLS}), got {x}")
-        return x
-
     def rmp_size(self, host):
         """Number of RMP entries of ``host`` (valid SPAs are ``range(rmp_size(host))``)."""
         return self.st.rmp_size[self._host(host)]
@@ -640,21 +628,21 @@ cdef class Engine:
     def rmpupdate(self, host, spa, *, assigned, asid=0, gfn=0, size_2m=False, immutable=False):
         cdef int h = self._host(host)
         cdef int64_t s = self._spa(h, spa)
-        a, g = Engine._u32("asid", asid), Engine._u32("gfn", gfn)
+        a, g = check_u32("asid", asid), check_u32("gfn", gfn)
         return Rc(rmpupdate_c(&self.st, h, s, bool(assigned), a, g, bool(size_2m), bool(immutable)))
 
     def pvalidate(self, host, spa, *, asid, gfn, vmpl, validate, size_2m=False):
         cdef int h = self._host(host)
         cdef int64_t s = self._spa(h, spa)
-        a, g = Engine._u32("asid", asid), Engine._u32("gfn", gfn)
-        vm = Engine._vmpl("vmpl", vmpl)
+        a, g = check_u32("asid", asid), check_u32("gfn", gfn)
+        vm = check_vmpl("vmpl", vmpl)
         return Rc(pvalidate_c(&self.st, h, s, a, g, vm, bool(validate), bool(size_2m), -1))
 
     def rmpadjust(self, host, spa, *, asid, gfn, caller_vmpl, target_vmpl, perms, vmsa=False, size_2m=False):
         cdef int h = self._host(host)
         cdef int64_t s = self._spa(h, spa)
-        a, g = Engine._u32("asid", asid), Engine._u32("gfn", gfn)
-        cv = Engine._vmpl("caller_vmpl", caller_vmpl)
+        a, g = check_u32("asid", asid), check_u32("gfn", gfn)
+        cv = check_vmpl("caller_vmpl", caller_vmpl)
         tv, p = int(target_vmpl), int(perms)
         if not 0 <= p <= PERM_ALL:
             raise ValueError(f"perms must be in [0, 15], got {p}")
@@ -686,7 +674,7 @@ cdef class Engine:
     def check_access(self, host, gfn, *, vmpl, access, private):
         cdef int h = self._host(host)
         cdef int64_t g = self._gfn(gfn)
-        vm = Engine._vmpl("vmpl", vmpl)
+        vm = check_vmpl("vmpl", vmpl)
         acc = int(access)
         if not 1 <= acc <= PERM_ALL:
             raise ValueError(f"access must be in [1, 15], got {acc}")

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from replay.errors import TraceError
+from replay.snp import VMPLS
 
 ENGINE_KINDS = ("cython", "reference")
 
@@ -89,6 +90,21 @@ def as_delays(delays, vcpus: int):
     if arr.ndim != 1 or arr.shape[0] != vcpus:
         raise ValueError(f"delays must have one entry per vCPU ({vcpus}), got shape {arr.shape}")
     return arr
+
+
+def check_u32(name: str, x) -> int:
+    """An instruction operand that must fit 32 bits (ASID, gfn)."""
+    x = int(x)
+    if not 0 <= x < 1 << 32:
+        raise ValueError(f"{name} must be in [0, 2**32), got {x}")
+    return x
+
+
+def check_vmpl(name: str, x) -> int:
+    x = int(x)
+    if not 0 <= x < VMPLS:
+        raise ValueError(f"{name} must be in [0, {VMPLS}), got {x}")
+    return x
 
 
 def as_ready(ready, npages: int):

@@ -26,6 +26,8 @@ from replay.engine import (
     PageView,
     RmpEntry,
     as_delays,
+    check_u32,
+    check_vmpl,
     as_ready,
     as_gfns,
     check_batch,
@@ -108,20 +110,6 @@ class Engine:
             raise ValueError(f"gfn {gfn} out of range (npages={self.npages})")
         return gfn
 
-    @staticmethod
-    def _u32(name, x):
-        x = int(x)
-        if not 0 <= x < 1 << 32:
-            raise ValueError(f"{name} must be in [0, 2**32), got {x}")
-        return x
-
-    @staticmethod
-    def _vmpl(name, x):
-        x = int(x)
-        if not 0 <= x < VMPLS:
-            raise ValueError(f"{name} must be in [0, {VMPLS}), got {x}")
-        return x
-
     def _count_fault(self, kind, event_index, gfn):
         self._faults[kind] += 1
         if len(self._first_faults) < FIRST_FAULTS_MAX:
@@ -150,7 +138,7 @@ class Engine:
     def rmpupdate(self, host, spa, *, assigned, asid=0, gfn=0, size_2m=False, immutable=False):
         host = self._host(host)
         spa = self._spa(host, spa)
-        asid, gfn = self._u32("asid", asid), self._u32("gfn", gfn)
+        asid, gfn = check_u32("asid", asid), check_u32("gfn", gfn)
         return Rc(self._rmpupdate(host, spa, bool(assigned), asid, gfn, bool(size_2m), bool(immutable)))
 
     def _rmpupdate(self, host, spa, assigned, asid, gfn, size_2m, immutable):
@@ -198,8 +186,8 @@ class Engine:
     def pvalidate(self, host, spa, *, asid, gfn, vmpl, validate, size_2m=False):
         host = self._host(host)
         spa = self._spa(host, spa)
-        asid, gfn = self._u32("asid", asid), self._u32("gfn", gfn)
-        vmpl = self._vmpl("vmpl", vmpl)
+        asid, gfn = check_u32("asid", asid), check_u32("gfn", gfn)
+        vmpl = check_vmpl("vmpl", vmpl)
         return Rc(self._pvalidate(host, spa, asid, gfn, vmpl, bool(validate), bool(size_2m), -1))
 
     def _pvalidate(self, host, spa, asid, gfn, vmpl, validate, size_2m, event_index):
@@ -227,8 +215,8 @@ class Engine:
     def rmpadjust(self, host, spa, *, asid, gfn, caller_vmpl, target_vmpl, perms, vmsa=False, size_2m=False):
         host = self._host(host)
         spa = self._spa(host, spa)
-        asid, gfn = self._u32("asid", asid), self._u32("gfn", gfn)
-        caller_vmpl = self._vmpl("caller_vmpl", caller_vmpl)
+        asid, gfn = check_u32("asid", asid), check_u32("gfn", gfn)
+        caller_vmpl = check_vmpl("caller_vmpl", caller_vmpl)
         target_vmpl, perms = int(target_vmpl), int(perms)
         if not 0 <= perms <= Perm.ALL:
             raise ValueError(f"perms must be in [0, 15], got {perms}")
@@ -292,7 +280,7 @@ class Engine:
     def check_access(self, host, gfn, *, vmpl, access, private):
         host = self._host(host)
         gfn = self._gfn(gfn)
-        vmpl = self._vmpl("vmpl", vmpl)
+        vmpl = check_vmpl("vmpl", vmpl)
         access = int(access)
         if not 1 <= access <= Perm.ALL:
             raise ValueError(f"access must be in [1, 15], got {access}")
