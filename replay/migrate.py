@@ -105,10 +105,6 @@ class Cursor:
     def done(self) -> bool:
         return self.batch is None
 
-    @property
-    def index(self) -> int:
-        return self.base + self.row if self.batch is not None else -1
-
     def settle(self, row: int) -> None:
         self.row = row
         while self.batch is not None and self.row >= self.batch.num_rows:
@@ -259,7 +255,7 @@ class Migration:
 
     # -- the link
     def _link_fault_before(self, v_end: int) -> int | None:
-        """The first link failure at or before ``v_end`` that has not been handled, else None."""
+        """The time of the first link failure at or before ``v_end``, else None."""
         # Pre-copy has no recovery (QEMU aborts): any failure up to now ends the migration.
         for f in self.link_faults:
             if f.at_ns <= v_end:
@@ -278,7 +274,7 @@ class Migration:
             skip_present=skip_present,
         )
 
-    def _send(self, gfns: np.ndarray, rnd: _Round, *, paused: bool, run_host: int = 0) -> None:
+    def _send(self, gfns: np.ndarray, rnd: _Round, *, paused: bool) -> None:
         """Send ``gfns`` (in order) from the source to the target, the guest running unless ``paused``."""
         self._begin(self.agents)
         v0, g0 = self.v, self.g
@@ -289,7 +285,7 @@ class Migration:
             while k < len(chunk):
                 cur = self.cur
                 batch = None if (paused or cur.done) else cur.batch
-                row, k = self.eng.transfer(0, 1, chunk, k, batch, cur.row, cur.base, run_host)
+                row, k = self.eng.transfer(0, 1, chunk, k, batch, cur.row, cur.base, 0)
                 if batch is not None:
                     cur.settle(row)
             start += len(chunk)
