@@ -197,3 +197,31 @@ def test_run_record_on_disk(tmp_path, trace, capsys):
         assert key in s["metrics"], key
     assert set(s["digests"]) == {"no_migration", "end_of_trace", "source_at_switchover", "target_at_switchover"}
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["events.arrow", "rounds.arrow", "summary.json"]
+
+
+def test_dirtying_faster_than_the_link_never_converges(tmp_path):
+    # stress: each of 2 vCPUs rewrites its half of a 4 MiB guest page by page, 200K pages/s in all, over a
+    # 100 MB/s link (~24K pages/s): every round re-sends nearly the whole guest; pre-copy ends at max_rounds
+    # with the downtime limit exceeded, as QEMU would.
+    from replay.generators import generate
+
+    trace = tmp_path / "stress.arrow"
+    generate("stress", trace, guest_bytes=4 << 20, vcpus=2, events=400_000, seed=1, rate=200_000)
+    s = make_scenario(trace={"file": "x"}, migration={"start_ns": 10_000_000, "bandwidth_bytes_per_s": 100_000_000,
+                                                       "downtime_limit_ns": 10_000_000, "max_rounds": 5})
+    for strategy in ("mirror-vm", "shadow-vcpu"):
+        m = run(s, strategy=strategy, trace_path=trace).summary["metrics"]
+        assert (m["switchover_reason"], m["rounds"], m["downtime_limit_exceeded"]) == ("max_rounds", 5, True)
+        assert m["expected_downtime_ns"] > 10_000_000
+        rounds = run(s, strategy=strategy, trace_path=trace).rounds.to_pylist()
+        assert all(r["dirty_pages"] > 900 for r in rounds[1:5])  # of 1024 pages: the whole guest, again
+
+
+def test_shipped_stress_scenario_does_not_converge():
+    import json
+    from pathlib import Path
+
+    for strategy in ("mirror-vm", "shadow-vcpu"):
+        golden = Path(__file__).parent / "golden" / "stress-nonconverging" / strategy / "summary.json"
+        m = json.loads(golden.read_text())["metrics"]
+        assert m["switchover_reason"] == "max_rounds" and m["downtime_limit_exceeded"] is True
