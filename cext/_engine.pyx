@@ -23,6 +23,7 @@ from replay.engine import (
     RmpEntry as _RmpEntryT,
     U64_MAX,
     as_delays,
+    check_engine_args,
     check_u32,
     check_vmpl,
     as_ready,
@@ -527,22 +528,7 @@ cdef class Engine:
     def __init__(self, npages, vcpus, *, asid=1, os_vmpl=0, hosts=2, spa_base=None):
         cdef int h
         cdef int64_t i
-        npages, vcpus, asid, os_vmpl, hosts = int(npages), int(vcpus), int(asid), int(os_vmpl), int(hosts)
-        if not 1 <= npages < 1 << 32:
-            raise ValueError(f"npages must be in [1, 2**32), got {npages}")
-        if not 1 <= vcpus <= 1 << 16:
-            raise ValueError(f"vcpus must be in [1, 65536], got {vcpus}")
-        if not 1 <= asid < 1 << 32:
-            raise ValueError(f"asid must be in [1, 2**32), got {asid}")
-        if not 0 <= os_vmpl < VMPLS:
-            raise ValueError(f"os_vmpl must be in [0, {VMPLS}), got {os_vmpl}")
-        if not 1 <= hosts <= MAX_HOSTS:
-            raise ValueError(f"hosts must be in [1, {MAX_HOSTS}], got {hosts}")
-        if spa_base is None:
-            spa_base = [1024 * (h + 1) for h in range(hosts)]
-        spa_base = tuple(int(b) for b in spa_base)
-        if len(spa_base) != hosts or any(not 0 <= b < 1 << 40 for b in spa_base):
-            raise ValueError(f"spa_base must have {hosts} entries in [0, 2**40), got {spa_base}")
+        npages, vcpus, asid, os_vmpl, hosts, spa_base = check_engine_args(npages, vcpus, asid, os_vmpl, hosts, spa_base)
         if self.st.img[0] != NULL:
             raise RuntimeError("Engine.__init__ called twice")
         self.st.npages = npages
@@ -986,6 +972,7 @@ def _c_constants():
     """The C-level constants of cext/_engine.pxd, for tests/test_engine_rules.py to compare with replay/snp.py."""
     return {
         "PAGE_SHIFT": PAGE_SHIFT, "PAGES_PER_2M": PAGES_PER_2M, "VMPLS": VMPLS, "VMSA_SPARE": VMSA_SPARE,
+        "MAX_HOSTS": MAX_HOSTS,
         "PRIVATE": PG_PRIVATE, "DIRTY": PG_DIRTY, "PRESENT": PG_PRESENT,
         "Op": {"WRITE": OP_WRITE, "READ": OP_READ, "TO_SHARED": OP_TO_SHARED, "TO_PRIVATE": OP_TO_PRIVATE},
         "Perm": {"READ": PERM_READ, "WRITE": PERM_WRITE, "USER_EXEC": PERM_USER_EXEC,

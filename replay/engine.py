@@ -92,6 +92,31 @@ def as_delays(delays, vcpus: int):
     return arr
 
 
+#: Hosts an engine can hold (machines a guest can live on in one run). Mirrored in cext/_engine.pxd.
+MAX_HOSTS = 64
+
+
+def check_engine_args(npages, vcpus, asid, os_vmpl, hosts, spa_base):
+    """The Engine constructor's arguments, validated and normalized (both engines call this)."""
+    npages, vcpus, asid, os_vmpl, hosts = int(npages), int(vcpus), int(asid), int(os_vmpl), int(hosts)
+    if not 1 <= npages < 1 << 32:
+        raise ValueError(f"npages must be in [1, 2**32), got {npages}")
+    if not 1 <= vcpus <= 1 << 16:
+        raise ValueError(f"vcpus must be in [1, 65536], got {vcpus}")
+    if not 1 <= asid < 1 << 32:
+        raise ValueError(f"asid must be in [1, 2**32), got {asid}")
+    if not 0 <= os_vmpl < VMPLS:
+        raise ValueError(f"os_vmpl must be in [0, {VMPLS}), got {os_vmpl}")
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise ValueError(f"hosts must be in [1, {MAX_HOSTS}], got {hosts}")
+    if spa_base is None:
+        spa_base = [1024 * (h + 1) for h in range(hosts)]
+    spa_base = tuple(int(b) for b in spa_base)
+    if len(spa_base) != hosts or any(not 0 <= b < 1 << 40 for b in spa_base):
+        raise ValueError(f"spa_base must have {hosts} entries in [0, 2**40), got {spa_base}")
+    return npages, vcpus, asid, os_vmpl, hosts, spa_base
+
+
 def check_u32(name: str, x) -> int:
     """An instruction operand that must fit 32 bits (ASID, gfn)."""
     x = int(x)

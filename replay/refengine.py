@@ -26,6 +26,7 @@ from replay.engine import (
     PageView,
     RmpEntry,
     as_delays,
+    check_engine_args,
     check_u32,
     check_vmpl,
     as_ready,
@@ -55,22 +56,7 @@ class Engine:
     """Pure-Python page engine; see the module docstring and docs/internals.md."""
 
     def __init__(self, npages, vcpus, *, asid=1, os_vmpl=0, hosts=2, spa_base=None):
-        npages, vcpus, asid, os_vmpl, hosts = int(npages), int(vcpus), int(asid), int(os_vmpl), int(hosts)
-        if not 1 <= npages < 1 << 32:
-            raise ValueError(f"npages must be in [1, 2**32), got {npages}")
-        if not 1 <= vcpus <= 1 << 16:
-            raise ValueError(f"vcpus must be in [1, 65536], got {vcpus}")
-        if not 1 <= asid < 1 << 32:
-            raise ValueError(f"asid must be in [1, 2**32), got {asid}")
-        if not 0 <= os_vmpl < VMPLS:
-            raise ValueError(f"os_vmpl must be in [0, {VMPLS}), got {os_vmpl}")
-        if not 1 <= hosts <= 64:
-            raise ValueError(f"hosts must be in [1, 64], got {hosts}")
-        if spa_base is None:
-            spa_base = [1024 * (h + 1) for h in range(hosts)]
-        spa_base = tuple(int(b) for b in spa_base)
-        if len(spa_base) != hosts or any(not 0 <= b < 1 << 40 for b in spa_base):
-            raise ValueError(f"spa_base must have {hosts} entries in [0, 2**40), got {spa_base}")
+        npages, vcpus, asid, os_vmpl, hosts, spa_base = check_engine_args(npages, vcpus, asid, os_vmpl, hosts, spa_base)
         self.npages, self.vcpus, self.asid, self.os_vmpl, self.hosts = npages, vcpus, asid, os_vmpl, hosts
         self.spa_base = spa_base
         # memory images

@@ -98,7 +98,7 @@ def test_c_constants_mirror_snp():
 
     c = _engine._c_constants()
     assert (c["PAGE_SHIFT"], c["PAGES_PER_2M"], c["VMPLS"]) == (snp.PAGE_SHIFT, snp.PAGES_PER_2M, snp.VMPLS)
-    assert c["VMSA_SPARE"] == engine_mod.VMSA_SPARE
+    assert (c["VMSA_SPARE"], c["MAX_HOSTS"]) == (engine_mod.VMSA_SPARE, engine_mod.MAX_HOSTS)
     assert (c["PRIVATE"], c["DIRTY"], c["PRESENT"]) == (engine_mod.PRIVATE, engine_mod.DIRTY, engine_mod.PRESENT)
     for enum in (snp.Op, snp.Perm, snp.Rc, snp.Fault):
         assert c[enum.__name__] == {k: int(m) for k, m in enum.__members__.items()}, enum.__name__
