@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__
-from .engine import make_engine
+from .engine import PRESENT, PRIVATE, U64_MAX, make_engine
 from .errors import ScenarioError
 from .runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, RUN_FORMAT, RUN_VERSION, ROUNDS_SCHEMA, write_run
 from .scenario import FOREVER, Scenario
@@ -35,7 +35,6 @@ from .strategies import HOST, OWNERS, PRIMARY_VM, Step, make_strategy
 from .trace import TraceMeta, open_trace, read_meta
 
 NS_PER_S = 1_000_000_000
-U64_MAX = (1 << 64) - 1
 TRANSFER_CHUNK = 1 << 16  # pages per engine call: bounds how late a link failure is noticed
 POSTCOPY_CHUNK = 1 << 10  # smaller in post-copy, where faults and link failures interleave with the push
 RMP_OPS = ("rmpupdate", "pvalidate", "rmpadjust", "psmash", "psc")
@@ -59,7 +58,7 @@ def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
         return path
     from .generators import generate  # only scenarios with a generator need it
 
-    seed = scenario.seed if t.seed < 0 else t.seed
+    seed = scenario.trace_seed
     g = scenario.guest
     spec = {
         "snp_replay": __version__,  # a new version may generate differently: never reuse across versions
@@ -171,14 +170,16 @@ class Migration:
     """One run: a scenario, a trace and a strategy. ``run()`` returns a RunResult."""
 
     def __init__(self, scenario: Scenario, trace_path: str | Path, *, engine: str = "cython",
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, no_migration_digest: str | None = None):
+        """``no_migration_digest``: the reference digest of this trace and guest if already known (another
+        strategy's run of the same scenario), saving a replay of the whole trace."""
         self.trace_path = Path(trace_path)
         self.meta: TraceMeta = read_meta(self.trace_path)
         g = scenario.guest
-        if g.guest_bytes and g.guest_bytes != self.meta.guest_bytes:
-            raise ScenarioError(f"guest.guest_bytes {g.guest_bytes} does not match the trace's {self.meta.guest_bytes}")
-        if g.vcpus and g.vcpus != self.meta.vcpus:
-            raise ScenarioError(f"guest.vcpus {g.vcpus} does not match the trace's {self.meta.vcpus}")
+        for key, want, have in (("guest_bytes", g.guest_bytes, self.meta.guest_bytes), ("vcpus", g.vcpus, self.meta.vcpus)):
+            if want and want != have:
+                raise ScenarioError(f"{self.trace_path}: the trace's {key} is {have} but the scenario's guest.{key} is "
+                                    f"{want} (--set guest.{key}={have}, or 0 to take the trace's)")
         self.s = scenario
         self.m = scenario.migration
         self.c = scenario.costs
@@ -190,9 +191,7 @@ class Migration:
         self.eng = make_engine(engine, npages=self.npages, vcpus=self.vcpus, asid=g.asid, os_vmpl=g.os_vmpl, hosts=2)
         self.v = 0
         self.g = 0
-        self.agents = 0
-        self.agents_created = 0
-        self.agents_max_seen = 0
+        self.agents = 0  # agents are only ever added: this is also the maximum and the number created
         self._events: list[tuple[int, str, int, int, str]] = []
         self._rounds: list[_Round] = []
         self._faults_rows: list[tuple] = []
@@ -204,15 +203,17 @@ class Migration:
         self._handled_faults: set = set()
         self._link_dead_at: int | None = None
         self._source_only = 0
-        self._pc = None
+        self._pc = self._new_pc()
+        self._no_migration = no_migration_digest
         self._pushing = False
         self._outage_backlog: list[int] | None = None
         self.vmsas_sent = 0
         # Everything that can be refused is refused before any replay work.
         self.strategy.check(self._has_private(), self.vcpus)
-        last = self._last_t()
-        if self.m.start_ns > last:
-            raise ScenarioError(f"migration.start_ns {self.m.start_ns} is after the end of the trace ({last} ns)")
+        self.trace_last_ns = self._last_t()
+        if self.m.start_ns > self.trace_last_ns:
+            raise ScenarioError(
+                f"migration.start_ns {self.m.start_ns} is after the end of the trace ({self.trace_last_ns} ns)")
 
     # -- bookkeeping
     def log(self, kind: str, detail: str = "", gfn: int = -1, vcpu: int = -1, t: int | None = None) -> None:
@@ -237,21 +238,20 @@ class Migration:
             if row < n:
                 break  # stopped by time
 
-    def _elapse(self, dv: int, guest_cpu_ns: int = 0, host: int = 0, live: bool = True) -> None:
-        """Let ``dv`` of virtual time pass with the guest running on ``host``; ``guest_cpu_ns`` of the
+    def _elapse(self, dv: int, guest_cpu_ns: int = 0) -> None:
+        """Let ``dv`` of virtual time pass with the guest running where it runs; ``guest_cpu_ns`` of the
         primary VM's CPU quota is taken by agents meanwhile (shadow vCPUs)."""
         dg = max(0, dv - guest_cpu_ns // self.vcpus)
         self.v += dv
         self.g += dg
-        if live:
-            self.t.live_v += dv
-            self.t.live_g += dg
-        self._run_guest(host, self.g)
+        self.t.live_v += dv
+        self.t.live_g += dg
+        self._run_guest(self.run_host, self.g)
 
-    def _step(self, step: Step, host: int = 0) -> None:
+    def _step(self, step: Step) -> None:
         self.log("setup_step", f"{step.name} ({step.ns} ns, {step.owner})")
         self.t.cpu[step.owner] += step.ns
-        self._elapse(step.ns, step.ns if step.owner == PRIMARY_VM else 0, host)
+        self._elapse(step.ns, step.ns if step.owner == PRIMARY_VM else 0)
 
     # -- the link
     def _link_fault_before(self, v_end: int) -> int | None:
@@ -274,8 +274,9 @@ class Migration:
             skip_present=skip_present,
         )
 
-    def _send(self, gfns: np.ndarray, rnd: _Round, *, paused: bool) -> None:
-        """Send ``gfns`` (in order) from the source to the target, the guest running unless ``paused``."""
+    def _send(self, gfns: np.ndarray, rnd: _Round, *, paused: bool) -> dict:
+        """Send ``gfns`` (in order) from the source to the target, the guest running unless ``paused``;
+        returns the transfer's final state."""
         self._begin(self.agents)
         v0, g0 = self.v, self.g
         start = 0
@@ -294,7 +295,9 @@ class Migration:
             if at is not None:
                 self._account(rnd, st, v0, g0, paused)
                 raise LinkDown(at)
-        self._account(rnd, self.eng.transfer_state(), v0, g0, paused)
+        st = self.eng.transfer_state()
+        self._account(rnd, st, v0, g0, paused)
+        return st
 
     def _account(self, rnd: _Round, st: dict, v0: int, g0: int, paused: bool) -> None:
         rnd.pages_sent += st["pages"]
@@ -305,7 +308,6 @@ class Migration:
         rnd.agent_cpu_ns += st["agent_cpu_ns"]
         rnd.agents = self.agents
         self.t.cpu[self.strategy.agent_owner] += st["agent_cpu_ns"]
-        self._target_cpu += st.get("target_cpu_ns", 0)
         self.t.pages[rnd.phase] += st["pages"]
         self.t.bytes[rnd.phase] += st["bytes"]
         self.t.zero_pages += st["zero_pages"]
@@ -333,16 +335,14 @@ class Migration:
                 step = self.strategy.agent_step(host)
                 self._step(step)
             self.agents += 1
-            self.agents_created += 1
             self.log("agent_added", f"agents={self.agents}")
-        self.agents_max_seen = max(self.agents_max_seen, self.agents)
 
     def _estimate(self, gfns: np.ndarray) -> tuple[int, int]:
         """(agent CPU ns, bytes) that sending ``gfns`` would cost if sent now (the transfer's own rules)."""
         if len(gfns) == 0:
             return 0, 0
         c = self.c
-        private = (self.eng.flags(0, gfns) & 1) != 0
+        private = (self.eng.flags(0, gfns) & PRIVATE) != 0
         zero = self.eng.versions(0, gfns) == 0
         n_priv, n_priv_zero = int(np.count_nonzero(private)), int(np.count_nonzero(private & zero))
         pack = (n_priv - n_priv_zero) * c.page_pack_ns + n_priv_zero * c.zero_page_ns \
@@ -351,6 +351,14 @@ class Migration:
 
     def _sync_cost(self) -> int:
         return self.c.dirty_sync_ns + self.c.dirty_sync_ns_per_gib * self.meta.guest_bytes // (1 << 30)
+
+    def _final_sync(self) -> np.ndarray:
+        """At the pause: the pages dirty at the last sync plus those dirtied since, in gfn order."""
+        final = self.eng.collect_dirty(0)
+        self.v += self._sync_cost()
+        self.t.cpu[HOST] += self._sync_cost()
+        self.eng.set_dirty_logging(0, False)
+        return np.union1d(self._pending, final).astype(np.uint32)
 
     def _sync(self) -> np.ndarray:
         """Dirty-log get-and-clear on the source; its cost elapses with the guest running."""
@@ -363,8 +371,7 @@ class Migration:
 
     # -- phases
     def run(self) -> RunResult:
-        self._target_cpu = 0
-        nomig = self._no_migration_digest()
+        nomig = self._no_migration or self._no_migration_digest()
         self.status, self.reason = "completed", ""
         self.switchover_reason = ""
         self.digests = {"no_migration": nomig, "end_of_trace": "", "source_at_switchover": "", "target_at_switchover": ""}
@@ -400,10 +407,9 @@ class Migration:
 
     def _last_t(self) -> int:
         """Guest time of the trace's last event (read from the last record batch only)."""
-        with pa.memory_map(str(self.trace_path)) as src:
-            f = pa.ipc.open_file(src)
-            for i in range(f.num_record_batches - 1, -1, -1):
-                b = f.get_batch(i)
+        with open_trace(self.trace_path) as reader:
+            for i in range(reader.num_batches - 1, -1, -1):
+                b = reader.batch(i)
                 if b.num_rows:
                     return int(b.column("t_ns")[b.num_rows - 1].as_py())
         return 0
@@ -416,13 +422,13 @@ class Migration:
         with open_trace(self.trace_path) as reader:
             for base, batch in reader:
                 eng.replay(0, batch, 0, base, U64_MAX)
+                if self.progress:
+                    self.progress(batch.num_rows)
         return eng.digest(0)
 
     def _setup(self) -> None:
         v0 = self.v
         self.agents = self.m.agents_initial
-        self.agents_created = self.agents
-        self.agents_max_seen = self.agents
         for step in self.strategy.setup_steps():
             self._step(step)
         self._step(self.strategy.attestation_step())
@@ -461,7 +467,7 @@ class Migration:
                 if converge:
                     self.downtime_limit_exceeded = pending > threshold
                 break
-        self._pending, self._pending_sync_ns = gfns, sync_ns
+        self._pending = gfns
 
     def _check_link(self, v_end: int) -> None:
         at = self._link_fault_before(v_end)
@@ -489,23 +495,18 @@ class Migration:
         self.times["switchover_ns"] = self.v
         self.log("pause", "guest paused (stop-and-copy)")
         v_pause = self.v
-        final = self.eng.collect_dirty(0)
-        self.v += self._sync_cost()
-        self.t.cpu[HOST] += self._sync_cost()
-        pages = np.union1d(self._pending, final).astype(np.uint32)
-        self.eng.set_dirty_logging(0, False)
+        pages = self._final_sync()
         self.digests["source_at_switchover"] = self.eng.digest(0)
         rnd = _Round(len(self._rounds), "downtime", self.v, len(pages), self.v)
         self._rounds.append(rnd)
         rmp_before = self._rmp_snapshot()
-        self._target_cpu = 0
-        self._send(pages, rnd, paused=True)
+        st = self._send(pages, rnd, paused=True)
         self._send_vmsas_and_devices(rnd)
         # The last byte lands one latency later; then the target agents unpack what arrived while paused.
         self.v += self.m.latency_ns
         rmp_after = self._rmp_snapshot()
         target_ops = {k: rmp_after[k] - rmp_before[k] for k in RMP_OPS}
-        unpack_cpu = self._target_cpu + self.vmsas_sent * c.page_unpack_ns + target_ops["rmpupdate"] * c.rmpupdate_ns \
+        unpack_cpu = st["target_cpu_ns"] + self.vmsas_sent * c.page_unpack_ns + target_ops["rmpupdate"] * c.rmpupdate_ns \
             + target_ops["pvalidate"] * c.pvalidate_ns
         self.t.cpu[self.strategy.agent_owner] += unpack_cpu
         self.v += -(-unpack_cpu // self.agents)
@@ -533,16 +534,11 @@ class Migration:
         v_pause = self.v
         self.log("pause", "guest paused (switch over to post-copy)")
         if self.m.mode == "hybrid":
-            final = self.eng.collect_dirty(0)
-            self.v += self._sync_cost()
-            self.t.cpu[HOST] += self._sync_cost()
-            stale = np.union1d(self._pending, final).astype(np.uint32)
             # Discard: the target's copies of pages dirtied since they were sent are stale.
-            self.eng.clear_present(1, stale)
-            self.eng.set_dirty_logging(0, False)
+            self.eng.clear_present(1, self._final_sync())
         self.digests["source_at_switchover"] = self.eng.digest(0)
         flags = self.eng.flags(1, np.arange(self.npages, dtype=np.uint32))
-        missing = np.flatnonzero((flags & 4) == 0).astype(np.uint32)
+        missing = np.flatnonzero((flags & PRESENT) == 0).astype(np.uint32)
         rnd = _Round(len(self._rounds), "downtime", self.v, len(missing), self.v)
         self._rounds.append(rnd)
         self._send_vmsas_and_devices(rnd)
@@ -564,7 +560,6 @@ class Migration:
         self._delays = np.zeros(self.vcpus, dtype=np.uint64)
         self._ready = np.zeros(self.npages, dtype=np.uint64)
         self._requested = np.zeros(self.npages, dtype=bool)
-        self._pc = {"requests": 0, "duplicates": 0, "bytes": 0, "latencies": [], "blocked": [[] for _ in range(self.vcpus)]}
         self._prepage_next: np.ndarray | None = None
         self._link_up_ns = 0
         v_switch = self.times["switchover_ns"]
@@ -640,7 +635,7 @@ class Migration:
         # guest time -> virtual time, at the current rate (the push's clock while it runs)
         st = self.eng.transfer_state() if self._pushing else {"v_ns": self.v, "g_ns": self.g}
         voff = st["v_ns"] - st["g_ns"]
-        private = bool(self.eng.flags(0, np.array([gfn], dtype=np.uint32))[0] & 1)
+        private = self.eng.page(0, gfn).private
         if self._requested[gfn]:
             # Already requested: send nothing more. Requests are handled in trace order, so the earlier
             # request may be later in time than this one: the page is there at whichever comes first.
@@ -653,11 +648,9 @@ class Migration:
             if self._link_up_ns and v_req < self._link_up_ns:
                 start = self._link_up_ns - voff  # raised while the link was down: waits for recovery
             elif self._link_dead_at is not None and v_req >= self._link_dead_at:
-                self._stuck = (vcpu, gfn)
                 return False
             served = start + self._fault_path_ns(private)
-            present = bool(self.eng.flags(1, np.array([gfn], dtype=np.uint32))[0] & 4)
-            if present:
+            if self.eng.page(1, gfn).present:
                 served = min(served, int(self._ready[gfn]))  # already on its way in the push
             else:
                 self.eng.deliver(0, 1, gfn)
@@ -705,7 +698,7 @@ class Migration:
             # The guest runs on through the outage; its faults wait for the link (served after `up`).
             self._pushing, self._outage_backlog = False, [0, 0]
             if up > self.v:
-                self._elapse(up - self.v, host=1)
+                self._elapse(up - self.v)
             self._begin(self.agents, skip_present=True)
             self._push_v0, self._push_g0 = self.v, self.g
             self.eng.transfer_add(*self._outage_backlog)
@@ -736,7 +729,7 @@ class Migration:
         self._run_guest(host, U64_MAX)
         self.digests["end_of_trace"] = self.eng.digest(host)
         lag = int(self._delays.max()) if self._delays is not None else 0  # the most-blocked vCPU ends last
-        self.times["trace_end_ns"] = self.v + max(0, self._last_t() + lag - self.g)
+        self.times["trace_end_ns"] = self.v + max(0, self.trace_last_ns + lag - self.g)
         self.log("trace_end", f"host={'target' if host else 'source'}", t=self.times["trace_end_ns"])
 
     def _rmp_snapshot(self) -> dict:
@@ -751,11 +744,9 @@ class Migration:
     # -- the record
     def _result(self) -> RunResult:
         counters = self.eng.counters()
-        faults = {k.key: int(counters["faults"].get(k.key, 0)) for k in FAULT_KINDS}
+        faults = {k.key: int(counters["faults"][k.key]) for k in FAULT_KINDS}
         t = self.t
-        live_v = max(1, t.live_v)
-        guest_cpu = self.vcpus * t.live_g
-        t.cpu["guest"] = guest_cpu
+        t.cpu["guest"] = self.vcpus * t.live_g
         times = self.times
         completed = self.status == "completed"
         metrics = {
@@ -776,11 +767,11 @@ class Migration:
             "precopy_bytes": t.bytes["precopy"], "downtime_bytes": t.bytes["downtime"], "postcopy_bytes": t.bytes["postcopy"],
             "precopy_pages": t.pages["precopy"], "downtime_pages": t.pages["downtime"], "postcopy_pages": t.pages["postcopy"],
             "private_pages_sent": t.private_pages, "shared_pages_sent": t.shared_pages,
-            "vmsas_sent": getattr(self, "vmsas_sent", 0),
+            "vmsas_sent": self.vmsas_sent,
             "device_state_bytes": self.c.device_state_bytes if completed else 0,
-            "agents_max": self.agents_max_seen, "agents_created": self.agents_created,
+            "agents_max": self.agents, "agents_created": self.agents,
             "cpu_ns": dict(t.cpu),
-            "guest_slowdown_ppm": (t.live_v - t.live_g) * 1_000_000 // live_v if t.live_v else 0,
+            "guest_slowdown_ppm": (t.live_v - t.live_g) * 1_000_000 // t.live_v if t.live_v else 0,
             "rmp": self._rmp_metrics(),
             "faults": faults,
             "postcopy": self._postcopy_metrics(),
@@ -788,8 +779,9 @@ class Migration:
         digests = self.digests
         invariants = {
             "end_of_trace_equals_no_migration": digests["end_of_trace"] == digests["no_migration"],
-            "target_equals_source_at_switchover": (digests["target_at_switchover"] == digests["source_at_switchover"])
-            if digests["target_at_switchover"] else completed is False,
+            # Only a completed migration has a switchover whose two sides must agree.
+            "target_equals_source_at_switchover": not completed
+            or digests["target_at_switchover"] == digests["source_at_switchover"] != "",
             "no_faults": not any(faults.values()),
         }
         summary = {
@@ -797,12 +789,11 @@ class Migration:
             "tool": {"name": "snp-replay", "version": __version__, "engine": self.engine_kind},
             "status": self.status, "status_reason": self.reason,
             "strategy": self.strategy.name, "mode": self.m.mode,
-            "scenario": self.s.resolved(guest_bytes=self.meta.guest_bytes, vcpus=self.vcpus,
-                                        trace_seed=self.s.seed if self.s.trace.seed < 0 else self.s.trace.seed),
+            "scenario": self.s.resolved(guest_bytes=self.meta.guest_bytes, vcpus=self.vcpus),
             "trace": {"digest": self.meta.digest, "events": self.meta.events, "guest_bytes": self.meta.guest_bytes,
                       "vcpus": self.vcpus, "source": self.meta.source},
             "metrics": metrics,
-            "first_faults": [list(map(int, f)) for f in counters.get("first_faults", [])],
+            "first_faults": [[int(ev), str(kind), int(gfn)] for ev, kind, gfn in counters["first_faults"]],
             "digests": digests,
             "invariants": invariants,
         }
@@ -816,10 +807,13 @@ class Migration:
                 [dict(zip(FAULTS_SCHEMA.names, r)) for r in self._faults_rows], schema=FAULTS_SCHEMA)
         return RunResult(summary, rounds, events, faults_tbl)
 
+    def _new_pc(self) -> dict:
+        return {"requests": 0, "duplicates": 0, "bytes": 0, "latencies": [], "blocked": [[] for _ in range(self.vcpus)]}
+
     def _postcopy_metrics(self) -> dict:
         """QEMU-style post-copy statistics: requests, bytes, blocktime, fault-latency percentiles and the
         histogram with QEMU's buckets ([2^N us, 2^(N+1) us); below 2 us counts in bucket 0)."""
-        pc = self._pc or {"requests": 0, "duplicates": 0, "bytes": 0, "latencies": [], "blocked": [[] for _ in range(self.vcpus)]}
+        pc = self._pc
         lat = np.sort(np.array(pc["latencies"], dtype=np.int64))
         hist = [0] * HIST_BUCKETS
         for us in (lat // 1000).tolist():

@@ -176,17 +176,25 @@ class Engine:
         vmpl = check_vmpl("vmpl", vmpl)
         return Rc(self._pvalidate(host, spa, asid, gfn, vmpl, bool(validate), bool(size_2m), -1))
 
-    def _pvalidate(self, host, spa, asid, gfn, vmpl, validate, size_2m, event_index):
-        self._rmp[host]["pvalidate"] += 1
-        rf = self._r_flags[host]
-        if vmpl != 0:
-            return Rc.FAIL_PERMISSION
-        if size_2m and (spa % PAGES_PER_2M or spa + PAGES_PER_2M > len(rf)):
+    def _guest_entry(self, host, spa, asid, gfn, size_2m, event_index):
+        """What PVALIDATE and RMPADJUST both check of the entry: a 2M request is aligned and inside the
+        table, and the page is assigned to this ASID at this gfn (else a nested #PF, counted)."""
+        if size_2m and (spa % PAGES_PER_2M or spa + PAGES_PER_2M > len(self._r_flags[host])):
             return Rc.FAIL_INPUT
         npf = self._npf_kind(host, spa, asid, gfn)
         if npf != Fault.NONE:
             self._count_fault(npf, event_index, gfn)
             return Rc.NESTED_PF
+        return None
+
+    def _pvalidate(self, host, spa, asid, gfn, vmpl, validate, size_2m, event_index):
+        self._rmp[host]["pvalidate"] += 1
+        rf = self._r_flags[host]
+        if vmpl != 0:
+            return Rc.FAIL_PERMISSION
+        rc = self._guest_entry(host, spa, asid, gfn, size_2m, event_index)
+        if rc is not None:
+            return rc
         if size_2m and not rf[spa] & R_SIZE_2M:
             return Rc.FAIL_SIZEMISMATCH
         if bool(rf[spa] & R_VALIDATED) == validate:
@@ -219,12 +227,9 @@ class Engine:
             return Rc.FAIL_PERMISSION
         if perms & ~int(self._r_perms[host][spa, caller_vmpl]):
             return Rc.FAIL_PERMISSION
-        if size_2m and (spa % PAGES_PER_2M or spa + PAGES_PER_2M > len(rf)):
-            return Rc.FAIL_INPUT
-        npf = self._npf_kind(host, spa, asid, gfn)
-        if npf != Fault.NONE:
-            self._count_fault(npf, event_index, gfn)
-            return Rc.NESTED_PF
+        rc = self._guest_entry(host, spa, asid, gfn, size_2m, event_index)
+        if rc is not None:
+            return rc
         if not rf[spa] & R_VALIDATED:
             return Rc.FAIL_INPUT
         if bool(rf[spa] & R_SIZE_2M) != size_2m:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -307,8 +306,4 @@ def write_report(runs: Sequence[Run], out_html: str | Path) -> Path:
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, render_html(runs).encode("utf-8"))
-    # write_atomic's temp file is created 0600; a report is meant to be shared, so honour the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)
     return out

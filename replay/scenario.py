@@ -138,11 +138,15 @@ class Scenario:
     base_dir: str = "."  # directory of the scenario file (trace.file is relative to it); not recorded
 
     def with_strategy(self, strategy: str) -> "Scenario":
-        if strategy not in STRATEGIES:
-            raise ScenarioError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}{_hint(strategy, STRATEGIES)}")
+        _one_of("strategy", strategy, STRATEGIES)
         return dataclasses.replace(self, migration=dataclasses.replace(self.migration, strategy=strategy))
 
-    def resolved(self, *, guest_bytes: int, vcpus: int, trace_seed: int) -> dict:
+    @property
+    def trace_seed(self) -> int:
+        """The generator's seed: ``trace.seed``, or the scenario's when it is -1."""
+        return self.seed if self.trace.seed < 0 else self.trace.seed
+
+    def resolved(self, *, guest_bytes: int, vcpus: int) -> dict:
         """The effective parameters, as every run record embeds them."""
         guest = dataclasses.replace(
             self.guest,
@@ -150,7 +154,7 @@ class Scenario:
             vcpus=vcpus,
             apic_id_last=self.guest.apic_id_first + vcpus - 1 if self.guest.apic_id_last < 0 else self.guest.apic_id_last,
         )
-        trace = dataclasses.replace(self.trace, seed=trace_seed) if self.trace.generator else self.trace
+        trace = dataclasses.replace(self.trace, seed=self.trace_seed) if self.trace.generator else self.trace
         out = {
             "name": self.name,
             "seed": self.seed,
@@ -183,14 +187,20 @@ _SECTIONS = {"guest": GuestSpec, "trace": TraceSpec, "migration": MigrationSpec,
 _TOP_KEYS = {"name", "description", "seed", "fault", *_SECTIONS}
 # Keys that accept human units ("16GiB", "500ms") besides integers.
 _SIZE_KEYS = {("guest", "guest_bytes")}
-_DURATION_KEYS = {("migration", "start_ns"), ("migration", "latency_ns"), ("migration", "downtime_limit_ns")}
+_DURATION_KEYS = {("migration", "start_ns"), ("migration", "latency_ns"), ("migration", "downtime_limit_ns"),
+                  ("fault", "at_ns"), ("fault", "duration_ns")}
 # Friendly aliases users reach for first.
 _ALIASES = {("guest", "size"): "guest_bytes"}
 
 
-def _negative_ok(section: str, key: str) -> bool:
-    # -1 means "the scenario's seed", "derived from vcpus" and "forever" respectively.
-    return (section, key) in {("trace", "seed"), ("guest", "apic_id_last")} or (section.startswith("fault") and key == "duration_ns")
+# -1 means "the scenario's seed", "derived from vcpus" and "forever" respectively.
+_NEGATIVE_OK = {("trace", "seed"), ("guest", "apic_id_last"), ("fault", "duration_ns")}
+
+
+def _one_of(where: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ScenarioError(f"{where} {value!r} is not one of {', '.join(choices)}{_hint(value, choices)}")
+    return value
 
 
 def _hint(word: str, candidates: Sequence[str]) -> str:
@@ -215,37 +225,38 @@ def _check_type(where: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _build(cls, table: Mapping[str, Any], section: str, src: str):
+def _build(cls, table: Mapping[str, Any], section: str, src: str, label: str | None = None):
+    """One table of the scenario as ``cls``; ``section`` names its kind (key rules), ``label`` the table in
+    messages (``fault[2]``)."""
+    label = label or section
     if not isinstance(table, Mapping):
-        raise ScenarioError(f"{src}: [{section}] must be a table")
+        raise ScenarioError(f"{src}: [{label}] must be a table")
     names = [f.name for f in fields(cls)]
     defaults = cls()
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
         name = _ALIASES.get((section, key), key)
-        where = f"{src}: {section}.{key}"
+        where = f"{src}: {label}.{key}"
         if name not in names:
             raise ScenarioError(f"{where}: unknown key{_hint(key, names)}")
         try:
             if (section, name) in _SIZE_KEYS and isinstance(value, str):
                 value = parse_size(value, where)
             elif (section, name) in _DURATION_KEYS and isinstance(value, str):
-                value = parse_duration_ns(value, where)
+                value = FOREVER if value == "forever" and (section, name) in _NEGATIVE_OK else parse_duration_ns(value, where)
         except UsageError as exc:
             raise ScenarioError(str(exc)) from None
         kwargs[name] = _check_type(where, value, getattr(defaults, name))
         if isinstance(kwargs[name], int) and not isinstance(kwargs[name], bool) and kwargs[name] < 0:
-            if not _negative_ok(section, name):
+            if (section, name) not in _NEGATIVE_OK:
                 raise ScenarioError(f"{where}: must be >= 0, got {kwargs[name]}")
     return cls(**kwargs)
 
 
 def _validate(s: Scenario, src: str) -> Scenario:
     m, t, g, c = s.migration, s.trace, s.guest, s.costs
-    if m.strategy not in STRATEGIES:
-        raise ScenarioError(f"{src}: migration.strategy {m.strategy!r} is not one of {', '.join(STRATEGIES)}{_hint(m.strategy, STRATEGIES)}")
-    if m.mode not in MODES:
-        raise ScenarioError(f"{src}: migration.mode {m.mode!r} is not one of {', '.join(MODES)}{_hint(m.mode, MODES)}")
+    _one_of(f"{src}: migration.strategy", m.strategy, STRATEGIES)
+    _one_of(f"{src}: migration.mode", m.mode, MODES)
     if bool(t.file) == bool(t.generator):
         raise ScenarioError(f"{src}: [trace] needs exactly one of 'file' or 'generator'")
     if t.generator and t.events <= 0:
@@ -263,8 +274,7 @@ def _validate(s: Scenario, src: str) -> Scenario:
     if t.rate <= 0:
         raise ScenarioError(f"{src}: trace.rate must be > 0")
     for i, f in enumerate(s.faults):
-        if f.kind not in FAULT_KINDS:
-            raise ScenarioError(f"{src}: fault[{i}].kind {f.kind!r} is not one of {', '.join(FAULT_KINDS)}")
+        _one_of(f"{src}: fault[{i}].kind", f.kind, FAULT_KINDS)
         if f.duration_ns < FOREVER or f.duration_ns == 0:
             raise ScenarioError(f"{src}: fault[{i}].duration_ns must be > 0, or -1 for forever")
     return s
@@ -286,20 +296,7 @@ def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
     faults = doc.get("fault", [])
     if not isinstance(faults, list):
         raise ScenarioError(f"{src}: 'fault' must be an array of tables ([[fault]])")
-    parsed = []
-    for i, f in enumerate(faults):
-        f = dict(f) if isinstance(f, Mapping) else f
-        if isinstance(f, dict):
-            for k in ("at_ns", "duration_ns"):
-                if isinstance(f.get(k), str):
-                    if f[k] == "forever":
-                        f[k] = FOREVER
-                    else:
-                        try:
-                            f[k] = parse_duration_ns(f[k], f"fault[{i}].{k}")
-                        except UsageError as exc:
-                            raise ScenarioError(f"{src}: {exc}") from None
-        parsed.append(_build(LinkFault, f, f"fault[{i}]", src))
+    parsed = [_build(LinkFault, f, "fault", src, f"fault[{i}]") for i, f in enumerate(faults)]
     kwargs["faults"] = tuple(parsed)
     return _validate(Scenario(**kwargs), src)
 
@@ -313,12 +310,7 @@ def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
         raise ScenarioError(f"{path}: no such scenario file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError(f"{path}: cannot read ({exc})") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path}: invalid TOML ({exc})") from None
-    doc = apply_overrides(doc, overrides)
-    return _from_table(doc, str(path), str(path.parent))
+    return parse_scenario_text(text, str(path), str(path.parent), overrides)
 
 
 def parse_scenario_text(text: str, src: str = "<scenario>", base_dir: str = ".", overrides: Sequence[str] = ()) -> Scenario:

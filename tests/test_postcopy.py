@@ -7,16 +7,14 @@ The tiny guest: 4 private pages, 3 vCPUs, OS at VMPL0. Every page is 5000 bytes 
 (unpack, RMPUPDATE, PVALIDATE cost 0 here).
 """
 
-import numpy as np
 import pytest
 
 from replay.cli import main
 from replay.engine import ENGINE_KINDS
 from replay.migrate import run
 from replay.scenario import make_scenario
-from replay.trace import TraceWriter
 
-from test_precopy import COSTS
+from test_precopy import COSTS, write_trace
 
 ROWS = [  # (t_ns, vcpu, gfn)
     (0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3),
@@ -29,21 +27,16 @@ PC_COSTS = {**COSTS, "postcopy_fault_exit_ns": 0, "postcopy_request_bytes": 0, "
 
 
 def pc_trace(path, rows=ROWS, npages=4, vcpus=3):
-    n = len(rows)
-    with TraceWriter(path, guest_bytes=npages * 4096, vcpus=vcpus, source={"test": "postcopy"}) as w:
-        w.write(np.array([r[0] for r in rows], np.uint64), np.array([r[1] for r in rows], np.uint16),
-                np.array([r[2] * 4096 for r in rows], np.uint64), np.full(n, 8, np.uint32),
-                np.zeros(n, np.uint8), np.arange(1, n + 1, dtype=np.uint64))
-    return path
+    return write_trace(path, rows, npages, vcpus)
 
 
-def pc_scenario(costs=None, faults=(), **migration):
+def pc_scenario(costs=None, faults=(), kernel=None, **migration):
     m = {"mode": "postcopy", "start_ns": 1000, "bandwidth_bytes_per_s": 5_000_000_000, "latency_ns": 100,
          "downtime_limit_ns": 10_000, "agents_initial": 1, "agents_max": 1, "shadow_apic_id_base": 8,
          "shadow_apic_ids": 1}
     m.update(migration)
     return make_scenario(guest={"os_vmpl": 0}, trace={"file": "x"}, migration=m, costs={**PC_COSTS, **(costs or {})},
-                         fault=list(faults))
+                         kernel=kernel or {}, fault=list(faults))
 
 
 @pytest.fixture
@@ -154,9 +147,7 @@ def test_capability_errors(tmp_path, capsys, strategy, caps, message):
 
 
 def test_shadow_postcopy_needs_no_link_capabilities(trace):
-    s = pc_scenario()
-    s = make_scenario(guest={"os_vmpl": 0}, trace={"file": "x"}, migration=s.resolved(guest_bytes=1, vcpus=1, trace_seed=0)["migration"],
-                      costs=PC_COSTS, kernel={"gmem_link": False, "gmem_link_userfault": False, "gmem_dirty_log": False})
+    s = pc_scenario(kernel={"gmem_link": False, "gmem_link_userfault": False, "gmem_dirty_log": False})
     assert run(s, strategy="shadow-vcpu", trace_path=trace).status == "completed"
 
 

@@ -30,20 +30,26 @@ COSTS = {
 }
 
 
-def tiny_trace(path, rows=ROWS, npages=4, vcpus=1, shared=()):
-    t = np.array([r[0] for r in rows], dtype=np.uint64)
-    gpa = np.array([r[1] * 4096 for r in rows], dtype=np.uint64)
-    with TraceWriter(path, guest_bytes=npages * 4096, vcpus=vcpus, shared_ranges=shared, source={"test": "tiny"}) as w:
-        w.write(t, np.zeros(len(rows), np.uint16), gpa, np.full(len(rows), 8, np.uint32),
-                np.zeros(len(rows), np.uint8), np.arange(1, len(rows) + 1, dtype=np.uint64))
+def write_trace(path, rows, npages, vcpus, shared=()):
+    """A trace of 8-byte WRITEs from ``(t_ns, vcpu, gfn)`` rows; the content seed is the row number + 1."""
+    n = len(rows)
+    with TraceWriter(path, guest_bytes=npages * 4096, vcpus=vcpus, shared_ranges=shared, source={"test": path.stem}) as w:
+        w.write(np.array([r[0] for r in rows], np.uint64), np.array([r[1] for r in rows], np.uint16),
+                np.array([r[2] * 4096 for r in rows], np.uint64), np.full(n, 8, np.uint32),
+                np.zeros(n, np.uint8), np.arange(1, n + 1, dtype=np.uint64))
     return path
 
 
-def tiny_scenario(**migration):
+def tiny_trace(path, shared=()):
+    return write_trace(path, [(t, 0, gfn) for t, gfn in ROWS], npages=4, vcpus=1, shared=shared)
+
+
+def tiny_scenario(costs=None, faults=(), kernel=None, **migration):
     m = {"start_ns": 1000, "bandwidth_bytes_per_s": 5_000_000_000, "latency_ns": 10, "downtime_limit_ns": 500,
          "max_rounds": 2, "agents_initial": 1, "agents_max": 1, "shadow_apic_id_base": 8, "shadow_apic_ids": 1}
     m.update(migration)
-    return make_scenario(guest={"os_vmpl": 0}, trace={"file": "unused.arrow"}, migration=m, costs=COSTS)
+    return make_scenario(guest={"os_vmpl": 0}, trace={"file": "unused.arrow"}, migration=m,
+                         costs={**COSTS, **(costs or {})}, kernel=kernel or {}, fault=list(faults))
 
 
 @pytest.fixture
@@ -116,9 +122,7 @@ def test_agents_on_demand_and_apic_limit(tmp_path):
     # Packaging (4000 ns/page) is 4x slower than the link (1000 ns/page): mirror-vm grows to agents_max;
     # shadow-vcpu stops at the reserved APIC ID range (2 IDs).
     trace = tiny_trace(tmp_path / "t.arrow")
-    s = tiny_scenario(agents_max=8, shadow_apic_ids=2)
-    s = make_scenario(guest={"os_vmpl": 0}, trace={"file": "x"}, migration={**s.resolved(guest_bytes=1, vcpus=1, trace_seed=0)["migration"]},
-                      costs={**COSTS, "page_pack_ns": 4000})
+    s = tiny_scenario(costs={"page_pack_ns": 4000}, agents_max=8, shadow_apic_ids=2)
     mirror = run(s, strategy="mirror-vm", trace_path=trace)
     shadow = run(s, strategy="shadow-vcpu", trace_path=trace)
     assert mirror.summary["metrics"]["agents_max"] == 4
@@ -169,9 +173,7 @@ def test_start_after_trace_end_is_a_scenario_error(tmp_path, capsys):
 
 
 def test_link_down_during_precopy_aborts_and_source_runs_on(trace):
-    s = tiny_scenario()
-    s = make_scenario(guest={"os_vmpl": 0}, trace={"file": "x"}, migration=s.resolved(guest_bytes=1, vcpus=1, trace_seed=0)["migration"],
-                      costs=COSTS, fault=[{"at_ns": 5500, "duration_ns": 1000}])
+    s = tiny_scenario(faults=[{"at_ns": 5500, "duration_ns": 1000}])
     for strategy in ("mirror-vm", "shadow-vcpu"):
         r = run(s, strategy=strategy, trace_path=trace)
         assert r.status == "aborted"

@@ -30,7 +30,7 @@ def test_defaults_and_units():
     assert s.migration.downtime_limit_ns == 300_000_000
     assert s.migration.strategy == "shadow-vcpu"
     assert s.costs == Costs()
-    r = s.resolved(guest_bytes=16 << 30, vcpus=4, trace_seed=7)
+    r = s.resolved(guest_bytes=16 << 30, vcpus=4)
     assert r["guest"]["apic_id_last"] == 3
     assert r["trace"]["seed"] == 7
     assert r["costs"]["page_pack_ns"] == Costs().page_pack_ns

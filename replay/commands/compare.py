@@ -87,8 +87,9 @@ def run(args) -> int:
     out = Path(args.out)
     results = []
     for strategy in STRATEGIES:
+        known = results[0].summary["digests"]["no_migration"] if results else None  # same trace, same guest
         results.append(execute(scenario, out / strategy, strategy=strategy, engine=args.engine, trace=args.trace,
-                               show_progress=not args.no_progress))
+                               show_progress=not args.no_progress, no_migration_digest=known))
     s0 = results[0].summary
     print(f"{scenario.name or Path(args.scenario).stem}: {s0['mode']}, trace {s0['trace']['digest'][:16]}... "
           f"({s0['trace']['events']} events, {format_bytes(s0['trace']['guest_bytes'])}, {s0['trace']['vcpus']} vCPUs)")

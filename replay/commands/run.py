@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+from ..engine import ENGINE_KINDS
 from ..errors import ExitCode, InvariantError
 from ..scenario import STRATEGIES, load_scenario
 
@@ -14,7 +15,7 @@ def add_common(p) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write (replaced atomically)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a scenario key (TOML value syntax; repeatable)")
-    p.add_argument("--engine", choices=("cython", "reference"), default="cython",
+    p.add_argument("--engine", choices=ENGINE_KINDS, default="cython",
                    help="page engine (the reference engine is slow; for cross-checking)")
     p.add_argument("--trace", metavar="FILE", help="replay this trace instead of the scenario's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
@@ -37,8 +38,9 @@ def progress_bar(total: int, desc: str, enabled: bool):
         yield bar.update
 
 
-def execute(scenario, out, *, strategy, engine, trace, show_progress):
-    """Run one strategy and write the run directory; returns the RunResult."""
+def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migration_digest=None):
+    """Run one strategy and write the run directory; returns the RunResult. ``no_migration_digest`` (from
+    another strategy's run of the same scenario) spares the reference replay of the whole trace."""
     from ..migrate import Migration, trace_for
     from ..trace import read_meta
 
@@ -46,9 +48,11 @@ def execute(scenario, out, *, strategy, engine, trace, show_progress):
         scenario = scenario.with_strategy(strategy)
     path = trace or trace_for(scenario)
     meta = read_meta(path)
-    # Two passes over the trace: the no-migration reference, then the migrated run.
-    with progress_bar(2 * meta.events, scenario.migration.strategy, show_progress) as update:
-        result = Migration(scenario, path, engine=engine, progress=update).run()
+    # Two passes over the trace unless the no-migration reference is known: it, then the migrated run.
+    passes = 1 if no_migration_digest else 2
+    with progress_bar(passes * meta.events, scenario.migration.strategy, show_progress) as update:
+        result = Migration(scenario, path, engine=engine, progress=update,
+                           no_migration_digest=no_migration_digest).run()
     result.write(out)
     return result
 
