@@ -22,8 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("replay.commands.inspect", "show a trace's metadata, op counts, write rate and working set"),
     "record": ("replay.commands.record", "record a real program into a trace (valgrind lackey)"),
     "import": ("replay.commands.importcmd", "convert CSV/Parquet accesses or a dirty-page log into a trace"),
-    "run": ("replay.commands.run", "replay a scenario under one migration strategy into a run directory"),
-    "compare": ("replay.commands.compare", "run a scenario under mirror-vm and shadow-vcpu and compare"),
+    "run": ("replay.commands.run", "replay a scenario under one migration strategy into a run directory "
+            "(exit 0 completed, 1 aborted/cancelled/failed, 2 bad input)"),
+    "compare": ("replay.commands.compare", "run a scenario under mirror-vm and shadow-vcpu and compare "
+                "(exit 0 both completed, 1 one did not, 2 bad input)"),
     "diff": ("replay.commands.diff", "compare two run directories (exit 0 equivalent, 1 differ, 2 bad input)"),
     "report": ("replay.commands.report", "write a self-contained HTML report of one or more runs"),
 }
