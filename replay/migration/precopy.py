@@ -127,7 +127,7 @@ def _burst(run: Run, rnd: Round, cursor: int) -> tuple[int, int]:
     """One burst of the bitmap walk, guest running; returns the new cursor and the bytes delivered."""
     eng, g, link = run.eng, run.guest, run.link
     until = g.v + run.s.migration.burst_ns
-    down = link.down_at(g.v)
+    down = link.down_at()
     transfer.begin(run, SOURCE)
     while True:
         cur = g.cur

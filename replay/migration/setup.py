@@ -65,7 +65,7 @@ def handshake(run: Run) -> None:
     g, cpu = run.guest, run.cpu
     steps = [run.strategy.attestation_step(side) for side in (SOURCE, TARGET)]
     dur = max(cpu.step_ns(st, SOURCE) for st in steps) + 2 * run.link.latency_ns  # reports cross both ways
-    run.link.check(g.v, g.v + dur)
+    run.link.check(g.v + dur)
     lost = 0
     for st in steps:
         cpu.charge(st.owner, st.cpu_ns)

@@ -43,7 +43,7 @@ def pause_and_drain(run: Run, phase_round: Round | None) -> tuple[int, Round]:
 def send_paused(run: Run, rnd: Round) -> None:
     """Send the rest of the bitmap while paused (target unpacking paces it like the link)."""
     eng, g, link = run.eng, run.guest, run.link
-    down = link.down_at(g.v)
+    down = link.down_at()
     transfer.begin(run, None)
     if eng.send_count(SOURCE):
         eng.transfer(SOURCE, TARGET, None, 0, None, 0, 0, SOURCE, deadline_v=link.deadline(down))
@@ -63,7 +63,7 @@ def send_vmsas_and_devices(run: Run, rnd: Round) -> int:
     pack = nvmsa * c.page_pack_ns
     t0 = g.v
     dur = max(link.wire_ns(vmsa_bytes + c.device_state_bytes), cpu.agent_work_ns(pack, run.agents, SOURCE, None))
-    link.check(t0, t0 + dur + link.latency_ns)
+    link.check(t0 + dur + link.latency_ns)
     cpu.charge(run.strategy.agent_owner, pack)
     g.pause(dur)
     rnd.bytes_sent += vmsa_bytes + c.device_state_bytes
@@ -88,7 +88,7 @@ def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
     if token:
         g.pause(link.latency_ns)  # the validation token crosses
     g.pause(c.resume_ns)
-    link.check(t0, g.v)  # a failure before the target runs: abort
+    link.check(g.v)  # a failure before the target runs: abort
     rnd.end_ns = g.v
 
 
