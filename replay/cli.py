@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
             "(exit 0 completed, 1 aborted/cancelled/failed, 2 bad input)"),
     "compare": ("replay.commands.compare", "run a scenario under mirror-vm and shadow-vcpu and compare "
                 "(exit 0 both completed, 1 one did not, 2 bad input)"),
-    "diff": ("replay.commands.diff", "compare two run directories (exit 0 equivalent, 1 differ, 2 bad input)"),
+    "diff": ("replay.commands.diff", "compare two run directories (exit 0 same end state, 1 different, 2 bad input)"),
     "report": ("replay.commands.report", "write a self-contained HTML report of one or more runs"),
 }
 
@@ -63,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReplayError as exc:
         print(f"replay: error: {one_line(exc)}", file=sys.stderr)
         return int(exc.exit_code)
+    except ImportError as exc:
+        # A checkout run without its dependencies (or without the built engine): say what to install.
+        print(f"replay: error: {exc.name or one_line(exc)} is not installed (pip install . in the project)",
+              file=sys.stderr)
+        return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
         print("replay: interrupted", file=sys.stderr)
         return 130

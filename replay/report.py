@@ -238,7 +238,7 @@ def _comparison(runs) -> str:
         if params else "<p>Same scenario and strategy: every resolved parameter is equal.</p>"
     )
     return (
-        f'<p>Comparison (A = first run, B = second): <span class="{cls}">{_e(result.outcome.value)}</span></p>'
+        f'<p>Comparison (A = first run, B = second): <span class="{cls}">{_e(result.verdict().removeprefix("diff: "))}</span></p>'
         f"<ul>{reasons}</ul><h3>Parameters that differ</h3>{params_html}"
     )
 

@@ -37,7 +37,7 @@ def test_golden_replay(scenario, strategy, tmp_path):
     assert result.rc == (0 if run.summary["status"] == "completed" else 1)  # exit 1: did not complete
     _check_invariants(run.summary)
     diff = diff_runs(load_run(golden), run, strict=True)
-    if diff.outcome is not Outcome.EQUIVALENT:
+    if diff.outcome is not Outcome.IDENTICAL:
         pytest.fail(
             f"{scenario.stem}/{strategy} no longer reproduces its golden record "
             f"(A = golden, B = this code). If the change is intended: tools/regen-golden {scenario.name}\n\n"
