@@ -20,7 +20,6 @@ ROWS = [
     ("downtime limit exceeded", ("metrics", "downtime_limit_exceeded"), str),
     ("switchover reason", ("metrics", "switchover_reason"), str),
     ("dirty syncs (rounds)", ("metrics", "rounds"), str),
-    ("kernel verdict", ("kernel", "verdict"), str),
     ("pages sent", ("metrics", "pages_sent"), str),
     ("zero pages", ("metrics", "zero_pages"), str),
     ("bytes sent", ("metrics", "bytes_sent"), format_bytes),
@@ -32,7 +31,6 @@ ROWS = [
     ("CPU: primary-VM agents", ("metrics", "cpu_ns", "primary_vm_agents"), format_ns),
     ("CPU: mirror VM", ("metrics", "cpu_ns", "mirror_vm"), format_ns),
     ("CPU: host", ("metrics", "cpu_ns", "host"), format_ns),
-    ("guest slowdown", ("metrics", "guest_slowdown_ppm"), lambda v: f"{v / 10_000:.2f} %"),
     ("RMPUPDATE (target)", ("metrics", "rmp", "target", "rmpupdate"), str),
     ("PVALIDATE (target)", ("metrics", "rmp", "target", "pvalidate"), str),
     ("page-state changes (source)", ("metrics", "rmp", "source", "psc"), str),
@@ -72,6 +70,8 @@ def table(summaries: list[dict]) -> str:
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for s in summaries:
+        lines.append(f"kernel ({s['strategy']}, profile {s['kernel']['profile']}): {s['kernel']['verdict']}")
     if "" in ends:
         lines.append("end of trace not reached by every run (a failed migration stops the guest)")
     else:
