@@ -151,7 +151,8 @@ def test_kernel_profiles_and_verdicts(trace):
     s = make_scenario(guest={"os_vmpl": 0}, trace={"file": "x"}, kernel={"profile": "proposed-2026"},
                       migration={"mode": "postcopy", "start_ns": 1000, "shadow_apic_id_base": 8})
     r = run(s, strategy="shadow-vcpu", trace_path=trace)
-    assert r.status == "completed" and r.summary["kernel"]["verdict"] == "needs: kvm_userfault (unmerged), kvm_planes (unmerged)"
+    assert r.status == "completed"
+    assert r.summary["kernel"]["verdict"] == "needs: kvm_userfault (unmerged), kvm_planes (unmerged), gmem_write (unmerged)"
     with pytest.raises(CapabilityError, match="gmem_dirty_log"):
         run(make_scenario(trace={"file": "x"}, kernel={"profile": "proposed-2026"}), strategy="shadow-vcpu",
             trace_path=trace)

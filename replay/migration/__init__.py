@@ -84,7 +84,7 @@ class Migration:
             guest.run_to(start)
             guest.v = guest.g = start
             run = Run(self.s, self.meta, eng, self.strategy, guest, Link.of(self.s.migration, self.s.faults, start),
-                      Cpu(self.s, self.strategy, self.meta.vcpus))
+                      Cpu(self.s, self.strategy, self.meta.vcpus), trace_last_ns=self.trace_last_ns)
             out.times["migration_start_ns"] = out.guest_g_at_start = start
             run.log("migration_start", f"strategy={self.strategy.name} mode={self.s.migration.mode}")
             try:
