@@ -153,8 +153,9 @@ class Costs:
     install_uffd_copy_ns: int = 1_810
     install_uffd_continue_ns: int = 600
     postcopy_request_bytes: int = 64  # page request on the return path
-    # Push data already queued ahead of a requested page without a preempt channel: QEMU's postcopy-
-    # preempt cover letter measured 10.7 ms vanilla vs 0.57 ms preempt per 4K fault (Peter Xu, 2022).
+    # The push's in-flight window: the most push data buffered on the channel ahead of a reply without a
+    # preempt channel (QEMU's postcopy-preempt cover letter measured 10.7 ms vanilla vs 0.57 ms preempt
+    # per 4K fault, Peter Xu, 2022). A reply waits for min(this, what the push still has to send).
     postcopy_queue_bytes: int = 4_194_304
 
 
