@@ -91,8 +91,7 @@ class Migration:
                 self._migrate(run, out)
             except LinkDown as down:
                 self._aborted(run, out, down.at_ns)
-            out.guest_g_at_end = min(guest.g, out.guest_g_at_start + max(0, out.times["completion_ns"] - start)) \
-                if out.times["completion_ns"] else guest.g
+            out.guest_g_at_end = guest.g  # the end of the migration window: the guest has not run past it
             if out.status != "failed":
                 self._finish_trace(run, out)
         return build(run, out, self.engine_kind)
@@ -121,17 +120,16 @@ class Migration:
         out.times["switchover_ns"] = g.v
         if action == "stop-and-copy":
             sw = stop_and_copy(run)
-            out.vmsas_sent = run.vcpus * (2 if self.s.guest.os_vmpl > 0 else 1)
+            out.vmsas_sent = sw.vmsas
             out.digests["source_at_switchover"], out.digests["target_at_switchover"] = sw.source_digest, sw.target_digest
             out.times["completion_ns"] = out.times["resume_ns"] = sw.resume_ns
         else:
             if out.switchover_reason != "max_rounds" or m.mode == "hybrid":
                 out.switchover_reason = "postcopy"
             sw = switch_to_postcopy(run, hybrid=m.mode != "postcopy")
-            out.vmsas_sent = run.vcpus * (2 if self.s.guest.os_vmpl > 0 else 1)
+            out.vmsas_sent = sw.vmsas
             out.times["resume_ns"] = sw.resume_ns
             out.digests["source_at_switchover"] = sw.source_digest
-            out.times["downtime_ns"] = sw.resume_ns - sw.pause_ns
             pe2 = postcopy(run, sw)
             out.postcopy = pe2.stats
             out.times["completion_ns"] = pe2.completion_ns

@@ -54,6 +54,7 @@ class PostcopySwitch:
     resume_ns: int
     source_digest: str
     missing: np.ndarray
+    vmsas: int
 
 
 def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
@@ -77,7 +78,7 @@ def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
     resume_target(run, rnd, nvmsa, token=False)
     g.host = TARGET
     run.log("resume", f"target resumed; downtime_ns={g.v - v_pause} userfault_pages={len(missing)}")
-    return PostcopySwitch(v_pause, g.v, source_digest, missing)
+    return PostcopySwitch(v_pause, g.v, source_digest, missing, nvmsa)
 
 
 class _Postcopy:
