@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("replay.commands.importcmd", "convert CSV/Parquet accesses or a dirty-page log into a trace"),
     "run": ("replay.commands.run", "replay a scenario under one migration strategy into a run directory"),
     "compare": ("replay.commands.compare", "run a scenario under mirror-vm and shadow-vcpu and compare"),
+    "sweep": ("replay.commands.sweep", "run a sweep (base scenario x axes) on a Dask cluster into a Parquet table"),
     "diff": ("replay.commands.diff", "compare two run directories (exit 0 equivalent, 1 differ, 2 bad input)"),
     "report": ("replay.commands.report", "write a self-contained HTML report of one or more runs"),
 }

@@ -415,16 +415,12 @@ class Migration:
         return 0
 
     def _no_migration_digest(self) -> str:
-        """The end-of-trace memory of the same guest with no migration at all: the reference digest."""
-        eng = make_engine(self.engine_kind, npages=self.npages, vcpus=self.vcpus, asid=self.s.guest.asid,
-                          os_vmpl=self.s.guest.os_vmpl, hosts=1)
-        eng.launch(0, list(self.meta.shared_ranges))
-        with open_trace(self.trace_path) as reader:
-            for base, batch in reader:
-                eng.replay(0, batch, 0, base, U64_MAX)
-                if self.progress:
-                    self.progress(batch.num_rows)
-        return eng.digest(0)
+        """The end-of-trace memory of the same guest with no migration at all: the reference digest
+        (replayed once per trace, guest and engine; cached on disk by replay.refdigest)."""
+        from .refdigest import no_migration_digest
+
+        return no_migration_digest(self.trace_path, self.meta, self.s.guest.asid, self.s.guest.os_vmpl,
+                                   self.engine_kind, self.progress)
 
     def _setup(self) -> None:
         v0 = self.v
