@@ -360,3 +360,13 @@ def test_a_worker_that_dies_is_an_error_row(tmp_path, monkeypatch):
     rows = res.table.to_pylist()
     assert [r["status"] for r in rows] == ["completed", "error"]
     assert "KilledWorker" in rows[1]["error"]
+
+
+def test_the_cluster_sweep_is_valid_and_shares_traces():
+    """The documented large sweep parses and validates: 960 points over 20 distinct traces."""
+    from replay.sweep import _trace_spec
+
+    pts = points(load_sweep(REPO / "scenarios" / "sweeps" / "mirror-vs-shadow-cluster.toml"))
+    assert len(pts) == 2 * 3 * 5 * 4 * 4 * 2
+    assert len({_trace_spec(p.scenario) for p in pts}) == 4 * 5  # vCPU counts x seeds
+    assert {p.scenario.guest.guest_bytes for p in pts} == {16 << 30}
