@@ -4,6 +4,7 @@ the results table read by polars and DuckDB."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,30 +50,28 @@ def write_sweep(tmp_path: Path, head: str, name: str = "s.toml") -> Path:
     return p
 
 
-@pytest.fixture(scope="module")
-def cluster_client():
-    """A real local Dask cluster (two single-threaded worker processes), shared by this module's tests."""
+@contextlib.contextmanager
+def dask_client(processes: bool, workers: int, threads: int):
+    """A real Dask cluster on this machine and its client; quiet, dashboard on a free port."""
     from dask.distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
-    client = Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
+    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=processes, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    """Two single-threaded worker processes, shared by this module's tests."""
+    with dask_client(processes=True, workers=2, threads=1) as client:
+        yield client
 
 
 @pytest.fixture
 def thread_client():
-    """An in-process Dask cluster (worker threads): lets a test replace the task function."""
-    from dask.distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
-    client = Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
+    """An in-process cluster (worker threads): lets a test replace the task function."""
+    with dask_client(processes=False, workers=1, threads=1) as client:
+        yield client
 
 
 # ------------------------------------------------------------------------------------------ points
@@ -339,7 +338,6 @@ def test_an_erroring_point_is_retried_and_then_completes(tmp_path, thread_client
 def test_a_worker_that_dies_is_an_error_row(tmp_path, monkeypatch):
     """A point whose worker process dies (here: it exits) is recorded; the other points complete."""
     import dask
-    from dask.distributed import Client, LocalCluster
 
     import replay.sweep as sweep_mod
 
@@ -354,8 +352,7 @@ def test_a_worker_that_dies_is_an_error_row(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_mod, "run_point", dies_on_seed_2)
     # Dask reschedules a dead worker's task (3 times by default); once is enough here.
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        with dask_client(processes=True, workers=2, threads=1) as client:
             res = run_sweep(load_sweep(p), tmp_path / "out", client=client)
     rows = res.table.to_pylist()
     assert [r["status"] for r in rows] == ["completed", "error"]
