@@ -367,3 +367,17 @@ def test_the_cluster_sweep_is_valid_and_shares_traces():
     assert len(pts) == 2 * 3 * 5 * 4 * 4 * 2
     assert len({_trace_spec(p.scenario) for p in pts}) == 4 * 5  # vCPU counts x seeds
     assert {p.scenario.guest.guest_bytes for p in pts} == {16 << 30}
+
+
+def test_report_of_a_damaged_sweep_dir_is_one_line(tmp_path, capsys):
+    d = tmp_path / "sweep"
+    d.mkdir()
+    (d / "sweep.json").write_text('{"format": "something-else"}')
+    assert main(["report", str(d), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a sweep record" in err
+    (d / "sweep.json").write_text('{"format": "snp-replay-sweep", "version": 1, "axes": []}')
+    assert main(["report", str(d), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.parquet: cannot read the results table" in err
+    assert not (tmp_path / "r.html").exists()
