@@ -381,3 +381,35 @@ def test_report_of_a_damaged_sweep_dir_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "results.parquet: cannot read the results table" in err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_scheduler_option_uses_an_existing_cluster_and_runs_equal_replay_run(tmp_path, cluster_client, capsys):
+    """`--scheduler ADDRESS` runs on that cluster as it is; each point's run directory is byte for byte
+    what `replay run` writes for the base scenario with the point's values as --set overrides."""
+    base = tmp_path / "base.toml"
+    base.write_text(textwrap.dedent(BASE).replace("[scenario.", "[").replace("[scenario]\n", ""))
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('scenario = "base.toml"\nstrategies = ["shadow-vcpu"]\n[grid]\n"migration.mode" = ["postcopy"]\n'
+                     '"migration.bandwidth_bytes_per_s" = [300_000_000, 900_000_000]\n')
+    out = tmp_path / "out"
+    address = cluster_client.scheduler.address
+    assert main(["sweep", str(sweep), "--out", str(out), "--scheduler", address, "--no-progress"]) == 0
+    assert "2 points (2 run now, 0 already done): 2 completed" in capsys.readouterr().out
+    assert len(cluster_client.scheduler_info()["workers"]) == 2  # the cluster is left as it was
+    rows = pl.read_parquet(out / "results.parquet").to_dicts()
+    for row in rows:
+        alone = tmp_path / f"alone-{row['point']}"
+        assert main(["run", str(base), "--out", str(alone), "--no-progress", "--strategy", "shadow-vcpu",
+                     "--set", "migration.mode=postcopy",
+                     "--set", f"migration.bandwidth_bytes_per_s={row['migration.bandwidth_bytes_per_s']}"]) == 0
+        files = sorted(p.name for p in alone.iterdir())
+        assert files == sorted(p.name for p in (out / row["run_dir"]).iterdir())
+        assert all((alone / f).read_bytes() == (out / row["run_dir"] / f).read_bytes() for f in files)
+
+
+def test_workers_and_scheduler_are_exclusive(tmp_path, capsys):
+    p = write_sweep(tmp_path, "seeds = [1]\n")
+    assert main(["sweep", str(p), "--out", str(tmp_path / "o"), "--workers", "2", "--scheduler", "tcp://x:1"]) == 2
+    assert "--workers sizes the local cluster" in capsys.readouterr().err
+    assert main(["sweep", str(p), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert "--workers 0: must be >= 1" in capsys.readouterr().err
