@@ -385,10 +385,11 @@ class SweepResult:
         return self.table.column("status").to_pylist().count(status)
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: int, unit: str, enabled: bool):
+    """A tqdm bar on a terminal only (nothing recorded depends on it)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="run", leave=False, file=sys.stderr,
+    return tqdm(total=total, desc=f"{unit}s", unit=unit, leave=False, file=sys.stderr,
                 disable=not (enabled and sys.stderr.isatty()))
 
 
@@ -469,7 +470,7 @@ def _prepare_traces(client, pts: Sequence[Point], out: Path, engine: str, show_p
         fut = client.submit(prepare_trace, members[0].scenario, cache, guests, engine, pure=False)
         futures[fut] = spec
     result: dict[str, Any] = {}
-    with _bar(len(futures), "traces", show_progress) as bar:
+    with _bar(len(futures), "trace", show_progress) as bar:
         for fut in as_completed(list(futures)):
             try:
                 result[futures[fut]] = fut.result()
@@ -492,7 +493,7 @@ def _run_points(client, todo, out: Path, engine: str, show_progress: bool, on_re
         futures[fut] = (p, key)
     ran = 0
     try:
-        with _bar(len(futures), "runs", show_progress) as bar:
+        with _bar(len(futures), "run", show_progress) as bar:
             for fut in as_completed(list(futures)):
                 p, key = futures[fut]
                 try:

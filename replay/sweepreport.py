@@ -5,6 +5,7 @@ migration time, bytes sent and guest slowdown against that axis, one line per st
 when modes are swept), at the median over the seeds and the other axes, with the min..max spread as a
 shaded band; then a table of where each strategy wins: for every setting of the swept axes except
 strategy and seed, which strategy has the lower median over seeds for each of those four metrics.
+Against an axis of categories (modes, say) the medians are points with min..max error bars, not lines.
 
 Only completed runs are plotted and compared (an aborted or failed migration has no meaningful downtime);
 the header counts the others. The page is one self-contained, deterministic HTML file like the run
@@ -75,6 +76,8 @@ def _plot_axis(df, x: str, salt: str) -> str:
     pos = {v: i for i, v in enumerate(xs)}
     strategies = sorted(df["strategy"].unique().to_list())
     modes = sorted(df["mode"].unique().to_list())
+    numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in xs)
+    lines = _lines(df, x)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 6.4), dpi=100)
@@ -85,7 +88,7 @@ def _plot_axis(df, x: str, salt: str) -> str:
         ax.set_axisbelow(True)
         for spine in ("top", "right"):
             ax.spines[spine].set_visible(False)
-        for strategy, mode in _lines(df, x):
+        for strategy, mode in lines:
             sel = df.filter(pl.col("strategy") == strategy)
             if mode is not None:
                 sel = sel.filter(pl.col("mode") == mode)
@@ -97,11 +100,18 @@ def _plot_axis(df, x: str, salt: str) -> str:
             color = COLORS[strategies.index(strategy) % len(COLORS)]
             style = LINESTYLES[modes.index(mode) % len(LINESTYLES)] if mode else "-"
             name = strategy if mode is None else f"{strategy}, {mode}"
-            ax.plot(px, [v * scale for v in agg["mid"].to_list()], style, marker="o", ms=4, color=color,
-                    label=name)
-            ax.fill_between(px, [v * scale for v in agg["lo"].to_list()], [v * scale for v in agg["hi"].to_list()],
-                            color=color, alpha=0.15, linewidth=0)
+            lo, mid, hi = ([v * scale for v in agg[c].to_list()] for c in ("lo", "mid", "hi"))
+            if numeric:
+                ax.plot(px, mid, style, marker="o", ms=4, color=color, label=name)
+                ax.fill_between(px, lo, hi, color=color, alpha=0.15, linewidth=0)
+            else:  # categories (modes, workloads): no line between them; min..max as error bars
+                i, n = lines.index((strategy, mode)), len(lines)
+                off = [p + (i - (n - 1) / 2) * 0.3 / max(1, n - 1) for p in px]
+                ax.errorbar(off, mid, yerr=[[m - a for m, a in zip(mid, lo)], [b - m for m, b in zip(mid, hi)]],
+                            fmt="o", ms=5, capsize=3, color=color, label=name)
         ax.set_xticks(range(len(xs)), [fmt(v) for v in xs], fontsize=8)
+        if not numeric:
+            ax.set_xlim(-0.5, len(xs) - 0.5)
         ax.set_xlabel(x, fontsize=8)
         ax.set_ylim(bottom=0)
     axs[0].legend(fontsize=7, frameon=False)
