@@ -127,3 +127,15 @@ def test_compare_error_in_a_worker_is_one_line_and_writes_nothing(trace, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the trace's vcpus is 1 but the scenario's guest.vcpus is 3" in err
     assert not out.exists()
+
+
+def test_compare_where_one_strategy_is_refused_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """mirror-vm needs KVM_LINK_GUEST_MEMFD; without it that run fails while shadow-vcpu's runs: the
+    comparison stops at the first error and leaves no half of itself behind."""
+    scen = tmp_path / "s.toml"
+    scen.write_text(SCENARIO.format(mode="precopy"))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(scen), "--out", str(out), "--set", "kernel.gmem_link=false", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gmem_link" in err
+    assert not out.exists()

@@ -100,10 +100,10 @@ def _drain(queue, update) -> None:
 def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
     """Run every strategy of ``scenario`` on one trace, each in its own process; returns their RunResults
     in STRATEGIES order. The no-migration reference is computed once first (or read from its cache): both
-    runs need it and it is the same for both."""
+    runs need it and it is the same for both. The first error of either run is raised at once and the
+    other run is stopped (it would be thrown away)."""
     import multiprocessing
     import threading
-    from concurrent.futures import ProcessPoolExecutor
 
     from ..refdigest import lookup, no_migration_digest
     from ..trace import read_meta
@@ -121,17 +121,25 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
         drain = threading.Thread(target=_drain, args=(queue, update), daemon=True) if queue else None
         if drain:
             drain.start()
+        pool = ctx.Pool(len(STRATEGIES))
+        ok = False
         try:
-            with ProcessPoolExecutor(max_workers=len(STRATEGIES), mp_context=ctx) as pool:
-                futures = [pool.submit(_run_strategy, scenario, s, engine, trace_path, nomig, queue)
-                           for s in STRATEGIES]
-                try:
-                    return [f.result() for f in futures]
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            runs = [pool.apply_async(_run_strategy, (scenario, s, engine, trace_path, nomig, queue))
+                    for s in STRATEGIES]
+            while not all(r.ready() for r in runs):
+                for r in runs:
+                    if r.ready() and not r.successful():
+                        r.get()  # raises that run's error
+                runs[[r.ready() for r in runs].index(False)].wait(0.05)
+            results = [r.get() for r in runs]
+            ok = True
+            return results
         finally:
+            if ok:
+                pool.close()
+            else:
+                pool.terminate()
+            pool.join()
             if drain:
                 queue.put(None)
                 drain.join()

@@ -42,12 +42,11 @@ def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migrati
     """Run one strategy and write the run directory; returns the RunResult. ``no_migration_digest`` (from
     another strategy's run of the same scenario) spares the reference replay of the whole trace."""
     from ..migrate import Migration, trace_for
+    from ..refdigest import lookup
     from ..trace import read_meta
 
     if strategy is not None:
         scenario = scenario.with_strategy(strategy)
-    from ..refdigest import lookup
-
     path = trace or trace_for(scenario)
     meta = read_meta(path)
     # Two passes over the trace unless the no-migration reference is known (given, or cached by an
