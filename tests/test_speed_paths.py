@@ -139,3 +139,39 @@ def test_compare_where_one_strategy_is_refused_is_one_line_and_writes_nothing(tm
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gmem_link" in err
     assert not out.exists()
+
+
+def test_compare_worker_that_dies_is_a_one_line_error(tmp_path, capsys):
+    """A strategy's process killed from outside (as the OOM killer would) ends the comparison with one
+    line, exit 2, and nothing written."""
+    import threading
+    import time
+
+    import psutil
+
+    scen = tmp_path / "s.toml"
+    scen.write_text(SCENARIO.format(mode="precopy").replace("events = 30_000", "events = 3_000_000"))
+    out = tmp_path / "cmp"
+    killed = []
+
+    def kill_a_worker():
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    if "spawn_main" in " ".join(child.cmdline()):
+                        child.kill()
+                        killed.append(child.pid)
+                        break
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    rc = main(["compare", str(scen), "--out", str(out), "--no-progress"])
+    killer.join()
+    assert killed and rc == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a compare worker process died" in err
+    assert not out.exists()

@@ -82,12 +82,34 @@ def configure(p) -> None:
     add_common(p)
 
 
-def _run_strategy(scenario, strategy, engine, trace_path, no_migration_digest, queue):
+# Set in each worker process by _init_worker (a multiprocessing Event and Queue can only reach a spawned
+# process at its creation, not as task arguments).
+_STOP = None
+_QUEUE = None
+
+
+class _Stopped(Exception):
+    """The other strategy's run failed: this one is not wanted any more."""
+
+
+def _init_worker(stop, queue) -> None:
+    global _STOP, _QUEUE
+    _STOP, _QUEUE = stop, queue
+
+
+def _progress(n: int) -> None:
+    # Called by the driver after every record batch: the cheap place to notice that the run is not wanted.
+    if _STOP.is_set():
+        raise _Stopped
+    if _QUEUE is not None:
+        _QUEUE.put(n)
+
+
+def _run_strategy(scenario, strategy, engine, trace_path, no_migration_digest):
     """One strategy's run in a worker process; the record is returned, not written (see ``run``)."""
     from ..migrate import Migration
 
-    progress = queue.put if queue is not None else None
-    return Migration(scenario.with_strategy(strategy), trace_path, engine=engine, progress=progress,
+    return Migration(scenario.with_strategy(strategy), trace_path, engine=engine, progress=_progress,
                      no_migration_digest=no_migration_digest).run()
 
 
@@ -100,11 +122,14 @@ def _drain(queue, update) -> None:
 def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
     """Run every strategy of ``scenario`` on one trace, each in its own process; returns their RunResults
     in STRATEGIES order. The no-migration reference is computed once first (or read from its cache): both
-    runs need it and it is the same for both. The first error of either run is raised at once and the
-    other run is stopped (it would be thrown away)."""
+    runs need it and it is the same for both. When one run fails the other is stopped at its next record
+    batch and the failure is raised; a worker process that dies is a WorkerError."""
     import multiprocessing
     import threading
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
+    from ..errors import WorkerError
     from ..refdigest import lookup, no_migration_digest
     from ..trace import read_meta
 
@@ -116,34 +141,26 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
     ctx = multiprocessing.get_context("spawn")
     with progress_bar(passes * meta.events, "compare", show_progress) as update:
         nomig = known or no_migration_digest(trace_path, meta, g.asid, g.os_vmpl, engine, update)
-        manager = ctx.Manager() if update else None
-        queue = manager.Queue() if manager else None
-        drain = threading.Thread(target=_drain, args=(queue, update), daemon=True) if queue else None
+        stop, queue = ctx.Event(), ctx.Queue() if update else None
+        drain = threading.Thread(target=_drain, args=(queue, update), daemon=True) if update else None
         if drain:
             drain.start()
-        pool = ctx.Pool(len(STRATEGIES))
-        ok = False
         try:
-            runs = [pool.apply_async(_run_strategy, (scenario, s, engine, trace_path, nomig, queue))
-                    for s in STRATEGIES]
-            while not all(r.ready() for r in runs):
-                for r in runs:
-                    if r.ready() and not r.successful():
-                        r.get()  # raises that run's error
-                runs[[r.ready() for r in runs].index(False)].wait(0.05)
-            results = [r.get() for r in runs]
-            ok = True
-            return results
+            with ProcessPoolExecutor(max_workers=len(STRATEGIES), mp_context=ctx, initializer=_init_worker,
+                                     initargs=(stop, queue)) as pool:
+                futures = [pool.submit(_run_strategy, scenario, s, engine, trace_path, nomig) for s in STRATEGIES]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in futures if f.done() and f.exception() is not None]
+                if failed:
+                    stop.set()
+                    raise failed[0].exception()
+                return [f.result() for f in futures]
+        except BrokenProcessPool as exc:
+            raise WorkerError(f"a compare worker process died ({exc}); out of memory?") from None
         finally:
-            if ok:
-                pool.close()
-            else:
-                pool.terminate()
-            pool.join()
             if drain:
                 queue.put(None)
                 drain.join()
-                manager.shutdown()
 
 
 def run(args) -> int:
