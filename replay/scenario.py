@@ -397,7 +397,13 @@ def parse_scenario_text(text: str, src: str = "<scenario>", base_dir: str = ".",
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{src}: invalid TOML ({exc})") from None
-    return _from_table(apply_overrides(doc, overrides), src, base_dir)
+    return scenario_from_doc(doc, src, base_dir, overrides)
+
+
+def scenario_from_doc(doc: Mapping[str, Any], src: str = "<scenario>", base_dir: str = ".",
+                      overrides: Sequence[str] = ()) -> Scenario:
+    """A scenario from an already parsed TOML document (a sweep's base), with overrides, validated."""
+    return _from_table(apply_overrides(dict(doc), overrides), src, base_dir)
 
 
 def _parse_value(text: str) -> Any:

@@ -32,7 +32,7 @@ from .precopy import precopy
 from .record import Outcome, RunResult, build
 from .setup import agents_wanted, grow_agents, setup
 from .stopcopy import stop_and_copy
-from .traces import cache_dir, last_event_ns, no_migration_digest, trace_for
+from .traces import cache_dir, last_event_ns, trace_for
 
 __all__ = ["Migration", "RunResult", "run", "trace_for", "cache_dir"]
 
@@ -72,9 +72,13 @@ class Migration:
     def run(self) -> RunResult:
         out = Outcome()
         g = self.s.guest
-        out.digests["no_migration"] = self._no_migration or no_migration_digest(
-            self.trace_path, self.meta, asid=g.asid, os_vmpl=g.os_vmpl,
-            engine=self.engine if isinstance(self.engine, str) else "cython", progress=self.progress)
+        if not self._no_migration:
+            from ..refdigest import no_migration_digest  # replayed once per trace and guest, then cached
+
+            self._no_migration = no_migration_digest(self.trace_path, self.meta, g.asid, g.os_vmpl,
+                                                     self.engine if isinstance(self.engine, str) else "cython",
+                                                     self.progress)
+        out.digests["no_migration"] = self._no_migration
         eng = self._engine(2)
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))
