@@ -195,3 +195,8 @@ ctypedef struct State:
     int64_t err_row                   # row and offending value of the last row error
     int64_t err_val
     Xfer x
+    int64_t* slog                     # send log: (gfn, global row, version) of each page transfer() sent
+    int64_t slog_n                    # triples logged
+    int64_t slog_cap
+    int slog_on
+    int slog_oom

@@ -13,7 +13,7 @@ import hashlib
 
 import numpy as np
 
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, realloc
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 
 from _engine cimport *
@@ -490,6 +490,24 @@ cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan)
         target_rmp(s, dst, gfn, plan)
 
 
+cdef inline void slog_add(State* s, int64_t gfn, int64_t row, uint32_t version) noexcept nogil:
+    """Log a sent page and the trace row the guest had reached (rows before it applied): data mode
+    replays contents in the same interleaving."""
+    cdef int64_t cap
+    cdef int64_t* p
+    if s.slog_n == s.slog_cap:
+        cap = 3 * 1024 if s.slog_cap == 0 else 2 * s.slog_cap
+        p = <int64_t*>realloc(s.slog, cap * 3 * sizeof(int64_t))
+        if p == NULL:
+            s.slog_oom = 1
+            return
+        s.slog, s.slog_cap = p, cap
+    s.slog[3 * s.slog_n] = gfn
+    s.slog[3 * s.slog_n + 1] = row
+    s.slog[3 * s.slog_n + 2] = version
+    s.slog_n += 1
+
+
 cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
                             const Cols* c, int64_t* row, int64_t base_index, int run_host,
                             const uint64_t* delays, uint64_t* ready, int64_t until_v,
@@ -587,6 +605,8 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
             x.first_touches += touch_src + touch_dst
         xfer_clock(s)
         # 4. delivery; with ready, the page is usable on the target from the end of its slot
+        if s.slog_on:
+            slog_add(s, gfn, base_index + row[0], version)
         deliver_page(s, src, dst, gfn, plan)
         if touch_dst:
             pd.flags |= PG_MAPPED
@@ -659,6 +679,9 @@ cdef class Engine:
 
     def __cinit__(self):
         cdef int h
+        self.st.slog = NULL
+        self.st.slog_n = self.st.slog_cap = 0
+        self.st.slog_on = self.st.slog_oom = 0
         for h in range(MAX_HOSTS):
             self.st.img[h] = NULL
             self.st.rmp[h] = NULL
@@ -695,6 +718,8 @@ cdef class Engine:
 
     def __dealloc__(self):
         cdef int h
+        free(self.st.slog)
+        self.st.slog = NULL
         for h in range(MAX_HOSTS):
             free(self.st.img[h])
             free(self.st.rmp[h])
@@ -1072,6 +1097,31 @@ cdef class Engine:
         self.st.x.agent_cpu_ns += agent_cpu_ns
         self.st.x.target_cpu_ns += target_cpu_ns
         xfer_clock(&self.st)
+
+    def set_send_log(self, enabled):
+        """Log every page transfer() sends with the trace row the guest had reached (see take_send_log)."""
+        self.st.slog_on = 1 if enabled else 0
+
+    def take_send_log(self):
+        """(gfns uint32, rows int64, versions uint32) of the pages sent since the last call, in order; a
+        page's row is the global index of the first trace row not yet applied when it was sent."""
+        cdef int64_t i, n = self.st.slog_n
+        if self.st.slog_oom:
+            self.st.slog_oom = 0
+            self.st.slog_n = 0
+            raise MemoryError("engine: send log")
+        g = np.empty(n, np.uint32)
+        r = np.empty(n, np.int64)
+        v = np.empty(n, np.uint32)
+        cdef uint32_t[::1] gv = g
+        cdef int64_t[::1] rv = r
+        cdef uint32_t[::1] vv = v
+        for i in range(n):
+            gv[i] = <uint32_t>self.st.slog[3 * i]
+            rv[i] = self.st.slog[3 * i + 1]
+            vv[i] = <uint32_t>self.st.slog[3 * i + 2]
+        self.st.slog_n = 0
+        return g, r, v
 
     # ------------------------------------------------------------------ the migration's send bitmap
 

@@ -84,6 +84,7 @@ class Engine:
         self._flags = [np.zeros(npages, np.uint8) for _ in range(hosts)]
         self._logging = [False] * hosts
         self._send_count = [0] * hosts
+        self._slog_on, self._slog = False, []
         self._recv_sum = [[0, 0] for _ in range(hosts)]
         # RMP tables: per entry gfn, asid, flags, perms[4] (perms[0] is always Perm.ALL)
         sizes = [b + npages + VMSA_SPARE for b in spa_base]
@@ -612,6 +613,8 @@ class Engine:
                 xs["first_touches"] += touch_src + touch_dst
             self._clock()
             # 4. delivery; with ready, the page is usable on the target from the end of its slot
+            if self._slog_on:
+                self._slog.append((gfn, base_index + row, version))
             self._deliver(src, dst, gfn, plan)
             if touch_dst:
                 dflags[gfn] |= MAPPED
@@ -675,6 +678,16 @@ class Engine:
         self._xs["agent_cpu_ns"] += agent_cpu_ns
         self._xs["target_cpu_ns"] += target_cpu_ns
         self._clock()
+
+    def set_send_log(self, enabled):
+        """Log every page transfer() sends with the trace row the guest had reached (see take_send_log)."""
+        self._slog_on = bool(enabled)
+
+    def take_send_log(self):
+        """(gfns uint32, rows int64, versions uint32) of the pages sent since the last call, in order."""
+        log, self._slog = self._slog, []
+        return (np.array([x[0] for x in log], np.uint32), np.array([x[1] for x in log], np.int64),
+                np.array([x[2] for x in log], np.uint32))
 
     # ------------------------------------------------------------------ the migration's send bitmap
 
