@@ -1,0 +1,387 @@
+"""Guest memory of one host in data mode: real page contents, private pages encrypted as SNP does.
+
+``HostMemory`` is the DRAM behind one host's copy of the guest. It holds only pages that were ever
+written (a never-written page reads as zero), each as its host would see it in DRAM:
+
+- a **private** page is AES-128-XTS ciphertext under that host's per-VM key, with the page's system
+  physical address (``spa_base + gfn``, in pages) as tweak (``replay.security.xts``);
+- a **shared** page is plain text.
+
+``read_raw`` is what a host process sees (ciphertext for private pages); ``read_plain`` is what the guest
+sees. ``raw_copy_to`` is a host copying DRAM bytes to another host: the copy decrypts to garbage there.
+
+Page contents (SPEC section 2: the written bytes are a pure function of ``(value, offset)``): a WRITE row
+``(gpa, len, value)`` writes at ``gpa + i`` (``0 <= i < len``) byte ``i mod 8`` (little-endian) of the
+64-bit word ``splitmix64(value, i div 8)``, where ``splitmix64(v, k) = mix(v + (k + 1) * 0x9E3779B97F4A7C15
+mod 2**64)`` and ``mix`` is the SplitMix64 finalizer (``content_bytes`` is the one-row statement of it).
+That is, the span holds the SplitMix64 stream seeded with ``value``: cheap to compute for a whole batch in
+numpy, different for every value, and independent of where the span lands.
+
+Writes are applied a batch at a time (``apply``): the pages a chunk of rows touches are decrypted once,
+the rows are written into that plain-text work area in trace order (a later row wins), and the pages are
+encrypted back once. Page-state changes (TO_SHARED / TO_PRIVATE rows, or ``set_private``) keep the page's
+contents (in-place conversion) and re-encrypt or decrypt the stored bytes.
+
+Bookkeeping per guest page is 5 bytes (an int32 slot index and a shared flag), page contents only for
+written pages: a 64 GiB guest with a 1 GiB working set needs 80 MiB + 1 GiB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from ..snp import PAGE_SHIFT, PAGE_SIZE, Op
+from . import xts
+from .keys import vm_memory_key
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+# Bytes of written content materialized at once: bounds the temporaries of one chunk (~40 B per byte).
+CHUNK_BYTES = 1 << 20
+# Pages decrypted/encrypted per call when walking the whole memory (digest).
+WALK_PAGES = 4096
+_PAGE_MASK = np.uint64(PAGE_SIZE - 1)
+_SHIFT = np.uint64(PAGE_SHIFT)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, elementwise on uint64 (multiplication wraps mod 2**64)."""
+    z = z ^ (z >> np.uint64(30))
+    z = z * _M1
+    z = z ^ (z >> np.uint64(27))
+    z = z * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def content_bytes(value: int, offset: int, length: int) -> bytes:
+    """Bytes ``offset .. offset + length - 1`` of the content a WRITE with ``value`` puts in its span."""
+    first, last = offset >> 3, (offset + length + 7) >> 3
+    k = np.arange(first, last, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        words = _mix(np.uint64(value) + (k + np.uint64(1)) * GOLDEN)
+    raw = words.astype("<u8").tobytes()
+    start = offset - (first << 3)
+    return raw[start : start + length]
+
+
+def _last_wins(dest: np.ndarray) -> np.ndarray:
+    """Indices into ``dest`` of the last occurrence of each distinct value (the write that stays)."""
+    order = np.argsort(dest, kind="stable")
+    d = dest[order]
+    keep = np.ones(d.size, dtype=bool)
+    keep[:-1] = d[:-1] != d[1:]
+    return order[keep]
+
+
+def _split_pieces(gpa, length, value, budget):
+    """Rows -> pieces of at most ``budget`` bytes (``budget`` a multiple of 8), each with its offset."""
+    n_pieces = (length + (budget - 1)) // budget
+    if (n_pieces <= 1).all():
+        return gpa, length, value, np.zeros(gpa.size, np.uint64)
+    row = np.repeat(np.arange(gpa.size), n_pieces)
+    first = np.cumsum(n_pieces) - n_pieces
+    k = (np.arange(row.size) - np.repeat(first, n_pieces)).astype(np.uint64)
+    off = k * np.uint64(budget)
+    plen = np.minimum(length[row] - off, np.uint64(budget))
+    return gpa[row] + off, plen, value[row], off
+
+
+def _page_spans(gpa: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every gfn covered by the spans ``[gpa, gpa + length)`` in row order, with repeats (int64), and
+    how many pages each row spans."""
+    first = gpa >> _SHIFT
+    npg = (((gpa + length - np.uint64(1)) >> _SHIFT) - first + np.uint64(1)).astype(np.int64)
+    base = np.repeat(first.astype(np.int64), npg)
+    return base + np.arange(base.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg), npg
+
+
+class HostMemory:
+    """One host's DRAM copy of the guest (see the module docstring).
+
+    ``key``: the host's 32-byte XTS key; ``spa_base``: system physical page of gfn 0 on this host (the
+    page engine's ``spa_base[host]``); ``shared_ranges``: inclusive ``(first_gfn, last_gfn)`` ranges that
+    start shared (all other pages start private), as in the trace metadata.
+    """
+
+    def __init__(self, *, npages: int, key: bytes, spa_base: int, shared_ranges=()):
+        if npages <= 0 or npages >= 1 << 31:
+            raise ValueError(f"npages must be in 1..2**31-1, got {npages}")
+        if len(key) != 32 or key[:16] == key[16:]:
+            raise ValueError("key must be 32 bytes (two different AES-128 keys)")
+        self.npages = int(npages)
+        self.key = bytes(key)
+        self.spa_base = int(spa_base)
+        self._slot = np.full(self.npages, -1, dtype=np.int32)
+        self._shared = np.zeros(self.npages, dtype=bool)
+        for first, last in shared_ranges:
+            self._shared[int(first) : int(last) + 1] = True
+        self._arena = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
+        self._used = 0
+        self._scratch = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
+
+    @classmethod
+    def for_host(cls, seed: int, host: int, *, npages: int, spa_base: int, shared_ranges=()) -> "HostMemory":
+        """The memory of ``host`` with its per-VM key derived from the scenario ``seed``."""
+        return cls(npages=npages, key=vm_memory_key(seed, host), spa_base=spa_base, shared_ranges=shared_ranges)
+
+    # -- addressing and state -------------------------------------------------------------------------
+
+    def spa(self, gfns) -> np.ndarray:
+        """System physical page of each gfn on this host (the XTS tweak is its byte address)."""
+        return np.asarray(gfns, dtype=np.uint64) + np.uint64(self.spa_base)
+
+    def _check_gfns(self, gfns) -> np.ndarray:
+        g = np.atleast_1d(np.asarray(gfns, dtype=np.int64))
+        if g.size and (g.min() < 0 or g.max() >= self.npages):
+            bad = int(g[(g < 0) | (g >= self.npages)][0])
+            raise IndexError(f"gfn {bad} outside the guest (0..{self.npages - 1})")
+        return g
+
+    def is_private(self, gfn: int) -> bool:
+        return not bool(self._shared[self._check_gfns(gfn)[0]])
+
+    def private_mask(self, gfns) -> np.ndarray:
+        return ~self._shared[self._check_gfns(gfns)]
+
+    @property
+    def stored_pages(self) -> int:
+        """Pages that hold contents (ever written or installed); all others are zero."""
+        return int(np.count_nonzero(self._slot >= 0))
+
+    # -- raw storage ----------------------------------------------------------------------------------
+
+    def _slots_for(self, gfns: np.ndarray) -> np.ndarray:
+        """Slots of ``gfns`` (distinct), allocating zero-filled DRAM for the ones not stored yet."""
+        slots = self._slot[gfns]
+        new = slots < 0
+        if new.any():
+            k = int(np.count_nonzero(new))
+            need = self._used + k
+            if need > self._arena.shape[0]:
+                cap = max(need, 2 * self._arena.shape[0], 64)
+                grown = np.zeros((cap, PAGE_SIZE), dtype=np.uint8)
+                grown[: self._used] = self._arena[: self._used]
+                self._arena = grown
+            slots = slots.copy()
+            slots[new] = np.arange(self._used, need, dtype=np.int32)
+            self._slot[gfns[new]] = slots[new]
+            self._used = need
+        return slots
+
+    def _work(self, n: int) -> np.ndarray:
+        """A reusable ``(n, 4096)`` work area: fresh arrays of this size cost page faults on every chunk."""
+        if self._scratch.shape[0] < n:
+            self._scratch = np.empty((max(n, 2 * self._scratch.shape[0]), PAGE_SIZE), dtype=np.uint8)
+        return self._scratch[:n]
+
+    def _load_plain(self, gfns: np.ndarray, private: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Plain text of distinct ``gfns`` as stored, decrypting the ones whose stored form is private."""
+        out = np.empty((gfns.size, PAGE_SIZE), dtype=np.uint8) if out is None else out
+        slots = self._slot[gfns]
+        have = slots >= 0
+        if have.all():
+            np.take(self._arena, slots, axis=0, out=out)
+        else:
+            out[~have] = 0
+            out[have] = self._arena[slots[have]]
+        dec = have & private
+        if dec.all():
+            xts.decrypt_pages(self.key, out, self.spa(gfns), out=out)
+        elif dec.any():
+            out[dec] = xts.decrypt_pages(self.key, out[dec], self.spa(gfns[dec]))
+        return out
+
+    def _store_plain(self, gfns: np.ndarray, plain: np.ndarray, private: np.ndarray) -> None:
+        """Store plain pages of distinct ``gfns``, encrypting those that are ``private`` (``plain`` is
+        overwritten: callers pass a work array they own)."""
+        if private.all():
+            xts.encrypt_pages(self.key, plain, self.spa(gfns), out=plain)
+        elif private.any():
+            plain[private] = xts.encrypt_pages(self.key, plain[private], self.spa(gfns[private]))
+        slots = self._slots_for(gfns)  # may grow (replace) the arena: index it afterwards
+        self._arena[slots] = plain
+
+    def read_raw(self, gfn: int) -> bytes:
+        """The page as this host's DRAM holds it: ciphertext if private (a never-written private page is the
+        encryption of zeros at its SPA), plain text if shared."""
+        g = self._check_gfns(gfn)
+        s = self._slot[g[0]]
+        page = self._arena[s : s + 1].copy() if s >= 0 else np.zeros((1, PAGE_SIZE), np.uint8)
+        if not self._shared[g[0]] and s < 0:
+            page = xts.encrypt_pages(self.key, page, self.spa(g))
+        return page.tobytes()
+
+    def write_raw(self, gfn: int, data: bytes) -> None:
+        """A host writing ``data`` into the page's DRAM as is (no encryption: the host has no key)."""
+        g = self._check_gfns(gfn)
+        if len(data) != PAGE_SIZE:
+            raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(data)}")
+        slot = self._slots_for(g)[0]
+        self._arena[slot] = np.frombuffer(data, np.uint8)
+
+    def raw_copy_to(self, other: "HostMemory", gfn: int) -> None:
+        """A host copying the page's DRAM bytes to ``other`` (same gfn): useless for a private page, whose
+        ciphertext decrypts under another key and SPA to garbage."""
+        other.write_raw(gfn, self.read_raw(gfn))
+
+    # -- the guest's view -----------------------------------------------------------------------------
+
+    def read_plain(self, gfn: int) -> bytes:
+        """The page as the guest sees it."""
+        return self.read_plain_many([gfn])[0].tobytes()
+
+    def read_plain_many(self, gfns) -> np.ndarray:
+        """Plain text of each of ``gfns`` (any order, repeats allowed) as an ``(n, 4096)`` array."""
+        g = self._check_gfns(gfns)
+        uniq, inv = np.unique(g, return_inverse=True)
+        plain = self._load_plain(uniq, ~self._shared[uniq])
+        return plain if uniq.size == g.size and (uniq == g).all() else plain[inv]
+
+    def install_plain(self, gfns, pages: np.ndarray, private) -> None:
+        """Put guest-visible contents into distinct ``gfns`` with the given attribute (what a migration
+        agent does at the target: encrypt under this host's key and SPA, or store plain if shared)."""
+        g = self._check_gfns(gfns)
+        if np.unique(g).size != g.size:
+            raise ValueError("install_plain: gfns must be distinct")
+        pages = np.asarray(pages, dtype=np.uint8).reshape(g.size, PAGE_SIZE)
+        priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape).copy()
+        self._shared[g] = ~priv
+        self._store_plain(g, pages.copy(), priv)
+
+    def set_private(self, gfns, private: bool) -> None:
+        """Page-state change of ``gfns`` keeping their contents (re-encrypts or decrypts stored pages)."""
+        g = np.unique(self._check_gfns(gfns))
+        change = g[self._shared[g] == private]
+        stored = change[self._slot[change] >= 0]
+        plain = self._load_plain(stored, ~self._shared[stored])
+        self._shared[change] = not private
+        self._store_plain(stored, plain, np.full(stored.size, private))
+
+    # -- replaying trace rows -------------------------------------------------------------------------
+
+    def apply_batch(self, batch: pa.RecordBatch) -> None:
+        """Apply a trace record batch (columns ``gpa``, ``len``, ``op``, ``value``) in row order."""
+        cols = {n: np.asarray(batch.column(n)) for n in ("gpa", "len", "op", "value")}
+        self.apply(cols["gpa"], cols["len"], cols["op"], cols["value"])
+
+    def apply(self, gpa, length, op, value) -> None:
+        """Apply trace rows in order: WRITE rows write their content, TO_SHARED/TO_PRIVATE rows change the
+        state of the pages they span, READ rows do nothing. Rows must lie inside the guest."""
+        gpa = np.asarray(gpa, dtype=np.uint64)
+        length = np.asarray(length, dtype=np.uint64)
+        op = np.asarray(op, dtype=np.uint8)
+        value = np.asarray(value, dtype=np.uint64)
+        if gpa.size and (length.min() == 0 or int((gpa + length).max()) > self.npages << PAGE_SHIFT
+                         or (gpa + length < gpa).any()):
+            raise ValueError("apply: every row needs len >= 1 and gpa + len inside the guest")
+        # Contents do not depend on the page state, and the stored form depends only on the final state
+        # and contents: so within a chunk the writes and the state changes can be applied separately.
+        start = 0
+        n = gpa.size
+        nbytes = np.where(op == Op.WRITE, length, 0)
+        ends = np.cumsum(nbytes)
+        while start < n:
+            # Rows up to CHUNK_BYTES of written content (at least one row; big rows are split later).
+            base = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, int(np.searchsorted(ends, base + CHUNK_BYTES, side="right")))
+            self._apply_chunk(gpa[start:stop], length[start:stop], op[start:stop], value[start:stop])
+            start = stop
+
+    def _apply_chunk(self, gpa, length, op, value) -> None:
+        w = op == Op.WRITE
+        psc = (op == Op.TO_SHARED) | (op == Op.TO_PRIVATE)
+        if not w.any() and not psc.any():
+            return
+        # Final state of every page a state change spans: the last such row wins.
+        if psc.any():
+            pg, npg = _page_spans(gpa[psc], length[psc])
+            to_private = np.repeat(op[psc] == Op.TO_PRIVATE, npg)
+            last = _last_wins(pg)
+            psc_gfns, psc_private = pg[last], to_private[last]
+        else:
+            psc_gfns, psc_private = np.zeros(0, np.int64), np.zeros(0, bool)
+        wg, wl, wv = gpa[w], length[w], value[w]
+        write_gfns = _page_spans(wg, wl)[0] if wg.size else np.zeros(0, np.int64)
+        # Pages to rewrite: written ones, and stored ones whose state changes (re-encryption).
+        changes = psc_gfns[self._shared[psc_gfns] == psc_private]
+        changes = changes[self._slot[changes] >= 0]
+        touched = np.union1d(write_gfns, changes)
+        plain = self._load_plain(touched, ~self._shared[touched], out=self._work(touched.size))
+        for pgpa, plen, pval, poff in self._pieces(wg, wl, wv):
+            self._write_into(plain, touched, pgpa, plen, pval, poff)
+        self._shared[psc_gfns] = ~psc_private
+        self._store_plain(touched, plain, ~self._shared[touched])
+
+    @staticmethod
+    def _pieces(gpa, length, value):
+        """Split rows into pieces and group them into runs of about CHUNK_BYTES of content."""
+        if not gpa.size:
+            return
+        pg, pl, pv, po = _split_pieces(gpa, length, value, CHUNK_BYTES)
+        ends = np.cumsum(pl)
+        start = 0
+        while start < pg.size:
+            base = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, int(np.searchsorted(ends, base + CHUNK_BYTES, side="right")))
+            yield pg[start:stop], pl[start:stop], pv[start:stop], po[start:stop]
+            start = stop
+
+    @staticmethod
+    def _write_into(plain, touched, gpa, length, value, offset) -> None:
+        """Write the content of pieces ``(gpa, length, value, offset-in-row)`` into the work area ``plain``
+        (rows of ``touched`` gfns), a later piece winning where they overlap."""
+        n = gpa.size
+        # Words of the SplitMix64 stream each piece needs (offsets are multiples of 8).
+        nw = ((length + np.uint64(7)) >> np.uint64(3)).astype(np.int64)
+        piece_of_word = np.repeat(np.arange(n), nw)
+        wstart = np.cumsum(nw) - nw
+        k = (np.arange(piece_of_word.size) - wstart[piece_of_word]).astype(np.uint64) + (offset >> np.uint64(3))[piece_of_word]
+        with np.errstate(over="ignore"):
+            words = _mix(value[piece_of_word] + (k + np.uint64(1)) * GOLDEN)
+        stream = words.astype("<u8").view(np.uint8)
+        ln = length.astype(np.int64)
+        piece_of_byte = np.repeat(np.arange(n), ln)
+        j = np.arange(piece_of_byte.size, dtype=np.int64) - np.repeat(np.cumsum(ln) - ln, ln)
+        src = wstart[piece_of_byte] * 8 + j
+        addr = gpa[piece_of_byte] + j.astype(np.uint64)
+        row = np.searchsorted(touched, (addr >> _SHIFT).astype(np.int64))
+        dest = row * PAGE_SIZE + (addr & _PAGE_MASK).astype(np.int64)
+        keep = _last_wins(dest)
+        plain.reshape(-1)[dest[keep]] = stream[src[keep]]
+
+    # -- digest ---------------------------------------------------------------------------------------
+
+    def plaintext_digest(self) -> str:
+        """blake2b-256 (hex) of the guest-visible memory: over the non-zero pages in gfn order, a hash of
+        their gfns (little-endian uint64) and a hash of their contents. A page that is all zero counts as
+        never written, so the digest does not depend on which zero pages happen to be stored."""
+        gfns = np.flatnonzero(self._slot >= 0)
+        hg, hp = hashlib.blake2b(digest_size=32), hashlib.blake2b(digest_size=32)
+        for i in range(0, gfns.size, WALK_PAGES):
+            g = gfns[i : i + WALK_PAGES]
+            plain = self._load_plain(g, ~self._shared[g])
+            nz = plain.any(axis=1)
+            hg.update(g[nz].astype("<u8").tobytes())
+            hp.update(plain[nz].tobytes())
+        return hashlib.blake2b(hg.digest() + hp.digest(), digest_size=32).hexdigest()
+
+
+def replay_plaintext_digest(path: str | os.PathLike, *, seed: int = 0, host: int = 0, spa_base: int = 1024) -> str:
+    """Replay a whole trace into data-mode memory, batch by batch, and return its plain-text digest.
+
+    This is the no-migration reference of data mode: a migrated run's end-of-trace memory must have the
+    same digest. The digest does not depend on ``seed``, ``host`` or ``spa_base`` (only the ciphertext
+    does); they are parameters so that a test can show exactly that."""
+    from ..trace import open_trace
+
+    with open_trace(path) as tr:
+        mem = HostMemory.for_host(seed, host, npages=tr.meta.npages, spa_base=spa_base,
+                                  shared_ranges=tr.meta.shared_ranges)
+        for _, batch in tr:
+            mem.apply_batch(batch)
+    return mem.plaintext_digest()
