@@ -80,12 +80,11 @@ def _last_wins(dest: np.ndarray) -> np.ndarray:
 
 def _split_pieces(gpa, length, value, budget):
     """Rows -> pieces of at most ``budget`` bytes (``budget`` a multiple of 8), each with its offset."""
-    n_pieces = (length + (budget - 1)) // budget
+    n_pieces = ((length + np.uint64(budget - 1)) // np.uint64(budget)).astype(np.int64)
     if (n_pieces <= 1).all():
         return gpa, length, value, np.zeros(gpa.size, np.uint64)
     row = np.repeat(np.arange(gpa.size), n_pieces)
-    first = np.cumsum(n_pieces) - n_pieces
-    k = (np.arange(row.size) - np.repeat(first, n_pieces)).astype(np.uint64)
+    k = (np.arange(row.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)).astype(np.uint64)
     off = k * np.uint64(budget)
     plen = np.minimum(length[row] - off, np.uint64(budget))
     return gpa[row] + off, plen, value[row], off
