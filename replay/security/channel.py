@@ -200,11 +200,16 @@ class Sender:
         st.compressed_bytes += len(data)
         return data, 0
 
-    def _seal(self, gfn: int, version: int, stream: int, flags: int, body: bytes) -> bytes:
+    def _seal(self, gfn: int, version: int, stream: int, flags: int, body: bytes, token: list[bytes] | None = None) -> bytes:
+        """A sealed packet; its header + tag go to ``token`` (absorbed by the caller) or straight into the
+        token hasher."""
         seq = self._next(stream)
         header = HEADER.pack(gfn, seq, version, stream, flags, len(body) + TAG_BYTES)
         sealed = self._aead(stream).encrypt(nonce(stream, seq), body, header)
-        self.token_hasher.absorb(stream, header, sealed[-TAG_BYTES:], vmsa=bool(flags & _VMSA))
+        if token is None:
+            self.token_hasher.absorb(stream, header, sealed[-TAG_BYTES:], vmsa=bool(flags & _VMSA))
+        else:
+            token.append(header + sealed[-TAG_BYTES:])
         self.stats.wire_bytes += HEADER_BYTES + len(sealed)
         return header + sealed
 
@@ -226,15 +231,16 @@ class Sender:
         out = []
         datas = [p.tobytes() for p in plain[nonzero]]
         frames = iter(zip(datas, self._compress_all(datas)))
+        token: list[bytes] = []
         for gfn, ver, priv, nz in zip(g.tolist(), v.tolist(), private.tolist(), nonzero.tolist()):
             if priv:
                 st.private_pages += 1
                 if nz:
                     body, extra = self._body(*next(frames))
-                    out.append(self._seal(gfn, ver, stream, _PRIVATE | extra, body))
+                    out.append(self._seal(gfn, ver, stream, _PRIVATE | extra, body, token))
                 else:
                     st.zero_pages += 1
-                    out.append(self._seal(gfn, ver, stream, _PRIVATE | _ZERO, b""))
+                    out.append(self._seal(gfn, ver, stream, _PRIVATE | _ZERO, b"", token))
             else:
                 st.shared_pages += 1
                 if nz:
@@ -243,6 +249,7 @@ class Sender:
                 else:
                     st.zero_pages += 1
                     out.append(self._plain(gfn, ver, stream, _SHARED | _ZERO, b""))
+        self.token_hasher.absorb_many(stream, token)
         return out
 
     def send_page(self, gfn: int, version: int, stream: int) -> bytes:
@@ -291,8 +298,9 @@ class Receiver:
         self.stats.outcomes[o] = self.stats.outcomes.get(o, 0) + 1
         return o
 
-    def _open(self, packet: bytes):
-        """Parse, authenticate and sequence-check ``packet``; on success consume its sequence number.
+    def _open(self, packet: bytes, token: dict[int, list] | None = None):
+        """Parse, authenticate and sequence-check ``packet``; on success consume its sequence number and
+        note its header + tag for the token (in ``token`` per stream, absorbed by the caller, or at once).
         Returns (outcome, header fields or None, payload)."""
         h = _parse(packet)
         if h is None:
@@ -309,7 +317,14 @@ class Receiver:
             return Outcome.BAD_SEQUENCE, h, b""
         seqs[stream] = seq + 1
         if flags & (_PRIVATE | _VMSA):
-            self.token_hasher.absorb(stream, packet[:HEADER_BYTES], packet[-TAG_BYTES:], vmsa=bool(flags & _VMSA))
+            if token is None:
+                self.token_hasher.absorb(stream, packet[:HEADER_BYTES], packet[-TAG_BYTES:], vmsa=bool(flags & _VMSA))
+            else:
+                records = token.get(stream)
+                if records is None:
+                    records = token[stream] = [[], 0]
+                records[0].append(packet[:HEADER_BYTES] + packet[-TAG_BYTES:])
+                records[1] += bool(flags & _VMSA)
         self.stats.wire_bytes += len(packet)
         return Outcome.ACCEPTED, h, body
 
@@ -325,10 +340,10 @@ class Receiver:
 
     def receive_many(self, packets) -> list[Outcome]:
         """Check and apply ``packets`` in order; the accepted pages are installed in one batch."""
-        outcomes, pending = [], {}
+        outcomes, pending, token = [], {}, {}
         held, npages, st = self._held, self.memory.npages, self.stats
         for p in packets:
-            o, h, body = self._open(p)
+            o, h, body = self._open(p, token)
             if o is Outcome.ACCEPTED:
                 gfn, version, flags = h[0], h[2], h[4]
                 if flags & _TOKEN:
@@ -355,11 +370,17 @@ class Receiver:
                     else:
                         self._count_payload(flags, body)
             outcomes.append(self._count(o))
+        self._absorb(token)
         if pending:
             gfns = np.fromiter(pending, dtype=np.int64, count=len(pending))
             pages = np.frombuffer(b"".join(p for p, _ in pending.values()), np.uint8).reshape(-1, PAGE_SIZE)
             self.memory.install_plain(gfns, pages, np.fromiter((pr for _, pr in pending.values()), bool, len(pending)))
         return outcomes
+
+    def _absorb(self, token: dict[int, list]) -> None:
+        """Feed the header + tag records noted per stream (``[records, vmsas]``) into the token."""
+        for stream, (records, vmsas) in token.items():
+            self.token_hasher.absorb_many(stream, records, vmsas=vmsas)
 
     def _count_payload(self, flags: int, body: bytes) -> None:
         """Payload bytes as the sender counts them: a page before and after compression."""

@@ -62,14 +62,19 @@ class TokenHasher:
         self.vmsas = 0
 
     def absorb(self, stream: int, header: bytes, tag: bytes, *, vmsa: bool) -> None:
+        """One sealed packet of ``stream`` (its header and GCM tag)."""
+        self.absorb_many(stream, [header + tag], vmsas=int(vmsa))
+
+    def absorb_many(self, stream: int, records: list[bytes], *, vmsas: int = 0) -> None:
+        """Several sealed packets of ``stream`` in order, each given as header + tag (one hash update:
+        the same as absorbing them one by one, since the records have a fixed size)."""
+        if not records:
+            return
         count, h = self._streams.get(stream) or (0, hashlib.sha384())
-        h.update(header)
-        h.update(tag)
-        self._streams[stream] = (count + 1, h)
-        if vmsa:
-            self.vmsas += 1
-        else:
-            self.pages += 1
+        h.update(b"".join(records))
+        self._streams[stream] = (count + len(records), h)
+        self.vmsas += vmsas
+        self.pages += len(records) - vmsas
 
     def token(self) -> Token:
         """The token so far: SHA-384 over (stream, count, stream hash) for each stream in stream order."""
