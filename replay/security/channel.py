@@ -306,12 +306,13 @@ class Receiver:
         if h is None:
             return Outcome.MALFORMED, None, b""
         stream, seq, flags = h[3], h[1], h[4]
-        body = packet[HEADER_BYTES:]
         if flags & _SEALED:
-            try:
-                body = self._aead(stream).decrypt(nonce(stream, seq), body, packet[:HEADER_BYTES])
+            try:  # a memoryview: the 4 KiB payload is not copied before decryption
+                body = self._aead(stream).decrypt(nonce(stream, seq), memoryview(packet)[HEADER_BYTES:], packet[:HEADER_BYTES])
             except InvalidTag:
                 return Outcome.BAD_TAG, h, b""
+        else:
+            body = packet[HEADER_BYTES:]
         seqs = self.stats.sequences
         if seq != seqs.get(stream, 0):
             return Outcome.BAD_SEQUENCE, h, b""
@@ -373,8 +374,10 @@ class Receiver:
         self._absorb(token)
         if pending:
             gfns = np.fromiter(pending, dtype=np.int64, count=len(pending))
-            pages = np.frombuffer(b"".join(p for p, _ in pending.values()), np.uint8).reshape(-1, PAGE_SIZE)
-            self.memory.install_plain(gfns, pages, np.fromiter((pr for _, pr in pending.values()), bool, len(pending)))
+            # A writable buffer, so that the memory can encrypt the pages in place without another copy.
+            pages = np.frombuffer(bytearray().join(p for p, _ in pending.values()), np.uint8).reshape(-1, PAGE_SIZE)
+            private = np.fromiter((pr for _, pr in pending.values()), bool, len(pending))
+            self.memory.install_plain(gfns, pages, private, consume=True)
         return outcomes
 
     def _absorb(self, token: dict[int, list]) -> None:

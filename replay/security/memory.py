@@ -241,16 +241,17 @@ class HostMemory:
         plain = self._load_plain(uniq, ~self._shared[uniq])
         return plain if uniq.size == g.size and (uniq == g).all() else plain[inv]
 
-    def install_plain(self, gfns, pages: np.ndarray, private) -> None:
+    def install_plain(self, gfns, pages: np.ndarray, private, *, consume: bool = False) -> None:
         """Put guest-visible contents into distinct ``gfns`` with the given attribute (what a migration
-        agent does at the target: encrypt under this host's key and SPA, or store plain if shared)."""
+        agent does at the target: encrypt under this host's key and SPA, or store plain if shared).
+        ``consume``: ``pages`` is a writable work array the caller gives up (encrypted in place)."""
         g = self._check_gfns(gfns)
         if np.unique(g).size != g.size:
             raise ValueError("install_plain: gfns must be distinct")
         pages = np.asarray(pages, dtype=np.uint8).reshape(g.size, PAGE_SIZE)
         priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape).copy()
         self._shared[g] = ~priv
-        self._store_plain(g, pages.copy(), priv)
+        self._store_plain(g, pages if consume and pages.flags.writeable else pages.copy(), priv)
 
     def set_private(self, gfns, private: bool) -> None:
         """Page-state change of ``gfns`` keeping their contents (re-encrypts or decrypts stored pages)."""
