@@ -159,6 +159,8 @@ def test_malformed_packets():
     assert r.receive(both) is Outcome.MALFORMED  # two kinds at once
     unknown = struct.pack("<QQQHHI", 0, 0, 0, 1, 64, 0)
     assert r.receive(unknown) is Outcome.MALFORMED  # unknown flag bit
+    no_room_for_a_tag = Header(0, 0, 0, 1, Flag.PRIVATE, 4).pack() + b"abcd"
+    assert r.receive(no_room_for_a_tag) is Outcome.MALFORMED
     zero_with_body = Header(0, 0, 0, 1, Flag.SHARED | Flag.ZERO, 4).pack() + b"abcd"
     assert r.receive(zero_with_body) is Outcome.MALFORMED
     far = HostMemory.for_host(SEED, 0, npages=64, spa_base=1024)
@@ -310,3 +312,15 @@ def test_migration_mid_trace_ends_with_the_straight_replay_memory(tmp_path):
     # and rows written to the target after switchover are encrypted under the target's key
     g = int(np.flatnonzero([dst.is_private(i) and dst.read_plain(i) != bytes(PAGE) for i in range(meta.npages)])[0])
     assert dst.read_raw(g) != dst.read_plain(g)
+
+
+def test_two_copies_of_a_page_in_one_batch_the_newer_stays():
+    src, dst, s, r = pair()
+    write(src, 2, 1)
+    v1 = s.send_page(2, 1, stream=1)
+    write(src, 2, 2)
+    first = src.read_plain(2)
+    v2 = s.send_page(2, 2, stream=1)
+    older = s.send_page(2, 1, stream=1)  # an authentic packet claiming an older version
+    assert r.receive_many([v1, v2, older]) == [Outcome.ACCEPTED, Outcome.ACCEPTED, Outcome.STALE_VERSION]
+    assert dst.read_plain(2) == first and r.held_version(2) == 2

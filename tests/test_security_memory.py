@@ -237,3 +237,10 @@ def test_straight_replay_of_a_trace_gives_the_models_digest(tmp_path):
     d = replay_plaintext_digest(path)
     assert d == model.digest()
     assert replay_plaintext_digest(path, seed=9, host=1, spa_base=5000) == d  # keys do not matter
+
+
+def test_straight_replay_of_a_missing_trace_is_a_trace_error(tmp_path):
+    from replay.errors import TraceError
+
+    with pytest.raises(TraceError, match="missing.arrow: cannot open"):
+        replay_plaintext_digest(tmp_path / "missing.arrow")
