@@ -14,12 +14,12 @@ Page contents (SPEC section 2: the written bytes are a pure function of ``(value
 ``(gpa, len, value)`` writes at ``gpa + i`` (``0 <= i < len``) byte ``i mod 8`` (little-endian) of the
 64-bit word ``splitmix64(value, i div 8)``, where ``splitmix64(v, k) = mix(v + (k + 1) * 0x9E3779B97F4A7C15
 mod 2**64)`` and ``mix`` is the SplitMix64 finalizer (``content_bytes`` is the one-row statement of it).
-That is, the span holds the SplitMix64 stream seeded with ``value``: cheap to compute for a whole batch in
-numpy, different for every value, and independent of where the span lands.
+That is, the span holds the SplitMix64 stream seeded with ``value``: cheap to compute, different for
+every value, and independent of where the span lands.
 
 Writes are applied a batch at a time (``apply``): the pages a chunk of rows touches are decrypted once,
-the rows are written into that plain-text work area in trace order (a later row wins), and the pages are
-encrypted back once. Page-state changes (TO_SHARED / TO_PRIVATE rows, or ``set_private``) keep the page's
+the rows are written into that plain-text work area in trace order (a later row wins; the loop is in C,
+``replay._content``), and the pages are encrypted back once. Page-state changes (TO_SHARED / TO_PRIVATE rows, or ``set_private``) keep the page's
 contents (in-place conversion) and re-encrypt or decrypt the stored bytes.
 
 Bookkeeping per guest page is 5 bytes (an int32 slot index and a shared flag), page contents only for
@@ -34,39 +34,26 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from replay._content import write_spans
+
 from ..snp import PAGE_SHIFT, PAGE_SIZE, Op
 from . import xts
 from .keys import vm_memory_key
 
-GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-# Bytes of written content materialized at once: bounds the temporaries of one chunk (~40 B per byte).
-CHUNK_BYTES = 1 << 20
-# Pages decrypted/encrypted per call when walking the whole memory (digest).
+# Pages one chunk of rows may touch (its work area: 64 MiB of plain text at most, reused between chunks).
+CHUNK_PAGES = 16384
+# Pages decrypted per call when walking the whole memory (digest).
 WALK_PAGES = 4096
 _PAGE_MASK = np.uint64(PAGE_SIZE - 1)
 _SHIFT = np.uint64(PAGE_SHIFT)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer, elementwise on uint64 (multiplication wraps mod 2**64)."""
-    z = z ^ (z >> np.uint64(30))
-    z = z * _M1
-    z = z ^ (z >> np.uint64(27))
-    z = z * _M2
-    return z ^ (z >> np.uint64(31))
-
-
 def content_bytes(value: int, offset: int, length: int) -> bytes:
     """Bytes ``offset .. offset + length - 1`` of the content a WRITE with ``value`` puts in its span."""
-    first, last = offset >> 3, (offset + length + 7) >> 3
-    k = np.arange(first, last, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        words = _mix(np.uint64(value) + (k + np.uint64(1)) * GOLDEN)
-    raw = words.astype("<u8").tobytes()
-    start = offset - (first << 3)
-    return raw[start : start + length]
+    out = np.zeros(length, np.uint8)
+    write_spans(out, np.zeros(1, np.int64), np.array([length], np.uint64), np.array([value], np.uint64),
+                np.array([offset], np.uint64))
+    return out.tobytes()
 
 
 def _last_wins(dest: np.ndarray) -> np.ndarray:
@@ -78,16 +65,16 @@ def _last_wins(dest: np.ndarray) -> np.ndarray:
     return order[keep]
 
 
-def _split_pieces(gpa, length, value, budget):
-    """Rows -> pieces of at most ``budget`` bytes (``budget`` a multiple of 8), each with its offset."""
+def _split_pieces(gpa, length, op, value, budget):
+    """Rows -> pieces of at most ``budget`` bytes (a multiple of 8), each with its offset in its row."""
     n_pieces = ((length + np.uint64(budget - 1)) // np.uint64(budget)).astype(np.int64)
     if (n_pieces <= 1).all():
-        return gpa, length, value, np.zeros(gpa.size, np.uint64)
+        return gpa, length, op, value, np.zeros(gpa.size, np.uint64)
     row = np.repeat(np.arange(gpa.size), n_pieces)
     k = (np.arange(row.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)).astype(np.uint64)
     off = k * np.uint64(budget)
     plen = np.minimum(length[row] - off, np.uint64(budget))
-    return gpa[row] + off, plen, value[row], off
+    return gpa[row] + off, plen, op[row], value[row], off
 
 
 def _page_spans(gpa: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -279,80 +266,51 @@ class HostMemory:
         if gpa.size and (length.min() == 0 or int((gpa + length).max()) > self.npages << PAGE_SHIFT
                          or (gpa + length < gpa).any()):
             raise ValueError("apply: every row needs len >= 1 and gpa + len inside the guest")
-        # Contents do not depend on the page state, and the stored form depends only on the final state
-        # and contents: so within a chunk the writes and the state changes can be applied separately.
+        keep = op != Op.READ
+        if not keep.all():
+            gpa, length, op, value = gpa[keep], length[keep], op[keep], value[keep]
+        if not gpa.size:
+            return
+        # Bound the work area (the pages a chunk touches): rows longer than CHUNK_PAGES pages are split
+        # into pieces, and pieces are grouped so that a group spans at most ~CHUNK_PAGES pages.
+        gpa, length, op, value, offset = _split_pieces(gpa, length, op, value, CHUNK_PAGES * PAGE_SIZE)
+        npg = (((gpa + length - np.uint64(1)) >> _SHIFT) - (gpa >> _SHIFT) + np.uint64(1)).astype(np.int64)
+        ends = np.cumsum(npg)
         start = 0
-        n = gpa.size
-        nbytes = np.where(op == Op.WRITE, length, 0)
-        ends = np.cumsum(nbytes)
-        while start < n:
-            # Rows up to CHUNK_BYTES of written content (at least one row; big rows are split later).
+        while start < gpa.size:
             base = int(ends[start - 1]) if start else 0
-            stop = max(start + 1, int(np.searchsorted(ends, base + CHUNK_BYTES, side="right")))
-            self._apply_chunk(gpa[start:stop], length[start:stop], op[start:stop], value[start:stop])
+            stop = max(start + 1, int(np.searchsorted(ends, base + CHUNK_PAGES, side="right")))
+            sl = slice(start, stop)
+            self._apply_chunk(gpa[sl], length[sl], op[sl], value[sl], offset[sl])
             start = stop
 
-    def _apply_chunk(self, gpa, length, op, value) -> None:
+    def _apply_chunk(self, gpa, length, op, value, offset) -> None:
+        # Contents do not depend on the page state, and the stored form depends only on the final state
+        # and contents: so within a chunk the writes and the state changes can be applied separately.
         w = op == Op.WRITE
-        psc = (op == Op.TO_SHARED) | (op == Op.TO_PRIVATE)
-        if not w.any() and not psc.any():
-            return
-        # Final state of every page a state change spans: the last such row wins.
-        if psc.any():
+        psc = ~w
+        if psc.any():  # final state of every page a state change spans: the last such row wins
             pg, npg = _page_spans(gpa[psc], length[psc])
             to_private = np.repeat(op[psc] == Op.TO_PRIVATE, npg)
             last = _last_wins(pg)
             psc_gfns, psc_private = pg[last], to_private[last]
         else:
             psc_gfns, psc_private = np.zeros(0, np.int64), np.zeros(0, bool)
-        wg, wl, wv = gpa[w], length[w], value[w]
+        wg, wl, wv, wo = gpa[w], length[w], value[w], offset[w]
         write_gfns = _page_spans(wg, wl)[0] if wg.size else np.zeros(0, np.int64)
         # Pages to rewrite: written ones, and stored ones whose state changes (re-encryption).
         changes = psc_gfns[self._shared[psc_gfns] == psc_private]
         changes = changes[self._slot[changes] >= 0]
         touched = np.union1d(write_gfns, changes)
         plain = self._load_plain(touched, ~self._shared[touched], out=self._work(touched.size))
-        for pgpa, plen, pval, poff in self._pieces(wg, wl, wv):
-            self._write_into(plain, touched, pgpa, plen, pval, poff)
+        if wg.size:
+            # ``touched`` is sorted and holds every page of each span, so a span's pages are consecutive
+            # rows of the work area: the span is contiguous there, starting at its first page's row.
+            row = np.searchsorted(touched, (wg >> _SHIFT).astype(np.int64))
+            first = row * PAGE_SIZE + (wg & _PAGE_MASK).astype(np.int64)
+            write_spans(plain.reshape(-1), first, wl, wv, wo)
         self._shared[psc_gfns] = ~psc_private
         self._store_plain(touched, plain, ~self._shared[touched])
-
-    @staticmethod
-    def _pieces(gpa, length, value):
-        """Split rows into pieces and group them into runs of about CHUNK_BYTES of content."""
-        if not gpa.size:
-            return
-        pg, pl, pv, po = _split_pieces(gpa, length, value, CHUNK_BYTES)
-        ends = np.cumsum(pl)
-        start = 0
-        while start < pg.size:
-            base = int(ends[start - 1]) if start else 0
-            stop = max(start + 1, int(np.searchsorted(ends, base + CHUNK_BYTES, side="right")))
-            yield pg[start:stop], pl[start:stop], pv[start:stop], po[start:stop]
-            start = stop
-
-    @staticmethod
-    def _write_into(plain, touched, gpa, length, value, offset) -> None:
-        """Write the content of pieces ``(gpa, length, value, offset-in-row)`` into the work area ``plain``
-        (rows of ``touched`` gfns), a later piece winning where they overlap."""
-        n = gpa.size
-        # Words of the SplitMix64 stream each piece needs (offsets are multiples of 8).
-        nw = ((length + np.uint64(7)) >> np.uint64(3)).astype(np.int64)
-        piece_of_word = np.repeat(np.arange(n), nw)
-        wstart = np.cumsum(nw) - nw
-        k = (np.arange(piece_of_word.size) - wstart[piece_of_word]).astype(np.uint64) + (offset >> np.uint64(3))[piece_of_word]
-        with np.errstate(over="ignore"):
-            words = _mix(value[piece_of_word] + (k + np.uint64(1)) * GOLDEN)
-        stream = words.astype("<u8").view(np.uint8)
-        ln = length.astype(np.int64)
-        piece_of_byte = np.repeat(np.arange(n), ln)
-        j = np.arange(piece_of_byte.size, dtype=np.int64) - np.repeat(np.cumsum(ln) - ln, ln)
-        src = wstart[piece_of_byte] * 8 + j
-        addr = gpa[piece_of_byte] + j.astype(np.uint64)
-        row = np.searchsorted(touched, (addr >> _SHIFT).astype(np.int64))
-        dest = row * PAGE_SIZE + (addr & _PAGE_MASK).astype(np.int64)
-        keep = _last_wins(dest)
-        plain.reshape(-1)[dest[keep]] = stream[src[keep]]
 
     # -- digest ---------------------------------------------------------------------------------------
 
