@@ -324,3 +324,14 @@ def test_two_copies_of_a_page_in_one_batch_the_newer_stays():
     older = s.send_page(2, 1, stream=1)  # an authentic packet claiming an older version
     assert r.receive_many([v1, v2, older]) == [Outcome.ACCEPTED, Outcome.ACCEPTED, Outcome.STALE_VERSION]
     assert dst.read_plain(2) == first and r.held_version(2) == 2
+
+
+def test_zero_pages_keep_the_target_sparse_and_overwrite_stored_pages():
+    src, dst, s, r = pair(npages=64, shared=[(60, 63)])
+    write(dst, 7, 1)  # the target holds stale contents for gfn 7 (e.g. from an earlier round)
+    write(src, 9, 2)
+    assert set(r.receive_many(s.send_pages(range(64), 1, stream=1))) == {Outcome.ACCEPTED}
+    assert dst.stored_pages == 2  # gfn 9's contents, and gfn 7 now zero; no page allocated for the 62 others
+    assert dst.read_plain(7) == bytes(PAGE) and dst.read_raw(7) != bytes(PAGE)  # private zeros: ciphertext
+    assert dst.plaintext_digest() == src.plaintext_digest()
+    assert not dst.is_private(61) and dst.read_raw(61) == bytes(PAGE)

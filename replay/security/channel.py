@@ -331,7 +331,7 @@ class Receiver:
 
     def _page(self, flags: int, body: bytes) -> bytes | None:
         if flags & _ZERO:
-            return bytes(PAGE_SIZE)  # _parse checked that the payload is empty
+            return b""  # _parse checked that the payload is empty; the page is installed as zero
         if flags & _COMPRESSED:
             try:
                 body = self._unzstd.decompress(body, max_output_size=PAGE_SIZE)
@@ -361,7 +361,7 @@ class Receiver:
                     o = Outcome.STALE_VERSION
                 else:
                     held[gfn] = version
-                    pending[gfn] = (page, bool(flags & _PRIVATE))
+                    pending[gfn] = (None if flags & _ZERO else page, bool(flags & _PRIVATE))
                     if flags & _PRIVATE:
                         st.private_pages += 1
                     else:
@@ -372,11 +372,15 @@ class Receiver:
                         self._count_payload(flags, body)
             outcomes.append(self._count(o))
         self._absorb(token)
-        if pending:
-            gfns = np.fromiter(pending, dtype=np.int64, count=len(pending))
+        zero = {g: pr for g, (page, pr) in pending.items() if page is None}
+        data = {g: v for g, v in pending.items() if v[0] is not None}
+        if zero:  # never allocates memory for a zero page (a guest's untouched memory stays sparse)
+            self.memory.install_zero(np.fromiter(zero, np.int64, len(zero)), np.fromiter(zero.values(), bool, len(zero)))
+        if data:
+            gfns = np.fromiter(data, dtype=np.int64, count=len(data))
             # A writable buffer, so that the memory can encrypt the pages in place without another copy.
-            pages = np.frombuffer(bytearray().join(p for p, _ in pending.values()), np.uint8).reshape(-1, PAGE_SIZE)
-            private = np.fromiter((pr for _, pr in pending.values()), bool, len(pending))
+            pages = np.frombuffer(bytearray().join(p for p, _ in data.values()), np.uint8).reshape(-1, PAGE_SIZE)
+            private = np.fromiter((pr for _, pr in data.values()), bool, len(data))
             self.memory.install_plain(gfns, pages, private, consume=True)
         return outcomes
 

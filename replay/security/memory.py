@@ -240,6 +240,15 @@ class HostMemory:
         self._shared[g] = ~priv
         self._store_plain(g, pages if consume and pages.flags.writeable else pages.copy(), priv)
 
+    def install_zero(self, gfns, private) -> None:
+        """Make distinct ``gfns`` zero pages with the given attribute; pages not stored stay unstored."""
+        g = self._check_gfns(gfns)
+        priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape)
+        self._shared[g] = ~priv
+        stored = self._slot[g] >= 0
+        if stored.any():
+            self._store_plain(g[stored], np.zeros((int(stored.sum()), PAGE_SIZE), np.uint8), priv[stored].copy())
+
     def set_private(self, gfns, private: bool) -> None:
         """Page-state change of ``gfns`` keeping their contents (re-encrypts or decrypts stored pages)."""
         g = np.unique(self._check_gfns(gfns))
