@@ -26,6 +26,7 @@ What is modelled, and how:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import struct
@@ -200,7 +201,7 @@ class Agent:
         report = AttestationReport(
             chip_id=derive(seed, f"chip/host={host}", 64), measurement=bytes(measurement), policy=policy,
             tcb=tcb, report_data=bind_report_data(_point(self._ecdh.public_key())))
-        report = AttestationReport(**{**report.__dict__, "signature": vcek.sign(report.body(), _ECDSA)})
+        report = dataclasses.replace(report, signature=vcek.sign(report.body(), _ECDSA))
         self.evidence = Evidence(report, vcek_cert, root.ask_cert, _point(self._ecdh.public_key()))
 
     def shared_secret(self, peer: Evidence) -> bytes:

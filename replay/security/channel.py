@@ -49,6 +49,8 @@ MAX_SEQUENCE = (1 << 64) - 1
 
 
 class Flag(enum.IntFlag):
+    """What a packet carries: exactly one of PRIVATE, SHARED, VMSA, TOKEN, plus ZERO / COMPRESSED."""
+
     PRIVATE = 1
     SHARED = 2
     ZERO = 4
@@ -79,6 +81,8 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class Header:
+    """A packet header, decoded (``pack`` gives the 32 wire bytes)."""
+
     gfn: int
     sequence: int
     version: int
