@@ -42,6 +42,8 @@ cdef enum:
     PG_PRIVATE = 1
     PG_DIRTY = 2
     PG_PRESENT = 4
+    PG_SEND = 8                # the migration's own "still to send" bitmap (QEMU's RAM bitmap)
+    PG_MAPPED = 16             # an agent has touched the page through its own nested page table
 
 # RMP entry flags
 cdef enum:
@@ -121,18 +123,31 @@ ctypedef struct Cols:             # zero-copy views of one record batch's column
 
 ctypedef struct Xfer:             # begin_transfer parameters and the transfer clock
     int active
-    int charge_guest
+    int charge_src                # source agents' CPU comes out of the running guest's quota
+    int charge_dst                # target agents' CPU comes out of the running guest's quota
     int target_rmp
     int skip_present
+    int link_dead                 # the last transfer() stopped at the link's deadline
     int64_t bandwidth
     int64_t page_bytes
     int64_t header_bytes
-    int64_t agents
+    int64_t src_num               # source agents' CPU capacity: src_num / src_den CPUs
+    int64_t src_den
+    int64_t dst_num
+    int64_t dst_den
+    int64_t src_pool              # >0: source agents and the source host thread share this many CPUs
+    int64_t dst_pool
     int64_t pack_private_ns
     int64_t pack_zero_ns
     int64_t batch_pages
     int64_t vmgexit_ns
     int64_t unpack_private_ns
+    int64_t rmpupdate_ns
+    int64_t pvalidate_ns
+    int64_t rmpadjust_ns
+    int64_t first_touch_ns
+    int64_t host_page_ns
+    int64_t wp_fault_ns
     int64_t v0
     int64_t g0
     int64_t v
@@ -142,10 +157,14 @@ ctypedef struct Xfer:             # begin_transfer parameters and the transfer c
     int64_t private_pages
     int64_t shared_pages
     int64_t bytes
-    int64_t agent_cpu_ns
+    int64_t agent_cpu_ns          # source agents
     int64_t vmgexits
-    int64_t target_cpu_ns
+    int64_t target_cpu_ns         # target agents
+    int64_t src_host_cpu_ns
+    int64_t dst_host_cpu_ns
+    int64_t first_touches
     int64_t priv_in_batch
+    uint64_t wp0                  # write-protect faults counted when the transfer began
 
 ctypedef struct State:
     int64_t npages
@@ -158,6 +177,9 @@ ctypedef struct State:
     int64_t spa_base[MAX_HOSTS]
     int64_t rmp_size[MAX_HOSTS]
     uint8_t logging[MAX_HOSTS]
+    int64_t send_count[MAX_HOSTS]          # pages with PG_SEND
+    uint64_t wp_faults[MAX_HOSTS]          # first writes to a clean page while dirty logging is on
+    uint64_t recv_sum[MAX_HOSTS][2]        # set hash of the pages delivered to each host (received_digest)
     uint64_t n_rmpupdate[MAX_HOSTS]        # per host
     uint64_t n_pvalidate[MAX_HOSTS]
     uint64_t n_rmpadjust[MAX_HOSTS]

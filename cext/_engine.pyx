@@ -29,6 +29,9 @@ from replay.engine import (
     as_ready,
     as_gfns,
     check_batch,
+    check_transfer_add,
+    check_transfer_limits,
+    check_transfer_params,
 )
 from replay.errors import TraceError
 from replay.snp import FAULT_KINDS, Fault, Rc
@@ -50,6 +53,11 @@ cdef extern from *:
 
 cdef enum:
     PREFETCH = 8  # rows ahead whose page state and RMP entry are prefetched
+
+cdef enum:
+    RMP_KEEP = 0
+    RMP_ASSIGN = 1
+    RMP_RELEASE = 2
 
 _FAULT_KEYS = {int(f): f.key for f in Fault}
 
@@ -252,6 +260,7 @@ cdef inline void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev,
             count_fault(s, f, ev, gfn)
         elif op == OP_WRITE:
             p.version += 1
+            s.wp_faults[host] += (dirty & ~p.flags) >> 1
             p.flags |= dirty
     elif op == OP_TO_SHARED:
         if private:
@@ -344,6 +353,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
                 f = check_entry(e, <uint32_t>first, asid, vmpl, PERM_WRITE, (p.flags & PG_PRIVATE) != 0)
                 if SNP_LIKELY(f == F_NONE):
                     p.version += 1
+                    s.wp_faults[host] += (dirty & ~p.flags) >> 1
                     p.flags |= dirty
                 else:
                     count_fault(s, f, base_index + r, first)
@@ -366,62 +376,144 @@ cdef inline int64_t ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline void target_rmp(State* s, int dst, int64_t gfn, bint private) noexcept nogil:
-    cdef int64_t spa = s.spa_base[dst] + gfn
-    cdef RmpEntry* e = &s.rmp[dst][spa]
+cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private) noexcept nogil:
+    """What delivering gfn does to the target's RMP: RMP_KEEP, RMP_ASSIGN (RMPUPDATE + PVALIDATE
+    [+ RMPADJUST]) or RMP_RELEASE (PVALIDATE(0) + RMPUPDATE to shared)."""
+    cdef RmpEntry* e = &s.rmp[dst][s.spa_base[dst] + gfn]
     cdef bint assigned = (e.flags & R_ASSIGNED) != 0
     if private:
         if not (assigned and e.asid == s.asid and e.gfn == <uint32_t>gfn):
-            rmpupdate_c(s, dst, spa, True, s.asid, <uint32_t>gfn, False, False)
-            pvalidate_c(s, dst, spa, s.asid, <uint32_t>gfn, 0, True, False, -1)
-            if s.os_vmpl > 0:
-                rmpadjust_c(s, dst, spa, s.asid, <uint32_t>gfn, 0, s.os_vmpl, PERM_ALL, False, False, -1)
+            return RMP_ASSIGN
     elif assigned:
+        return RMP_RELEASE
+    return RMP_KEEP
+
+
+cdef inline void target_rmp(State* s, int dst, int64_t gfn, int plan) noexcept nogil:
+    cdef int64_t spa = s.spa_base[dst] + gfn
+    if plan == RMP_ASSIGN:
+        rmpupdate_c(s, dst, spa, True, s.asid, <uint32_t>gfn, False, False)
+        pvalidate_c(s, dst, spa, s.asid, <uint32_t>gfn, 0, True, False, -1)
+        if s.os_vmpl > 0:
+            rmpadjust_c(s, dst, spa, s.asid, <uint32_t>gfn, 0, s.os_vmpl, PERM_ALL, False, False, -1)
+    elif plan == RMP_RELEASE:
         pvalidate_c(s, dst, spa, s.asid, <uint32_t>gfn, 0, False, False, -1)
         rmpupdate_c(s, dst, spa, False, 0, 0, False, False)
 
 
-cdef inline void xfer_clock(State* s) noexcept nogil:
-    """v = v0 + max(link time of the bytes so far, packaging time of the agent CPU so far); g follows v,
-    less the agents' share of the guest's CPU quota when they are the guest's own vCPUs."""
-    cdef Xfer* x = &s.x
-    cdef int64_t link_ns, pack_ns, elapsed, cand
-    link_ns = <int64_t>(((<snp_u128>x.bytes) * 1000000000 + <snp_u128>(x.bandwidth - 1))
-                        / <snp_u128>x.bandwidth)
-    pack_ns = ceil_div(x.agent_cpu_ns, x.agents)
-    x.v = x.v0 + (link_ns if link_ns > pack_ns else pack_ns)
-    elapsed = x.v - x.v0
-    if x.charge_guest:
-        cand = x.g0 + elapsed - x.agent_cpu_ns // s.vcpus
-        if cand > x.g:
-            x.g = cand
+cdef inline uint64_t mix64(uint64_t z) noexcept nogil:
+    """splitmix64's finalizer: the per-page term of the set hash (received_digest / set_digest)."""
+    z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef inline void page_terms(int64_t gfn, uint32_t version, uint8_t flags, uint64_t* t) noexcept nogil:
+    cdef uint64_t key = mix64(<uint64_t>gfn + <uint64_t>0x9E3779B97F4A7C15ULL)
+    key ^= (<uint64_t>version << 1) | <uint64_t>((flags & PG_PRIVATE) != 0)
+    t[0] = mix64(key)
+    t[1] = mix64(key ^ <uint64_t>0xD1B54A32D192ED03ULL)
+
+
+cdef inline void recv_add(State* s, int host, PageState* p, int64_t gfn, int sign) noexcept nogil:
+    cdef uint64_t t[2]
+    page_terms(gfn, p.version, p.flags, t)
+    if sign > 0:
+        s.recv_sum[host][0] += t[0]
+        s.recv_sum[host][1] += t[1]
     else:
-        x.g = x.g0 + elapsed
+        s.recv_sum[host][0] -= t[0]
+        s.recv_sum[host][1] -= t[1]
 
 
-cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, bint rmp) noexcept nogil:
-    """The target receives gfn as the source holds it: content, attribute, and its RMP state."""
+cdef inline int64_t xfer_elapsed(const Xfer* x, int64_t nbytes, int64_t src_cpu, int64_t dst_cpu,
+                                 int64_t src_host, int64_t dst_host) noexcept nogil:
+    """Virtual time the totals so far take: the slowest of the link, each side's agents (capacity
+    num/den CPUs), each side's host migration thread (one CPU) and, where agents and host thread share a
+    pool of CPUs (mirror VM), that pool."""
+    cdef int64_t t, c
+    t = <int64_t>(((<snp_u128>nbytes) * 1000000000 + <snp_u128>(x.bandwidth - 1)) / <snp_u128>x.bandwidth)
+    c = ceil_div(src_cpu * x.src_den, x.src_num)
+    if c > t:
+        t = c
+    c = ceil_div(dst_cpu * x.dst_den, x.dst_num)
+    if c > t:
+        t = c
+    if src_host > t:
+        t = src_host
+    if dst_host > t:
+        t = dst_host
+    if x.src_pool > 0:
+        c = ceil_div(src_cpu + src_host, x.src_pool)
+        if c > t:
+            t = c
+    if x.dst_pool > 0:
+        c = ceil_div(dst_cpu + dst_host, x.dst_pool)
+        if c > t:
+            t = c
+    return t
+
+
+cdef inline void xfer_clock(State* s) noexcept nogil:
+    """v = v0 + the time the totals take; g follows v, less the guest CPU taken meanwhile: agents that run
+    on the guest's own quota (shadow vCPUs, on the side where the guest runs) and write-protect faults."""
+    cdef Xfer* x = &s.x
+    cdef int64_t elapsed, cand, lost
+    cdef uint64_t wp = 0
+    cdef int h
+    elapsed = xfer_elapsed(x, x.bytes, x.agent_cpu_ns, x.target_cpu_ns, x.src_host_cpu_ns, x.dst_host_cpu_ns)
+    x.v = x.v0 + elapsed
+    for h in range(s.hosts):
+        wp += s.wp_faults[h]
+    lost = <int64_t>(wp - x.wp0) * x.wp_fault_ns
+    if x.charge_src:
+        lost += x.agent_cpu_ns
+    if x.charge_dst:
+        lost += x.target_cpu_ns
+    cand = x.g0 + elapsed - lost // s.vcpus
+    if cand > x.g:
+        x.g = cand
+
+
+cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan) noexcept nogil:
+    """The target receives gfn as the source holds it: content, attribute, its RMP state (plan) and the
+    received-set hash."""
     cdef PageState* ps = &s.img[src][gfn]
     cdef PageState* pd = &s.img[dst][gfn]
     cdef bint private = (ps.flags & PG_PRIVATE) != 0
+    if pd.flags & PG_PRESENT:
+        recv_add(s, dst, pd, gfn, -1)
     pd.version = ps.version
     pd.flags = (pd.flags & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
-    if rmp:
-        target_rmp(s, dst, gfn, private)
+    recv_add(s, dst, pd, gfn, 1)
+    if plan >= 0:
+        target_rmp(s, dst, gfn, plan)
 
 
 cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
                             const Cols* c, int64_t* row, int64_t base_index, int run_host,
-                            const uint64_t* delays, uint64_t* ready) noexcept nogil:
-    """Send gfns[k:n] src -> dst on the transfer clock while the guest replays c on run_host.
-    Returns the next k (== n when done), or an ERR_* code from the replay; *row is updated."""
+                            const uint64_t* delays, uint64_t* ready, int64_t until_v,
+                            int64_t deadline_v) noexcept nogil:
+    """Send pages src -> dst on the transfer clock while the guest replays c on run_host: gfns[k:n], or
+    with gfns == NULL the source's PG_SEND pages, walking cyclically from gfn k (QEMU's bitmap walk).
+    Stops before a page once the clock reaches until_v (a burst's end); a page whose last byte would
+    arrive after deadline_v (the link's death less its latency) is not sent: x.link_dead is set.
+    Returns the next k (== n when done; the walk's cursor), or an ERR_* code; *row is updated."""
     cdef Xfer* x = &s.x
-    cdef int64_t gfn, r, nbytes, cpu
+    cdef int64_t gfn, r, nbytes, src_cpu, dst_cpu, src_host, dst_host, elapsed, npages = s.npages
+    cdef int64_t n_upd, n_pval, n_adj
+    cdef int plan, vmgexit, touch_src, touch_dst
     cdef uint32_t version
     cdef bint private, zero
     cdef PageState* ps
     cdef PageState* pd
-    while k < n:
+    x.link_dead = 0
+    while True:
+        if gfns != NULL:
+            if k >= n:
+                return k
+        elif s.send_count[src] == 0:
+            return k
         # 1. the guest runs up to the transfer clock
         if c != NULL:
             r = replay_rows(s, run_host, c, row[0], base_index, <uint64_t>x.g, delays, ready)
@@ -430,7 +522,16 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
             row[0] = r
             if r == c.n or s.ls_fault == F_USERFAULT:
                 return k
-        gfn = gfns[k]
+        if x.v >= until_v:
+            return k
+        if gfns != NULL:
+            gfn = gfns[k]
+        else:
+            while not (s.img[src][k].flags & PG_SEND):
+                k += 1
+                if k == npages:
+                    k = 0
+            gfn = k
         pd = &s.img[dst][gfn]
         if x.skip_present and (pd.flags & PG_PRESENT):
             k += 1
@@ -441,29 +542,66 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
         private = (ps.flags & PG_PRIVATE) != 0
         zero = version == 0
         nbytes = x.header_bytes + (0 if zero else x.page_bytes)
-        cpu = 0
+        plan = target_rmp_plan(s, dst, gfn, private) if x.target_rmp else -1
+        n_upd = n_pval = n_adj = 0
+        if plan == RMP_ASSIGN:
+            n_upd = n_pval = 1
+            n_adj = 1 if s.os_vmpl > 0 else 0
+        elif plan == RMP_RELEASE:
+            n_upd = n_pval = 1
+        src_cpu = dst_cpu = src_host = dst_host = 0
+        vmgexit = 0
+        touch_src = touch_dst = 0
         if private:
-            cpu = x.pack_zero_ns if zero else x.pack_private_ns
-            x.priv_in_batch += 1
-            if x.priv_in_batch == x.batch_pages:
-                cpu += x.vmgexit_ns
-                x.vmgexits += 1
-                x.priv_in_batch = 0
-            x.target_cpu_ns += x.unpack_private_ns
-        # 3. the clock
+            src_cpu = x.pack_zero_ns if zero else x.pack_private_ns
+            if x.priv_in_batch + 1 == x.batch_pages:
+                src_cpu += x.vmgexit_ns
+                vmgexit = 1
+            dst_cpu = x.unpack_private_ns
+            if x.first_touch_ns > 0:
+                touch_src = (ps.flags & PG_MAPPED) == 0
+                touch_dst = (pd.flags & PG_MAPPED) == 0
+                src_cpu += touch_src * x.first_touch_ns
+                dst_cpu += touch_dst * x.first_touch_ns
+        else:
+            src_host = x.host_page_ns
+            dst_host = x.host_page_ns
+        dst_cpu += n_pval * x.pvalidate_ns + n_adj * x.rmpadjust_ns
+        dst_host += n_upd * x.rmpupdate_ns
+        # 3. the clock; nothing arrives after the link's deadline
+        elapsed = xfer_elapsed(x, x.bytes + nbytes, x.agent_cpu_ns + src_cpu, x.target_cpu_ns + dst_cpu,
+                               x.src_host_cpu_ns + src_host, x.dst_host_cpu_ns + dst_host)
+        if x.v0 + elapsed > deadline_v:
+            x.link_dead = 1
+            return k
         x.bytes += nbytes
-        x.agent_cpu_ns += cpu
+        x.agent_cpu_ns += src_cpu
+        x.target_cpu_ns += dst_cpu
+        x.src_host_cpu_ns += src_host
+        x.dst_host_cpu_ns += dst_host
+        if private:
+            x.priv_in_batch = 0 if vmgexit else x.priv_in_batch + 1
+            x.vmgexits += vmgexit
+            if touch_src:
+                ps.flags |= PG_MAPPED
+            x.first_touches += touch_src + touch_dst
         xfer_clock(s)
         # 4. delivery; with ready, the page is usable on the target from the end of its slot
-        deliver_page(s, src, dst, gfn, x.target_rmp)
+        deliver_page(s, src, dst, gfn, plan)
+        if touch_dst:
+            pd.flags |= PG_MAPPED
         if ready != NULL:
             ready[gfn] = <uint64_t>x.g
         x.pages += 1
         x.zero_pages += zero
         x.private_pages += private
         x.shared_pages += not private
+        if gfns == NULL:
+            ps.flags &= ~PG_SEND
+            s.send_count[src] -= 1
         k += 1
-    return k
+        if gfns == NULL and k == npages:
+            k = 0
 
 
 # ---------------------------------------------------------------------------------------------- Python glue
@@ -541,6 +679,8 @@ cdef class Engine:
             self.st.spa_base[h] = spa_base[h]
             self.st.rmp_size[h] = spa_base[h] + npages + VMSA_SPARE
             self.st.logging[h] = 0
+            self.st.send_count[h] = 0
+            self.st.recv_sum[h][0] = self.st.recv_sum[h][1] = 0
             self.st.img[h] = <PageState*>calloc(npages, sizeof(PageState))
             self.st.rmp[h] = <RmpEntry*>calloc(self.st.rmp_size[h], sizeof(RmpEntry))
             if self.st.img[h] == NULL or self.st.rmp[h] == NULL:
@@ -686,6 +826,7 @@ cdef class Engine:
             shared[first : last + 1] = 1
         with nogil:
             launch_c(&self.st, h, &shared[0])
+        self.st.send_count[h] = 0
 
     def page(self, host, gfn):
         cdef int h = self._host(host)
@@ -816,49 +957,54 @@ cdef class Engine:
         x.v0 = x.g0 = x.v = x.g = 0
         x.pages = x.zero_pages = x.private_pages = x.shared_pages = 0
         x.bytes = x.agent_cpu_ns = x.vmgexits = x.target_cpu_ns = x.priv_in_batch = 0
+        x.src_host_cpu_ns = x.dst_host_cpu_ns = x.first_touches = 0
+        x.link_dead = 0
 
-    def begin_transfer(self, v_ns, g_ns, *, bandwidth_bytes_per_s, page_bytes, header_bytes, agents,
-                       pack_private_ns, pack_zero_ns, batch_pages, vmgexit_ns, charge_guest,
-                       unpack_private_ns=0, target_rmp=True, skip_present=False):
-        p = dict(
-            v_ns=v_ns, g_ns=g_ns, bandwidth_bytes_per_s=bandwidth_bytes_per_s, page_bytes=page_bytes,
-            header_bytes=header_bytes, agents=agents, pack_private_ns=pack_private_ns, pack_zero_ns=pack_zero_ns,
-            batch_pages=batch_pages, vmgexit_ns=vmgexit_ns, unpack_private_ns=unpack_private_ns,
-        )
-        for k, x in p.items():
-            x = p[k] = int(x)
-            if not 0 <= x < 1 << 62:
-                raise ValueError(f"begin_transfer: {k} must be in [0, 2**62), got {x}")
-        for k in ("bandwidth_bytes_per_s", "agents", "batch_pages"):
-            if p[k] < 1:
-                raise ValueError(f"begin_transfer: {k} must be >= 1, got {p[k]}")
+    def begin_transfer(self, v_ns, g_ns, **params):
+        p = check_transfer_params(v_ns, g_ns, params)
         self._xfer_zero()
         cdef Xfer* xs = &self.st.x
+        cdef int h
         xs.active = 1
-        xs.charge_guest = bool(charge_guest)
-        xs.target_rmp = bool(target_rmp)
-        xs.skip_present = bool(skip_present)
+        xs.charge_src = p["charge_guest"]
+        xs.charge_dst = p["charge_target_guest"]
+        xs.target_rmp = p["target_rmp"]
+        xs.skip_present = p["skip_present"]
         xs.bandwidth = p["bandwidth_bytes_per_s"]
         xs.page_bytes = p["page_bytes"]
         xs.header_bytes = p["header_bytes"]
-        xs.agents = p["agents"]
+        xs.src_num, xs.src_den = p["src_cpus"]
+        xs.dst_num, xs.dst_den = p["dst_cpus"]
+        xs.src_pool = p["src_pool_cpus"]
+        xs.dst_pool = p["dst_pool_cpus"]
         xs.pack_private_ns = p["pack_private_ns"]
         xs.pack_zero_ns = p["pack_zero_ns"]
         xs.batch_pages = p["batch_pages"]
         xs.vmgexit_ns = p["vmgexit_ns"]
         xs.unpack_private_ns = p["unpack_private_ns"]
+        xs.rmpupdate_ns = p["rmpupdate_ns"]
+        xs.pvalidate_ns = p["pvalidate_ns"]
+        xs.rmpadjust_ns = p["rmpadjust_ns"]
+        xs.first_touch_ns = p["first_touch_ns"]
+        xs.host_page_ns = p["host_page_ns"]
+        xs.wp_fault_ns = p["wp_fault_ns"]
         xs.v0 = xs.v = p["v_ns"]
         xs.g0 = xs.g = p["g_ns"]
+        xs.wp0 = 0
+        for h in range(self.st.hosts):
+            xs.wp0 += self.st.wp_faults[h]
 
     def transfer_state(self):
         cdef Xfer* x = &self.st.x
         return dict(
             v_ns=x.v, g_ns=x.g, pages=x.pages, zero_pages=x.zero_pages, private_pages=x.private_pages,
             shared_pages=x.shared_pages, bytes=x.bytes, agent_cpu_ns=x.agent_cpu_ns, vmgexits=x.vmgexits,
-            target_cpu_ns=x.target_cpu_ns,
+            target_cpu_ns=x.target_cpu_ns, src_host_cpu_ns=x.src_host_cpu_ns, dst_host_cpu_ns=x.dst_host_cpu_ns,
+            first_touches=x.first_touches, link_dead=bool(x.link_dead),
         )
 
-    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None, ready=None):
+    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None, ready=None, *,
+                 until_v=None, deadline_v=None):
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int rh = self._host(run_host)
@@ -870,15 +1016,29 @@ cdef class Engine:
         cdef const uint64_t* dp = NULL
         cdef uint64_t[::1] rv
         cdef uint64_t* rp = NULL
-        cdef int64_t kk, n, row, bi, res
+        cdef int64_t kk, n, row, bi, res, uv, dl
         if not self.st.x.active:
             raise RuntimeError("transfer() before begin_transfer()")
-        gfns = as_gfns(gfns)
         k, start, base_index = int(k), int(start), int(base_index)
-        if not 0 <= k <= len(gfns):
-            raise ValueError(f"k {k} out of range (len(gfns) = {len(gfns)})")
-        if len(gfns) > k and int(gfns[k:].max()) >= self.st.npages:
-            raise ValueError(f"gfn out of range in gfns (npages={self.st.npages})")
+        uv, dl = check_transfer_limits(until_v, deadline_v)
+        if gfns is None:
+            if s == d:
+                raise ValueError("transfer: src and dst must differ")
+            if not 0 <= k < self.st.npages:
+                raise ValueError(f"k {k} out of range for the bitmap walk (npages={self.st.npages})")
+            n = 0
+        else:
+            gfns = as_gfns(gfns)
+            if not 0 <= k <= len(gfns):
+                raise ValueError(f"k {k} out of range (len(gfns) = {len(gfns)})")
+            if len(gfns) > k and int(gfns[k:].max()) >= self.st.npages:
+                raise ValueError(f"gfn out of range in gfns (npages={self.st.npages})")
+            n = len(gfns)
+            if n:
+                gv = gfns
+                gp = &gv[0]
+            else:
+                gp = <const uint32_t*>&self.st   # non-NULL: an empty list, not the bitmap walk
         keep = []
         if batch is not None:
             check_batch(batch)
@@ -895,37 +1055,103 @@ cdef class Engine:
         if ready is not None:
             rv = as_ready(ready, self.st.npages)
             rp = &rv[0]
-        n = len(gfns)
-        if n:
-            gv = gfns
-            gp = &gv[0]
         self.st.ls_fault = F_NONE
         self.st.ls_gfn = self.st.ls_vcpu = self.st.ls_row = 0
         kk, row, bi = k, start, base_index
         with nogil:
-            res = transfer_pages(&self.st, s, d, gp, n, kk, cp, &row, bi, rh, dp, rp)
+            res = transfer_pages(&self.st, s, d, gp, n, kk, cp, &row, bi, rh, dp, rp, uv, dl)
         if res < 0:
             _raise_row_error(&self.st, res, bi)
         return (row, res)
 
-    def transfer_add(self, nbytes, agent_cpu_ns):
+    def transfer_add(self, nbytes, agent_cpu_ns, target_cpu_ns=0):
         """Traffic outside the page list (post-copy fault pages) shares the link and the agents: it moves
         the transfer clock as if sent in the current slot."""
-        nbytes, agent_cpu_ns = int(nbytes), int(agent_cpu_ns)
-        if not self.st.x.active:
-            raise RuntimeError("transfer_add() before begin_transfer()")
-        if not (0 <= nbytes < 1 << 62 and 0 <= agent_cpu_ns < 1 << 62):
-            raise ValueError("transfer_add: nbytes and agent_cpu_ns must be in [0, 2**62)")
+        nbytes, agent_cpu_ns, target_cpu_ns = check_transfer_add(self.st.x.active, nbytes, agent_cpu_ns, target_cpu_ns)
         self.st.x.bytes += nbytes
         self.st.x.agent_cpu_ns += agent_cpu_ns
+        self.st.x.target_cpu_ns += target_cpu_ns
         xfer_clock(&self.st)
+
+    # ------------------------------------------------------------------ the migration's send bitmap
+
+    def mark_send_all(self, host):
+        """Every page is to be sent (the bitmap at the start of pre-copy)."""
+        cdef int h = self._host(host)
+        cdef int64_t i
+        cdef PageState* img = self.st.img[h]
+        with nogil:
+            for i in range(self.st.npages):
+                img[i].flags |= PG_SEND
+        self.st.send_count[h] = self.st.npages
+
+    def sync_dirty(self, host):
+        """Dirty-log get-and-clear into the send bitmap; returns the number of pages the log held."""
+        cdef int h = self._host(host)
+        cdef int64_t i, n = 0, added = 0
+        cdef PageState* img = self.st.img[h]
+        with nogil:
+            for i in range(self.st.npages):
+                if img[i].flags & PG_DIRTY:
+                    n += 1
+                    added += (img[i].flags & PG_SEND) == 0
+                    img[i].flags = (img[i].flags & ~PG_DIRTY) | PG_SEND
+        self.st.send_count[h] += added
+        return n
+
+    def send_count(self, host):
+        return self.st.send_count[self._host(host)]
+
+    def discard_stale(self, src, dst):
+        """The pages still to send from src are stale on dst (hybrid switchover): dst drops them and the
+        bitmap is emptied; returns how many dst held."""
+        cdef int s = self._host(src)
+        cdef int d = self._host(dst)
+        cdef int64_t i, n = 0
+        cdef PageState* ps = self.st.img[s]
+        cdef PageState* pd = self.st.img[d]
+        with nogil:
+            for i in range(self.st.npages):
+                if ps[i].flags & PG_SEND:
+                    ps[i].flags &= ~PG_SEND
+                    if pd[i].flags & PG_PRESENT:
+                        recv_add(&self.st, d, &pd[i], i, -1)
+                        pd[i].flags &= ~PG_PRESENT
+                        n += 1
+        self.st.send_count[s] = 0
+        return n
+
+    def wp_faults(self, host):
+        """First writes to a clean page while dirty logging was on (write-protect faults), so far."""
+        return self.st.wp_faults[self._host(host)]
+
+    def received_digest(self, host):
+        """Set hash of (gfn, version, private) over the pages delivered to host and still held."""
+        cdef int h = self._host(host)
+        return f"{self.st.recv_sum[h][0]:016x}{self.st.recv_sum[h][1]:016x}"
+
+    def set_digest(self, host):
+        """The same set hash over every page of host's image (equal to received_digest of a host that
+        received exactly this memory)."""
+        cdef int h = self._host(host)
+        cdef uint64_t a = 0, b = 0
+        cdef uint64_t t[2]
+        cdef int64_t i
+        cdef PageState* img = self.st.img[h]
+        with nogil:
+            for i in range(self.st.npages):
+                page_terms(i, img[i].version, img[i].flags, t)
+                a += t[0]
+                b += t[1]
+        return f"{a:016x}{b:016x}"
 
     def deliver(self, src, dst, gfn, target_rmp=True):
         """One page src -> dst outside the transfer clock (a post-copy fault being served)."""
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int64_t g = self._gfn(gfn)
-        deliver_page(&self.st, s, d, g, bool(target_rmp))
+        cdef bint private = (self.st.img[s][g].flags & PG_PRIVATE) != 0
+        deliver_page(&self.st, s, d, g, target_rmp_plan(&self.st, d, g, private) if target_rmp else -1)
 
     def clear_present(self, host, gfns):
         """The host's copies of gfns are stale (hybrid switchover): they must be fetched again."""
@@ -933,7 +1159,9 @@ cdef class Engine:
         cdef const int64_t[::1] g = self._gfn_array(gfns)
         cdef Py_ssize_t i
         for i in range(g.shape[0]):
-            self.st.img[h][g[i]].flags &= ~PG_PRESENT
+            if self.st.img[h][g[i]].flags & PG_PRESENT:
+                recv_add(&self.st, h, &self.st.img[h][g[i]], g[i], -1)
+                self.st.img[h][g[i]].flags &= ~PG_PRESENT
 
     # ------------------------------------------------------------------ counters
 
@@ -966,6 +1194,8 @@ cdef class Engine:
         for i in range(NFAULTS):
             self.st.faults[i] = 0
         self.st.n_ff = 0
+        for i in range(MAX_HOSTS):
+            self.st.wp_faults[i] = 0
 
 
 def _c_constants():
@@ -973,7 +1203,7 @@ def _c_constants():
     return {
         "PAGE_SHIFT": PAGE_SHIFT, "PAGES_PER_2M": PAGES_PER_2M, "VMPLS": VMPLS, "VMSA_SPARE": VMSA_SPARE,
         "MAX_HOSTS": MAX_HOSTS,
-        "PRIVATE": PG_PRIVATE, "DIRTY": PG_DIRTY, "PRESENT": PG_PRESENT,
+        "PRIVATE": PG_PRIVATE, "DIRTY": PG_DIRTY, "PRESENT": PG_PRESENT, "SEND": PG_SEND, "MAPPED": PG_MAPPED,
         "Op": {"WRITE": OP_WRITE, "READ": OP_READ, "TO_SHARED": OP_TO_SHARED, "TO_PRIVATE": OP_TO_PRIVATE},
         "Perm": {"READ": PERM_READ, "WRITE": PERM_WRITE, "USER_EXEC": PERM_USER_EXEC,
                  "SUPERVISOR_EXEC": PERM_SUPERVISOR_EXEC, "ALL": PERM_ALL},

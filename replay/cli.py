@@ -22,9 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("replay.commands.inspect", "show a trace's metadata, op counts, write rate and working set"),
     "record": ("replay.commands.record", "record a real program into a trace (valgrind lackey)"),
     "import": ("replay.commands.importcmd", "convert CSV/Parquet accesses or a dirty-page log into a trace"),
-    "run": ("replay.commands.run", "replay a scenario under one migration strategy into a run directory"),
-    "compare": ("replay.commands.compare", "run a scenario under mirror-vm and shadow-vcpu and compare"),
-    "diff": ("replay.commands.diff", "compare two run directories (exit 0 equivalent, 1 differ, 2 bad input)"),
+    "run": ("replay.commands.run", "replay a scenario under one migration strategy into a run directory "
+            "(exit 0 completed, 1 aborted/cancelled/failed, 2 bad input)"),
+    "compare": ("replay.commands.compare", "run a scenario under mirror-vm and shadow-vcpu and compare "
+                "(exit 0 both completed, 1 one did not, 2 bad input)"),
+    "diff": ("replay.commands.diff", "compare two run directories (exit 0 same end state, 1 different, 2 bad input)"),
     "report": ("replay.commands.report", "write a self-contained HTML report of one or more runs"),
 }
 
@@ -61,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReplayError as exc:
         print(f"replay: error: {one_line(exc)}", file=sys.stderr)
         return int(exc.exit_code)
+    except ImportError as exc:
+        # A checkout run without its dependencies (or without the built engine): say what to install.
+        print(f"replay: error: {exc.name or one_line(exc)} is not installed (pip install . in the project)",
+              file=sys.stderr)
+        return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
         print("replay: interrupted", file=sys.stderr)
         return 130

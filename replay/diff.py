@@ -12,11 +12,13 @@ bigger is worse).
 
 Outcome (the exit status of ``tools/diff``):
 
-- EQUIVALENT: same ``end_of_trace`` digest, same status, no ``max_regress`` bound crossed, and with
-  ``strict`` identical records: the summaries equal except the ``tool`` block (which names the producer:
-  version and engine, not behaviour -- so a golden record survives a version bump and holds for both
-  engines), and the rounds, events and faults tables equal row for row.
-- DIFFERENT: anything else; ``reasons`` lists why, one short line each.
+- IDENTICAL (exit 0): same ``end_of_trace`` digest, same status, no ``max_regress`` bound crossed, and no
+  metric differs; with ``strict`` the records are identical too: the summaries equal except the ``tool``
+  block (which names the producer: version and engine, not behaviour -- so a golden record survives a
+  version bump and holds for both engines), and the rounds, events and faults tables equal row for row.
+- SAME_END_STATE (exit 0): as IDENTICAL, but metrics differ (two strategies on one trace): the runs are not
+  called equivalent; the verdict lists the metrics that differ, largest relative change first.
+- DIFFERENT (exit 1): anything else; ``reasons`` lists why, one short line each.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ ROUND_COLUMNS = ("phase", "pages_sent", "dirty_pages", "bytes_sent", "duration_n
 
 
 class Outcome(enum.Enum):
-    EQUIVALENT = "equivalent"
+    IDENTICAL = "identical"
+    SAME_END_STATE = "same end state"
     DIFFERENT = "different"
 
 
@@ -194,18 +197,31 @@ class DiffResult:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.outcome is Outcome.EQUIVALENT else 1
+        return 1 if self.outcome is Outcome.DIFFERENT else 0
 
     def verdict(self) -> str:
         """One line for stderr: the outcome and why."""
-        if self.outcome is Outcome.EQUIVALENT:
-            notes = ["end_of_trace digests match"]
-            if self.regressions:
-                notes.append(f"{len(self.regressions)} --max-regress bound(s) held")
-            if self.strict:
-                notes.append("records identical")
-            return f"diff: equivalent: {', '.join(notes)}"
-        return f"diff: different: {'; '.join(self.reasons)}"
+        if self.outcome is Outcome.DIFFERENT:
+            return f"diff: different: {'; '.join(self.reasons)}"
+        notes = ["end_of_trace digests match"]
+        if self.regressions:
+            notes.append(f"{len(self.regressions)} --max-regress bound(s) held")
+        if self.strict:
+            notes.append("records identical")
+        if self.outcome is Outcome.IDENTICAL:
+            return f"diff: identical: {', '.join(notes)}"
+        rows = self.differing_metrics()
+        shown = ", ".join(f"{r.name} {r.change}" for r in rows[:5]) + (f" (+{len(rows) - 5} more)" if len(rows) > 5 else "")
+        return f"diff: same end state ({', '.join(notes)}); {len(rows)} metric(s) differ, largest first: {shown}"
+
+    def differing_metrics(self) -> list[MetricRow]:
+        """Metrics whose values differ, largest relative change first (new or non-numeric ones first)."""
+        def size(r: MetricRow):
+            if r.ratio_ppm is None:
+                return (0, 0, r.name)
+            return (1, -abs(r.ratio_ppm - 1_000_000), r.name)
+
+        return sorted((r for r in self.metrics if r.differs), key=size)
 
 
 # ------------------------------------------------------------------------------------------- analysis
@@ -426,15 +442,17 @@ def diff_runs(
             reasons.append(f"{r.metric} regressed {r.change} (allowed +{r.limit_pct}%)")
     strict_diffs = strict_differences(a, b, divergence) if strict else []
     reasons.extend(strict_diffs)
+    metrics = metric_rows(a, b)
 
     return DiffResult(
         a=a,
         b=b,
-        outcome=Outcome.DIFFERENT if reasons else Outcome.EQUIVALENT,
+        outcome=Outcome.DIFFERENT if reasons else Outcome.SAME_END_STATE if any(r.differs for r in metrics)
+        else Outcome.IDENTICAL,
         reasons=reasons,
         params=params,
         same_scenario=same_scenario,
-        metrics=metric_rows(a, b),
+        metrics=metrics,
         rounds=join_rounds(a, b),
         histogram=join_histograms(a, b),
         digests=digests,

@@ -31,6 +31,8 @@ VMSA_SPARE = 1024
 PRIVATE = 1
 DIRTY = 2
 PRESENT = 4
+SEND = 8  # still to send: the migration's own bitmap (QEMU's RAM bitmap), fed by sync_dirty()
+MAPPED = 16  # an agent has touched the page through its own nested page table (mirror VM)
 
 #: Column names and Arrow types of a trace batch (trace format v1, SPEC section 2), in schema order.
 BATCH_COLUMNS = (
@@ -147,6 +149,72 @@ def as_gfns(gfns):
     if arr.ndim != 1:
         raise ValueError(f"gfns must be one-dimensional, got shape {arr.shape}")
     return arr
+
+
+_TRANSFER_REQUIRED = ("bandwidth_bytes_per_s", "page_bytes", "header_bytes", "pack_private_ns", "pack_zero_ns",
+                      "batch_pages", "vmgexit_ns", "charge_guest")
+_TRANSFER_DEFAULTS = {
+    "agents": 1, "src_cpus": None, "dst_cpus": None, "src_pool_cpus": 0, "dst_pool_cpus": 0,
+    "unpack_private_ns": 0, "rmpupdate_ns": 0, "pvalidate_ns": 0, "rmpadjust_ns": 0, "first_touch_ns": 0,
+    "host_page_ns": 0, "wp_fault_ns": 0, "charge_target_guest": False, "target_rmp": True, "skip_present": False,
+}
+_TRANSFER_FLAGS = ("charge_guest", "charge_target_guest", "target_rmp", "skip_present")
+
+
+def _rational(name: str, value) -> tuple[int, int]:
+    num, den = (int(x) for x in value)
+    if not (1 <= num < 1 << 31 and 1 <= den < 1 << 31):
+        raise ValueError(f"begin_transfer: {name} must be (num, den) with both in [1, 2**31), got {value!r}")
+    return num, den
+
+
+def check_transfer_params(v_ns, g_ns, params: dict) -> dict:
+    """begin_transfer()'s keyword arguments, validated, with defaults (both engines call this).
+
+    CPU capacities are rationals ``(num, den)`` CPUs: ``src_cpus``/``dst_cpus`` for the agents on each side
+    (default ``(agents, 1)``); ``*_pool_cpus`` > 0 when those agents share that many CPUs with the side's
+    host migration thread."""
+    unknown = sorted(set(params) - set(_TRANSFER_REQUIRED) - set(_TRANSFER_DEFAULTS))
+    if unknown:
+        raise TypeError(f"begin_transfer: unknown argument(s) {', '.join(unknown)}")
+    missing = [k for k in _TRANSFER_REQUIRED if k not in params]
+    if missing:
+        raise TypeError(f"begin_transfer: missing argument(s) {', '.join(missing)}")
+    p = {**_TRANSFER_DEFAULTS, **params, "v_ns": v_ns, "g_ns": g_ns}
+    for k in list(p):
+        if k in _TRANSFER_FLAGS:
+            p[k] = bool(p[k])
+        elif k not in ("src_cpus", "dst_cpus"):
+            x = p[k] = int(p[k])
+            if not 0 <= x < 1 << 62:
+                raise ValueError(f"begin_transfer: {k} must be in [0, 2**62), got {x}")
+    for k in ("bandwidth_bytes_per_s", "agents", "batch_pages"):
+        if p[k] < 1:
+            raise ValueError(f"begin_transfer: {k} must be >= 1, got {p[k]}")
+    for k in ("src_cpus", "dst_cpus"):
+        p[k] = _rational(k, (p["agents"], 1) if p[k] is None else p[k])
+    return p
+
+
+def check_transfer_limits(until_v, deadline_v) -> tuple[int, int]:
+    """transfer()'s ``until_v`` (stop before a page once the clock reaches it) and ``deadline_v`` (no page
+    may end after it); None: no limit."""
+    out = []
+    for name, x in (("until_v", until_v), ("deadline_v", deadline_v)):
+        x = (1 << 63) - 1 if x is None else int(x)
+        if not 0 <= x < 1 << 63:
+            raise ValueError(f"transfer: {name} must be in [0, 2**63), got {x}")
+        out.append(x)
+    return out[0], out[1]
+
+
+def check_transfer_add(active: bool, nbytes, agent_cpu_ns, target_cpu_ns) -> tuple[int, int, int]:
+    if not active:
+        raise RuntimeError("transfer_add() before begin_transfer()")
+    vals = tuple(int(x) for x in (nbytes, agent_cpu_ns, target_cpu_ns))
+    if not all(0 <= x < 1 << 62 for x in vals):
+        raise ValueError("transfer_add: nbytes, agent_cpu_ns and target_cpu_ns must be in [0, 2**62)")
+    return vals
 
 
 def make_engine(kind: str = "cython", **kw):

@@ -8,7 +8,7 @@ both engines and requires every observable (return values, RMP entries, pages, c
 ``last_stop``, digests) to be equal. When the two disagree, this file and docs/internals.md decide.
 
 State per host ``h``: a memory image (``version`` uint32 and ``flags`` uint8 per gfn, flags PRIVATE=1,
-DIRTY=2, PRESENT=4) and an RMP table indexed by SPA, ``spa(h, gfn) = spa_base[h] + gfn``.
+DIRTY=2, PRESENT=4, SEND=8, MAPPED=16) and an RMP table indexed by SPA, ``spa(h, gfn) = spa_base[h] + gfn``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import numpy as np
 
 from replay.engine import (
     DIRTY,
+    MAPPED,
     PRESENT,
     PRIVATE,
+    SEND,
     U64_MAX,
     VMSA_SPARE,
     PageView,
@@ -32,6 +34,9 @@ from replay.engine import (
     as_ready,
     as_gfns,
     check_batch,
+    check_transfer_add,
+    check_transfer_limits,
+    check_transfer_params,
 )
 from replay.errors import TraceError
 from replay.snp import FAULT_KINDS, PAGE_SHIFT, PAGES_PER_2M, VMPLS, Access, Fault, Op, Perm, Rc
@@ -46,6 +51,21 @@ R_VMSA = 16
 FIRST_FAULTS_MAX = 16
 U32_MASK = 0xFFFFFFFF
 _NO_STOP = (Fault.NONE, 0, 0, 0)
+
+
+U64_MASK = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finalizer (the per-page term of the set hash; as in the Cython engine)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & U64_MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & U64_MASK
+    return z ^ (z >> 31)
+
+
+def _page_terms(gfn: int, version: int, flags: int) -> tuple[int, int]:
+    key = _mix64((gfn + 0x9E3779B97F4A7C15) & U64_MASK) ^ ((version << 1) | (flags & PRIVATE))
+    return _mix64(key), _mix64(key ^ 0xD1B54A32D192ED03)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -63,6 +83,8 @@ class Engine:
         self._version = [np.zeros(npages, np.uint32) for _ in range(hosts)]
         self._flags = [np.zeros(npages, np.uint8) for _ in range(hosts)]
         self._logging = [False] * hosts
+        self._send_count = [0] * hosts
+        self._recv_sum = [[0, 0] for _ in range(hosts)]
         # RMP tables: per entry gfn, asid, flags, perms[4] (perms[0] is always Perm.ALL)
         sizes = [b + npages + VMSA_SPARE for b in spa_base]
         self._r_gfn = [np.zeros(n, np.uint32) for n in sizes]
@@ -330,6 +352,7 @@ class Engine:
                     self._rmpadjust(host, spa, self.asid, gfn, 0, self.os_vmpl, Perm.ALL, False, False, -1)
                 self._flags[host][gfn] = PRIVATE | PRESENT
             self._version[host][gfn] = 0
+        self._send_count[host] = 0
 
     def page(self, host, gfn):
         host = self._host(host)
@@ -444,6 +467,8 @@ class Engine:
             elif op == Op.WRITE:
                 self._version[host][gfn] = (int(self._version[host][gfn]) + 1) & U32_MASK
                 if self._logging[host]:
+                    if not flags[gfn] & DIRTY:
+                        self._wp_faults[host] += 1  # the first write since the last sync faults
                     flags[gfn] |= DIRTY
         elif op == Op.TO_SHARED:
             if private:
@@ -470,46 +495,42 @@ class Engine:
         self._xfer = dict(params or {})
         self._xs = dict(
             v_ns=0, g_ns=0, pages=0, zero_pages=0, private_pages=0, shared_pages=0,
-            bytes=0, agent_cpu_ns=0, vmgexits=0, target_cpu_ns=0,
+            bytes=0, agent_cpu_ns=0, vmgexits=0, target_cpu_ns=0, src_host_cpu_ns=0, dst_host_cpu_ns=0,
+            first_touches=0, link_dead=False,
         )  # fmt: skip
         self._v0 = self._g0 = 0
         self._priv_in_batch = 0
+        self._wp0 = 0
 
-    def begin_transfer(
-        self, v_ns, g_ns, *, bandwidth_bytes_per_s, page_bytes, header_bytes, agents, pack_private_ns,
-        pack_zero_ns, batch_pages, vmgexit_ns, charge_guest, unpack_private_ns=0, target_rmp=True,
-        skip_present=False,
-    ):  # fmt: skip
-        p = dict(
-            v_ns=v_ns, g_ns=g_ns, bandwidth_bytes_per_s=bandwidth_bytes_per_s, page_bytes=page_bytes,
-            header_bytes=header_bytes, agents=agents, pack_private_ns=pack_private_ns, pack_zero_ns=pack_zero_ns,
-            batch_pages=batch_pages, vmgexit_ns=vmgexit_ns, unpack_private_ns=unpack_private_ns,
-        )  # fmt: skip
-        for k, x in p.items():
-            x = p[k] = int(x)
-            if not 0 <= x < 1 << 62:
-                raise ValueError(f"begin_transfer: {k} must be in [0, 2**62), got {x}")
-        for k in ("bandwidth_bytes_per_s", "agents", "batch_pages"):
-            if p[k] < 1:
-                raise ValueError(f"begin_transfer: {k} must be >= 1, got {p[k]}")
-        p.update(charge_guest=bool(charge_guest), target_rmp=bool(target_rmp), skip_present=bool(skip_present))
+    def begin_transfer(self, v_ns, g_ns, **params):
+        p = check_transfer_params(v_ns, g_ns, params)
         self._xfer_reset(p)
         self._v0 = self._xs["v_ns"] = p["v_ns"]
         self._g0 = self._xs["g_ns"] = p["g_ns"]
+        self._wp0 = sum(self._wp_faults)
 
     def transfer_state(self):
         return dict(self._xs)
 
-    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None, ready=None):
+    def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None, ready=None, *,
+                 until_v=None, deadline_v=None):
         src, dst, run_host = self._host(src), self._host(dst), self._host(run_host)
         if not self._xfer:
             raise RuntimeError("transfer() before begin_transfer()")
-        gfns = as_gfns(gfns)
         k, start, base_index = int(k), int(start), int(base_index)
-        if not 0 <= k <= len(gfns):
-            raise ValueError(f"k {k} out of range (len(gfns) = {len(gfns)})")
-        if len(gfns) > k and int(gfns[k:].max()) >= self.npages:
-            raise ValueError(f"gfn out of range in gfns (npages={self.npages})")
+        until_v, deadline_v = check_transfer_limits(until_v, deadline_v)
+        walk = gfns is None
+        if walk:
+            if src == dst:
+                raise ValueError("transfer: src and dst must differ")
+            if not 0 <= k < self.npages:
+                raise ValueError(f"k {k} out of range for the bitmap walk (npages={self.npages})")
+        else:
+            gfns = as_gfns(gfns)
+            if not 0 <= k <= len(gfns):
+                raise ValueError(f"k {k} out of range (len(gfns) = {len(gfns)})")
+            if len(gfns) > k and int(gfns[k:].max()) >= self.npages:
+                raise ValueError(f"gfn out of range in gfns (npages={self.npages})")
         cols = None
         if batch is not None:
             check_batch(batch)
@@ -522,99 +543,229 @@ class Engine:
         ready = None if ready is None else as_ready(ready, self.npages)
         self._last_stop = _NO_STOP
         p, xs = self._xfer, self._xs
+        xs["link_dead"] = False
         row = start
-        while k < len(gfns):
+        sflags, dflags = self._flags[src], self._flags[dst]
+        while True:
+            if walk:
+                if self._send_count[src] == 0:
+                    return (row, k)
+            elif k >= len(gfns):
+                return (row, k)
             # 1. the guest runs up to the transfer clock
             if cols is not None:
                 row = self._replay(run_host, cols, row, base_index, xs["g_ns"], delays, ready)
                 if row == len(cols[0]) or self._last_stop[0] == Fault.USERFAULT:
                     return (row, k)
-            gfn = int(gfns[k])
-            if p["skip_present"] and self._flags[dst][gfn] & PRESENT:
+            if xs["v_ns"] >= until_v:
+                return (row, k)
+            if walk:
+                while not sflags[k] & SEND:
+                    k = (k + 1) % self.npages
+                gfn = k
+            else:
+                gfn = int(gfns[k])
+            if p["skip_present"] and dflags[gfn] & PRESENT:
                 k += 1
                 continue
-            # 2. what the page costs
+            # 2. what the page costs: source agents / target agents / each side's host thread
             version = int(self._version[src][gfn])
-            private = bool(self._flags[src][gfn] & PRIVATE)
+            private = bool(sflags[gfn] & PRIVATE)
             zero = version == 0
             nbytes = p["header_bytes"] + (0 if zero else p["page_bytes"])
-            cpu = 0
+            plan = self._target_rmp_plan(dst, gfn, private) if p["target_rmp"] else None
+            n_upd = n_pval = n_adj = 0
+            if plan == "assign":
+                n_upd = n_pval = 1
+                n_adj = 1 if self.os_vmpl > 0 else 0
+            elif plan == "release":
+                n_upd = n_pval = 1
+            src_cpu = dst_cpu = src_host = dst_host = 0
+            vmgexit = touch_src = touch_dst = False
             if private:
-                cpu = p["pack_zero_ns"] if zero else p["pack_private_ns"]
-                self._priv_in_batch += 1
-                if self._priv_in_batch == p["batch_pages"]:
-                    cpu += p["vmgexit_ns"]
-                    xs["vmgexits"] += 1
-                    self._priv_in_batch = 0
-                xs["target_cpu_ns"] += p["unpack_private_ns"]
-            # 3. the clock
-            xs["bytes"] += nbytes
-            xs["agent_cpu_ns"] += cpu
+                src_cpu = p["pack_zero_ns"] if zero else p["pack_private_ns"]
+                vmgexit = self._priv_in_batch + 1 == p["batch_pages"]
+                src_cpu += p["vmgexit_ns"] if vmgexit else 0
+                dst_cpu = p["unpack_private_ns"]
+                if p["first_touch_ns"] > 0:  # the mirror VM maps the page on its agents' first touch
+                    touch_src = not sflags[gfn] & MAPPED
+                    touch_dst = not dflags[gfn] & MAPPED
+                    src_cpu += touch_src * p["first_touch_ns"]
+                    dst_cpu += touch_dst * p["first_touch_ns"]
+            else:
+                src_host = dst_host = p["host_page_ns"]
+            dst_cpu += n_pval * p["pvalidate_ns"] + n_adj * p["rmpadjust_ns"]
+            dst_host += n_upd * p["rmpupdate_ns"]
+            # 3. the clock; nothing arrives after the link's deadline
+            totals = (xs["bytes"] + nbytes, xs["agent_cpu_ns"] + src_cpu, xs["target_cpu_ns"] + dst_cpu,
+                      xs["src_host_cpu_ns"] + src_host, xs["dst_host_cpu_ns"] + dst_host)
+            if self._v0 + self._elapsed(*totals) > deadline_v:
+                xs["link_dead"] = True
+                return (row, k)
+            (xs["bytes"], xs["agent_cpu_ns"], xs["target_cpu_ns"], xs["src_host_cpu_ns"],
+             xs["dst_host_cpu_ns"]) = totals
+            if private:
+                self._priv_in_batch = 0 if vmgexit else self._priv_in_batch + 1
+                xs["vmgexits"] += vmgexit
+                if touch_src:
+                    sflags[gfn] |= MAPPED
+                xs["first_touches"] += touch_src + touch_dst
             self._clock()
             # 4. delivery; with ready, the page is usable on the target from the end of its slot
-            self._deliver(src, dst, gfn, p["target_rmp"])
+            self._deliver(src, dst, gfn, plan)
+            if touch_dst:
+                dflags[gfn] |= MAPPED
             if ready is not None:
                 ready[gfn] = xs["g_ns"]
             xs["pages"] += 1
             xs["zero_pages"] += zero
             xs["private_pages"] += private
             xs["shared_pages"] += not private
-            k += 1
-        return (row, k)
+            if walk:
+                sflags[gfn] &= ~SEND & 0xFF
+                self._send_count[src] -= 1
+                k = (k + 1) % self.npages
+            else:
+                k += 1
+
+    def _elapsed(self, nbytes, src_cpu, dst_cpu, src_host, dst_host):
+        """The slowest of the link, each side's agents, each side's host thread and shared CPU pools."""
+        p = self._xfer
+        (sn, sd), (dn, dd) = p["src_cpus"], p["dst_cpus"]
+        t = max(_ceil_div(nbytes * 10**9, p["bandwidth_bytes_per_s"]), _ceil_div(src_cpu * sd, sn),
+                _ceil_div(dst_cpu * dd, dn), src_host, dst_host)
+        if p["src_pool_cpus"]:
+            t = max(t, _ceil_div(src_cpu + src_host, p["src_pool_cpus"]))
+        if p["dst_pool_cpus"]:
+            t = max(t, _ceil_div(dst_cpu + dst_host, p["dst_pool_cpus"]))
+        return t
 
     def _clock(self):
-        """v = v0 + max(link time, packaging time) of everything so far; g follows (less the agents' share
-        of the guest's CPU when they are its own vCPUs)."""
+        """v = v0 + the time the totals take; g follows v, less the guest CPU taken meanwhile (agents on the
+        guest's own quota, write-protect faults)."""
         p, xs = self._xfer, self._xs
-        link_ns = _ceil_div(xs["bytes"] * 10**9, p["bandwidth_bytes_per_s"])
-        pack_ns = _ceil_div(xs["agent_cpu_ns"], p["agents"])
-        xs["v_ns"] = self._v0 + max(link_ns, pack_ns)
-        elapsed = xs["v_ns"] - self._v0
-        if p["charge_guest"]:
-            xs["g_ns"] = max(xs["g_ns"], self._g0 + elapsed - xs["agent_cpu_ns"] // self.vcpus)
-        else:
-            xs["g_ns"] = self._g0 + elapsed
+        elapsed = self._elapsed(xs["bytes"], xs["agent_cpu_ns"], xs["target_cpu_ns"], xs["src_host_cpu_ns"],
+                                xs["dst_host_cpu_ns"])
+        xs["v_ns"] = self._v0 + elapsed
+        lost = (sum(self._wp_faults) - self._wp0) * p["wp_fault_ns"]
+        lost += xs["agent_cpu_ns"] if p["charge_guest"] else 0
+        lost += xs["target_cpu_ns"] if p["charge_target_guest"] else 0
+        xs["g_ns"] = max(xs["g_ns"], self._g0 + elapsed - lost // self.vcpus)
 
-    def _deliver(self, src, dst, gfn, rmp):
+    def _deliver(self, src, dst, gfn, plan):
         private = bool(self._flags[src][gfn] & PRIVATE)
+        if self._flags[dst][gfn] & PRESENT:
+            self._recv_add(dst, gfn, -1)
         self._version[dst][gfn] = self._version[src][gfn]
         self._flags[dst][gfn] = (int(self._flags[dst][gfn]) & ~(PRIVATE | DIRTY)) | PRESENT | (PRIVATE if private else 0)
-        if rmp:
-            self._target_rmp(dst, gfn, private)
+        self._recv_add(dst, gfn, 1)
+        if plan is not None:
+            self._target_rmp(dst, gfn, plan)
 
-    def transfer_add(self, nbytes, agent_cpu_ns):
+    def _recv_add(self, host, gfn, sign):
+        a, b = _page_terms(gfn, int(self._version[host][gfn]), int(self._flags[host][gfn]))
+        r = self._recv_sum[host]
+        r[0] = (r[0] + sign * a) & U64_MASK
+        r[1] = (r[1] + sign * b) & U64_MASK
+
+    def transfer_add(self, nbytes, agent_cpu_ns, target_cpu_ns=0):
         """Traffic outside the page list (post-copy fault pages) moves the transfer clock."""
-        nbytes, agent_cpu_ns = int(nbytes), int(agent_cpu_ns)
-        if not self._xfer:
-            raise RuntimeError("transfer_add() before begin_transfer()")
-        if not (0 <= nbytes < 1 << 62 and 0 <= agent_cpu_ns < 1 << 62):
-            raise ValueError("transfer_add: nbytes and agent_cpu_ns must be in [0, 2**62)")
+        nbytes, agent_cpu_ns, target_cpu_ns = check_transfer_add(bool(self._xfer), nbytes, agent_cpu_ns, target_cpu_ns)
         self._xs["bytes"] += nbytes
         self._xs["agent_cpu_ns"] += agent_cpu_ns
+        self._xs["target_cpu_ns"] += target_cpu_ns
         self._clock()
+
+    # ------------------------------------------------------------------ the migration's send bitmap
+
+    def mark_send_all(self, host):
+        """Every page is to be sent (the bitmap at the start of pre-copy)."""
+        host = self._host(host)
+        self._flags[host] |= SEND
+        self._send_count[host] = self.npages
+
+    def sync_dirty(self, host):
+        """Dirty-log get-and-clear into the send bitmap; returns the number of pages the log held."""
+        host = self._host(host)
+        f = self._flags[host]
+        n = 0
+        for gfn in range(self.npages):
+            if f[gfn] & DIRTY:
+                n += 1
+                if not f[gfn] & SEND:
+                    self._send_count[host] += 1
+                f[gfn] = (int(f[gfn]) & ~DIRTY) | SEND
+        return n
+
+    def send_count(self, host):
+        return self._send_count[self._host(host)]
+
+    def discard_stale(self, src, dst):
+        """The pages still to send from src are stale on dst (hybrid switchover); returns how many dst held."""
+        src, dst = self._host(src), self._host(dst)
+        n = 0
+        for gfn in range(self.npages):
+            if self._flags[src][gfn] & SEND:
+                self._flags[src][gfn] &= ~SEND & 0xFF
+                if self._flags[dst][gfn] & PRESENT:
+                    self._recv_add(dst, gfn, -1)
+                    self._flags[dst][gfn] &= ~PRESENT & 0xFF
+                    n += 1
+        self._send_count[src] = 0
+        return n
+
+    def wp_faults(self, host):
+        """First writes to a clean page while dirty logging was on (write-protect faults), so far."""
+        return self._wp_faults[self._host(host)]
+
+    def received_digest(self, host):
+        """Set hash of (gfn, version, private) over the pages delivered to host and still held."""
+        a, b = self._recv_sum[self._host(host)]
+        return f"{a:016x}{b:016x}"
+
+    def set_digest(self, host):
+        """The same set hash over every page of host's image."""
+        host = self._host(host)
+        a = b = 0
+        for gfn in range(self.npages):
+            x, y = _page_terms(gfn, int(self._version[host][gfn]), int(self._flags[host][gfn]))
+            a, b = (a + x) & U64_MASK, (b + y) & U64_MASK
+        return f"{a:016x}{b:016x}"
 
     def deliver(self, src, dst, gfn, target_rmp=True):
         """One page src -> dst outside the transfer clock (a post-copy fault being served)."""
         src, dst = self._host(src), self._host(dst)
-        self._deliver(src, dst, self._gfn(gfn), bool(target_rmp))
+        gfn = self._gfn(gfn)
+        private = bool(self._flags[src][gfn] & PRIVATE)
+        self._deliver(src, dst, gfn, self._target_rmp_plan(dst, gfn, private) if target_rmp else None)
 
     def clear_present(self, host, gfns):
         """The host's copies of gfns are stale (hybrid switchover): they must be fetched again."""
         host = self._host(host)
         for g in self._gfn_array(gfns):
+            if self._flags[host][int(g)] & PRESENT:
+                self._recv_add(host, int(g), -1)
             self._flags[host][int(g)] &= ~PRESENT & 0xFF
 
-    def _target_rmp(self, dst, gfn, private):
+    def _target_rmp_plan(self, dst, gfn, private):
+        """What delivering gfn does to the target's RMP: None, "assign" or "release"."""
         spa = self.spa_base[dst] + gfn
-        f = int(self._r_flags[dst][spa])
-        assigned = bool(f & R_ASSIGNED)
+        assigned = bool(int(self._r_flags[dst][spa]) & R_ASSIGNED)
         if private:
             if not (assigned and int(self._r_asid[dst][spa]) == self.asid and int(self._r_gfn[dst][spa]) == gfn):
-                self._rmpupdate(dst, spa, True, self.asid, gfn, False, False)
-                self._pvalidate(dst, spa, self.asid, gfn, 0, True, False, -1)
-                if self.os_vmpl > 0:
-                    self._rmpadjust(dst, spa, self.asid, gfn, 0, self.os_vmpl, Perm.ALL, False, False, -1)
+                return "assign"
         elif assigned:
+            return "release"
+        return None
+
+    def _target_rmp(self, dst, gfn, plan):
+        spa = self.spa_base[dst] + gfn
+        if plan == "assign":
+            self._rmpupdate(dst, spa, True, self.asid, gfn, False, False)
+            self._pvalidate(dst, spa, self.asid, gfn, 0, True, False, -1)
+            if self.os_vmpl > 0:
+                self._rmpadjust(dst, spa, self.asid, gfn, 0, self.os_vmpl, Perm.ALL, False, False, -1)
+        elif plan == "release":
             self._pvalidate(dst, spa, self.asid, gfn, 0, False, False, -1)
             self._rmpupdate(dst, spa, False, 0, 0, False, False)
 
@@ -633,3 +784,4 @@ class Engine:
         self._rmp = [{"rmpupdate": 0, "pvalidate": 0, "rmpadjust": 0, "psmash": 0, "psc": 0} for _ in range(self.hosts)]
         self._faults = {int(f): 0 for f in FAULT_KINDS}
         self._first_faults = []
+        self._wp_faults = [0] * self.hosts

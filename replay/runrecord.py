@@ -24,7 +24,7 @@ from .records import atomic_dir, canonical_json
 RUN_FORMAT = "snp-replay-run"
 RUN_VERSION = 1
 
-STATUSES = ("completed", "aborted", "failed")
+STATUSES = ("completed", "aborted", "cancelled", "failed")
 
 ROUNDS_SCHEMA = pa.schema(
     [
@@ -40,7 +40,9 @@ ROUNDS_SCHEMA = pa.schema(
         pa.field("shared_pages", pa.uint64(), nullable=False),
         pa.field("bytes_sent", pa.uint64(), nullable=False),
         pa.field("agents", pa.uint32(), nullable=False),
-        pa.field("agent_cpu_ns", pa.uint64(), nullable=False),
+        pa.field("agent_cpu_ns", pa.uint64(), nullable=False),  # source agents
+        pa.field("target_cpu_ns", pa.uint64(), nullable=False),  # target agents (unpack, PVALIDATE, RMPADJUST)
+        pa.field("host_cpu_ns", pa.uint64(), nullable=False),  # both hosts' migration threads (shared pages, RMPUPDATE)
         pa.field("guest_progress_ns", pa.uint64(), nullable=False),  # guest (trace) time advanced in the round
     ]
 )

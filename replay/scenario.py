@@ -22,6 +22,9 @@ from .units import parse_duration_ns, parse_size
 
 STRATEGIES = ("mirror-vm", "shadow-vcpu")
 MODES = ("precopy", "postcopy", "hybrid")
+ON_MAX_ROUNDS = ("cancel", "stop-and-copy", "postcopy")
+CPU_SHARING = ("fair", "agents-first")
+KERNEL_PROFILES = ("custom", "linux-7.1", "proposed-2026")
 FAULT_KINDS = ("link_down",)
 FOREVER = -1  # duration_ns of a link that never comes back
 
@@ -36,6 +39,7 @@ class GuestSpec:
     apic_id_first: int = 0
     apic_id_last: int = -1  # -1: apic_id_first + vcpus - 1
     asid: int = 1
+    memslots: int = 2  # guest_memfd memslots (below and above the 4 GiB hole): one gmem link each
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,16 @@ class MigrationSpec:
     bandwidth_bytes_per_s: int = 1_250_000_000  # 10 Gbit/s
     latency_ns: int = 50_000  # one way; a datacentre hop plus the agent's queueing
     downtime_limit_ns: int = 300_000_000  # QEMU's default downtime-limit is 300 ms
-    max_rounds: int = 30  # guestperf's max_iters
+    # QEMU never caps rounds (dirty syncs); a scenario says what happens at max_rounds (guestperf's max_iters
+    # cancels; KubeVirt switches to post-copy): "cancel" | "stop-and-copy" | "postcopy"
+    max_rounds: int = 30
+    on_max_rounds: str = "stop-and-copy"
+    # QEMU's switchover threshold uses the bandwidth measured over the last period, unless this is set
+    # (avail-switchover-bandwidth); 0: measured
+    avail_switchover_bandwidth_bytes_per_s: int = 0
+    burst_ns: int = 50_000_000  # ram_save_iterate sends for at most ~50 ms (MAX_WAIT) before re-estimating
+    bandwidth_period_ns: int = 100_000_000  # BUFFER_DELAY: bandwidth and threshold are updated every 100 ms
+    host_cpus: int = 2  # host CPUs given to migration work (QEMU's migration thread, mirror VM vCPUs)
     agents_initial: int = 1
     agents_max: int = 4
     shadow_apic_id_base: int = 240  # reserved APIC ID range for shadow vCPUs
@@ -86,7 +99,20 @@ class Costs:
     # -- setup, shadow-vcpu
     ap_create_ns: int = 600_000  # SVSM builds a VMSA, RMPADJUST vmsa=1, AP Creation NAE (per shadow agent)
     # -- both
-    attestation_ns: int = 20_000_000  # SNP_GUEST_REQUEST report via the PSP (~10 ms) + chain checks + ECDH
+    # Attested handshake, split: waiting on the PSP for the reports is not CPU; verifying the VCEK chains
+    # and reports, ECDH P-384 and HKDF are agent CPU (ms scale for P-384 in software).
+    attestation_psp_ns: int = 15_000_000
+    attestation_cpu_ns: int = 5_000_000
+    # -- work only one design does
+    mirror_npf_ns: int = 2_000  # mirror VM: NPF exit + gmem lookup + map on an agent's first touch of a page
+    ap_destroy_ns: int = 200_000  # shadow: hide/tear one shadow AP (AP destroy NAE, RMPADJUST vmsa=0)
+    target_vmpl0_boot_ns: int = 5_000_000  # shadow: the target's SVSM runs at VMPL0 before it can create APs
+    # -- dirty tracking and the host's own work
+    dirty_wp_fault_ns: int = 260  # guest write-protect fault on its first write after a sync (Cloud Hypervisor)
+    dirty_log_start_ns_per_gib: int = 4_500_000  # start dirty logging: 4-5 ms/GiB (Cloud Hypervisor)
+    host_page_ns: int = 500  # QEMU's migration thread per shared page: zero check, copy to the socket
+    rmpadjust_ns: int = 1_000  # RMPADJUST (agent at VMPL0, per 4K page)
+    cpu_sharing: str = "fair"  # how shadow agents and guest vCPUs share the VM's CPUs: "fair" | "agents-first"
     dirty_sync_ns: int = 200_000  # fixed cost of one get-and-clear of the dirty log
     dirty_sync_ns_per_gib: int = 100_000  # bitmap walk: 32 KiB of bitmap per GiB
     page_pack_ns: int = 2_000  # agent CPU per private 4 KiB page: AES-GCM ~2 GB/s + copy + header
@@ -109,12 +135,15 @@ class Costs:
 
 @dataclass(frozen=True)
 class KernelCaps:
-    """Capabilities of the kernel under test (SPEC section 4)."""
+    """Capabilities of the kernel under test (SPEC section 4). A ``profile`` other than ``custom`` fixes
+    them (``replay/kernel.py``)."""
 
+    profile: str = "custom"
     gmem_link: bool = True  # KVM_LINK_GUEST_MEMFD (RFC): mirror VM shares private memory
     kvm_userfault: bool = True  # KVM_MEM_USERFAULT + bitmap (RFC): post-copy of private memory
     gmem_link_userfault: bool = True  # userfault on a linked guest_memfd (mirror post-copy)
     gmem_dirty_log: bool = True  # dirty logging on guest_memfd slots (upstream refuses it today)
+    kvm_planes: bool = True  # multi-VMPL vCPUs (SVSM at VMPL0 beside the OS): out of tree on 7.1
 
 
 @dataclass(frozen=True)
@@ -188,9 +217,11 @@ _TOP_KEYS = {"name", "description", "seed", "fault", *_SECTIONS}
 # Keys that accept human units ("16GiB", "500ms") besides integers.
 _SIZE_KEYS = {("guest", "guest_bytes")}
 _DURATION_KEYS = {("migration", "start_ns"), ("migration", "latency_ns"), ("migration", "downtime_limit_ns"),
+                  ("migration", "burst_ns"), ("migration", "bandwidth_period_ns"),
                   ("fault", "at_ns"), ("fault", "duration_ns")}
 # Friendly aliases users reach for first.
-_ALIASES = {("guest", "size"): "guest_bytes"}
+_ALIASES = {("guest", "size"): "guest_bytes",
+            ("migration", "avail_switchover_bandwidth"): "avail_switchover_bandwidth_bytes_per_s"}
 
 
 # -1 means "the scenario's seed", "derived from vcpus" and "forever" respectively.
@@ -265,6 +296,14 @@ def _validate(s: Scenario, src: str) -> Scenario:
         raise ScenarioError(f"{src}: migration.bandwidth_bytes_per_s must be > 0")
     if m.max_rounds < 1:
         raise ScenarioError(f"{src}: migration.max_rounds must be >= 1")
+    _one_of(f"{src}: migration.on_max_rounds", m.on_max_rounds, ON_MAX_ROUNDS)
+    _one_of(f"{src}: costs.cpu_sharing", c.cpu_sharing, CPU_SHARING)
+    _one_of(f"{src}: kernel.profile", s.kernel.profile, KERNEL_PROFILES)
+    for key in ("burst_ns", "bandwidth_period_ns", "host_cpus"):
+        if getattr(m, key) < 1:
+            raise ScenarioError(f"{src}: migration.{key} must be >= 1")
+    if g.memslots < 1:
+        raise ScenarioError(f"{src}: guest.memslots must be >= 1")
     if not 1 <= m.agents_initial <= m.agents_max:
         raise ScenarioError(f"{src}: migration.agents_initial must be between 1 and agents_max ({m.agents_max})")
     if g.os_vmpl > 3:
@@ -298,6 +337,16 @@ def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
         raise ScenarioError(f"{src}: 'fault' must be an array of tables ([[fault]])")
     parsed = [_build(LinkFault, f, "fault", src, f"fault[{i}]") for i, f in enumerate(faults)]
     kwargs["faults"] = tuple(parsed)
+    kernel = doc.get("kernel")
+    if isinstance(kernel, Mapping) and kernel.get("profile", "custom") != "custom":
+        _one_of(f"{src}: kernel.profile", kernel["profile"], KERNEL_PROFILES)
+        set_caps = sorted(k for k in kernel if k != "profile")
+        if set_caps:
+            raise ScenarioError(f"{src}: kernel.{set_caps[0]} cannot be set with profile {kernel['profile']!r} "
+                                "(the profile fixes every capability; use profile = \"custom\")")
+        from .kernel import profile_caps
+
+        kwargs["kernel"] = KernelCaps(profile=kernel["profile"], **profile_caps(kernel["profile"]))
     return _validate(Scenario(**kwargs), src)
 
 

@@ -1,12 +1,18 @@
 """The two migration designs under comparison: what each needs from the kernel, what its setup costs,
-how its agents are created and limited, and whose CPU quota their work is charged to.
+how its agents are created and limited, where they run, and whose CPU their work is charged to.
 
 - mirror-vm: a transient mirror VM (own KVM object, same ASID, private memory shared through a linked
-  guest_memfd) whose vCPUs run the SVSM at VMPL0 as migration agents. Agents are charged to the mirror VM.
-- shadow-vcpu: extra VMPL0 vCPUs of the primary VM, created by AP creation with a dynamic VMSA, with APIC
-  IDs from a reserved range. Their CPU time is the primary VM's: the guest slows while they work.
+  guest_memfd, one link per memslot) whose vCPUs run the SVSM at VMPL0 as migration agents. The agents
+  run on the host's CPUs given to migration (``migration.host_cpus``), shared with QEMU's migration
+  thread, and are charged to the mirror VM. Its own nested page tables start empty: an agent's first touch
+  of each page is an NPF + map (``costs.mirror_npf_ns``).
+- shadow-vcpu: extra VMPL0 vCPUs of the primary VM, created by AP creation with a dynamic VMSA (a VMSA
+  page per agent: RMPUPDATE, PVALIDATE and RMPADJUST(vmsa=1) on the RMP), with APIC IDs from a reserved
+  range. Their CPU time is the primary VM's: where the guest runs, it loses what they use. On the target
+  the SVSM must be running at VMPL0 before it can create its APs; before the guest resumes, the shadow
+  APs are torn down on both sides (in the downtime).
 
-The driver (``replay.migrate``) is strategy-agnostic; everything that differs lives here.
+The driver (``replay.migration``) is strategy-agnostic; everything that differs lives here.
 """
 
 from __future__ import annotations
@@ -14,28 +20,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import CapabilityError, SetupError
+from .kernel import needed
 from .scenario import Scenario
 
 HOST = "host"
 MIRROR_VM = "mirror_vm"
 PRIMARY_VM = "primary_vm_agents"
 OWNERS = ("guest", PRIMARY_VM, MIRROR_VM, HOST)
+SOURCE, TARGET = 0, 1
+SIDES = ("source", "target")
 
 
 @dataclass(frozen=True)
 class Step:
-    """One setup action: virtual time it takes and whose CPU it runs on."""
+    """One setup or teardown action on one side: CPU it uses (``cpu_ns``, on ``owner``'s CPU) and time it
+    waits on firmware or the PSP (``wait_ns``, no CPU). ``vmsa_pages``: VMSA pages it creates (+1) or
+    retires (-1) on that side's RMP."""
 
     name: str
-    ns: int
+    side: int
     owner: str
+    cpu_ns: int = 0
+    wait_ns: int = 0
+    vmsa_pages: int = 0
 
 
 class Strategy:
     name = ""
     agent_owner = ""
-    # Agent CPU counts against the primary VM's quota, slowing the guest.
-    charge_guest = False
+    # Agent CPU counts against the primary VM's quota: the guest slows where it runs.
+    agents_on_guest_quota = False
+    # Agents run on the host CPUs given to migration, shared with QEMU's migration thread.
+    agents_on_host_cpus = False
 
     def __init__(self, scenario: Scenario):
         self.s = scenario
@@ -44,62 +60,73 @@ class Strategy:
     def check(self, has_private: bool, guest_vcpus: int) -> None:
         """Raise CapabilityError/SetupError when this strategy cannot run the scenario's mode."""
         k, mode = self.s.kernel, self.s.migration.mode
-        if mode in ("precopy", "hybrid") and has_private and not k.gmem_dirty_log:
-            raise CapabilityError(
-                f"{self.name} {mode}: pre-copy of private memory needs kernel capability 'gmem_dirty_log' "
-                "(dirty logging on guest_memfd slots; upstream KVM refuses it)"
-            )
-        if mode in ("postcopy", "hybrid") and not k.kvm_userfault:
-            raise CapabilityError(f"{self.name} {mode}: post-copy needs kernel capability 'kvm_userfault' (KVM_MEM_USERFAULT)")
+        why = {
+            "gmem_link": f"{self.name}: needs kernel capability 'gmem_link' (KVM_LINK_GUEST_MEMFD) to share private "
+                         "memory with the mirror VM",
+            "gmem_dirty_log": f"{self.name} {mode}: pre-copy of private memory needs kernel capability 'gmem_dirty_log' "
+                              "(dirty logging on guest_memfd slots; upstream KVM refuses it)",
+            "kvm_userfault": f"{self.name} {mode}: post-copy needs kernel capability 'kvm_userfault' (KVM_MEM_USERFAULT)",
+            "gmem_link_userfault": f"{self.name} {mode}: post-copy needs kernel capability 'gmem_link_userfault' "
+                                   "(userfault on a linked guest_memfd)",
+            "kvm_planes": f"{self.name}: needs kernel capability 'kvm_planes' (VMPL0 vCPUs beside the guest's OS)",
+        }
+        for cap in needed(self.name, mode, has_private, self.s.guest.os_vmpl).assumed:
+            if not getattr(k, cap):
+                suffix = f" (kernel profile {k.profile!r})" if k.profile != "custom" else ""
+                raise CapabilityError(why[cap] + suffix)
 
-    # -- setup
+    # -- agents
     def agent_limit(self) -> int:
         raise NotImplementedError
 
-    def agent_step(self, host: str) -> Step:
-        """Creating one more agent on ``host`` ("source" or "target")."""
+    def agent_steps(self, side: int) -> list[Step]:
+        """Creating one more agent on ``side``."""
         raise NotImplementedError
 
     def setup_steps(self) -> list[Step]:
+        """Strategy-specific setup, in order, before the handshake."""
         raise NotImplementedError
 
-    def attestation_step(self) -> Step:
-        return Step("attested handshake (reports, VCEK chains, ECDH P-384, HKDF)", self.s.costs.attestation_ns, self.agent_owner)
+    def teardown_steps(self, side: int, agents: int) -> list[Step]:
+        """What must happen to the agents of ``side`` before the guest resumes on the target (downtime)."""
+        return []
+
+    def attestation_step(self, side: int) -> Step:
+        c = self.s.costs
+        return Step(f"{SIDES[side]}: attested handshake (report via the PSP; VCEK chain, ECDH P-384, HKDF)", side,
+                    self.agent_owner, cpu_ns=c.attestation_cpu_ns, wait_ns=c.attestation_psp_ns)
 
 
 class MirrorVM(Strategy):
     name = "mirror-vm"
     agent_owner = MIRROR_VM
-    charge_guest = False
+    agents_on_host_cpus = True
 
     def check(self, has_private: bool, guest_vcpus: int) -> None:
-        k, mode = self.s.kernel, self.s.migration.mode
-        if not k.gmem_link:
-            raise CapabilityError("mirror-vm: needs kernel capability 'gmem_link' (KVM_LINK_GUEST_MEMFD) to share private memory with the mirror VM")
         super().check(has_private, guest_vcpus)
-        if mode in ("postcopy", "hybrid") and not k.gmem_link_userfault:
-            raise CapabilityError(f"mirror-vm {mode}: post-copy needs kernel capability 'gmem_link_userfault' (userfault on a linked guest_memfd)")
 
     def agent_limit(self) -> int:
         return self.s.migration.agents_max
 
-    def agent_step(self, host: str) -> Step:
-        return Step(f"{host}: mirror vCPU + VMSA", self.s.costs.vcpu_create_ns, MIRROR_VM)
+    def agent_steps(self, side: int) -> list[Step]:
+        return [Step(f"{SIDES[side]}: mirror vCPU + VMSA", side, MIRROR_VM, cpu_ns=self.s.costs.vcpu_create_ns)]
 
     def setup_steps(self) -> list[Step]:
         c = self.s.costs
         steps = []
-        for host in ("source", "target"):
-            steps.append(Step(f"{host}: create mirror VM (shared ASID)", c.mirror_vm_create_ns, HOST))
-            steps.append(Step(f"{host}: link guest_memfd", c.gmem_link_ns, HOST))
-            steps.extend(self.agent_step(host) for _ in range(self.s.migration.agents_initial))
+        for side in (SOURCE, TARGET):
+            steps.append(Step(f"{SIDES[side]}: create mirror VM (shared ASID)", side, HOST, cpu_ns=c.mirror_vm_create_ns))
+            steps += [Step(f"{SIDES[side]}: link guest_memfd (memslot {i})", side, HOST, cpu_ns=c.gmem_link_ns)
+                      for i in range(self.s.guest.memslots)]
+            for _ in range(self.s.migration.agents_initial):
+                steps += self.agent_steps(side)
         return steps
 
 
 class ShadowVCPU(Strategy):
     name = "shadow-vcpu"
     agent_owner = PRIMARY_VM
-    charge_guest = True
+    agents_on_guest_quota = True
 
     def check(self, has_private: bool, guest_vcpus: int) -> None:
         super().check(has_private, guest_vcpus)
@@ -121,11 +148,26 @@ class ShadowVCPU(Strategy):
     def agent_limit(self) -> int:
         return min(self.s.migration.agents_max, self.s.migration.shadow_apic_ids)
 
-    def agent_step(self, host: str) -> Step:
-        return Step(f"{host}: shadow vCPU (AP creation, dynamic VMSA at VMPL0)", self.s.costs.ap_create_ns, PRIMARY_VM)
+    def agent_steps(self, side: int) -> list[Step]:
+        c = self.s.costs
+        return [
+            Step(f"{SIDES[side]}: shadow vCPU: SVSM builds a VMSA (RMPUPDATE, PVALIDATE, RMPADJUST vmsa=1)", side,
+                 PRIMARY_VM, cpu_ns=c.ap_create_ns + c.pvalidate_ns + c.rmpadjust_ns, vmsa_pages=1),
+            Step(f"{SIDES[side]}: AP creation NAE (VMGEXIT via the GHCB; host RMPUPDATE)", side, HOST,
+                 cpu_ns=c.vmgexit_ns + c.rmpupdate_ns),
+        ]
 
     def setup_steps(self) -> list[Step]:
-        return [self.agent_step(host) for host in ("source", "target") for _ in range(self.s.migration.agents_initial)]
+        c, n = self.s.costs, self.s.migration.agents_initial
+        steps = [s for _ in range(n) for s in self.agent_steps(SOURCE)]
+        # The target's SVSM must be running at VMPL0 before it can create APs.
+        steps.append(Step("target: launch the incoming VM's VMPL0 (SVSM)", TARGET, HOST, wait_ns=c.target_vmpl0_boot_ns))
+        steps += [s for _ in range(n) for s in self.agent_steps(TARGET)]
+        return steps
+
+    def teardown_steps(self, side: int, agents: int) -> list[Step]:
+        return [Step(f"{SIDES[side]}: tear down shadow AP (AP destroy NAE, RMPADJUST vmsa=0)", side, PRIMARY_VM,
+                     cpu_ns=self.s.costs.ap_destroy_ns, vmsa_pages=-1) for _ in range(agents)]
 
 
 def make_strategy(scenario: Scenario) -> Strategy:

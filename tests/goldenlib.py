@@ -73,7 +73,7 @@ def regenerate(scenario: Path, strategy: str) -> str:
     if dest.exists():
         shutil.rmtree(dest)
     result = run_scenario(scenario, strategy, dest)
-    if result.rc == 0:
+    if result.rc in (0, 1):  # 1: the migration did not complete (aborted, cancelled, failed): still a record
         size = dir_size(dest)
         warn = f"  (WARNING: over {SIZE_WARN:,} bytes; make the scenario smaller)" if size > SIZE_WARN else ""
         return f"{scenario.stem}/{strategy}: run directory, {size:,} bytes{warn}"

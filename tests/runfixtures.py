@@ -117,7 +117,7 @@ def make_rounds(n: int = 5, scale: int = 1, agents: int = 2, postcopy: bool = Fa
             "start_ns": t, "end_ns": t + dur, "pages_sent": pages, "zero_pages": pages // 10,
             "private_pages": pages - 1000, "shared_pages": 1000, "bytes_sent": pages * 4120,
             "agents": agents if not last else agents + 1, "agent_cpu_ns": pages * 900,
-            "guest_progress_ns": dur,
+            "target_cpu_ns": pages * 700, "host_cpu_ns": 1000 * 500, "guest_progress_ns": dur,
         }.items():
             rows[k].append(v)
         t += dur
@@ -127,7 +127,7 @@ def make_rounds(n: int = 5, scale: int = 1, agents: int = 2, postcopy: bool = Fa
             "round": n, "phase": "postcopy", "sync_ns": t, "dirty_pages": 0, "start_ns": t,
             "end_ns": t + 700_000_000, "pages_sent": 9_000, "zero_pages": 0, "private_pages": 9_000,
             "shared_pages": 0, "bytes_sent": 9_000 * 4120, "agents": agents, "agent_cpu_ns": 9_000 * 900,
-            "guest_progress_ns": 600_000_000,
+            "target_cpu_ns": 9_000 * 700, "host_cpu_ns": 0, "guest_progress_ns": 600_000_000,
         }.items():
             rows[k].append(v)
     return pa.table(rows, schema=ROUNDS_SCHEMA)

@@ -35,13 +35,13 @@ def pair(tmp_path):
 # --------------------------------------------------------------------------------------- exit statuses
 
 
-def test_identical_runs_are_equivalent_even_strict(capsys, pair):
+def test_identical_runs_are_identical_even_strict(capsys, pair):
     a, b = pair
     for extra in ([], ["--strict"]):
         rc, out, err = run_diff(capsys, a, b, *extra)
         assert rc == 0, err
-        assert "Outcome: EQUIVALENT" in out
-        assert err.count("\n") == 1 and err.startswith("diff: equivalent")
+        assert "Outcome: IDENTICAL" in out
+        assert err.count("\n") == 1 and err.startswith("diff: identical")
     assert "Event logs: identical (120 events)" in out
     assert "records identical" in err
 
@@ -56,12 +56,15 @@ def test_end_of_trace_digest_differs_is_exit_1(capsys, tmp_path):
     assert line.rstrip().endswith("NO")
 
 
-def test_other_strategy_same_trace_is_equivalent(capsys, tmp_path):
+def test_other_strategy_same_trace_is_same_end_state(capsys, tmp_path):
     # Two strategies on one trace: metrics differ, but the end-of-trace memory must not, so exit 0.
     a = make_run(tmp_path / "a")
     b = make_run(tmp_path / "b", strategy="shadow-vcpu", metrics={"downtime_ns": 99_000_000}, rounds=7)
-    rc, out, _ = run_diff(capsys, a, b)
+    rc, out, err = run_diff(capsys, a, b)
     assert rc == 0
+    # never "equivalent" when metrics differ: the verdict lists them, largest relative change first
+    assert err.startswith("diff: same end state (end_of_trace digests match); ") and "equivalent" not in err
+    assert "downtime_ns -17.50%" in err and "Outcome: SAME END STATE" in out
     row = next(l for l in out.splitlines() if l.strip().startswith("downtime_ns"))
     assert "120,000,000" in row and "99,000,000" in row and "-21,000,000" in row and "-17.50%" in row
     assert row.rstrip().endswith("*")
@@ -116,7 +119,7 @@ def test_divergence_at_known_event(capsys, tmp_path):
     assert d is not None and d.index == 57 and d.seq_a == 57 and d.seq_b == 57
     assert [e["index"] for e in d.context_a] == list(range(54, 61))
     assert d.context_b[3]["detail"] == "round=11 agents=3" and d.context_a[3]["detail"] == "round=11"
-    assert res.outcome is Outcome.EQUIVALENT  # same digests; only --strict cares about the event log
+    assert res.outcome is Outcome.IDENTICAL  # same digests; only --strict cares about the event log
     rc, out, err = run_diff(capsys, a, b)
     assert rc == 0
     assert "first divergence at event #57" in out
@@ -235,7 +238,7 @@ def test_json_shape(capsys, tmp_path):
     assert rc == 0
     doc = json.loads(out)
     assert canonical_json(doc).decode() == out  # canonical: sorted keys, no floats
-    assert doc["format"] == "snp-replay-diff" and doc["outcome"] == "equivalent" and doc["exit_code"] == 0
+    assert doc["format"] == "snp-replay-diff" and doc["outcome"] == "same end state" and doc["exit_code"] == 0
     assert {"a", "b", "params", "metrics", "regressions", "rounds", "latency_hist", "digests", "invariants",
             "divergence", "reasons", "same_scenario", "strict", "strict_differences"} <= set(doc)
     m = {r["name"]: r for r in doc["metrics"]}

@@ -199,7 +199,8 @@ def test_transfer_clock_by_hand(engine_kind, make_batch):
     # gfn 6 shared: 4160 B -> 8384; gfn 7 shared zero: 64 B -> 8448, v = 9448, g = 500 + 8448
     assert e.transfer(0, 1, np.array([0, 1, 6, 7], np.uint32), 0, None, 0, 0, 0) == (0, 4)
     assert e.transfer_state() == dict(v_ns=9448, g_ns=8948, pages=4, zero_pages=2, private_pages=2, shared_pages=2,
-                                      bytes=8448, agent_cpu_ns=6100, vmgexits=1, target_cpu_ns=14)
+                                      bytes=8448, agent_cpu_ns=6100, vmgexits=1, target_cpu_ns=14,
+                                      src_host_cpu_ns=0, dst_host_cpu_ns=0, first_touches=0, link_dead=False)
     assert [e.page(1, g) for g in (0, 1, 6, 7)] == [(0, True, False, True), (1, True, False, True),
                                                     (1, False, False, True), (0, False, False, True)]
     assert e.count_present(1) == 4

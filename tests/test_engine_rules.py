@@ -61,7 +61,8 @@ def test_layout_and_defaults(engine_kind):
     assert e.last_stop == (Fault.NONE, 0, 0, 0)
     assert e.transfer_state() == dict(
         v_ns=0, g_ns=0, pages=0, zero_pages=0, private_pages=0, shared_pages=0, bytes=0,
-        agent_cpu_ns=0, vmgexits=0, target_cpu_ns=0,
+        agent_cpu_ns=0, vmgexits=0, target_cpu_ns=0, src_host_cpu_ns=0, dst_host_cpu_ns=0, first_touches=0,
+        link_dead=False,
     )  # fmt: skip
     e3 = make_engine(engine_kind, npages=8, vcpus=1, hosts=3, spa_base=[0, 512, 4096])
     assert e3.spa(2, 7) == 4103 and e3.rmp_size(0) == 8 + engine_mod.VMSA_SPARE

@@ -231,14 +231,29 @@ def test_earliest_bad_row_wins(tmp_path):
     assert_one_line(ei.value, path, 0, 11)
 
 
-def test_nulls_rejected(tmp_path):
+def test_nullable_columns_without_nulls_are_accepted(tmp_path):
+    # ordinary pyarrow / pandas / polars code declares columns nullable; what matters is that none is null
     c = cols(10)
     schema = pa.schema([pa.field(f.name, f.type, nullable=True) for f in SCHEMA])
     path = tmp_path / "n.arrow"
     raw_file(path, c, schema=schema)
-    with pytest.raises(TraceError, match="nullable") as ei:
+    raw_file(path, c, schema=schema, meta_over={"digest": compute_digest(path)})
+    assert read_all(path) == [(0, 10)]
+
+
+def test_nulls_rejected(tmp_path):
+    c = cols(10)
+    schema = pa.schema([pa.field(f.name, f.type, nullable=True) for f in SCHEMA])
+    path = tmp_path / "n.arrow"
+    meta = TraceMeta(str(path), G, 2, ((0, 15),), {"test": 1}, 10, "0" * 64)
+    md = {k.decode(): v.decode() for k, v in _metadata(meta).items()}
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, schema.with_metadata(md)) as w:
+        arrays = [pa.array(c[name], type=fld.type) for name, fld in zip(COLUMNS, schema)]
+        arrays[2] = pa.array([None] + list(c["gpa"][1:]), type=pa.uint64())
+        w.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+    with pytest.raises(TraceError, match="null") as ei:
         read_all(path)
-    assert_one_line(ei.value, path)
+    assert_one_line(ei.value, path, 0, 0)
 
 
 def test_events_mismatch(tmp_path):

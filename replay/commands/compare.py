@@ -15,10 +15,12 @@ ROWS = [
     ("total time", ("metrics", "total_ns"), format_ns),
     ("setup time", ("metrics", "setup_ns"), format_ns),
     ("downtime", ("metrics", "downtime_ns"), format_ns),
+    ("guest slowdown (trade-off)", ("metrics", "guest_slowdown_ppm"), lambda v: f"{v / 10_000:.2f} %"),
     ("expected downtime", ("metrics", "expected_downtime_ns"), format_ns),
     ("downtime limit exceeded", ("metrics", "downtime_limit_exceeded"), str),
     ("switchover reason", ("metrics", "switchover_reason"), str),
-    ("pre-copy rounds", ("metrics", "rounds"), str),
+    ("dirty syncs (rounds)", ("metrics", "rounds"), str),
+    ("kernel verdict", ("kernel", "verdict"), str),
     ("pages sent", ("metrics", "pages_sent"), str),
     ("zero pages", ("metrics", "zero_pages"), str),
     ("bytes sent", ("metrics", "bytes_sent"), format_bytes),
@@ -101,4 +103,4 @@ def run(args) -> int:
     print(f"runs: {out / STRATEGIES[0]}, {out / STRATEGIES[1]}; report: {out / 'report.html'}")
     for r, s in zip(results, STRATEGIES):
         check_invariants(r, out / s)
-    return ExitCode.OK
+    return ExitCode.OK if all(r.status == "completed" for r in results) else ExitCode.DIFFERS

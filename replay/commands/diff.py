@@ -1,6 +1,6 @@
 """``replay diff RUN_A RUN_B`` (also ``tools/diff``): compare two run directories.
 
-Exit status: 0 equivalent, 1 different, 2 bad input; a one-line verdict always goes to stderr, the
+Exit status: 0 same end state (identical, or only metrics differ), 1 different, 2 bad input; a one-line verdict always goes to stderr, the
 comparison (text, or canonical JSON with ``--json``) to stdout. A is "before", B is "after":
 ``--max-regress downtime_ns=10`` fails when B's downtime exceeds A's by more than 10 % (one-directional;
 an improvement never fails).

@@ -73,4 +73,4 @@ def run(args) -> int:
           f"total {m['total_ns']} ns, downtime {m['downtime_ns']} ns, {m['rounds']} rounds, "
           f"{m['bytes_sent']} bytes -> {args.out}")
     check_invariants(result, args.out)
-    return ExitCode.OK
+    return ExitCode.OK if result.status == "completed" else ExitCode.DIFFERS

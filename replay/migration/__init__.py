@@ -1,0 +1,179 @@
+"""The migration driver: replays a whole trace on one virtual clock and migrates the guest inside it.
+
+A run is a sequence of phases over shared services (``context.Run``: engine, guest clock, link, CPU
+ledger, event log), each phase a module that returns a small result the next one takes:
+
+  setup (setup.py) -> pre-copy (precopy.py, QEMU's loop) -> stop-and-copy (stopcopy.py)
+                                                         \\-> post-copy (postcopy.py)
+  -> the guest runs on (at the target after a completed migration) to the end of the trace
+  -> the record (record.py).
+
+``clock.py`` holds the guest's replay and clocks, ``link.py`` the link and its failures, ``cpu.py`` who
+pays for what, ``transfer.py`` the per-page costs on the engine's transfer clock. Nothing here reads a wall
+clock or an unseeded random source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..engine import U64_MAX, make_engine
+from ..errors import ScenarioError
+from ..scenario import Scenario
+from ..strategies import SOURCE, TARGET, make_strategy
+from ..trace import TraceMeta, open_trace, read_meta
+from .clock import Guest, ProgressFn
+from .context import Run
+from .cpu import Cpu
+from .link import Link, LinkDown
+from .postcopy import postcopy, switch_to_postcopy
+from .precopy import precopy
+from .record import Outcome, RunResult, build
+from .setup import agents_wanted, grow_agents, setup
+from .stopcopy import stop_and_copy
+from .traces import cache_dir, last_event_ns, no_migration_digest, trace_for
+
+__all__ = ["Migration", "RunResult", "run", "trace_for", "cache_dir"]
+
+
+class Migration:
+    """One run: a scenario, a trace and a strategy. ``run()`` returns a RunResult.
+
+    ``engine``: an engine kind, or a callable ``(**engine_args) -> engine`` (tests inject faulty engines).
+    ``no_migration_digest``: the reference digest if already known (another strategy's run of the same
+    scenario), saving a replay of the whole trace."""
+
+    def __init__(self, scenario: Scenario, trace_path: str | Path, *, engine: str | Callable = "cython",
+                 progress: ProgressFn | None = None, no_migration_digest: str | None = None):
+        self.trace_path = Path(trace_path)
+        self.meta: TraceMeta = read_meta(self.trace_path)
+        g = scenario.guest
+        for key, want, have in (("guest_bytes", g.guest_bytes, self.meta.guest_bytes), ("vcpus", g.vcpus, self.meta.vcpus)):
+            if want and want != have:
+                raise ScenarioError(f"{self.trace_path}: the trace's {key} is {have} but the scenario's guest.{key} is "
+                                    f"{want} (--set guest.{key}={have}, or 0 to take the trace's)")
+        self.s = scenario
+        self.strategy = make_strategy(scenario)
+        self.engine = engine
+        self.engine_kind = engine if isinstance(engine, str) else getattr(engine, "kind", "custom")
+        self.progress = progress
+        self._no_migration = no_migration_digest
+        # Everything that can be refused is refused before any replay work.
+        shared = sum(last - first + 1 for first, last in self.meta.shared_ranges)
+        self.strategy.check(shared < self.meta.npages, self.meta.vcpus)
+        self.trace_last_ns = last_event_ns(self.trace_path)
+
+    def _engine(self, hosts: int):
+        g, kw = self.s.guest, dict(npages=self.meta.npages, vcpus=self.meta.vcpus, hosts=hosts)
+        kw.update(asid=g.asid, os_vmpl=g.os_vmpl)
+        return make_engine(self.engine, **kw) if isinstance(self.engine, str) else self.engine(**kw)
+
+    def run(self) -> RunResult:
+        out = Outcome()
+        g = self.s.guest
+        out.digests["no_migration"] = self._no_migration or no_migration_digest(
+            self.trace_path, self.meta, asid=g.asid, os_vmpl=g.os_vmpl,
+            engine=self.engine if isinstance(self.engine, str) else "cython", progress=self.progress)
+        eng = self._engine(2)
+        with open_trace(self.trace_path) as reader:
+            eng.launch(SOURCE, list(self.meta.shared_ranges))
+            eng.reset_counters()  # launch is not part of the migration
+            guest = Guest(eng, reader, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.progress)
+            start = self.s.migration.start_ns
+            guest.run_to(start)
+            guest.v = guest.g = start
+            run = Run(self.s, self.meta, eng, self.strategy, guest, Link.of(self.s.migration, self.s.faults, start),
+                      Cpu(self.s, self.strategy, self.meta.vcpus))
+            out.times["migration_start_ns"] = out.guest_g_at_start = start
+            run.log("migration_start", f"strategy={self.strategy.name} mode={self.s.migration.mode}")
+            try:
+                self._migrate(run, out)
+            except LinkDown as down:
+                self._aborted(run, out, down.at_ns)
+            out.guest_g_at_end = min(guest.g, out.guest_g_at_start + max(0, out.times["completion_ns"] - start)) \
+                if out.times["completion_ns"] else guest.g
+            if out.status != "failed":
+                self._finish_trace(run, out)
+        return build(run, out, self.engine_kind)
+
+    def _migrate(self, run: Run, out: Outcome) -> None:
+        m, g = self.s.migration, run.guest
+        out.times["setup_ns"] = setup(run, dirty_logging=m.mode != "postcopy")
+        grow_agents(run, agents_wanted(run))
+        action = "postcopy"
+        if m.mode != "postcopy":
+            hybrid = m.mode == "hybrid"
+            pe = precopy(run, max_rounds=m.precopy_rounds + 1 if hybrid else m.max_rounds,
+                         on_max_rounds="postcopy" if hybrid else m.on_max_rounds)
+            action = pe.action
+            out.switchover_reason = pe.reason
+            out.times["expected_downtime_ns"] = pe.expected_downtime_ns
+            out.precopy = {"rounds": pe.rounds, "pending_bytes": pe.pending_bytes, "threshold_bytes": pe.threshold_bytes,
+                           "bandwidth_bytes_per_s": pe.bandwidth_bytes_per_s, "action": pe.action}
+            out.downtime_limit_exceeded = pe.reason == "max_rounds" and pe.pending_bytes > pe.threshold_bytes
+        if action == "cancel":
+            run.eng.set_dirty_logging(SOURCE, False)
+            out.status, out.reason = "cancelled", f"not converged after {pe.rounds} rounds: cancelled (on_max_rounds)"
+            out.times["completion_ns"] = g.v
+            run.log("cancel", out.reason)
+            return
+        out.times["switchover_ns"] = g.v
+        if action == "stop-and-copy":
+            sw = stop_and_copy(run)
+            out.vmsas_sent = run.vcpus * (2 if self.s.guest.os_vmpl > 0 else 1)
+            out.digests["source_at_switchover"], out.digests["target_at_switchover"] = sw.source_digest, sw.target_digest
+            out.times["completion_ns"] = out.times["resume_ns"] = sw.resume_ns
+        else:
+            if out.switchover_reason != "max_rounds" or m.mode == "hybrid":
+                out.switchover_reason = "postcopy"
+            sw = switch_to_postcopy(run, hybrid=m.mode != "postcopy")
+            out.vmsas_sent = run.vcpus * (2 if self.s.guest.os_vmpl > 0 else 1)
+            out.times["resume_ns"] = sw.resume_ns
+            out.digests["source_at_switchover"] = sw.source_digest
+            out.times["downtime_ns"] = sw.resume_ns - sw.pause_ns
+            pe2 = postcopy(run, sw)
+            out.postcopy = pe2.stats
+            out.times["completion_ns"] = pe2.completion_ns
+            out.digests["target_at_switchover"] = pe2.target_digest
+            if not pe2.completed:
+                out.status = "failed"
+                out.reason = (f"link lost for good during post-copy: {pe2.stats.source_only_pages} pages exist only on "
+                              "the source; the target cannot run on and the source is stopped")
+                run.log("postcopy_failed", out.reason)
+        out.times["downtime_ns"] = out.times["resume_ns"] - out.times["switchover_ns"]
+        out.downtime_limit_exceeded |= out.times["downtime_ns"] > m.downtime_limit_ns
+
+    def _aborted(self, run: Run, out: Outcome, at_ns: int) -> None:
+        """A link failure before the target runs: abort; the source runs on with its memory intact."""
+        g = run.guest
+        run.log("link_down", "migration link lost", t=at_ns)
+        out.status, out.reason = "aborted", f"link down at {at_ns} ns before the target resumed: source runs on"
+        run.eng.set_dirty_logging(SOURCE, False)
+        if at_ns > g.v:
+            if out.times["switchover_ns"]:
+                g.pause(at_ns - g.v)  # paused at the switchover until the failure is noticed
+            else:
+                g.elapse(at_ns - g.v)
+        out.times["completion_ns"] = g.v
+        out.times["downtime_ns"] = g.v - out.times["switchover_ns"] if out.times["switchover_ns"] else 0
+        g.host = SOURCE
+        run.log("abort", out.reason)
+
+    def _finish_trace(self, run: Run, out: Outcome) -> None:
+        """The guest runs on (at the target after a completed migration) to the end of the trace."""
+        g = run.guest
+        g.run_to(U64_MAX)
+        out.digests["end_of_trace"] = run.eng.digest(g.host)
+        lag = int(g.delays.max()) if g.delays is not None else 0  # the most-blocked vCPU ends last
+        out.times["trace_end_ns"] = g.v + max(0, self.trace_last_ns + lag - g.g)
+        run.log("trace_end", f"host={'target' if g.host == TARGET else 'source'}", t=out.times["trace_end_ns"])
+
+
+def run(scenario: Scenario, *, strategy: str | None = None, engine: str | Callable = "cython",
+        trace_path: str | Path | None = None, progress: ProgressFn | None = None) -> RunResult:
+    """Run ``scenario`` (optionally under another strategy) and return its record (not yet written)."""
+    if strategy is not None:
+        scenario = scenario.with_strategy(strategy)
+    path = Path(trace_path) if trace_path is not None else trace_for(scenario)
+    return Migration(scenario, path, engine=engine, progress=progress).run()

@@ -1,0 +1,274 @@
+"""Post-copy (and the post-copy half of hybrid): switch over early, then the target runs while its missing
+pages come on demand and in the background.
+
+At the switchover the target marks every page it does not hold (or, after hybrid pre-copy, holds stale)
+as userfault; VMSAs and device state cross; the target resumes. A guest access to a missing page blocks
+that vCPU only: exit, request over the return path, packaging by a source agent, the page on the link,
+unpacking and RMPUPDATE + PVALIDATE at the target. Meanwhile the background push sends the rest in gfn
+order, or around the latest fault (pre-paging). After the switchover the guest runs on the target: with
+shadow vCPUs, the target agents' unpacking takes its CPU; the source agents' packaging does not (the
+source VM no longer runs the guest).
+
+Link failures: before the target resumes, the migration aborts and the source runs on. After, the push
+stops at the exact moment the link dies (nothing arrives after it); a link that comes back is re-keyed
+(a new attested handshake) and the push goes on; one that never does leaves pages only on the source:
+status ``failed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine import PRESENT
+from ..scenario import FOREVER
+from ..snp import PAGE_SIZE, Fault
+from ..strategies import SOURCE, TARGET
+from . import transfer
+from .context import Round, Run
+from .precopy import sync
+from .stopcopy import resume_target, send_vmsas_and_devices
+
+POSTCOPY_CHUNK = 1 << 10  # pages per engine call: how often pre-paging windows are picked up
+NS_PER_S = 1_000_000_000
+
+
+@dataclass
+class PostcopyStats:
+    requests: int = 0
+    duplicates: int = 0
+    bytes: int = 0
+    latencies: list = field(default_factory=list)
+    blocked: list = field(default_factory=list)  # per vCPU: [(start, end)] in guest time
+    faults_rows: list = field(default_factory=list)
+    source_only_pages: int = 0
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class PostcopySwitch:
+    pause_ns: int
+    resume_ns: int
+    source_digest: str
+    missing: np.ndarray
+
+
+def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
+    """Pause; after hybrid pre-copy, discard what the target holds stale; VMSAs and device state cross; the
+    target resumes with every page it lacks marked userfault."""
+    g, eng = run.guest, run.eng
+    v_pause = g.v
+    run.log("pause", "guest paused (switch over to post-copy)")
+    dirty = 0
+    if hybrid:
+        dirty = sync(run, paused=True)
+        stale = eng.discard_stale(SOURCE, TARGET)
+        run.log("discard", f"stale_pages={stale}")
+    eng.set_dirty_logging(SOURCE, False)
+    source_digest = eng.set_digest(SOURCE)
+    flags = eng.flags(TARGET, np.arange(run.npages, dtype=np.uint32))
+    missing = np.flatnonzero((flags & PRESENT) == 0).astype(np.uint32)
+    rnd = Round(len(run.tally.rounds), "downtime", v_pause, dirty, v_pause, agents=run.agents)
+    run.tally.rounds.append(rnd)
+    nvmsa = send_vmsas_and_devices(run, rnd)
+    resume_target(run, rnd, nvmsa, token=False)
+    g.host = TARGET
+    run.log("resume", f"target resumed; downtime_ns={g.v - v_pause} userfault_pages={len(missing)}")
+    return PostcopySwitch(v_pause, g.v, source_digest, missing)
+
+
+class _Postcopy:
+    """The post-copy phase's own state: the push's transfer, requests in flight, outages."""
+
+    def __init__(self, run: Run, sw: PostcopySwitch):
+        self.run = run
+        self.sw = sw
+        n = run.npages
+        self.stats = PostcopyStats(blocked=[[] for _ in range(run.vcpus)])
+        self.requested = np.zeros(n, dtype=bool)
+        self.prepage_next: np.ndarray | None = None
+        self.pushing = False
+        self.outage_backlog: list[int] | None = None
+        self.link_up_ns = 0
+        self.link_from = sw.resume_ns  # failures before this were handled (or came before the target ran)
+        self.dead_at: int | None = None
+        g = run.guest
+        g.delays = np.zeros(run.vcpus, dtype=np.uint64)
+        g.ready = np.zeros(n, dtype=np.uint64)
+        g.on_userfault = self.userfault
+        self.rnd = Round(len(run.tally.rounds), "postcopy", g.v, len(sw.missing), g.v, agents=run.agents)
+        run.tally.rounds.append(self.rnd)
+        self.g0 = g.g
+        self.folded: dict | None = None
+
+    # -- the push
+    def begin(self) -> None:
+        transfer.begin(self.run, TARGET, skip_present=True)
+        self.folded = None
+        self.pushing = True
+
+    def fold(self) -> None:
+        """Fold the push's totals so far into the tallies (idempotent over repeated calls)."""
+        st = self.run.eng.transfer_state()
+        transfer.account(self.run, self.rnd, st, self.folded)
+        self.folded = st
+
+    def push(self) -> bool:
+        """The background push to its end; False if the link is gone for good."""
+        run, eng, g, link = self.run, self.run.eng, self.run.guest, self.run.link
+        missing = self.sw.missing
+        self.begin()
+        base_k = 0
+        window, wk = None, 0
+        while True:
+            if self.prepage_next is not None:
+                # Pre-paging: the pages after the latest fault go first (Hines & Gopalan's bubbling).
+                window, wk, self.prepage_next = self.prepage_next, 0, None
+            if window is not None:
+                arr, k0, end = window, wk, len(window)
+            elif base_k < len(missing):
+                arr, k0, end = missing, base_k, min(len(missing), base_k + POSTCOPY_CHUNK)
+            else:
+                break
+            cur = g.cur
+            batch = None if cur.done else cur.batch
+            down = link.down_at(self.link_from)
+            row, k = eng.transfer(SOURCE, TARGET, arr[:end], k0, batch, cur.row, cur.base, TARGET, g.delays, g.ready,
+                                  deadline_v=link.deadline(down))
+            if window is not None:
+                wk = k
+                if wk >= len(window):
+                    window = None
+            else:
+                base_k = k
+            if batch is not None:
+                cur.settle(row)
+                if eng.last_stop[0] == Fault.USERFAULT and not self.userfault():
+                    return False
+            if eng.transfer_state()["link_dead"] and not self.outage(down):
+                return False
+        self.fold()
+        self.pushing = False
+        st = eng.transfer_state()
+        return g.adopt(st["v_ns"], st["g_ns"])
+
+    def outage(self, down: int) -> bool:
+        """The link died at ``down`` during the push: recover (stall, re-handshake) or give up."""
+        run, g, link, c = self.run, self.run.guest, self.run.link, self.run.s.costs
+        self.fold()
+        st = run.eng.transfer_state()
+        g.adopt(st["v_ns"], st["g_ns"])
+        run.log("link_down", "migration link lost during post-copy", t=down)
+        f = link.outage(down)
+        if f is None or f.duration_ns == FOREVER:
+            self.dead_at = down
+            return False
+        up = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns  # re-keyed before pages move
+        self.link_up_ns = up
+        self.link_from = f.at_ns + f.duration_ns
+        run.log("link_up", f"recovered; re-keyed; stalled_ns={up - down}", t=up)
+        # The guest runs on through the outage; its faults wait for the link (served after `up`).
+        self.pushing, self.outage_backlog = False, [0, 0]
+        if up > g.v:
+            g.elapse(up - g.v)
+        self.begin()
+        run.eng.transfer_add(*self.outage_backlog)
+        self.outage_backlog = None
+        return True
+
+    # -- faults
+    def fault_path_ns(self, private: bool) -> int:
+        """Exit, request on the return path, packaging at the source, the page on the link, unpacking and
+        RMPUPDATE + PVALIDATE at the target. Without a preempt channel the page waits behind the push."""
+        c, m, link = self.run.s.costs, self.run.s.migration, self.run.link
+        path = c.postcopy_fault_exit_ns + link.latency_ns + link.wire_ns(c.postcopy_request_bytes)
+        path += link.wire_ns(PAGE_SIZE + c.page_header_bytes) + link.latency_ns
+        if private:
+            path += c.page_pack_ns + c.page_unpack_ns + c.rmpupdate_ns + c.pvalidate_ns
+        if not m.postcopy_preempt:
+            path += link.wire_ns(c.postcopy_queue_bytes)
+        return path
+
+    def userfault(self) -> bool:
+        """Serve the userfault the engine stopped on: block that vCPU until the page is usable. False if the
+        link never comes back (the guest cannot go on)."""
+        run, eng, g = self.run, self.run.eng, self.run.guest
+        c = run.s.costs
+        _, gfn, vcpu, row = eng.last_stop
+        cur = g.cur
+        pc = self.stats
+        e = int(cur.batch.column("t_ns")[row].as_py()) + int(g.delays[vcpu])
+        # guest time -> virtual time, at the current rate (the push's clock while it runs)
+        st = eng.transfer_state() if self.pushing else {"v_ns": g.v, "g_ns": g.g}
+        voff = st["v_ns"] - st["g_ns"]
+        private = eng.page(SOURCE, gfn).private
+        if self.requested[gfn]:
+            # Already requested: requests are handled in trace order, so the earlier request may be later
+            # in time than this one: the page is there at whichever comes first.
+            served = min(int(g.ready[gfn]), e + self.fault_path_ns(private))
+            g.ready[gfn] = served
+            pc.duplicates += 1
+        else:
+            v_req = e + voff
+            start = e
+            if self.link_up_ns and v_req < self.link_up_ns:
+                start = self.link_up_ns - voff  # raised while the link was down: waits for recovery
+            elif self.dead_at is not None and v_req >= self.dead_at:
+                return False
+            served = start + self.fault_path_ns(private)
+            if eng.page(TARGET, gfn).present:
+                served = min(served, int(g.ready[gfn]))  # already on its way in the push
+            else:
+                eng.deliver(SOURCE, TARGET, gfn)
+                nbytes = PAGE_SIZE + c.page_header_bytes + c.postcopy_request_bytes
+                pack = c.page_pack_ns if private else 0
+                unpack = c.page_unpack_ns + c.pvalidate_ns if private else 0
+                if self.pushing:  # the page shares the link and the agents with the push
+                    eng.transfer_add(nbytes, pack, unpack)
+                elif self.outage_backlog is not None:  # crosses once the link is back
+                    self.outage_backlog[0] += nbytes
+                    self.outage_backlog[1] += pack
+                else:
+                    run.tally.bytes["postcopy"] += nbytes
+                    run.cpu.charge(run.strategy.agent_owner, pack + unpack)
+                pc.bytes += nbytes
+                run.tally.pages["postcopy"] += 1
+                run.tally.private_pages += private
+                run.tally.shared_pages += not private
+            self.requested[gfn] = True
+            g.ready[gfn] = served
+            pc.requests += 1
+            if run.s.migration.prepaging:
+                self.prepage_next = np.arange(gfn + 1, min(run.npages, gfn + 1 + run.s.migration.prepage_pages),
+                                              dtype=np.uint32)
+        served = max(served, e)
+        g.delays[vcpu] += served - e
+        pc.latencies.append(served - e)
+        pc.blocked[vcpu].append((e, served))
+        pc.faults_rows.append((vcpu, gfn, private, e + voff, served + voff, cur.base + row))
+        return True
+
+
+@dataclass(frozen=True)
+class PostcopyEnd:
+    completed: bool
+    completion_ns: int
+    target_digest: str
+    stats: PostcopyStats
+
+
+def postcopy(run: Run, sw: PostcopySwitch) -> PostcopyEnd:
+    pc = _Postcopy(run, sw)
+    ok = pc.push()
+    g = run.guest
+    pc.rnd.end_ns, pc.rnd.guest_progress_ns = g.v, g.g - pc.g0
+    if not ok:
+        pc.stats.failed = True
+        pc.stats.source_only_pages = run.npages - run.eng.count_present(TARGET)
+        return PostcopyEnd(False, g.v, "", pc.stats)
+    target_digest = run.eng.received_digest(TARGET)
+    run.log("validation_token", f"pages={run.tally.pages['precopy'] + run.tally.pages['postcopy']} "
+            f"match={target_digest == sw.source_digest}")
+    run.log("postcopy_complete", f"switchover_to_complete_ns={g.v - sw.pause_ns}")
+    return PostcopyEnd(True, g.v, target_digest, pc.stats)

@@ -1,0 +1,184 @@
+"""The run record: metrics, digests and invariants assembled from what the phases returned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .. import __version__
+from ..kernel import needed
+from ..runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, ROUNDS_SCHEMA, RUN_FORMAT, RUN_VERSION, write_run
+from ..snp import FAULT_KINDS
+from .context import Run
+from .precopy import SWITCHOVER_RULE
+
+RMP_OPS = ("rmpupdate", "pvalidate", "rmpadjust", "psmash", "psc")
+HIST_BUCKETS = 24  # up to [2^23 us, 2^24 us) = 8.4 s .. 16.8 s; slower faults count in the last bucket
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    rounds: pa.Table
+    events: pa.Table
+    faults: pa.Table | None
+
+    @property
+    def status(self) -> str:
+        return self.summary["status"]
+
+    def write(self, out_dir: str | Path) -> Path:
+        return write_run(out_dir, self.summary, self.rounds, self.events, self.faults)
+
+
+@dataclass
+class Outcome:
+    """What the phases produced, for the record."""
+
+    status: str = "completed"
+    reason: str = ""
+    switchover_reason: str = ""
+    times: dict = field(default_factory=lambda: dict.fromkeys(
+        ("migration_start_ns", "setup_ns", "switchover_ns", "resume_ns", "completion_ns", "downtime_ns",
+         "expected_downtime_ns", "trace_end_ns"), 0))
+    downtime_limit_exceeded: bool = False
+    precopy: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=lambda: dict.fromkeys(
+        ("no_migration", "end_of_trace", "source_at_switchover", "target_at_switchover"), ""))
+    guest_g_at_end: int = 0  # guest progress at the end of the migration window
+    guest_g_at_start: int = 0
+    postcopy: object = None  # PostcopyStats
+    vmsas_sent: int = 0
+
+
+def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
+    eng, s, t = run.eng, run.s, run.tally
+    counters = eng.counters()
+    faults = {k.key: int(counters["faults"][k.key]) for k in FAULT_KINDS}
+    times = out.times
+    completed = out.status == "completed"
+    window = max(0, (times["completion_ns"] or run.guest.v) - times["migration_start_ns"])
+    lost_common = window - (out.guest_g_at_end - out.guest_g_at_start)
+    pc = out.postcopy
+    blocked = [sum(b - a for a, b in iv) for iv in pc.blocked] if pc else [0] * run.vcpus
+    lost = [lost_common + b for b in blocked]
+    per_vcpu_ppm = [x * 1_000_000 // window if window else 0 for x in lost]
+    cpu = dict(run.cpu.ledger)
+    cpu["guest"] = run.vcpus * window - sum(lost)
+    by_host = counters["rmp_by_host"]
+    metrics = {
+        "total_ns": window if times["completion_ns"] else 0,
+        "setup_ns": times["setup_ns"],
+        "downtime_ns": times["downtime_ns"],
+        "expected_downtime_ns": times["expected_downtime_ns"],
+        "downtime_limit_exceeded": out.downtime_limit_exceeded,
+        "switchover_reason": out.switchover_reason,
+        "switchover_rule": SWITCHOVER_RULE,
+        "precopy": out.precopy,
+        "migration_start_ns": times["migration_start_ns"],
+        "switchover_ns": times["switchover_ns"],
+        "completion_ns": times["completion_ns"],
+        "trace_end_ns": times["trace_end_ns"],
+        "rounds": out.precopy.get("rounds", 0),
+        "pages_sent": sum(t.pages.values()),
+        "zero_pages": t.zero_pages,
+        "bytes_sent": sum(t.bytes.values()),
+        "precopy_bytes": t.bytes["precopy"], "downtime_bytes": t.bytes["downtime"], "postcopy_bytes": t.bytes["postcopy"],
+        "precopy_pages": t.pages["precopy"], "downtime_pages": t.pages["downtime"], "postcopy_pages": t.pages["postcopy"],
+        "private_pages_sent": t.private_pages, "shared_pages_sent": t.shared_pages,
+        "vmsas_sent": out.vmsas_sent,
+        "device_state_bytes": s.costs.device_state_bytes if out.vmsas_sent else 0,
+        "agents_max": run.agents, "agents_created": run.agents,
+        "cpu_ns": cpu,
+        "guest_slowdown_ppm": sum(lost) * 1_000_000 // (run.vcpus * window) if window else 0,
+        "guest_slowdown_ppm_per_vcpu": per_vcpu_ppm,
+        "guest_lost_ns": sum(lost),
+        "wp_faults": int(sum(eng.wp_faults(h) for h in range(eng.hosts))),
+        "mirror_first_touch_npfs": t.first_touches,
+        "rmp": {name: {k: int(by_host[h][k]) for k in RMP_OPS} for h, name in ((0, "source"), (1, "target"))},
+        "faults": faults,
+        "postcopy": _postcopy_metrics(run, out),
+    }
+    d = out.digests
+    invariants = {
+        "end_of_trace_equals_no_migration": d["end_of_trace"] == d["no_migration"],
+        # Only a completed migration has a switchover whose two sides must agree.
+        "target_equals_source_at_switchover": not completed or d["target_at_switchover"] == d["source_at_switchover"] != "",
+        "no_faults": not any(faults.values()),
+    }
+    has_private = sum(b - a + 1 for a, b in run.meta.shared_ranges) < run.npages
+    summary = {
+        "format": RUN_FORMAT, "version": RUN_VERSION,
+        "tool": {"name": "snp-replay", "version": __version__, "engine": engine_kind},
+        "status": out.status, "status_reason": out.reason,
+        "strategy": run.strategy.name, "mode": s.migration.mode,
+        "scenario": s.resolved(guest_bytes=run.meta.guest_bytes, vcpus=run.vcpus),
+        "kernel": needed(run.strategy.name, s.migration.mode, has_private, s.guest.os_vmpl).to_json(s.kernel.profile),
+        "trace": {"digest": run.meta.digest, "events": run.meta.events, "guest_bytes": run.meta.guest_bytes,
+                  "vcpus": run.vcpus, "source": run.meta.source},
+        "metrics": metrics,
+        "first_faults": [[int(ev), str(kind), int(gfn)] for ev, kind, gfn in counters["first_faults"]],
+        "digests": d,
+        "invariants": invariants,
+    }
+    rounds = pa.Table.from_pylist([{k: getattr(r, k) for k in ROUNDS_SCHEMA.names} for r in t.rounds], schema=ROUNDS_SCHEMA)
+    events = pa.Table.from_pylist(
+        [{"seq": i, "t_ns": e[0], "kind": e[1], "gfn": e[2], "vcpu": e[3], "detail": e[4]}
+         for i, e in enumerate(run.events)], schema=EVENTS_SCHEMA)
+    faults_tbl = None
+    if s.migration.mode != "precopy":
+        rows = pc.faults_rows if pc else []
+        faults_tbl = pa.Table.from_pylist([dict(zip(FAULTS_SCHEMA.names, r)) for r in rows], schema=FAULTS_SCHEMA)
+    return RunResult(summary, rounds, events, faults_tbl)
+
+
+def _postcopy_metrics(run: Run, out: Outcome) -> dict:
+    """QEMU-style post-copy statistics: requests, bytes, blocktime, fault-latency percentiles and the
+    histogram with QEMU's buckets ([2^N us, 2^(N+1) us); below 2 us counts in bucket 0)."""
+    pc = out.postcopy
+    lat = np.sort(np.array(pc.latencies if pc else [], dtype=np.int64))
+    hist = [0] * HIST_BUCKETS
+    for us in (lat // 1000).tolist():
+        hist[min(HIST_BUCKETS - 1, max(0, int(us).bit_length() - 1))] += 1
+
+    def pct(ppm: int) -> int:  # nearest-rank percentile, integer arithmetic
+        return int(lat[max(0, -(-len(lat) * ppm // 1_000_000) - 1)]) if len(lat) else 0
+
+    blocked = pc.blocked if pc else [[] for _ in range(run.vcpus)]
+    per_vcpu = [sum(b - a for a, b in iv) for iv in blocked]
+    times = out.times
+    in_postcopy = pc is not None and out.status == "completed"
+    return {
+        "requests": pc.requests if pc else 0,
+        "duplicate_requests": pc.duplicates if pc else 0,
+        "bytes": pc.bytes if pc else 0,
+        "blocktime_ns": sum(per_vcpu),
+        "blocktime_all_vcpus_ns": _all_blocked_ns(blocked),
+        "blocktime_ns_per_vcpu": per_vcpu,
+        "latency_p50_ns": pct(500_000),
+        "latency_p99_ns": pct(990_000),
+        "latency_max_ns": int(lat[-1]) if len(lat) else 0,
+        "latency_hist": [{"bucket_us_lo": 1 << n if n else 0, "bucket_us_hi": 1 << (n + 1), "count": c}
+                         for n, c in enumerate(hist)],
+        "switchover_to_complete_ns": times["completion_ns"] - times["switchover_ns"] if in_postcopy else 0,
+        "source_only_pages": pc.source_only_pages if pc else 0,
+    }
+
+
+def _all_blocked_ns(blocked: list[list[tuple[int, int]]]) -> int:
+    """Time during which every vCPU was blocked at once (QEMU's overlapped postcopy-blocktime)."""
+    if not blocked or any(not iv for iv in blocked):
+        return 0
+    edges = sorted([(a, 1) for iv in blocked for a, _ in iv] + [(b, -1) for iv in blocked for _, b in iv],
+                   key=lambda x: (x[0], x[1]))
+    total, depth, since = 0, 0, 0
+    n = len(blocked)
+    for t, d in edges:
+        if depth == n:
+            total += t - since
+        depth += d
+        since = t
+    return total

@@ -1,0 +1,106 @@
+"""Stop-and-copy: pause the guest, final sync, send what is left, the VMSAs (one per vCPU per VMPL in use)
+and device state; the target unpacks, checks the end-of-migration token and resumes. Downtime runs from
+the pause to the resume. A link failure at any moment before the resume aborts: the source (paused, with
+its memory intact) runs on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..snp import PAGE_SIZE
+from ..strategies import SOURCE, TARGET
+from . import transfer
+from .context import Round, Run
+from .link import LinkDown
+from .precopy import sync
+from .setup import do_step_paused
+
+
+@dataclass(frozen=True)
+class Switchover:
+    pause_ns: int
+    resume_ns: int
+    source_digest: str  # set digest of the source's memory at the pause
+    target_digest: str  # the same over what the target received (pre-copy: at the resume)
+
+
+def vmpls_in_use(run: Run) -> int:
+    return 2 if run.s.guest.os_vmpl > 0 else 1
+
+
+def pause_and_drain(run: Run, phase_round: Round | None) -> tuple[int, Round]:
+    """Pause, final sync; the pages left go while paused. Returns (pause time, the downtime round)."""
+    g, eng = run.guest, run.eng
+    v_pause = g.v
+    run.log("pause", "guest paused")
+    dirty = sync(run, paused=True)
+    eng.set_dirty_logging(SOURCE, False)
+    rnd = Round(len(run.tally.rounds), "downtime", v_pause, dirty, v_pause, agents=run.agents)
+    run.tally.rounds.append(rnd)
+    return v_pause, rnd
+
+
+def send_paused(run: Run, rnd: Round) -> None:
+    """Send the rest of the bitmap while paused (target unpacking paces it like the link)."""
+    eng, g, link = run.eng, run.guest, run.link
+    down = link.down_at()
+    transfer.begin(run, None)
+    if eng.send_count(SOURCE):
+        eng.transfer(SOURCE, TARGET, None, 0, None, 0, 0, SOURCE, deadline_v=link.deadline(down))
+    st = eng.transfer_state()
+    transfer.account(run, rnd, st)
+    g.adopt(st["v_ns"], None)
+    if st["link_dead"]:
+        raise LinkDown(down)
+
+
+def send_vmsas_and_devices(run: Run, rnd: Round) -> int:
+    """VMSAs go through an agent like private pages; device state goes plain from the host. Returns the
+    number of VMSAs sent."""
+    c, g, cpu, link = run.s.costs, run.guest, run.cpu, run.link
+    nvmsa = run.vcpus * vmpls_in_use(run)
+    vmsa_bytes = nvmsa * (c.vmsa_bytes + c.page_header_bytes)
+    pack = nvmsa * c.page_pack_ns
+    t0 = g.v
+    dur = max(link.wire_ns(vmsa_bytes + c.device_state_bytes), cpu.agent_work_ns(pack, run.agents, SOURCE, None))
+    link.check(t0 + dur + link.latency_ns)
+    cpu.charge(run.strategy.agent_owner, pack)
+    g.pause(dur)
+    rnd.bytes_sent += vmsa_bytes + c.device_state_bytes
+    run.tally.bytes["downtime"] += vmsa_bytes + c.device_state_bytes
+    run.log("vmsas_sent", f"vmsas={nvmsa} device_state_bytes={c.device_state_bytes}")
+    return nvmsa
+
+
+def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
+    """The last byte lands one latency later; the target unpacks the VMSAs, tears down shadow APs, checks
+    the end-of-migration token (stop-and-copy; post-copy checks it when the last page is in), resumes. Any
+    link failure before the resume aborts."""
+    c, g, cpu, link = run.s.costs, run.guest, run.cpu, run.link
+    t0 = g.v
+    g.pause(link.latency_ns)
+    unpack = nvmsa * c.page_unpack_ns
+    cpu.charge(run.strategy.agent_owner, unpack)
+    g.pause(cpu.agent_work_ns(unpack, run.agents, TARGET, None))
+    for side in (SOURCE, TARGET):
+        for step in run.strategy.teardown_steps(side, run.agents):
+            do_step_paused(run, step)
+    if token:
+        g.pause(link.latency_ns)  # the validation token crosses
+    g.pause(c.resume_ns)
+    link.check(g.v)  # a failure before the target runs: abort
+    rnd.end_ns = g.v
+
+
+def stop_and_copy(run: Run) -> Switchover:
+    v_pause, rnd = pause_and_drain(run, None)
+    source_digest = run.eng.set_digest(SOURCE)
+    send_paused(run, rnd)
+    nvmsa = send_vmsas_and_devices(run, rnd)
+    resume_target(run, rnd, nvmsa, token=True)
+    target_digest = run.eng.received_digest(TARGET)
+    run.log("validation_token", f"pages={run.tally.pages['precopy'] + run.tally.pages['downtime']} "
+            f"match={target_digest == source_digest}")
+    run.guest.host = TARGET
+    run.log("resume", f"target resumed; downtime_ns={run.guest.v - v_pause}")
+    return Switchover(v_pause, run.guest.v, source_digest, target_digest)

@@ -1,0 +1,73 @@
+"""The trace a scenario replays (a file, or its generator's output cached by spec), and the reference
+digest: the end-of-trace memory of the same guest with no migration at all."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .. import __version__
+from ..engine import U64_MAX, make_engine
+from ..errors import ScenarioError
+from ..scenario import Scenario
+from ..trace import TraceMeta, open_trace
+from .clock import ProgressFn
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SNP_REPLAY_CACHE", Path.home() / ".cache" / "snp-replay"))
+
+
+def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
+    """The trace file a scenario replays: its ``trace.file``, or its generator's output (cached by spec)."""
+    t = scenario.trace
+    if t.file:
+        path = Path(scenario.base_dir) / t.file
+        if not path.exists():
+            raise ScenarioError(f"trace.file {t.file!r}: no such file (looked in {path})")
+        return path
+    from ..generators import generate  # only scenarios with a generator need it
+
+    seed = scenario.trace_seed
+    g = scenario.guest
+    spec = {
+        "snp_replay": __version__,  # a new version may generate differently: never reuse across versions
+        "generator": t.generator, "events": t.events, "rate": t.rate, "fill": t.fill, "seed": seed,
+        "guest_bytes": g.guest_bytes, "vcpus": g.vcpus, "options": {k: repr(v) for k, v in sorted(t.options.items())},
+    }
+    key = hashlib.blake2b(repr(sorted(spec.items())).encode(), digest_size=12).hexdigest()
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{t.generator}-{key}.arrow"
+    if not path.exists():
+        if not g.guest_bytes or not g.vcpus:
+            raise ScenarioError("a [trace] generator needs guest.guest_bytes (or guest.size) and guest.vcpus")
+        generate(
+            t.generator, path, guest_bytes=g.guest_bytes, vcpus=g.vcpus, events=t.events, seed=seed,
+            rate=t.rate, fill=t.fill, **dict(t.options),
+        )
+    return path
+
+
+def last_event_ns(path: Path) -> int:
+    """Guest time of the trace's last event (read from the last non-empty record batch only)."""
+    with open_trace(path) as reader:
+        for i in range(reader.num_batches - 1, -1, -1):
+            b = reader.batch(i)
+            if b.num_rows:
+                return int(b.column("t_ns")[b.num_rows - 1].as_py())
+    return 0
+
+
+def no_migration_digest(path: Path, meta: TraceMeta, *, asid: int, os_vmpl: int, engine: str = "cython",
+                        progress: ProgressFn | None = None) -> str:
+    """The end-of-trace memory of the guest with no migration at all: the reference digest."""
+    eng = make_engine(engine, npages=meta.npages, vcpus=meta.vcpus, asid=asid, os_vmpl=os_vmpl, hosts=1)
+    eng.launch(0, list(meta.shared_ranges))
+    with open_trace(path) as reader:
+        for base, batch in reader:
+            eng.replay(0, batch, 0, base, U64_MAX)
+            if progress:
+                progress(batch.num_rows)
+    return eng.digest(0)

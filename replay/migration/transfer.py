@@ -1,0 +1,49 @@
+"""Moving pages on the engine's transfer clock, shared by every phase: the per-page costs each design
+pays (packaging, unpacking, RMP operations, the mirror VM's first-touch NPFs, the host's work for shared
+pages, write-protect faults), the agents' capacity on each side, and folding a transfer's totals into the
+run's tallies and CPU ledger."""
+
+from __future__ import annotations
+
+from ..snp import PAGE_SIZE
+from ..strategies import HOST
+from .context import Round, Run
+
+
+def begin(run: Run, guest_side: int | None, *, skip_present: bool = False) -> None:
+    """Start a transfer at the guest's clocks; ``guest_side``: where the guest runs (None: paused)."""
+    c, s = run.s.costs, run.strategy
+    run.eng.begin_transfer(
+        run.guest.v, run.guest.g,
+        bandwidth_bytes_per_s=run.link.bandwidth_bytes_per_s, page_bytes=PAGE_SIZE, header_bytes=c.page_header_bytes,
+        pack_private_ns=c.page_pack_ns, pack_zero_ns=c.zero_page_ns, batch_pages=c.batch_pages,
+        vmgexit_ns=c.vmgexit_ns, unpack_private_ns=c.page_unpack_ns, rmpupdate_ns=c.rmpupdate_ns,
+        pvalidate_ns=c.pvalidate_ns, rmpadjust_ns=c.rmpadjust_ns,
+        first_touch_ns=c.mirror_npf_ns if s.agents_on_host_cpus else 0,
+        host_page_ns=c.host_page_ns, wp_fault_ns=c.dirty_wp_fault_ns if guest_side == 0 else 0,
+        skip_present=skip_present, **run.cpu.transfer_params(run.agents, guest_side),
+    )
+
+
+def account(run: Run, rnd: Round, st: dict, prev: dict | None = None) -> None:
+    """Fold a transfer's totals (``st``, less ``prev`` if part of them was folded already) into ``rnd``,
+    the phase tallies and the CPU ledger."""
+    d = st if prev is None else {k: st[k] - prev[k] for k in st if k not in ("v_ns", "g_ns", "link_dead")}
+    t = run.tally
+    rnd.pages_sent += d["pages"]
+    rnd.zero_pages += d["zero_pages"]
+    rnd.private_pages += d["private_pages"]
+    rnd.shared_pages += d["shared_pages"]
+    rnd.bytes_sent += d["bytes"]
+    rnd.agent_cpu_ns += d["agent_cpu_ns"]
+    rnd.target_cpu_ns += d["target_cpu_ns"]
+    rnd.host_cpu_ns += d["src_host_cpu_ns"] + d["dst_host_cpu_ns"]
+    rnd.agents = run.agents
+    run.cpu.charge(run.strategy.agent_owner, d["agent_cpu_ns"] + d["target_cpu_ns"])
+    run.cpu.charge(HOST, d["src_host_cpu_ns"] + d["dst_host_cpu_ns"])
+    t.pages[rnd.phase] += d["pages"]
+    t.bytes[rnd.phase] += d["bytes"]
+    t.zero_pages += d["zero_pages"]
+    t.private_pages += d["private_pages"]
+    t.shared_pages += d["shared_pages"]
+    t.first_touches += d["first_touches"]
