@@ -9,5 +9,6 @@ Modules, each usable alone:
 - ``attestation``: the emulated AMD key hierarchy, attestation reports, verification and the handshake;
 - ``channel``: packets, the source's ``Sender`` and the target's ``Receiver``;
 - ``token``: the end-of-migration validation token;
-- ``session``: one call per phase for the migration driver (``establish``, ``endpoints``).
+- ``session``: ``DataPlane``, one call per migration phase for the driver (and ``establish``,
+  ``endpoints`` underneath).
 """
