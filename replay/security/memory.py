@@ -19,8 +19,9 @@ every value, and independent of where the span lands.
 
 Writes are applied a batch at a time (``apply``): the pages a chunk of rows touches are decrypted once,
 the rows are written into that plain-text work area in trace order (a later row wins; the loop is in C,
-``replay._content``), and the pages are encrypted back once. Page-state changes (TO_SHARED / TO_PRIVATE rows, or ``set_private``) keep the page's
-contents (in-place conversion) and re-encrypt or decrypt the stored bytes.
+``replay._content``), and the pages are encrypted back once. Page-state changes (TO_SHARED / TO_PRIVATE
+rows, or ``set_private``) keep the page's contents (in-place conversion) and re-encrypt or decrypt the
+stored bytes.
 
 Bookkeeping per guest page is 5 bytes (an int32 slot index and a shared flag), page contents only for
 written pages: a 64 GiB guest with a 1 GiB working set needs 80 MiB + 1 GiB.

@@ -116,7 +116,8 @@ class DataPlane:
                    tamper: Callable[[list[bytes]], list[bytes]] | None = None) -> list[Outcome]:
         """Stop-and-copy: one sealed VMSA per vCPU per VMPL in use."""
         sender, receiver = self._channel()
-        packets = [sender.send_vmsa(v, l, emulated_vmsa(self.seed, v, l), stream) for v in range(vcpus) for l in vmpls]
+        packets = [sender.send_vmsa(v, vmpl, emulated_vmsa(self.seed, v, vmpl), stream)
+                   for v in range(vcpus) for vmpl in vmpls]
         return receiver.receive_many(tamper(packets) if tamper else packets)
 
     def finish(self, tamper: Callable[[list[bytes]], list[bytes]] | None = None) -> TokenOutcome:
