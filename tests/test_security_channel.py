@@ -335,3 +335,18 @@ def test_zero_pages_keep_the_target_sparse_and_overwrite_stored_pages():
     assert dst.read_plain(7) == bytes(PAGE) and dst.read_raw(7) != bytes(PAGE)  # private zeros: ciphertext
     assert dst.plaintext_digest() == src.plaintext_digest()
     assert not dst.is_private(61) and dst.read_raw(61) == bytes(PAGE)
+
+
+def test_api_misuse_is_refused():
+    src, dst, s, r = pair()
+    with pytest.raises(ValueError, match="stream must be in 0..65535"):
+        s.send_page(0, 0, stream=65536)
+    with pytest.raises(ValueError, match="vmpl must be in 0..3"):
+        vmsa_id(0, 4)
+    with pytest.raises(ValueError, match="a VMSA is one 4096-byte page"):
+        s.send_vmsa(0, 0, b"short", stream=0)
+    with pytest.raises(IndexError, match="gfn 16 outside the guest"):
+        s.send_pages([16], 0, stream=1)
+    with pytest.raises(ValueError, match="vmpl must be in 0..3"):
+        s.send_vmsa(0, 7, bytes(PAGE), stream=0)
+    assert s.stats.sequences == {} and s.stats.to_json()["private_pages"] == s.stats.vmsas == 0  # nothing counted

@@ -176,9 +176,13 @@ class Sender:
         self.stats = ChannelStats()
         self.token_hasher = TokenHasher()
 
-    def _next(self, stream: int) -> int:
+    @staticmethod
+    def _check_stream(stream: int) -> None:
         if not 0 <= stream < 1 << 16:
             raise ValueError(f"stream must be in 0..65535, got {stream}")
+
+    def _next(self, stream: int) -> int:
+        self._check_stream(stream)
         seq = self.stats.sequences.get(stream, 0)
         if seq == MAX_SEQUENCE:  # the next nonce would repeat: refuse rather than reuse
             raise OverflowError(f"stream {stream}: sequence numbers exhausted")
@@ -226,6 +230,7 @@ class Sender:
     def send_pages(self, gfns, versions, stream: int) -> list[bytes]:
         """Packets for the pages ``gfns`` (their contents now, tagged with ``versions``) on ``stream``,
         in order. The source memory is decrypted in one batch."""
+        self._check_stream(stream)  # before anything is counted
         g = np.asarray(gfns, dtype=np.int64)
         v = np.broadcast_to(np.asarray(versions, dtype=np.uint64), g.shape)
         plain = self.memory.read_plain_many(g)
@@ -263,9 +268,11 @@ class Sender:
         """A sealed VMSA (the vCPU's register state at ``vmpl``)."""
         if len(vmsa) != PAGE_SIZE:
             raise ValueError(f"a VMSA is one {PAGE_SIZE}-byte page, got {len(vmsa)}")
+        self._check_stream(stream)
+        vid = vmsa_id(vcpu, vmpl)
         self.stats.vmsas += 1
         body, extra = self._body(vmsa)
-        return self._seal(vmsa_id(vcpu, vmpl), 0, stream, _VMSA | extra, body)
+        return self._seal(vid, 0, stream, _VMSA | extra, body)
 
     def token(self) -> Token:
         return self.token_hasher.token()
