@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
             "(exit 0 completed, 1 aborted/cancelled/failed, 2 bad input)"),
     "compare": ("replay.commands.compare", "run a scenario under mirror-vm and shadow-vcpu and compare "
                 "(exit 0 both completed, 1 one did not, 2 bad input)"),
+    "sweep": ("replay.commands.sweep", "run a sweep (base scenario x axes) on a Dask cluster into a Parquet table"),
     "diff": ("replay.commands.diff", "compare two run directories (exit 0 same end state, 1 different, 2 bad input)"),
     "report": ("replay.commands.report", "write a self-contained HTML report of one or more runs"),
 }

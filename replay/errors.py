@@ -51,6 +51,10 @@ class RecordError(ReplayError, RuntimeError):
     """Recording a program (valgrind lackey) failed."""
 
 
+class WorkerError(ReplayError, RuntimeError):
+    """A worker process died (killed, out of memory): the environment, not the input or a bug we can name."""
+
+
 class InvariantError(ReplayError, AssertionError):
     """An internal invariant did not hold: always a bug in snp-replay, never the user's input."""
 

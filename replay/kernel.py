@@ -19,6 +19,8 @@ CAPABILITIES: dict[str, tuple[bool, bool, str]] = {
     "gmem_link_userfault": (False, False, "userfault on a linked guest_memfd: no series"),
     "gmem_dirty_log": (False, False, "dirty logging on guest_memfd memslots: no series"),
     "kvm_planes": (False, True, "KVM planes (multi-VMPL vCPUs, SVSM at VMPL0): out of tree on 7.1, June 2026"),
+    "gmem_write": (False, True, "write() population of guest_memfd: v6, Oct 2025, preview branch only"),
+    "uffd_gmem": (False, True, "userfaultfd on guest_memfd (missing/minor): RFC series 2025, not merged"),
 }
 
 PROFILES: dict[str, dict[str, bool] | None] = {
@@ -57,7 +59,8 @@ class Verdict:
         }
 
 
-def needed(strategy: str, mode: str, has_private: bool, os_vmpl: int) -> Verdict:
+def needed(strategy: str, mode: str, has_private: bool, os_vmpl: int, fault_delivery: str = "kvm-exit",
+           page_install: str = "gmem-write") -> Verdict:
     """The capabilities a strategy/mode needs for a guest (SPEC: mirror-vm shares private memory through a
     gmem link; pre-copy of private memory needs dirty logging on gmem; post-copy needs KVM userfault, and
     for the mirror VM userfault on the linked gmem; an SVSM below the OS needs multi-VMPL vCPUs)."""
@@ -70,6 +73,10 @@ def needed(strategy: str, mode: str, has_private: bool, os_vmpl: int) -> Verdict
         caps.add("kvm_userfault")
         if strategy == "mirror-vm":
             caps.add("gmem_link_userfault")
+        if has_private and page_install == "gmem-write":
+            caps.add("gmem_write")
+        if has_private and (fault_delivery != "kvm-exit" or page_install != "gmem-write"):
+            caps.add("uffd_gmem")  # userfaultfd delivery or install on private guest_memfd pages
     if os_vmpl > 0 or strategy == "shadow-vcpu":  # shadow agents are VMPL0 vCPUs beside the guest's
         caps.add("kvm_planes")
     return Verdict(tuple(c for c in CAPABILITIES if c in caps))

@@ -23,6 +23,8 @@ from .units import parse_duration_ns, parse_size
 STRATEGIES = ("mirror-vm", "shadow-vcpu")
 MODES = ("precopy", "postcopy", "hybrid")
 ON_MAX_ROUNDS = ("cancel", "stop-and-copy", "postcopy")
+FAULT_DELIVERY = ("kvm-exit", "uffd-shared", "uffd-per-vcpu")
+PAGE_INSTALL = ("gmem-write", "uffd-copy", "uffd-continue")
 CPU_SHARING = ("fair", "agents-first")
 KERNEL_PROFILES = ("custom", "linux-7.1", "proposed-2026")
 FAULT_KINDS = ("link_down",)
@@ -81,6 +83,14 @@ class MigrationSpec:
     postcopy_preempt: bool = False  # requests get their own channel (QEMU postcopy-preempt)
     prepaging: bool = False  # background push around recent faults (Hines & Gopalan, VEE'09)
     prepage_pages: int = 64  # pages after a faulting gfn pushed first when prepaging
+    # How a vCPU's access to a missing page reaches the handler: its own KVM userfault exit, one userfaultfd
+    # whose single handler thread serves every vCPU, or one userfaultfd (and handler) per vCPU.
+    fault_delivery: str = "kvm-exit"
+    # How the handler installs the page: write() into guest_memfd, UFFDIO_COPY or UFFDIO_CONTINUE.
+    page_install: str = "gmem-write"
+    # false: no background push while the guest runs; faults alone bring pages (KVM's demand_paging_test);
+    # the rest is pushed after the trace's last event so that the migration completes
+    postcopy_background_push: bool = True
 
 
 @dataclass(frozen=True)
@@ -126,10 +136,26 @@ class Costs:
     vmsa_bytes: int = 4_096  # one VMSA page per vCPU per VMPL in use
     device_state_bytes: int = 1_048_576  # QEMU device state (virtio, APIC, timers...)
     resume_ns: int = 5_000_000  # target resumes vCPUs after the validation token is accepted
-    postcopy_fault_exit_ns: int = 10_000  # vCPU exit to userspace + userfault bookkeeping
+    postcopy_fault_exit_ns: int = 2_000  # vCPU exit to userspace (or uffd wake-up) + userfault bookkeeping
+    # Serialized sections of the fault path, calibrated on KVM's demand_paging_test (64 MiB per vCPU):
+    # KVM userfault exits reach 160,326 / 128,247 / 39,913 faults/s at 2 / 8 / 64 vCPUs: the install
+    # path's lock is held (install + fault_lock_ns + fault_lock_per_waiter_ns x blocked vCPUs) per fault;
+    # one shared userfaultfd reaches 86,840 / 37,912 / 1,664: its single handler takes (install +
+    # uffd_handler_ns + per_waiter x w + per_waiter_sq x w^2) per fault, w = vCPUs blocked on it.
+    fault_lock_ns: int = 3_820
+    fault_lock_per_waiter_ns: int = 303
+    uffd_handler_ns: int = 6_760
+    uffd_handler_per_waiter_ns: int = 1_222
+    uffd_handler_per_waiter_sq_ns: int = 126
+    # Installing a 4 KiB page (Firecracker: write() 202 ms vs UFFDIO_COPY 237 ms per 512 MiB);
+    # UFFDIO_CONTINUE maps a page already in the page cache: no copy.
+    install_gmem_write_ns: int = 1_540
+    install_uffd_copy_ns: int = 1_810
+    install_uffd_continue_ns: int = 600
     postcopy_request_bytes: int = 64  # page request on the return path
-    # Push data already queued ahead of a requested page without a preempt channel: QEMU's postcopy-
-    # preempt cover letter measured 10.7 ms vanilla vs 0.57 ms preempt per 4K fault (Peter Xu, 2022).
+    # The push's in-flight window: the most push data buffered on the channel ahead of a reply without a
+    # preempt channel (QEMU's postcopy-preempt cover letter measured 10.7 ms vanilla vs 0.57 ms preempt
+    # per 4K fault, Peter Xu, 2022). A reply waits for min(this, what the push still has to send).
     postcopy_queue_bytes: int = 4_194_304
 
 
@@ -144,6 +170,8 @@ class KernelCaps:
     gmem_link_userfault: bool = True  # userfault on a linked guest_memfd (mirror post-copy)
     gmem_dirty_log: bool = True  # dirty logging on guest_memfd slots (upstream refuses it today)
     kvm_planes: bool = True  # multi-VMPL vCPUs (SVSM at VMPL0 beside the OS): out of tree on 7.1
+    gmem_write: bool = True  # write() population of guest_memfd (v6 series): installs a private page
+    uffd_gmem: bool = True  # userfaultfd on guest_memfd (RFC): uffd delivery or install for private pages
 
 
 @dataclass(frozen=True)
@@ -297,6 +325,8 @@ def _validate(s: Scenario, src: str) -> Scenario:
     if m.max_rounds < 1:
         raise ScenarioError(f"{src}: migration.max_rounds must be >= 1")
     _one_of(f"{src}: migration.on_max_rounds", m.on_max_rounds, ON_MAX_ROUNDS)
+    _one_of(f"{src}: migration.fault_delivery", m.fault_delivery, FAULT_DELIVERY)
+    _one_of(f"{src}: migration.page_install", m.page_install, PAGE_INSTALL)
     _one_of(f"{src}: costs.cpu_sharing", c.cpu_sharing, CPU_SHARING)
     _one_of(f"{src}: kernel.profile", s.kernel.profile, KERNEL_PROFILES)
     for key in ("burst_ns", "bandwidth_period_ns", "host_cpus"):
@@ -367,7 +397,13 @@ def parse_scenario_text(text: str, src: str = "<scenario>", base_dir: str = ".",
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{src}: invalid TOML ({exc})") from None
-    return _from_table(apply_overrides(doc, overrides), src, base_dir)
+    return scenario_from_doc(doc, src, base_dir, overrides)
+
+
+def scenario_from_doc(doc: Mapping[str, Any], src: str = "<scenario>", base_dir: str = ".",
+                      overrides: Sequence[str] = ()) -> Scenario:
+    """A scenario from an already parsed TOML document (a sweep's base), with overrides, validated."""
+    return _from_table(apply_overrides(dict(doc), overrides), src, base_dir)
 
 
 def _parse_value(text: str) -> Any:

@@ -69,8 +69,14 @@ class Strategy:
             "gmem_link_userfault": f"{self.name} {mode}: post-copy needs kernel capability 'gmem_link_userfault' "
                                    "(userfault on a linked guest_memfd)",
             "kvm_planes": f"{self.name}: needs kernel capability 'kvm_planes' (VMPL0 vCPUs beside the guest's OS)",
+            "gmem_write": f"{self.name} {mode}: page_install 'gmem-write' of private pages needs kernel capability "
+                          "'gmem_write' (write() into guest_memfd)",
+            "uffd_gmem": f"{self.name} {mode}: userfaultfd on private pages (fault_delivery "
+                         f"'{self.s.migration.fault_delivery}', page_install '{self.s.migration.page_install}') needs "
+                         "kernel capability 'uffd_gmem'",
         }
-        for cap in needed(self.name, mode, has_private, self.s.guest.os_vmpl).assumed:
+        m = self.s.migration
+        for cap in needed(self.name, mode, has_private, self.s.guest.os_vmpl, m.fault_delivery, m.page_install).assumed:
             if not getattr(k, cap):
                 suffix = f" (kernel profile {k.profile!r})" if k.profile != "custom" else ""
                 raise CapabilityError(why[cap] + suffix)

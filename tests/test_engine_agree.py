@@ -95,9 +95,25 @@ def scenarios(draw):
             page_bytes=st.sampled_from([0, 4096, 4200]), header_bytes=st.integers(0, 100),
             agents=st.integers(1, 3), pack_private_ns=st.integers(0, 2000), pack_zero_ns=st.integers(0, 300),
             batch_pages=st.integers(1, 4), vmgexit_ns=st.integers(0, 5000), charge_guest=st.booleans(),
-            unpack_private_ns=st.integers(0, 50), target_rmp=st.booleans(), skip_present=st.booleans()))),
-        st.tuples(st.just("transfer"), host, host, st.lists(gfn, max_size=12), st.integers(0, 2),
-                  st.one_of(st.none(), b), st.integers(0, 3), st.integers(0, 100), host, delays),
+            unpack_private_ns=st.integers(0, 50), target_rmp=st.booleans(), skip_present=st.booleans(),
+            src_cpus=st.sampled_from([None, (1, 1), (4, 3), (6, 5)]), dst_cpus=st.sampled_from([None, (2, 1), (3, 4)]),
+            src_pool_cpus=st.sampled_from([0, 0, 1, 2]), dst_pool_cpus=st.sampled_from([0, 1]),
+            rmpupdate_ns=st.integers(0, 900), pvalidate_ns=st.integers(0, 900), rmpadjust_ns=st.integers(0, 900),
+            first_touch_ns=st.sampled_from([0, 0, 777]), host_page_ns=st.integers(0, 600),
+            wp_fault_ns=st.sampled_from([0, 260]), charge_target_guest=st.booleans()))),
+        st.tuples(st.just("transfer"), host, host, st.one_of(st.lists(gfn, max_size=12), st.none()),
+                  st.integers(0, 2), st.one_of(st.none(), b), st.integers(0, 3), st.integers(0, 100), host, delays,
+                  st.one_of(st.none(), st.integers(0, 30000)), st.one_of(st.none(), st.integers(0, 30000))),
+        st.tuples(st.just("transfer_add"), st.integers(0, 9000), st.integers(0, 3000), st.integers(0, 3000)),
+        st.tuples(st.just("mark_send_all"), host),
+        st.tuples(st.just("sync_dirty"), host),
+        st.tuples(st.just("send_count"), host),
+        st.tuples(st.just("discard_stale"), host, host),
+        st.tuples(st.just("wp_faults"), host),
+        st.tuples(st.just("received_digest"), host),
+        st.tuples(st.just("set_digest"), host),
+        st.tuples(st.just("clear_present"), host, st.lists(gfn, max_size=4)),
+        st.tuples(st.just("deliver"), host, host, gfn),
     ]
     seq = draw(st.lists(st.one_of(ops), min_size=1, max_size=30))
     if draw(st.booleans()):
@@ -127,8 +143,10 @@ def apply(e, op):
             h, b, start, base, stop, delays = args
             return norm(e.replay(h, b, start, base, stop, delays))
         if name == "transfer":
-            src, dst, gfns, k, b, start, base, run_host, delays = args
-            return norm(e.transfer(src, dst, np.array(gfns, np.uint32), k, b, start, base, run_host, delays))
+            src, dst, gfns, k, b, start, base, run_host, delays, until, deadline = args
+            gfns = None if gfns is None else np.array(gfns, np.uint32)
+            return norm(e.transfer(src, dst, gfns, k, b, start, base, run_host, delays, until_v=until,
+                                   deadline_v=deadline))
         if name == "launch":
             h, ranges = args
             return norm(e.launch(h, [(g, g + n) for g, n in ranges]))
@@ -149,6 +167,10 @@ def state(e):
         out[f"flags{h}"] = e.flags(h, range(e.npages)).tolist()
         out[f"digest{h}"] = e.digest(h)
         out[f"present{h}"] = e.count_present(h)
+        out[f"send{h}"] = e.send_count(h)
+        out[f"wp{h}"] = e.wp_faults(h)
+        out[f"recv{h}"] = e.received_digest(h)
+        out[f"set{h}"] = e.set_digest(h)
     return out
 
 

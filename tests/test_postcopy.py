@@ -23,7 +23,8 @@ ROWS = [  # (t_ns, vcpu, gfn)
     (3620, 2, 2),   # vCPU 2 wants gfn 2 while it is in flight: waits, no second request
     (20000, 0, 0),
 ]
-PC_COSTS = {**COSTS, "postcopy_fault_exit_ns": 0, "postcopy_request_bytes": 0, "postcopy_queue_bytes": 0}
+PC_COSTS = {**COSTS, "postcopy_fault_exit_ns": 0, "postcopy_request_bytes": 0, "postcopy_queue_bytes": 0,
+            "fault_lock_ns": 0, "fault_lock_per_waiter_ns": 0, "install_gmem_write_ns": 0}
 
 
 def pc_trace(path, rows=ROWS, npages=4, vcpus=3):
@@ -54,25 +55,35 @@ def test_postcopy_by_hand(trace, engine):
     # Setup 2000 + 200 (v = g = 3000); switchover at once: 3 VMSAs + device state = 20000 bytes = 4000 ns, latency
     # 100: downtime 4100, the target resumes at v = 7100 with the guest at g = 3000.
     assert (m["switchover_ns"], m["downtime_ns"]) == (3000, 4100)
-    # Push: gfn 0 (v 8100, g 4000). vCPU 1 faults on gfn 3 at 3500 -> served 5200 (1700 ns); its page takes the
-    # link (v 9100). Push gfn 1 (v 10100, g 6000). vCPU 0 faults on gfn 2 at 3600 -> 5300 (v 11100). vCPU 2
-    # touches gfn 2 at 3620 while in flight: waits until 5300 (1680 ns), no second request. gfn 2 and 3 are
-    # present: the push skips them. Complete at v = 11100.
+    # Push: gfn 0 (v 8100, g 4000; the clocks are 4100 apart). vCPU 1 faults on gfn 3 at g 3500 (v 7600):
+    # request 7600 + 100 latency; the agent packages it 7700 -> 8200; the reply is on the wire 8200 -> 9200
+    # (5000 bytes), lands at 9300: served at g 5200 (1700 ns). Its bytes share the push's link (v 9100).
+    # The push sends gfn 1 (v 10100, g 6000). vCPU 0 faults on gfn 2 at g 3600 (v 7700): request lands
+    # 7800, the agent is busy until 8200 (vCPU 1's page): packaged 8200 -> 8700; the reply channel is busy
+    # until 9200: on the wire 9200 -> 10200, lands 10300: served at g 6200 (2600 ns: it queued behind
+    # vCPU 1's fault twice). vCPU 2 touches gfn 2 at 3620 while it is in flight: waits for that arrival
+    # (2580 ns), no second request. gfn 2 and 3 are present: the push skips them. Complete at v = 11100.
     assert pc["requests"] == 2 and pc["duplicate_requests"] == 1
-    assert pc["blocktime_ns_per_vcpu"] == [1700, 1700, 1680]
-    assert pc["blocktime_ns"] == 5080
+    assert pc["blocktime_ns_per_vcpu"] == [2600, 1700, 2580]
+    assert pc["blocktime_ns"] == 6880
     assert pc["blocktime_all_vcpus_ns"] == 5200 - 3620  # every vCPU blocked at once
-    assert (pc["latency_p50_ns"], pc["latency_p99_ns"], pc["latency_max_ns"]) == (1700, 1700, 1700)
-    assert pc["latency_hist"][0] == {"bucket_us_lo": 0, "bucket_us_hi": 2, "count": 3}
+    assert (pc["latency_p50_ns"], pc["latency_p99_ns"], pc["latency_max_ns"]) == (2580, 2600, 2600)
+    assert pc["latency_hist"][0] == {"bucket_us_lo": 0, "bucket_us_hi": 2, "count": 1}
+    assert pc["latency_hist"][1] == {"bucket_us_lo": 2, "bucket_us_hi": 4, "count": 2}
     assert sum(b["count"] for b in pc["latency_hist"]) == 3
+    q = pc["qemu"]
+    assert q["postcopy-blocktime"] == 1580 and q["postcopy-vcpu-blocktime"] == [2600, 1700, 2580]
+    assert q["postcopy-latency"] == (1700 + 2600 + 2580) // 3
+    assert q["postcopy-vcpu-latency"] == [2600, 1700, 2580]
+    assert q["postcopy-latency-dist"][:3] == [1, 2, 0]
     assert pc["bytes"] == 10000
     assert pc["switchover_to_complete_ns"] == 11100 - 3000
     assert m["completion_ns"] == 11100 and m["total_ns"] == 11100 - 800
     assert (m["postcopy_pages"], m["postcopy_bytes"]) == (4, 20000)
-    assert m["trace_end_ns"] == 11100 + (20000 + 1700 - 7000)
+    assert m["trace_end_ns"] == 11100 + (20000 + 2600 - 7000)
     faults = r.faults.to_pylist()
     assert [(f["vcpu"], f["gfn"], f["raised_ns"], f["served_ns"], f["event_index"]) for f in faults] == [
-        (1, 3, 3500 + 4100, 5200 + 4100, 4), (0, 2, 3600 + 4100, 5300 + 4100, 5), (2, 2, 3620 + 4100, 5300 + 4100, 6)]
+        (1, 3, 3500 + 4100, 5200 + 4100, 4), (0, 2, 3600 + 4100, 6200 + 4100, 5), (2, 2, 3620 + 4100, 6200 + 4100, 6)]
     d = r.summary["digests"]
     assert d["end_of_trace"] == d["no_migration"] and d["target_at_switchover"] == d["source_at_switchover"]
     assert all(r.summary["invariants"].values())
@@ -94,8 +105,10 @@ def test_preempt_channel_skips_the_push_queue(trace):
     slow = run(pc_scenario(costs={"postcopy_queue_bytes": 5000}), strategy="mirror-vm", trace_path=trace)
     fast = run(pc_scenario(costs={"postcopy_queue_bytes": 5000}, postcopy_preempt=True), strategy="mirror-vm",
                trace_path=trace)
-    assert slow.summary["metrics"]["postcopy"]["latency_max_ns"] == 1700 + 1000
-    assert fast.summary["metrics"]["postcopy"]["latency_max_ns"] == 1700
+    # vCPU 1's fault (the first): without preempt its reply waits behind the push's 5000 queued bytes
+    # (1000 ns at 5 GB/s); with preempt it has a channel of its own.
+    first = [r.faults.to_pylist()[0] for r in (slow, fast)]
+    assert [f["served_ns"] - f["raised_ns"] for f in first] == [1700 + 1000, 1700]
 
 
 @pytest.mark.parametrize("engine", ENGINE_KINDS)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from replay.cli import main
-from replay.engine import ENGINE_KINDS
 from replay.migrate import run
 from replay.scenario import make_scenario
 from replay.trace import TraceWriter

@@ -151,7 +151,8 @@ def test_kernel_profiles_and_verdicts(trace):
     s = make_scenario(guest={"os_vmpl": 0}, trace={"file": "x"}, kernel={"profile": "proposed-2026"},
                       migration={"mode": "postcopy", "start_ns": 1000, "shadow_apic_id_base": 8})
     r = run(s, strategy="shadow-vcpu", trace_path=trace)
-    assert r.status == "completed" and r.summary["kernel"]["verdict"] == "needs: kvm_userfault (unmerged), kvm_planes (unmerged)"
+    assert r.status == "completed"
+    assert r.summary["kernel"]["verdict"] == "needs: kvm_userfault (unmerged), kvm_planes (unmerged), gmem_write (unmerged)"
     with pytest.raises(CapabilityError, match="gmem_dirty_log"):
         run(make_scenario(trace={"file": "x"}, kernel={"profile": "proposed-2026"}), strategy="shadow-vcpu",
             trace_path=trace)
@@ -170,3 +171,20 @@ def test_exit_status_says_whether_the_migration_completed(tmp_path, trace):
     ok = tmp_path / "ok.toml"
     ok.write_text('[guest]\nos_vmpl = 0\n[trace]\nfile = "t.arrow"\n[migration]\nstart_ns = 1000\nshadow_apic_id_base = 8\n')
     assert main(["run", str(ok), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("host_cpus, pass_ns", [(1, 2000), (2, 1000)])
+def test_mirror_agents_share_host_cpus_with_the_migration_thread(tmp_path, host_cpus, pass_ns):
+    # gfn 0 private (1000 ns of packaging by a mirror agent), gfn 1 shared (1000 ns of the source host's
+    # migration thread), a link far faster than both. On one host CPU the agent and the thread take turns:
+    # 2000 ns; on two they overlap: 1000 ns (the target's thread receives the shared page in parallel).
+    trace = write_trace(tmp_path / "t.arrow", [(0, 0, 0), (1, 0, 1)], npages=2, vcpus=1, shared=[(1, 1)])
+    s = make_scenario(guest={"os_vmpl": 0, "memslots": 1}, trace={"file": "x"},
+                      migration={"start_ns": 1000, "bandwidth_bytes_per_s": 10**15, "latency_ns": 0,
+                                 "host_cpus": host_cpus, "agents_max": 1},
+                      costs={**COSTS, "page_pack_ns": 1000, "host_page_ns": 1000, "dirty_sync_ns": 0,
+                             "mirror_vm_create_ns": 0})
+    r = run(s, strategy="mirror-vm", trace_path=trace)
+    r0 = r.rounds.to_pylist()[0]
+    assert (r0["pages_sent"], r0["end_ns"] - r0["start_ns"]) == (2, pass_ns)
+    assert (r0["agent_cpu_ns"], r0["host_cpu_ns"]) == (1000, 2000)

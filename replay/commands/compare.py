@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import ExitCode
 from ..scenario import STRATEGIES, load_scenario
 from ..units import format_bytes, format_ns
-from .run import add_common, check_invariants, execute
+from .run import add_common, check_invariants, progress_bar
 
 # (label, path into metrics, formatter)
 ROWS = [
@@ -20,7 +20,6 @@ ROWS = [
     ("downtime limit exceeded", ("metrics", "downtime_limit_exceeded"), str),
     ("switchover reason", ("metrics", "switchover_reason"), str),
     ("dirty syncs (rounds)", ("metrics", "rounds"), str),
-    ("kernel verdict", ("kernel", "verdict"), str),
     ("pages sent", ("metrics", "pages_sent"), str),
     ("zero pages", ("metrics", "zero_pages"), str),
     ("bytes sent", ("metrics", "bytes_sent"), format_bytes),
@@ -32,7 +31,6 @@ ROWS = [
     ("CPU: primary-VM agents", ("metrics", "cpu_ns", "primary_vm_agents"), format_ns),
     ("CPU: mirror VM", ("metrics", "cpu_ns", "mirror_vm"), format_ns),
     ("CPU: host", ("metrics", "cpu_ns", "host"), format_ns),
-    ("guest slowdown", ("metrics", "guest_slowdown_ppm"), lambda v: f"{v / 10_000:.2f} %"),
     ("RMPUPDATE (target)", ("metrics", "rmp", "target", "rmpupdate"), str),
     ("PVALIDATE (target)", ("metrics", "rmp", "target", "pvalidate"), str),
     ("page-state changes (source)", ("metrics", "rmp", "source", "psc"), str),
@@ -72,6 +70,8 @@ def table(summaries: list[dict]) -> str:
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for s in summaries:
+        lines.append(f"kernel ({s['strategy']}, profile {s['kernel']['profile']}): {s['kernel']['verdict']}")
     if "" in ends:
         lines.append("end of trace not reached by every run (a failed migration stops the guest)")
     else:
@@ -84,14 +84,97 @@ def configure(p) -> None:
     add_common(p)
 
 
+# Set in each worker process by _init_worker (a multiprocessing Event and Queue can only reach a spawned
+# process at its creation, not as task arguments).
+_STOP = None
+_QUEUE = None
+
+
+class _Stopped(Exception):
+    """The other strategy's run failed: this one is not wanted any more."""
+
+
+def _init_worker(stop, queue) -> None:
+    global _STOP, _QUEUE
+    _STOP, _QUEUE = stop, queue
+
+
+def _progress(n: int) -> None:
+    # Called by the driver after every record batch: the cheap place to notice that the run is not wanted.
+    if _STOP.is_set():
+        raise _Stopped
+    if _QUEUE is not None:
+        _QUEUE.put(n)
+
+
+def _run_strategy(scenario, strategy, engine, trace_path, no_migration_digest):
+    """One strategy's run in a worker process; the record is returned, not written (see ``run``)."""
+    from ..migrate import Migration
+
+    return Migration(scenario.with_strategy(strategy), trace_path, engine=engine, progress=_progress,
+                     no_migration_digest=no_migration_digest).run()
+
+
+def _drain(queue, update) -> None:
+    """Feed the workers' progress reports (event counts; None ends) into the parent's bar."""
+    for n in iter(queue.get, None):
+        update(n)
+
+
+def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
+    """Run every strategy of ``scenario`` on one trace, each in its own process; returns their RunResults
+    in STRATEGIES order. The no-migration reference is computed once first (or read from its cache): both
+    runs need it and it is the same for both. When one run fails the other is stopped at its next record
+    batch and the failure is raised; a worker process that dies is a WorkerError."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from ..errors import WorkerError
+    from ..refdigest import lookup, no_migration_digest
+    from ..trace import read_meta
+
+    meta = read_meta(trace_path)
+    g = scenario.guest
+    known = lookup(meta, g.asid, g.os_vmpl, engine)
+    passes = len(STRATEGIES) + (known is None)
+    # spawn, not fork: the parent may hold pyarrow/tqdm threads, which fork would copy mid-flight.
+    ctx = multiprocessing.get_context("spawn")
+    with progress_bar(passes * meta.events, "compare", show_progress) as update:
+        nomig = known or no_migration_digest(trace_path, meta, g.asid, g.os_vmpl, engine, update)
+        stop, queue = ctx.Event(), ctx.Queue() if update else None
+        drain = threading.Thread(target=_drain, args=(queue, update), daemon=True) if update else None
+        if drain:
+            drain.start()
+        try:
+            with ProcessPoolExecutor(max_workers=len(STRATEGIES), mp_context=ctx, initializer=_init_worker,
+                                     initargs=(stop, queue)) as pool:
+                futures = [pool.submit(_run_strategy, scenario, s, engine, trace_path, nomig) for s in STRATEGIES]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in futures if f.done() and f.exception() is not None]
+                if failed:
+                    stop.set()
+                    raise failed[0].exception()
+                return [f.result() for f in futures]
+        except BrokenProcessPool as exc:
+            raise WorkerError(f"a compare worker process died ({exc}); out of memory?") from None
+        finally:
+            if drain:
+                queue.put(None)
+                drain.join()
+
+
 def run(args) -> int:
+    from ..migrate import trace_for
+
     scenario = load_scenario(args.scenario, args.overrides)
     out = Path(args.out)
-    results = []
-    for strategy in STRATEGIES:
-        known = results[0].summary["digests"]["no_migration"] if results else None  # same trace, same guest
-        results.append(execute(scenario, out / strategy, strategy=strategy, engine=args.engine, trace=args.trace,
-                               show_progress=not args.no_progress, no_migration_digest=known))
+    trace_path = Path(args.trace) if args.trace else trace_for(scenario)
+    results = run_parallel(scenario, engine=args.engine, trace_path=trace_path, show_progress=not args.no_progress)
+    # Written only once every strategy has run: an error in either leaves no partial comparison behind.
+    for r, s in zip(results, STRATEGIES):
+        r.write(out / s)
     s0 = results[0].summary
     print(f"{scenario.name or Path(args.scenario).stem}: {s0['mode']}, trace {s0['trace']['digest'][:16]}... "
           f"({s0['trace']['events']} events, {format_bytes(s0['trace']['guest_bytes'])}, {s0['trace']['vcpus']} vCPUs)")

@@ -1,4 +1,5 @@
-"""``replay report RUN... --out FILE.html``: one self-contained HTML report of one or more runs."""
+"""``replay report RUN... --out FILE.html``: one self-contained HTML report of one or more runs, or of a
+sweep directory (``replay sweep --out DIR``) given alone."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the first is A in a comparison)")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="run directories (the first is A in a comparison), or one sweep directory")
     parser.add_argument("--out", "-o", required=True, metavar="FILE.html", help="where to write the report")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..report import write_report
     from ..runrecord import load_run
+    from ..sweepreport import is_sweep_dir, write_sweep_report
 
+    if len(args.runs) == 1 and is_sweep_dir(args.runs[0]):
+        print(f"wrote {write_sweep_report(args.runs[0], args.out)}", file=sys.stderr)
+        return 0
     runs = [load_run(p) for p in args.runs]  # all validated before anything is drawn
     out = write_report(runs, args.out)
     print(f"wrote {out}", file=sys.stderr)

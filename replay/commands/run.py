@@ -42,13 +42,17 @@ def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migrati
     """Run one strategy and write the run directory; returns the RunResult. ``no_migration_digest`` (from
     another strategy's run of the same scenario) spares the reference replay of the whole trace."""
     from ..migrate import Migration, trace_for
+    from ..refdigest import lookup
     from ..trace import read_meta
 
     if strategy is not None:
         scenario = scenario.with_strategy(strategy)
     path = trace or trace_for(scenario)
     meta = read_meta(path)
-    # Two passes over the trace unless the no-migration reference is known: it, then the migrated run.
+    # Two passes over the trace unless the no-migration reference is known (given, or cached by an
+    # earlier run of this trace and guest): it, then the migrated run.
+    g = scenario.guest
+    no_migration_digest = no_migration_digest or lookup(meta, g.asid, g.os_vmpl, engine)
     passes = 1 if no_migration_digest else 2
     with progress_bar(passes * meta.events, scenario.migration.strategy, show_progress) as update:
         result = Migration(scenario, path, engine=engine, progress=update,

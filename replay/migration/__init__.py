@@ -32,7 +32,7 @@ from .precopy import precopy
 from .record import Outcome, RunResult, build
 from .setup import agents_wanted, grow_agents, setup
 from .stopcopy import stop_and_copy
-from .traces import cache_dir, last_event_ns, no_migration_digest, trace_for
+from .traces import cache_dir, last_event_ns, trace_for
 
 __all__ = ["Migration", "RunResult", "run", "trace_for", "cache_dir"]
 
@@ -72,9 +72,13 @@ class Migration:
     def run(self) -> RunResult:
         out = Outcome()
         g = self.s.guest
-        out.digests["no_migration"] = self._no_migration or no_migration_digest(
-            self.trace_path, self.meta, asid=g.asid, os_vmpl=g.os_vmpl,
-            engine=self.engine if isinstance(self.engine, str) else "cython", progress=self.progress)
+        if not self._no_migration:
+            from ..refdigest import no_migration_digest  # replayed once per trace and guest, then cached
+
+            self._no_migration = no_migration_digest(self.trace_path, self.meta, g.asid, g.os_vmpl,
+                                                     self.engine if isinstance(self.engine, str) else "cython",
+                                                     self.progress)
+        out.digests["no_migration"] = self._no_migration
         eng = self._engine(2)
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))
@@ -84,15 +88,14 @@ class Migration:
             guest.run_to(start)
             guest.v = guest.g = start
             run = Run(self.s, self.meta, eng, self.strategy, guest, Link.of(self.s.migration, self.s.faults, start),
-                      Cpu(self.s, self.strategy, self.meta.vcpus))
+                      Cpu(self.s, self.strategy, self.meta.vcpus), trace_last_ns=self.trace_last_ns)
             out.times["migration_start_ns"] = out.guest_g_at_start = start
             run.log("migration_start", f"strategy={self.strategy.name} mode={self.s.migration.mode}")
             try:
                 self._migrate(run, out)
             except LinkDown as down:
                 self._aborted(run, out, down.at_ns)
-            out.guest_g_at_end = min(guest.g, out.guest_g_at_start + max(0, out.times["completion_ns"] - start)) \
-                if out.times["completion_ns"] else guest.g
+            out.guest_g_at_end = guest.g  # the end of the migration window: the guest has not run past it
             if out.status != "failed":
                 self._finish_trace(run, out)
         return build(run, out, self.engine_kind)
@@ -121,17 +124,16 @@ class Migration:
         out.times["switchover_ns"] = g.v
         if action == "stop-and-copy":
             sw = stop_and_copy(run)
-            out.vmsas_sent = run.vcpus * (2 if self.s.guest.os_vmpl > 0 else 1)
+            out.vmsas_sent = sw.vmsas
             out.digests["source_at_switchover"], out.digests["target_at_switchover"] = sw.source_digest, sw.target_digest
             out.times["completion_ns"] = out.times["resume_ns"] = sw.resume_ns
         else:
             if out.switchover_reason != "max_rounds" or m.mode == "hybrid":
                 out.switchover_reason = "postcopy"
             sw = switch_to_postcopy(run, hybrid=m.mode != "postcopy")
-            out.vmsas_sent = run.vcpus * (2 if self.s.guest.os_vmpl > 0 else 1)
+            out.vmsas_sent = sw.vmsas
             out.times["resume_ns"] = sw.resume_ns
             out.digests["source_at_switchover"] = sw.source_digest
-            out.times["downtime_ns"] = sw.resume_ns - sw.pause_ns
             pe2 = postcopy(run, sw)
             out.postcopy = pe2.stats
             out.times["completion_ns"] = pe2.completion_ns

@@ -66,6 +66,7 @@ class Run:
     tally: Tally = field(default_factory=Tally)
     events: list = field(default_factory=list)
     agents: int = 0
+    trace_last_ns: int = 0  # guest time of the trace's last event
     vmsa_live: list = field(default_factory=lambda: [0, 0])  # shadow APs' VMSA pages on each side
 
     @property

@@ -24,9 +24,10 @@ import numpy as np
 from ..engine import PRESENT
 from ..scenario import FOREVER
 from ..snp import PAGE_SIZE, Fault
-from ..strategies import SOURCE, TARGET
+from ..strategies import HOST, SOURCE, TARGET
 from . import transfer
 from .context import Round, Run
+from .faultpath import FaultPath
 from .precopy import sync
 from .stopcopy import resume_target, send_vmsas_and_devices
 
@@ -41,6 +42,7 @@ class PostcopyStats:
     bytes: int = 0
     latencies: list = field(default_factory=list)
     blocked: list = field(default_factory=list)  # per vCPU: [(start, end)] in guest time
+    per_vcpu_latencies: list = field(default_factory=list)
     faults_rows: list = field(default_factory=list)
     source_only_pages: int = 0
     failed: bool = False
@@ -52,6 +54,7 @@ class PostcopySwitch:
     resume_ns: int
     source_digest: str
     missing: np.ndarray
+    vmsas: int
 
 
 def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
@@ -75,7 +78,7 @@ def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
     resume_target(run, rnd, nvmsa, token=False)
     g.host = TARGET
     run.log("resume", f"target resumed; downtime_ns={g.v - v_pause} userfault_pages={len(missing)}")
-    return PostcopySwitch(v_pause, g.v, source_digest, missing)
+    return PostcopySwitch(v_pause, g.v, source_digest, missing, nvmsa)
 
 
 class _Postcopy:
@@ -85,7 +88,8 @@ class _Postcopy:
         self.run = run
         self.sw = sw
         n = run.npages
-        self.stats = PostcopyStats(blocked=[[] for _ in range(run.vcpus)])
+        self.stats = PostcopyStats(blocked=[[] for _ in range(run.vcpus)],
+                                   per_vcpu_latencies=[[] for _ in range(run.vcpus)])
         self.requested = np.zeros(n, dtype=bool)
         self.prepage_next: np.ndarray | None = None
         self.pushing = False
@@ -101,6 +105,7 @@ class _Postcopy:
         run.tally.rounds.append(self.rnd)
         self.g0 = g.g
         self.folded: dict | None = None
+        self.path = FaultPath(run)
 
     # -- the push
     def begin(self) -> None:
@@ -118,6 +123,13 @@ class _Postcopy:
         """The background push to its end; False if the link is gone for good."""
         run, eng, g, link = self.run, self.run.eng, self.run.guest, self.run.link
         missing = self.sw.missing
+        if not run.s.migration.postcopy_background_push:
+            # Faults alone bring pages while the guest runs its trace; the rest goes after its last event.
+            # A blocked vCPU's row holds back the rows after it: run to each held row's effective time.
+            while not g.cur.done:
+                b, r = g.cur.batch, g.cur.row
+                t = int(b.column("t_ns")[r].as_py()) + int(g.delays[int(b.column("vcpu")[r].as_py())])
+                g.elapse(max(1, t + 1 - g.g))
         self.begin()
         base_k = 0
         window, wk = None, 0
@@ -178,23 +190,19 @@ class _Postcopy:
         return True
 
     # -- faults
-    def fault_path_ns(self, private: bool) -> int:
-        """Exit, request on the return path, packaging at the source, the page on the link, unpacking and
-        RMPUPDATE + PVALIDATE at the target. Without a preempt channel the page waits behind the push."""
-        c, m, link = self.run.s.costs, self.run.s.migration, self.run.link
-        path = c.postcopy_fault_exit_ns + link.latency_ns + link.wire_ns(c.postcopy_request_bytes)
-        path += link.wire_ns(PAGE_SIZE + c.page_header_bytes) + link.latency_ns
-        if private:
-            path += c.page_pack_ns + c.page_unpack_ns + c.rmpupdate_ns + c.pvalidate_ns
-        if not m.postcopy_preempt:
-            path += link.wire_ns(c.postcopy_queue_bytes)
-        return path
+    def queued_ahead(self) -> int:
+        """Push bytes on the link ahead of a reply now: at most the push's in-flight window, never more than
+        the push still has to send; nothing when it is not running."""
+        if not self.pushing:
+            return 0
+        c = self.run.s.costs
+        left = max(0, len(self.sw.missing) - self.run.eng.transfer_state()["pages"] - self.stats.requests)
+        return min(c.postcopy_queue_bytes, left * (PAGE_SIZE + c.page_header_bytes))
 
     def userfault(self) -> bool:
         """Serve the userfault the engine stopped on: block that vCPU until the page is usable. False if the
         link never comes back (the guest cannot go on)."""
         run, eng, g = self.run, self.run.eng, self.run.guest
-        c = run.s.costs
         _, gfn, vcpu, row = eng.last_stop
         cur = g.cur
         pc = self.stats
@@ -202,40 +210,40 @@ class _Postcopy:
         # guest time -> virtual time, at the current rate (the push's clock while it runs)
         st = eng.transfer_state() if self.pushing else {"v_ns": g.v, "g_ns": g.g}
         voff = st["v_ns"] - st["g_ns"]
-        private = eng.page(SOURCE, gfn).private
+        src = eng.page(SOURCE, gfn)
+        private = src.private
+        v_req = e + voff
         if self.requested[gfn]:
-            # Already requested: requests are handled in trace order, so the earlier request may be later
-            # in time than this one: the page is there at whichever comes first.
-            served = min(int(g.ready[gfn]), e + self.fault_path_ns(private))
-            g.ready[gfn] = served
+            # In flight already: no second request; this vCPU waits for that arrival.
+            served = max(e, int(g.ready[gfn]))
             pc.duplicates += 1
         else:
-            v_req = e + voff
-            start = e
             if self.link_up_ns and v_req < self.link_up_ns:
-                start = self.link_up_ns - voff  # raised while the link was down: waits for recovery
+                v_req = self.link_up_ns  # raised while the link was down: waits for recovery
             elif self.dead_at is not None and v_req >= self.dead_at:
                 return False
-            served = start + self.fault_path_ns(private)
+            # No later fault can be raised before this row's own time: older bookings cannot matter.
+            self.path.prune(int(cur.batch.column("t_ns")[row].as_py()) + voff)
+            sv = self.path.serve(vcpu, v_req, private, src.version == 0, self.queued_ahead())
+            served = sv.done_ns - voff
             if eng.page(TARGET, gfn).present:
                 served = min(served, int(g.ready[gfn]))  # already on its way in the push
             else:
                 eng.deliver(SOURCE, TARGET, gfn)
-                nbytes = PAGE_SIZE + c.page_header_bytes + c.postcopy_request_bytes
-                pack = c.page_pack_ns if private else 0
-                unpack = c.page_unpack_ns + c.pvalidate_ns if private else 0
                 if self.pushing:  # the page shares the link and the agents with the push
-                    eng.transfer_add(nbytes, pack, unpack)
+                    eng.transfer_add(sv.reply_bytes, sv.pack_ns, sv.unpack_ns)
                 elif self.outage_backlog is not None:  # crosses once the link is back
-                    self.outage_backlog[0] += nbytes
-                    self.outage_backlog[1] += pack
+                    self.outage_backlog[0] += sv.reply_bytes
+                    self.outage_backlog[1] += sv.pack_ns
                 else:
-                    run.tally.bytes["postcopy"] += nbytes
-                    run.cpu.charge(run.strategy.agent_owner, pack + unpack)
-                pc.bytes += nbytes
+                    run.tally.bytes["postcopy"] += sv.reply_bytes
+                    run.cpu.charge(run.strategy.agent_owner, sv.pack_ns + sv.unpack_ns)
+                run.cpu.charge(HOST, sv.host_ns)
+                pc.bytes += sv.reply_bytes
                 run.tally.pages["postcopy"] += 1
                 run.tally.private_pages += private
                 run.tally.shared_pages += not private
+                run.tally.zero_pages += src.version == 0
             self.requested[gfn] = True
             g.ready[gfn] = served
             pc.requests += 1
@@ -243,8 +251,10 @@ class _Postcopy:
                 self.prepage_next = np.arange(gfn + 1, min(run.npages, gfn + 1 + run.s.migration.prepage_pages),
                                               dtype=np.uint32)
         served = max(served, e)
+        self.path.block(vcpu, e + voff, served + voff)
         g.delays[vcpu] += served - e
         pc.latencies.append(served - e)
+        pc.per_vcpu_latencies[vcpu].append(served - e)
         pc.blocked[vcpu].append((e, served))
         pc.faults_rows.append((vcpu, gfn, private, e + voff, served + voff, cur.base + row))
         return True

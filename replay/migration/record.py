@@ -116,7 +116,8 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         "status": out.status, "status_reason": out.reason,
         "strategy": run.strategy.name, "mode": s.migration.mode,
         "scenario": s.resolved(guest_bytes=run.meta.guest_bytes, vcpus=run.vcpus),
-        "kernel": needed(run.strategy.name, s.migration.mode, has_private, s.guest.os_vmpl).to_json(s.kernel.profile),
+        "kernel": needed(run.strategy.name, s.migration.mode, has_private, s.guest.os_vmpl, s.migration.fault_delivery,
+                         s.migration.page_install).to_json(s.kernel.profile),
         "trace": {"digest": run.meta.digest, "events": run.meta.events, "guest_bytes": run.meta.guest_bytes,
                   "vcpus": run.vcpus, "source": run.meta.source},
         "metrics": metrics,
@@ -151,12 +152,23 @@ def _postcopy_metrics(run: Run, out: Outcome) -> dict:
     per_vcpu = [sum(b - a for a, b in iv) for iv in blocked]
     times = out.times
     in_postcopy = pc is not None and out.status == "completed"
+    vlat = pc.per_vcpu_latencies if pc else [[] for _ in range(run.vcpus)]
+    overlapped = _all_blocked_ns(blocked)
+    # QEMU's query-migrate names (QEMU reports the blocktimes in ms; here every time is in ns)
+    qemu = {
+        "postcopy-blocktime": overlapped,
+        "postcopy-vcpu-blocktime": per_vcpu,
+        "postcopy-latency": int(lat.sum()) // len(lat) if len(lat) else 0,
+        "postcopy-vcpu-latency": [sum(x) // len(x) if x else 0 for x in vlat],
+        "postcopy-latency-dist": hist,
+    }
     return {
+        "qemu": qemu,
         "requests": pc.requests if pc else 0,
         "duplicate_requests": pc.duplicates if pc else 0,
         "bytes": pc.bytes if pc else 0,
         "blocktime_ns": sum(per_vcpu),
-        "blocktime_all_vcpus_ns": _all_blocked_ns(blocked),
+        "blocktime_all_vcpus_ns": overlapped,
         "blocktime_ns_per_vcpu": per_vcpu,
         "latency_p50_ns": pct(500_000),
         "latency_p99_ns": pct(990_000),

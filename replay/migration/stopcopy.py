@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..snp import PAGE_SIZE
 from ..strategies import SOURCE, TARGET
 from . import transfer
 from .context import Round, Run
@@ -22,13 +21,14 @@ class Switchover:
     resume_ns: int
     source_digest: str  # set digest of the source's memory at the pause
     target_digest: str  # the same over what the target received (pre-copy: at the resume)
+    vmsas: int  # VMSAs sent
 
 
 def vmpls_in_use(run: Run) -> int:
     return 2 if run.s.guest.os_vmpl > 0 else 1
 
 
-def pause_and_drain(run: Run, phase_round: Round | None) -> tuple[int, Round]:
+def pause_and_drain(run: Run) -> tuple[int, Round]:
     """Pause, final sync; the pages left go while paused. Returns (pause time, the downtime round)."""
     g, eng = run.guest, run.eng
     v_pause = g.v
@@ -77,7 +77,6 @@ def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
     the end-of-migration token (stop-and-copy; post-copy checks it when the last page is in), resumes. Any
     link failure before the resume aborts."""
     c, g, cpu, link = run.s.costs, run.guest, run.cpu, run.link
-    t0 = g.v
     g.pause(link.latency_ns)
     unpack = nvmsa * c.page_unpack_ns
     cpu.charge(run.strategy.agent_owner, unpack)
@@ -93,7 +92,7 @@ def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
 
 
 def stop_and_copy(run: Run) -> Switchover:
-    v_pause, rnd = pause_and_drain(run, None)
+    v_pause, rnd = pause_and_drain(run)
     source_digest = run.eng.set_digest(SOURCE)
     send_paused(run, rnd)
     nvmsa = send_vmsas_and_devices(run, rnd)
@@ -103,4 +102,4 @@ def stop_and_copy(run: Run) -> Switchover:
             f"match={target_digest == source_digest}")
     run.guest.host = TARGET
     run.log("resume", f"target resumed; downtime_ns={run.guest.v - v_pause}")
-    return Switchover(v_pause, run.guest.v, source_digest, target_digest)
+    return Switchover(v_pause, run.guest.v, source_digest, target_digest, nvmsa)

@@ -1,5 +1,5 @@
-"""The trace a scenario replays (a file, or its generator's output cached by spec), and the reference
-digest: the end-of-trace memory of the same guest with no migration at all."""
+"""The trace a scenario replays: a file, or its generator's output cached by spec. (The no-migration
+reference digest is ``replay.refdigest``.)"""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import os
 from pathlib import Path
 
 from .. import __version__
-from ..engine import U64_MAX, make_engine
 from ..errors import ScenarioError
 from ..scenario import Scenario
-from ..trace import TraceMeta, open_trace
-from .clock import ProgressFn
+from ..trace import open_trace
 
 
 def cache_dir() -> Path:
@@ -58,16 +56,3 @@ def last_event_ns(path: Path) -> int:
             if b.num_rows:
                 return int(b.column("t_ns")[b.num_rows - 1].as_py())
     return 0
-
-
-def no_migration_digest(path: Path, meta: TraceMeta, *, asid: int, os_vmpl: int, engine: str = "cython",
-                        progress: ProgressFn | None = None) -> str:
-    """The end-of-trace memory of the guest with no migration at all: the reference digest."""
-    eng = make_engine(engine, npages=meta.npages, vcpus=meta.vcpus, asid=asid, os_vmpl=os_vmpl, hosts=1)
-    eng.launch(0, list(meta.shared_ranges))
-    with open_trace(path) as reader:
-        for base, batch in reader:
-            eng.replay(0, batch, 0, base, U64_MAX)
-            if progress:
-                progress(batch.num_rows)
-    return eng.digest(0)

@@ -1,0 +1,143 @@
+"""The post-copy fault path as queues: each remote fault goes through FIFO stages that other faults and
+the background push also use, so a fault's latency is what is actually ahead of it, not a constant.
+
+Stages of one fault on gfn raised by a vCPU at virtual time t (all on the virtual clock):
+
+1. exit: the vCPU leaves the guest (KVM userfault exit, or the uffd wake-up), ``postcopy_fault_exit_ns``;
+2. request: one latency + the request's bytes on the return path (uncontended);
+3. packaging at the source: the earliest free source agent (private pages: packaging, or a zero page's
+   check) or the source host's migration thread (shared pages);
+4. the reply on the link: without ``postcopy_preempt`` it shares the push's channel and first waits for
+   what the push has buffered on it at that moment (at most ``postcopy_queue_bytes``, never more than the
+   push still has to send, nothing once the push is done); replies then go one after another (the sender
+   serves queued requests before its next push page); with preempt they have a channel of their own. A
+   zero page is a header. Then one latency;
+5. unpacking at the target: the earliest free target agent (unpack, PVALIDATE, RMPADJUST);
+6. installing: serialized. ``fault_delivery = "uffd-shared"``: one handler thread for every vCPU holds
+   (install + uffd_handler_ns + per_waiter x w + per_waiter_sq x w^2); ``"kvm-exit"`` and
+   ``"uffd-per-vcpu"``: the install path's lock is held (install + fault_lock_ns + per_waiter x w), w being
+   the vCPUs blocked at that moment (the contention that makes a shared uffd collapse with many vCPUs).
+   The install is ``page_install``: write() into guest_memfd, UFFDIO_COPY or UFFDIO_CONTINUE, plus the
+   target's RMPUPDATE for a private page.
+
+Faults are examined in trace order, which is not always time order (a vCPU delayed by earlier faults
+raises its next one later than the trace says). So every stage is a timeline of booked intervals, not a
+single "free at" time: a fault takes the earliest gap that fits at or after its arrival. Each vCPU has at
+most one fault outstanding, so at every stage at most vCPUs - 1 other faults can be ahead of one.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from ..snp import PAGE_SIZE
+from .context import Run
+
+
+@dataclass(frozen=True)
+class Served:
+    done_ns: int  # the page is usable (virtual time)
+    reply_bytes: int  # bytes on the link (request + header + page unless zero)
+    pack_ns: int  # source agent CPU
+    unpack_ns: int  # target agent CPU (unpack, PVALIDATE, RMPADJUST)
+    host_ns: int  # host CPU (source thread for shared pages, the install's serialized section)
+
+
+class Timeline:
+    """Booked intervals of ``servers`` identical servers (agents, a channel, a lock)."""
+
+    def __init__(self, servers: int = 1):
+        self.busy: list[list[tuple[int, int]]] = [[] for _ in range(servers)]
+
+    def book(self, t: int, dur: int) -> int:
+        """The earliest start >= t of a free gap of ``dur`` on any server; books it and returns its end."""
+        best = None
+        for k, iv in enumerate(self.busy):
+            start = t
+            i = bisect.bisect_right(iv, (start, 1 << 62)) - 1
+            if i >= 0 and iv[i][1] > start:
+                start = iv[i][1]
+            i += 1
+            while i < len(iv) and iv[i][0] < start + dur:
+                start = max(start, iv[i][1])
+                i += 1
+            if best is None or start < best[0]:
+                best = (start, k)
+        start, k = best
+        bisect.insort(self.busy[k], (start, start + dur))
+        return start + dur
+
+    def prune(self, before: int) -> None:
+        """Forget intervals that end before ``before`` (no future booking can start earlier)."""
+        for k, iv in enumerate(self.busy):
+            i = bisect.bisect_left(iv, (before, -1))
+            while i > 0 and iv[i - 1][1] > before:
+                i -= 1
+            if i:
+                self.busy[k] = iv[i:]
+
+
+class FaultPath:
+    def __init__(self, run: Run):
+        self.run = run
+        self.c = run.s.costs
+        self.m = run.s.migration
+        self.link = run.link
+        a = max(1, run.agents)
+        self.src_agents = Timeline(a)
+        self.dst_agents = Timeline(a)
+        self.src_host = Timeline()
+        self.reply = Timeline()
+        self.install = Timeline()
+        self.busy: list[tuple[int, int]] = [(0, 0)] * run.vcpus  # each vCPU's latest blocked interval
+
+    def install_ns(self, private: bool) -> int:
+        c = self.c
+        base = {"gmem-write": c.install_gmem_write_ns, "uffd-copy": c.install_uffd_copy_ns,
+                "uffd-continue": c.install_uffd_continue_ns}[self.m.page_install]
+        return base + (c.rmpupdate_ns if private else 0)
+
+    def hold_ns(self, private: bool, waiters: int) -> int:
+        """The serialized install section with ``waiters`` vCPUs blocked."""
+        c, w = self.c, waiters
+        if self.m.fault_delivery == "uffd-shared":
+            return self.install_ns(private) + c.uffd_handler_ns + c.uffd_handler_per_waiter_ns * w \
+                + c.uffd_handler_per_waiter_sq_ns * w * w
+        return self.install_ns(private) + c.fault_lock_ns + c.fault_lock_per_waiter_ns * w
+
+    def waiters(self, vcpu: int, t: int) -> int:
+        return 1 + sum(1 for i, (a, b) in enumerate(self.busy) if i != vcpu and a <= t < b)
+
+    def serve(self, vcpu: int, t: int, private: bool, zero: bool, queued_ahead_bytes: int) -> Served:
+        """Take a fault raised at virtual time ``t`` through every stage; ``queued_ahead_bytes``: what the push
+        has on the link ahead of a reply now (0 once the push is done, or with preempt)."""
+        c, link = self.c, self.link
+        t += c.postcopy_fault_exit_ns
+        t += link.latency_ns + link.wire_ns(c.postcopy_request_bytes)
+        pack = unpack = host = 0
+        if private:
+            pack = c.zero_page_ns if zero else c.page_pack_ns
+            t = self.src_agents.book(t, pack)
+        else:
+            host = c.host_page_ns
+            t = self.src_host.book(t, host)
+        page_bytes = c.page_header_bytes + (0 if zero else PAGE_SIZE)
+        ahead = 0 if self.m.postcopy_preempt else queued_ahead_bytes
+        # The push data buffered on the channel drains first; replies then go one after another (the
+        # sender serves queued requests before its next push page).
+        t = self.reply.book(t + link.wire_ns(ahead), link.wire_ns(page_bytes))
+        t += link.latency_ns
+        if private:
+            unpack = c.page_unpack_ns + c.pvalidate_ns + (c.rmpadjust_ns if self.run.s.guest.os_vmpl else 0)
+            t = self.dst_agents.book(t, unpack)
+        hold = self.hold_ns(private, self.waiters(vcpu, t))
+        t = self.install.book(t, hold)
+        return Served(t, c.postcopy_request_bytes + page_bytes, pack, unpack, host + hold)
+
+    def prune(self, before: int) -> None:
+        for tl in (self.src_agents, self.dst_agents, self.src_host, self.reply, self.install):
+            tl.prune(before)
+
+    def block(self, vcpu: int, start: int, end: int) -> None:
+        self.busy[vcpu] = (start, end)

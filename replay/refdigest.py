@@ -1,0 +1,89 @@
+"""The no-migration reference digest, computed once per trace and guest and cached on disk.
+
+Every run checks that the guest's memory at the end of the trace equals what it would have been with no
+migration at all. That reference is a full replay of the trace on one host, as long as the migrated run
+itself; it depends only on the trace's content and layout (digest, guest size, vCPUs, shared ranges),
+the guest's ASID and OS VMPL, and the engine (kind and tool version). So it is computed once for that key
+and kept in ``<cache>/refdigest/<key>`` next to the generated traces: a second strategy, a second sweep
+point or a rerun of the same scenario reads it back instead of replaying the trace again.
+
+The cache holds a 64-hex-digit string per key, written atomically; an entry that is not one (a damaged
+cache) is recomputed and replaced rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .records import canonical_json, write_atomic
+from .trace import TraceMeta, open_trace
+
+_HEX64 = re.compile(rb"[0-9a-f]{64}\n?")
+
+
+def cache_key(meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str) -> str:
+    """What the reference digest depends on, hashed: trace content and layout, guest, engine."""
+    ident = {
+        "snp_replay": __version__,  # engine semantics may change between versions: never reuse across them
+        "engine": engine_kind,
+        "trace_digest": meta.digest,
+        "guest_bytes": meta.guest_bytes,
+        "vcpus": meta.vcpus,
+        "shared_ranges": [[int(a), int(b)] for a, b in meta.shared_ranges],
+        "asid": asid,
+        "os_vmpl": os_vmpl,
+    }
+    return hashlib.blake2b(canonical_json(ident), digest_size=16).hexdigest()
+
+
+def compute(trace_path: str | Path, meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str,
+            progress: Callable[[int], None] | None = None) -> str:
+    """Replay the whole trace on one host with no migration; the end-of-trace memory digest."""
+    from .engine import U64_MAX, make_engine
+    from .snp import PAGE_SIZE
+
+    eng = make_engine(engine_kind, npages=meta.guest_bytes // PAGE_SIZE, vcpus=meta.vcpus, asid=asid,
+                      os_vmpl=os_vmpl, hosts=1)
+    eng.launch(0, list(meta.shared_ranges))
+    with open_trace(trace_path) as reader:
+        for base, batch in reader:
+            eng.replay(0, batch, 0, base, U64_MAX)
+            if progress:
+                progress(batch.num_rows)
+    return eng.digest(0)
+
+
+def _entry(meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str, cache: Path | None) -> Path:
+    if cache is None:
+        from .migrate import cache_dir
+
+        cache = cache_dir()
+    return Path(cache) / "refdigest" / cache_key(meta, asid, os_vmpl, engine_kind)
+
+
+def lookup(meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str, cache: Path | None = None) -> str | None:
+    """The cached reference digest, or None if it is not known yet (or its entry is damaged)."""
+    try:
+        data = _entry(meta, asid, os_vmpl, engine_kind, cache).read_bytes()
+    except FileNotFoundError:
+        return None
+    return data.strip().decode() if _HEX64.fullmatch(data) else None
+
+
+def no_migration_digest(trace_path: str | Path, meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str,
+                        progress: Callable[[int], None] | None = None, cache: Path | None = None) -> str:
+    """The reference digest, from ``cache`` (default: the trace cache, ``replay.migrate.cache_dir()``)
+    when known, else computed and stored there. ``progress`` is called with the events replayed; a
+    cached answer replays none."""
+    known = lookup(meta, asid, os_vmpl, engine_kind, cache)
+    if known is not None:
+        return known
+    digest = compute(trace_path, meta, asid, os_vmpl, engine_kind, progress)
+    path = _entry(meta, asid, os_vmpl, engine_kind, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (digest + "\n").encode())
+    return digest
