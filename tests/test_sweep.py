@@ -170,9 +170,10 @@ def test_ci_sweep_on_a_local_cluster_table_in_polars_and_duckdb(tmp_path, capsys
             where status = 'completed' group by strategy order by strategy""").fetchall()
     want = [(s, 16, int(df.filter(pl.col("strategy") == s)["bytes_sent"].sum()), 2) for s in ("mirror-vm", "shadow-vcpu")]
     assert got == want
-    # The mirror VM never takes the guest's CPUs; shadow vCPUs do (the question the sweep answers).
-    assert df.filter(pl.col("strategy") == "mirror-vm")["guest_slowdown_ppm"].max() == 0
-    assert df.filter(pl.col("strategy") == "shadow-vcpu")["guest_slowdown_ppm"].min() > 0
+    # Both lose the downtime (and post-copy blocking); shadow vCPUs also take the guest's CPUs (the question
+    # the sweep answers), so they slow it more.
+    slow = {s: df.filter(pl.col("strategy") == s)["guest_slowdown_ppm"] for s in ("mirror-vm", "shadow-vcpu")}
+    assert slow["mirror-vm"].min() > 0 and slow["mirror-vm"].median() < slow["shadow-vcpu"].median()
 
     # The sweep report: deterministic, one plot per swept axis besides strategy and seed, a wins table.
     r1, r2 = tmp_path / "r1.html", tmp_path / "r2.html"
@@ -182,10 +183,19 @@ def test_ci_sweep_on_a_local_cluster_table_in_polars_and_duckdb(tmp_path, capsys
     assert r1.read_bytes() == r2.read_bytes()
     assert html.count("<figure>") == 3  # mode, bandwidth, vCPUs
     assert 'id="wins"' in html and "guest slowdown: " in html
-    # 8 settings (mode x bandwidth x vCPUs): a header and 8 rows; mirror-vm's slowdown (0) wins them all.
+    # 8 settings (mode x bandwidth x vCPUs): a header and 8 rows; the wins, recounted from the table (lower
+    # median over seeds wins; equal medians are a tie).
     assert html.count("<tr>") == 1 + 8
+    med = df.group_by("mode", "migration.bandwidth_bytes_per_s", "guest.vcpus", "strategy").agg(
+        pl.col("guest_slowdown_ppm").median().alias("m"))
+    wins = {"mirror-vm": 0, "shadow-vcpu": 0}
+    for _, grp in med.group_by("mode", "migration.bandwidth_bytes_per_s", "guest.vcpus"):
+        m = dict(zip(grp["strategy"], grp["m"]))
+        if m["mirror-vm"] != m["shadow-vcpu"]:
+            wins[min(m, key=m.get)] += 1
     slowdown = html[html.index("<li>guest slowdown: "):].split("</li>")[0]
-    assert "mirror-vm wins 8," in slowdown and "shadow-vcpu wins 0 (of 8 settings)" in slowdown
+    assert f"mirror-vm wins {wins['mirror-vm']}," in slowdown
+    assert f"shadow-vcpu wins {wins['shadow-vcpu']} (of 8 settings)" in slowdown
 
 
 def test_report_wins_table_by_hand():
@@ -297,13 +307,14 @@ def test_a_sweep_grown_by_an_axis_value_reuses_its_points(tmp_path, cluster_clie
 
 
 def test_a_point_that_errors_is_recorded_and_the_sweep_goes_on(tmp_path, cluster_client, capsys):
-    # 25 ms is after the end of this 20 ms trace: the driver refuses that point when it runs.
-    p = write_sweep(tmp_path, '[grid]\n"migration.start_ns" = ["5ms", "25ms", "10ms"]\n')
+    # Without gmem_link the mirror VM cannot share private memory: the driver refuses that point when it
+    # runs (the scenario loader cannot know: capabilities are checked against the strategy and the trace).
+    p = write_sweep(tmp_path, '[grid]\n"kernel.gmem_link" = [true, false, true]\n')
     out = tmp_path / "out"
     res = run_sweep(load_sweep(p), out, client=cluster_client)
     rows = res.table.to_pylist()
     assert [r["status"] for r in rows] == ["completed", "error", "completed"]
-    assert rows[1]["error"].startswith("migration.start_ns 25000000 is after the end of the trace")
+    assert "needs kernel capability 'gmem_link'" in rows[1]["error"]
     assert rows[1]["downtime_ns"] is None and rows[1]["run_dir"] is None
     assert (out / "errors" / f"{rows[1]['key']}.txt").read_text().count("\n") == 1
     # The CLI run of the same sweep retries only that point, and says so with exit status 1.
