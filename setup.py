@@ -28,6 +28,19 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     ),
+    # Data mode's WRITE contents written in order (the per-byte loop numpy cannot vectorize well).
+    Extension(
+        "replay._content",
+        ["cext/_content.pyx"],
+        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+    ),
+    # AES-XTS over many pages per call (data mode), through OpenSSL's libcrypto (headers: libssl-dev).
+    Extension(
+        "replay._xts",
+        ["cext/_xts.pyx"],
+        libraries=["crypto"],
+        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["cext"]))

@@ -1,0 +1,352 @@
+"""The sealed migration channel and the validation token (replay/security/channel.py, token.py): packet
+layout, GCM round trips, every rejection (tag, sequence, stale version, malformed), shared pages in the
+clear, VMSAs, the token, determinism, and a trace migrated mid-way ending with the straight-replay memory."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replay.generators import generate
+from replay.security.channel import (HEADER_BYTES, TAG_BYTES, Flag, Header, Outcome, nonce, parse_header,
+                                     vmsa_id)
+from replay.security.memory import HostMemory, replay_plaintext_digest
+from replay.security.session import emulated_vmsa, endpoints, establish
+from replay.security.token import Token, TokenOutcome, compare
+from replay.trace import open_trace
+
+PAGE = 4096
+SEED = 5
+HS = establish(SEED)
+
+
+def pair(npages=16, shared=(), level=None):
+    src = HostMemory.for_host(SEED, 0, npages=npages, spa_base=1024, shared_ranges=shared)
+    dst = HostMemory.for_host(SEED, 1, npages=npages, spa_base=2048, shared_ranges=shared)
+    s, r = endpoints(HS, src, dst, compress_level=level)
+    return src, dst, s, r
+
+
+def write(mem, gfn, value, ln=PAGE, off=0):
+    mem.apply(np.array([gfn * PAGE + off], np.uint64), np.array([ln], np.uint64), np.zeros(1, np.uint8),
+              np.array([value], np.uint64))
+
+
+def test_header_layout_and_nonce():
+    h = Header(gfn=7, sequence=3, version=9, stream=2, flags=Flag.PRIVATE | Flag.COMPRESSED, payload_len=16)
+    raw = h.pack()
+    assert raw == struct.pack("<QQQHHI", 7, 3, 9, 2, 9, 16) and len(raw) == HEADER_BYTES == 32
+    assert parse_header(raw + bytes(16)) == h
+    assert nonce(2, 3) == bytes([0, 0, 0, 2]) + bytes(7) + bytes([3])
+    assert vmsa_id(3, 2) == 14
+
+
+def test_sealed_private_page_round_trip_is_re_encrypted_at_the_target():
+    src, dst, s, r = pair()
+    write(src, 4, 99)
+    p = s.send_page(4, version=1, stream=1)
+    assert len(p) == HEADER_BYTES + PAGE + TAG_BYTES
+    assert parse_header(p) == Header(4, 0, 1, 1, Flag.PRIVATE, PAGE + TAG_BYTES)
+    assert src.read_plain(4) not in p and src.read_raw(4) not in p  # neither plain text nor DRAM bytes
+    assert r.receive(p) is Outcome.ACCEPTED
+    assert dst.read_plain(4) == src.read_plain(4) and dst.is_private(4)
+    assert dst.read_raw(4) != src.read_raw(4)  # target key and target SPA
+    assert r.held_version(4) == 1 and r.held_version(5) is None
+
+
+def test_packet_sizes_by_kind():
+    src, dst, s, r = pair(shared=[(8, 15)], level=3)
+    write(src, 1, 5)  # dense private: zstd cannot shrink it, travels uncompressed
+    write(src, 2, 6, ln=8, off=100)  # sparse private: compressed
+    write(src, 9, 7, ln=8)  # sparse shared: compressed, in the clear
+    pk = s.send_pages([0, 1, 2, 8, 9], [0, 1, 1, 0, 1], stream=1)
+    flags = [parse_header(p).flags for p in pk]
+    assert flags == [Flag.PRIVATE | Flag.ZERO, Flag.PRIVATE, Flag.PRIVATE | Flag.COMPRESSED, Flag.SHARED | Flag.ZERO,
+                     Flag.SHARED | Flag.COMPRESSED]
+    assert [len(p) for p in pk[:2]] == [HEADER_BYTES + TAG_BYTES, HEADER_BYTES + PAGE + TAG_BYTES]
+    assert len(pk[2]) < 200 and len(pk[3]) == HEADER_BYTES
+    assert r.receive_many(pk) == [Outcome.ACCEPTED] * 5
+    for g in (0, 1, 2, 8, 9):
+        assert dst.read_plain(g) == src.read_plain(g)
+    st_s, st_r = s.stats.to_json(), r.stats.to_json()
+    assert (st_s["private_pages"], st_s["shared_pages"], st_s["zero_pages"], st_s["compressed_pages"]) == (3, 2, 2, 2)
+    assert st_s["payload_bytes"] == st_r["payload_bytes"] == 3 * PAGE
+    assert st_s["compressed_bytes"] == st_r["compressed_bytes"] == PAGE + len(pk[2]) - HEADER_BYTES - TAG_BYTES + len(pk[4]) - HEADER_BYTES
+    assert st_s["wire_bytes"] == st_r["wire_bytes"] == sum(map(len, pk))
+    assert st_r["outcomes"] == {"accepted": 5} and st_r["sequences"] == st_s["sequences"] == {"1": 5}
+
+
+def test_shared_pages_travel_plain_and_tampering_is_not_detected():
+    src, dst, s, r = pair(shared=[(0, 3)])
+    write(src, 2, 1)
+    p = s.send_page(2, 1, stream=0)
+    assert p[HEADER_BYTES:] == src.read_plain(2)  # the host sees and sends it as is
+    evil = p[:HEADER_BYTES] + bytes(PAGE)
+    assert r.receive(evil) is Outcome.ACCEPTED  # as in reality: nothing protects a shared page
+    assert dst.read_plain(2) == bytes(PAGE) != src.read_plain(2)
+
+
+@pytest.mark.parametrize("where, bit, outcome", [
+    (0, 1, Outcome.BAD_TAG), (8, 1, Outcome.BAD_TAG), (16, 1, Outcome.BAD_TAG), (24, 1, Outcome.BAD_TAG),  # gfn..stream
+    (26, 8, Outcome.BAD_TAG),  # flags: claims COMPRESSED
+    (28, 1, Outcome.MALFORMED),  # payload_len no longer matches the packet
+    (HEADER_BYTES + 5, 1, Outcome.BAD_TAG), (-1, 0x80, Outcome.BAD_TAG)])  # ciphertext, tag
+def test_a_flipped_bit_anywhere_in_a_sealed_packet_is_refused(where, bit, outcome):
+    src, dst, s, r = pair()
+    write(src, 3, 8)
+    p = bytearray(s.send_page(3, 1, stream=1))
+    p[where] ^= bit
+    assert r.receive(bytes(p)) is outcome
+    assert dst.read_plain(3) == bytes(PAGE) and r.held_version(3) is None  # nothing changed
+    assert r.receive(s.send_page(3, 2, stream=1)) is Outcome.BAD_SEQUENCE  # sequence 0 was never accepted...
+    # ...so the stream is stuck until the sender re-sends sequence 0 (the driver aborts instead).
+
+
+def test_a_forged_zero_page_cannot_wipe_a_private_page():
+    src, dst, s, r = pair()
+    write(src, 3, 8)
+    assert r.receive(s.send_page(3, 1, stream=1)) is Outcome.ACCEPTED
+    forged = Header(3, 1, 2, 1, Flag.PRIVATE | Flag.ZERO, TAG_BYTES).pack() + bytes(TAG_BYTES)
+    assert r.receive(forged) is Outcome.BAD_TAG and dst.read_plain(3) == src.read_plain(3)
+
+
+def test_dropped_replayed_and_reordered_packets_are_bad_sequences():
+    src, dst, s, r = pair()
+    for g in range(4):
+        write(src, g, g + 1)
+    p0, p1, p2, p3 = s.send_pages(range(4), 1, stream=1)
+    assert r.receive_many([p0, p2]) == [Outcome.ACCEPTED, Outcome.BAD_SEQUENCE]  # p1 dropped
+    assert r.receive_many([p1, p1, p0]) == [Outcome.ACCEPTED, Outcome.BAD_SEQUENCE, Outcome.BAD_SEQUENCE]  # replays
+    assert r.receive_many([p3, p2, p3]) == [Outcome.BAD_SEQUENCE, Outcome.ACCEPTED, Outcome.ACCEPTED]  # reorder
+    assert r.stats.to_json()["outcomes"] == {"accepted": 4, "bad_sequence": 4}
+    # Streams are independent: each has its own sequence.
+    q = s.send_page(0, 1, stream=2)
+    assert parse_header(q).sequence == 0 and r.receive(q) is Outcome.ACCEPTED
+
+
+def test_a_packet_for_another_stream_key_fails_its_tag():
+    src, dst, s, r = pair()
+    p = bytearray(s.send_page(0, 0, stream=1))
+    p[24:26] = struct.pack("<H", 2)  # claim stream 2: other key, other nonce, other AAD
+    assert r.receive(bytes(p)) is Outcome.BAD_TAG
+
+
+def test_stale_version_is_dropped_but_consumes_its_sequence():
+    src, dst, s, r = pair()
+    write(src, 5, 1)
+    old = s.send_page(5, 3, stream=2)  # version 3 on stream 2...
+    write(src, 5, 2)
+    new = s.send_page(5, 5, stream=1)  # ...overtaken by version 5 on stream 1
+    assert r.receive(new) is Outcome.ACCEPTED
+    assert r.receive(old) is Outcome.STALE_VERSION
+    assert dst.read_plain(5) == src.read_plain(5) and r.held_version(5) == 5
+    again = s.send_page(5, 5, stream=2)  # same version again (e.g. a post-copy reply): accepted
+    assert r.receive(again) is Outcome.ACCEPTED  # sequence 1 of stream 2: the stale one consumed 0
+    assert r.token() == s.token()  # the stale packet counts on both sides
+
+
+def test_malformed_packets():
+    src, dst, s, r = pair()
+    good = s.send_page(0, 0, stream=1)
+    assert r.receive(good[:20]) is Outcome.MALFORMED  # shorter than a header
+    assert r.receive(good + b"x") is Outcome.MALFORMED  # payload_len disagrees
+    both = Header(0, 0, 0, 1, Flag.PRIVATE | Flag.SHARED, 0).pack()
+    assert r.receive(both) is Outcome.MALFORMED  # two kinds at once
+    unknown = struct.pack("<QQQHHI", 0, 0, 0, 1, 64, 0)
+    assert r.receive(unknown) is Outcome.MALFORMED  # unknown flag bit
+    no_room_for_a_tag = Header(0, 0, 0, 1, Flag.PRIVATE, 4).pack() + b"abcd"
+    assert r.receive(no_room_for_a_tag) is Outcome.MALFORMED
+    zero_with_body = Header(0, 0, 0, 1, Flag.SHARED | Flag.ZERO, 4).pack() + b"abcd"
+    assert r.receive(zero_with_body) is Outcome.MALFORMED
+    far = HostMemory.for_host(SEED, 0, npages=64, spa_base=1024)
+    s2, _ = endpoints(HS, far, dst)
+    assert r.receive(s2.send_page(40, 0, stream=3)) is Outcome.MALFORMED  # gfn beyond the target's guest
+    assert r.receive(good) is Outcome.ACCEPTED
+
+
+def test_vmsas_are_sealed_and_counted_in_the_token():
+    src, dst, s, r = pair(level=3)
+    vmsa = emulated_vmsa(SEED, 1, 0)
+    assert emulated_vmsa(SEED, 1, 0) == vmsa != emulated_vmsa(SEED, 1, 2)
+    p = s.send_vmsa(1, 0, vmsa, stream=0)
+    h = parse_header(p)
+    assert h.flags == Flag.VMSA | Flag.COMPRESSED and h.gfn == 4 and vmsa[:256] not in p
+    assert r.receive(p) is Outcome.ACCEPTED and r.vmsas == {(1, 0): vmsa}
+    assert r.token() == s.token() and s.token().vmsas == 1 and s.token().pages == 0
+    bad = bytearray(s.send_vmsa(1, 2, emulated_vmsa(SEED, 1, 2), stream=0))
+    bad[-1] ^= 1
+    assert r.receive(bytes(bad)) is Outcome.BAD_TAG and (1, 2) not in r.vmsas
+
+
+def test_sequence_numbers_never_wrap():
+    src, dst, s, r = pair()
+    s.stats.sequences[1] = (1 << 64) - 1
+    with pytest.raises(OverflowError, match="stream 1: sequence numbers exhausted"):
+        s.send_page(0, 0, stream=1)
+
+
+# ---------------------------------------------------------------------------------------------- token
+
+
+def migrate_all(s, r, n, streams=(1, 2)):
+    """Send every page, alternating streams, and one VMSA; the packets, in order."""
+    pk = [q for g in range(n) for q in s.send_pages([g], 1, stream=streams[g % len(streams)])]
+    pk.append(s.send_vmsa(0, 0, emulated_vmsa(SEED, 0, 0), stream=0))
+    return pk
+
+
+def test_token_matches_after_a_complete_transfer():
+    src, dst, s, r = pair(shared=[(12, 15)])
+    for g in (1, 5, 13):
+        write(src, g, g)
+    pk = migrate_all(s, r, 16)
+    assert set(r.receive_many(pk)) == {Outcome.ACCEPTED}
+    tok = s.token()
+    assert (tok.pages, tok.vmsas) == (12, 1)  # the 12 private pages, zero or not; shared pages are not in it
+    assert r.check_token(s.send_token(stream=3)) is TokenOutcome.MATCH
+    # The token by hand: per stream, SHA-384 over header + tag of each sealed packet, in stream order.
+    per = {}
+    for p in pk:
+        h = parse_header(p)
+        if h.flags & (Flag.PRIVATE | Flag.VMSA):
+            c, hh = per.get(h.stream, (0, hashlib.sha384()))
+            hh.update(p[:HEADER_BYTES] + p[-TAG_BYTES:])
+            per[h.stream] = (c + 1, hh)
+    top = hashlib.sha384(b"snp-replay token v1")
+    for stream in sorted(per):
+        top.update(struct.pack("<HQ", stream, per[stream][0]) + per[stream][1].digest())
+    assert tok.digest == top.digest()
+    assert src.plaintext_digest() == dst.plaintext_digest()
+
+
+def test_token_mismatch_when_the_last_packet_never_arrives():
+    src, dst, s, r = pair()
+    write(src, 3, 3)
+    pk = migrate_all(s, r, 4)
+    r.receive_many(pk[:-2] + pk[-1:])  # the last page of stream 2 is lost: no later packet shows the gap
+    assert r.stats.outcomes == {Outcome.ACCEPTED: 4}
+    assert r.check_token(s.send_token(stream=3)) is TokenOutcome.COUNT_MISMATCH
+
+
+def test_token_hash_mismatch_and_rejected_token():
+    a, b = Token(3, 1, bytes(48)), Token(3, 1, b"\x01" + bytes(47))
+    assert compare(a, a) is TokenOutcome.MATCH
+    assert compare(a, b) is TokenOutcome.HASH_MISMATCH
+    assert compare(a, Token(2, 1, bytes(48))) is TokenOutcome.COUNT_MISMATCH
+    assert Token.from_bytes(b.to_bytes()) == b
+    # Same counts, other packets: the target got a different (authentic) page than the source's token covers.
+    src, dst, s, r = pair()
+    write(src, 1, 1)
+    other = endpoints(HS, src, dst)[0]
+    r.receive(other.send_page(1, 1, stream=1))
+    s.send_page(1, 2, stream=1)
+    assert r.check_token(s.send_token(stream=3)) is TokenOutcome.HASH_MISMATCH
+    # A tampered token packet is rejected outright.
+    src, dst, s, r = pair()
+    t = bytearray(s.send_token(stream=3))
+    t[HEADER_BYTES] ^= 1
+    assert r.check_token(bytes(t)) is TokenOutcome.TOKEN_REJECTED
+    assert r.receive(s.send_token(stream=4)) is Outcome.MALFORMED  # a token is not a page
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+
+def test_same_seed_gives_byte_identical_packets():
+    def run(seed):
+        hs = establish(seed)
+        src = HostMemory.for_host(seed, 0, npages=8, spa_base=1024, shared_ranges=[(6, 7)])
+        dst = HostMemory.for_host(seed, 1, npages=8, spa_base=2048)
+        for g in (0, 2, 6):
+            write(src, g, g + 10, ln=100)
+        s, _ = endpoints(hs, src, dst, compress_level=3)
+        return s.send_pages(range(8), 1, stream=1) + [s.send_vmsa(0, 0, emulated_vmsa(seed, 0, 0), 0), s.send_token(2)]
+
+    assert run(SEED) == run(SEED)
+    assert run(SEED)[0] != run(SEED + 1)[0]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(pages=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 2**64 - 1), st.integers(1, PAGE),
+                                st.integers(0, PAGE - 1)), max_size=12),
+       shared=st.sets(st.integers(0, 15), max_size=5), level=st.sampled_from([None, 1, 3]),
+       stream=st.integers(0, 65535))
+def test_any_memory_round_trips(pages, shared, level, stream):
+    src, dst, s, r = pair(level=level)
+    for g, value, ln, off in pages:
+        write(src, g, value, ln=min(ln, PAGE - off), off=off)
+    src.set_private(sorted(shared), False)
+    out = r.receive_many(s.send_pages(range(16), range(16), stream=stream))
+    assert out == [Outcome.ACCEPTED] * 16
+    assert dst.plaintext_digest() == src.plaintext_digest()
+    assert all(dst.is_private(g) == (g not in shared) for g in range(16))
+    assert r.check_token(s.send_token(stream=(stream + 1) % 65536)) is TokenOutcome.MATCH
+
+
+def test_migration_mid_trace_ends_with_the_straight_replay_memory(tmp_path):
+    """Replay part of a trace at the source, move every page through the sealed channel, replay the rest at
+    the target: the end-of-trace plain text is the no-migration one (SPEC section 4's invariant)."""
+    path = tmp_path / "t.arrow"
+    generate("psc", path, guest_bytes=32 * PAGE, vcpus=2, events=2000, seed=4, burst_every=300, burst_pages=3,
+             shared_bytes=4 * PAGE, batch_rows=500)
+    with open_trace(path) as tr:
+        meta = tr.meta
+        src = HostMemory.for_host(SEED, 0, npages=meta.npages, spa_base=1024, shared_ranges=meta.shared_ranges)
+        dst = HostMemory.for_host(SEED, 1, npages=meta.npages, spa_base=4096, shared_ranges=meta.shared_ranges)
+        s, r = endpoints(HS, src, dst, compress_level=1)
+        batches = [b for _, b in tr]
+    assert len(batches) == 4
+    for b in batches[:2]:
+        src.apply_batch(b)
+    assert set(r.receive_many(s.send_pages(range(meta.npages), 1, stream=1))) == {Outcome.ACCEPTED}
+    assert dst.plaintext_digest() == src.plaintext_digest()  # at switchover the target holds the source's memory
+    for b in batches[2:]:
+        dst.apply_batch(b)
+    assert dst.plaintext_digest() == replay_plaintext_digest(path)
+    assert src.plaintext_digest() != dst.plaintext_digest()  # the second half did change memory
+    # and rows written to the target after switchover are encrypted under the target's key
+    g = int(np.flatnonzero([dst.is_private(i) and dst.read_plain(i) != bytes(PAGE) for i in range(meta.npages)])[0])
+    assert dst.read_raw(g) != dst.read_plain(g)
+
+
+def test_two_copies_of_a_page_in_one_batch_the_newer_stays():
+    src, dst, s, r = pair()
+    write(src, 2, 1)
+    v1 = s.send_page(2, 1, stream=1)
+    write(src, 2, 2)
+    first = src.read_plain(2)
+    v2 = s.send_page(2, 2, stream=1)
+    older = s.send_page(2, 1, stream=1)  # an authentic packet claiming an older version
+    assert r.receive_many([v1, v2, older]) == [Outcome.ACCEPTED, Outcome.ACCEPTED, Outcome.STALE_VERSION]
+    assert dst.read_plain(2) == first and r.held_version(2) == 2
+
+
+def test_zero_pages_keep_the_target_sparse_and_overwrite_stored_pages():
+    src, dst, s, r = pair(npages=64, shared=[(60, 63)])
+    write(dst, 7, 1)  # the target holds stale contents for gfn 7 (e.g. from an earlier round)
+    write(src, 9, 2)
+    assert set(r.receive_many(s.send_pages(range(64), 1, stream=1))) == {Outcome.ACCEPTED}
+    assert dst.stored_pages == 2  # gfn 9's contents, and gfn 7 now zero; no page allocated for the 62 others
+    assert dst.read_plain(7) == bytes(PAGE) and dst.read_raw(7) != bytes(PAGE)  # private zeros: ciphertext
+    assert dst.plaintext_digest() == src.plaintext_digest()
+    assert not dst.is_private(61) and dst.read_raw(61) == bytes(PAGE)
+
+
+def test_api_misuse_is_refused():
+    src, dst, s, r = pair()
+    with pytest.raises(ValueError, match="stream must be in 0..65535"):
+        s.send_page(0, 0, stream=65536)
+    with pytest.raises(ValueError, match="vmpl must be in 0..3"):
+        vmsa_id(0, 4)
+    with pytest.raises(ValueError, match="a VMSA is one 4096-byte page"):
+        s.send_vmsa(0, 0, b"short", stream=0)
+    with pytest.raises(IndexError, match="gfn 16 outside the guest"):
+        s.send_pages([16], 0, stream=1)
+    with pytest.raises(ValueError, match="vmpl must be in 0..3"):
+        s.send_vmsa(0, 7, bytes(PAGE), stream=0)
+    assert s.stats.sequences == {} and s.stats.to_json()["private_pages"] == s.stats.vmsas == 0  # nothing counted

@@ -1,0 +1,112 @@
+"""``DataPlane`` (replay/security/session.py): the data-mode calls a migration driver makes, phase by
+phase, on a real trace: handshake, pre-copy rounds, stop-and-copy with VMSAs and the token, the guest
+running on at the target; refusals and a tampering adversary; the facts for the run record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from replay.errors import InvariantError
+from replay.generators import generate
+from replay.security.attestation import TcbVersion
+from replay.security.channel import Flag, Outcome, parse_header
+from replay.security.memory import replay_plaintext_digest
+from replay.security.session import AttestationSetup, DataPlane
+from replay.security.token import TokenOutcome
+from replay.snp import Op
+from replay.trace import open_trace
+
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dp") / "t.arrow"
+    generate("psc", path, guest_bytes=32 * PAGE, vcpus=2, events=3000, seed=8, burst_every=400, burst_pages=3,
+             shared_bytes=4 * PAGE, batch_rows=500)
+    with open_trace(path) as tr:
+        cols = [{n: np.asarray(b.column(n)) for n in ("gpa", "len", "op", "value")} for _, b in tr]
+        return path, tr.meta, cols
+
+
+def pages_written(b):
+    """gfns a batch's WRITE and page-state rows touch (the dirty log of that batch), by this test's own rule."""
+    out = set()
+    for gpa, ln, op in zip(b["gpa"].tolist(), b["len"].tolist(), b["op"].tolist()):
+        if op != Op.READ:
+            out.update(range(gpa // PAGE, (gpa + ln - 1) // PAGE + 1))
+    return sorted(out)
+
+
+def migrate(trace, *, level=None, setup=AttestationSetup(), tamper_round=None, tamper_token=None):
+    path, meta, batches = trace
+    dp = DataPlane(5, npages=meta.npages, spa_base=(1024, 4096), shared_ranges=meta.shared_ranges,
+                   compress_level=level, setup=setup)
+    rows = lambda host, b: dp.guest_rows(host, b["gpa"], b["len"], b["op"], b["value"])  # noqa: E731
+    rows(0, batches[0])
+    hs = dp.attest()
+    if not hs.accepted:
+        return dp, None
+    outcomes = [dp.send(range(meta.npages), 0, stream=1)]  # round 0: every page
+    for rnd, b in enumerate(batches[1:3], start=1):  # the guest runs on; each round sends what it dirtied
+        rows(0, b)
+        outcomes.append(dp.send(pages_written(b), rnd, stream=1 + rnd % 2,
+                                tamper=tamper_round if rnd == 2 else None))
+    outcomes.append(dp.send_vmsas(2, (0, 2), stream=3))
+    token = dp.finish(tamper=tamper_token)
+    if token is TokenOutcome.MATCH:
+        for b in batches[3:]:
+            rows(1, b)
+    return dp, (outcomes, token)
+
+
+def test_a_clean_migration_ends_with_the_straight_replay_memory(trace):
+    dp, (outcomes, token) = migrate(trace, level=3)
+    assert all(set(o) == {Outcome.ACCEPTED} for o in outcomes) and token is TokenOutcome.MATCH
+    assert dp.memory[1].plaintext_digest() == replay_plaintext_digest(trace[0])
+    f = dp.facts()
+    assert f["handshake_verdict"] == "accepted" and f["handshake_refused_by"] == "" and f["token"] == "match"
+    assert f["source"]["vmsas"] == f["target"]["vmsas"] == 4
+    assert f["source"]["sequences"] == f["target"]["sequences"]
+    assert f["source"]["shared_pages"] == f["shared_pages_unprotected"] > 0
+    assert f["compress"] and f["zstd_level"] == 3 and f["source"]["compressed_pages"] > 0
+
+
+def test_the_facts_are_byte_identical_for_the_same_seed(trace):
+    a, b = migrate(trace, level=1)[0].facts(), migrate(trace, level=1)[0].facts()
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_a_refused_handshake_moves_no_page(trace):
+    dp, result = migrate(trace, setup=AttestationSetup(target_tcb=TcbVersion(snp=1)))
+    assert result is None
+    with pytest.raises(InvariantError, match="nothing may be sent before an accepted handshake"):
+        dp.send([0], 0, stream=1)
+    f = dp.facts()
+    assert (f["handshake_refused_by"], f["handshake_verdict"], f["source"], f["target"]) == ("source", "tcb", {}, {})
+    assert dp.memory[1].stored_pages == 0
+
+
+def test_a_tampered_page_is_caught_and_the_target_never_runs(trace):
+    def flip_first_sealed(packets):
+        out = list(packets)
+        i = next(i for i, p in enumerate(out) if parse_header(p).flags == Flag.PRIVATE)  # private, not zero
+        out[i] = out[i][:-1] + bytes([out[i][-1] ^ 1])
+        return out
+
+    dp, (outcomes, token) = migrate(trace, tamper_round=flip_first_sealed)
+    assert Outcome.BAD_TAG in outcomes[2]
+    assert token is TokenOutcome.COUNT_MISMATCH  # the target does not resume...
+    path, meta, batches = trace
+    source_only = DataPlane(5, npages=meta.npages, spa_base=(1024, 4096), shared_ranges=meta.shared_ranges)
+    for b in batches[:3]:
+        source_only.guest_rows(0, b["gpa"], b["len"], b["op"], b["value"])
+    assert dp.memory[0].plaintext_digest() == source_only.memory[0].plaintext_digest()  # ...the source is intact
+
+
+def test_a_lost_token_is_rejected(trace):
+    dp, (outcomes, token) = migrate(trace, tamper_token=lambda packets: [])
+    assert token is TokenOutcome.TOKEN_REJECTED and dp.facts()["token"] == "token_rejected"

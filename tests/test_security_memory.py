@@ -1,0 +1,246 @@
+"""Data-mode guest memory (replay/security/memory.py, xts.py): contents, XTS tweak property, raw copies,
+page-state changes, the plain-text digest and the straight-replay helper.
+
+Expected contents come from this file's own model: a pure-Python SplitMix64 and a bytearray per guest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replay.generators import generate
+from replay.security import memory as memmod
+from replay.security import xts
+from replay.security.keys import vm_memory_key
+from replay.security.memory import HostMemory, content_bytes, replay_plaintext_digest
+from replay.snp import Op
+
+PAGE = 4096
+M64 = (1 << 64) - 1
+
+
+def sm64(value: int, n: int) -> bytes:
+    """The model: the first ``n`` bytes of the SplitMix64 stream seeded with ``value`` (little-endian)."""
+    out = bytearray()
+    state = value
+    while len(out) < n:
+        state = (state + 0x9E3779B97F4A7C15) & M64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        out += (z ^ (z >> 31)).to_bytes(8, "little")
+    return bytes(out[:n])
+
+
+class Model:
+    """A guest as a bytearray plus a set of shared gfns."""
+
+    def __init__(self, npages, shared=()):
+        self.mem = bytearray(npages * PAGE)
+        self.shared = set(shared)
+
+    def apply(self, rows):
+        for gpa, ln, op, value in rows:
+            if op == Op.WRITE:
+                self.mem[gpa : gpa + ln] = sm64(value, ln)
+            elif op in (Op.TO_SHARED, Op.TO_PRIVATE):
+                for g in range(gpa // PAGE, (gpa + ln - 1) // PAGE + 1):
+                    (self.shared.add if op == Op.TO_SHARED else self.shared.discard)(g)
+
+    def page(self, g):
+        return bytes(self.mem[g * PAGE : (g + 1) * PAGE])
+
+    def digest(self):
+        hg, hp = hashlib.blake2b(digest_size=32), hashlib.blake2b(digest_size=32)
+        for g in range(len(self.mem) // PAGE):
+            p = self.page(g)
+            if any(p):
+                hg.update(g.to_bytes(8, "little"))
+                hp.update(p)
+        return hashlib.blake2b(hg.digest() + hp.digest(), digest_size=32).hexdigest()
+
+
+def apply_rows(mem, rows):
+    a = np.array(rows, dtype=np.uint64).reshape(-1, 4)
+    mem.apply(a[:, 0], a[:, 1], a[:, 2].astype(np.uint8), a[:, 3])
+
+
+def host(h=0, npages=16, spa_base=1024, seed=1, shared=()):
+    return HostMemory.for_host(seed, h, npages=npages, spa_base=spa_base, shared_ranges=shared)
+
+
+# ---------------------------------------------------------------------------------------------- contents
+
+
+def test_content_is_the_splitmix64_stream_of_the_value():
+    # Published SplitMix64 outputs for seed 0 (Vigna's reference code): 0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4.
+    assert content_bytes(0, 0, 16) == (0xE220A8397B1DCDAF).to_bytes(8, "little") + (0x6E789E6AA1B965F4).to_bytes(8, "little")
+    assert content_bytes(12345, 0, 100) == sm64(12345, 100)
+    assert content_bytes(M64, 5, 11) == sm64(M64, 16)[5:16]
+
+
+def test_write_lands_where_the_model_says_across_pages_and_overlaps():
+    m, model = host(), Model(16)
+    rows = [(4090, 20, Op.WRITE, 7),  # crosses gfn 0 -> 1
+            (4095, 1, Op.WRITE, 8),  # overwrites one byte of the first row: the later row wins
+            (3 * PAGE, 3 * PAGE + 5, Op.WRITE, 9),  # three pages and a bit
+            (3 * PAGE + 100, 8, Op.READ, 10)]  # a READ changes nothing
+    apply_rows(m, rows)
+    model.apply(rows)
+    assert m.read_plain(0)[4090:] == sm64(7, 20)[:5] + sm64(8, 1)
+    for g in range(16):
+        assert m.read_plain(g) == model.page(g), g
+    assert m.stored_pages == 6  # gfns 0, 1, 3, 4, 5, 6
+
+
+rows_strategy = st.lists(
+    st.tuples(st.integers(0, 16 * PAGE - 1), st.integers(1, 3 * PAGE), st.sampled_from([0, 0, 0, 1, 2, 3]),
+              st.integers(0, M64)).map(lambda r: (r[0], min(r[1], 16 * PAGE - r[0]), r[2], r[3])),
+    max_size=40)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(rows=rows_strategy, chunk=st.sampled_from([1, 2, 3, 16384]), split=st.integers(0, 40))
+def test_apply_matches_the_model_whatever_the_batching(rows, chunk, split):
+    """Contents, attributes and digest equal the model's, with any chunk size and batch boundary."""
+    old = memmod.CHUNK_PAGES
+    memmod.CHUNK_PAGES = chunk
+    try:
+        m, model = host(shared=[(2, 4)]), Model(16, shared=range(2, 5))
+        if rows[:split]:
+            apply_rows(m, rows[:split])
+        if rows[split:]:
+            apply_rows(m, rows[split:])
+    finally:
+        memmod.CHUNK_PAGES = old
+    model.apply(rows)
+    for g in range(16):
+        assert m.read_plain(g) == model.page(g)
+        assert m.is_private(g) == (g not in model.shared)
+    assert m.plaintext_digest() == model.digest()
+
+
+def test_rows_outside_the_guest_and_bad_gfns_are_refused():
+    m = host()
+    with pytest.raises(ValueError, match="inside the guest"):
+        apply_rows(m, [(16 * PAGE - 4, 5, Op.WRITE, 1)])
+    with pytest.raises(ValueError, match="len >= 1"):
+        apply_rows(m, [(0, 0, Op.WRITE, 1)])
+    apply_rows(m, [(16 * PAGE - 4, 4, Op.WRITE, 1)])  # the last byte is inside
+    with pytest.raises(IndexError, match="gfn 16 outside the guest"):
+        m.read_plain(16)
+    with pytest.raises(ValueError, match="two different AES-128 keys"):
+        HostMemory(npages=4, key=bytes(32), spa_base=0)
+
+
+# ---------------------------------------------------------------------------------------------- XTS
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(content=st.integers(0, 2**32), spa=st.integers(0, (1 << 40) - 3), seed=st.integers(0, 99))
+def test_batched_xts_equals_cryptography_per_page(content, spa, seed):
+    key = vm_memory_key(seed, 0)
+    pages = np.random.default_rng(content).integers(0, 256, (3, PAGE), dtype=np.uint8)
+    spas = np.arange(spa, spa + 3, dtype=np.uint64)
+    enc = xts.encrypt_pages(key, pages, spas)
+    assert (enc == xts.reference_pages(key, pages, spas, True)).all()
+    assert (xts.decrypt_pages(key, enc, spas) == pages).all()
+    assert (xts.reference_pages(key, enc, spas, False) == pages).all()
+
+
+def test_same_plaintext_is_different_ciphertext_at_another_spa_or_host():
+    src, dst = host(0, spa_base=1024), host(1, spa_base=1024)
+    rows = [(g * PAGE, PAGE, Op.WRITE, 42) for g in (2, 3)]  # identical contents in gfns 2 and 3
+    apply_rows(src, rows)
+    apply_rows(dst, rows)
+    assert src.read_plain(2) == src.read_plain(3) == dst.read_plain(2) == sm64(42, PAGE)
+    raw = {src.read_raw(2), src.read_raw(3), dst.read_raw(2), dst.read_raw(3)}
+    assert len(raw) == 4  # other SPA on one host, other key at one SPA: all four differ
+    assert sm64(42, PAGE) not in raw
+    # Only the tweak differs between these two: the same key with gfn 2 placed at another SPA.
+    moved = HostMemory(npages=16, key=src.key, spa_base=1025)
+    apply_rows(moved, rows)
+    assert moved.read_raw(2) != src.read_raw(2) and moved.read_raw(2) == src.read_raw(3)  # SPA 1027 both
+
+
+def test_never_written_private_page_is_encrypted_zeros_and_shared_is_plain():
+    m = host(shared=[(5, 5)])
+    assert m.read_plain(1) == bytes(PAGE)
+    assert m.read_raw(1) == xts.encrypt_pages(m.key, np.zeros((1, PAGE), np.uint8), np.array([1025])).tobytes()
+    assert m.read_raw(5) == bytes(PAGE)
+    apply_rows(m, [(5 * PAGE + 7, 9, Op.WRITE, 3)])
+    assert m.read_raw(5) == m.read_plain(5) == bytes(7) + sm64(3, 9) + bytes(PAGE - 16)
+    assert m.stored_pages == 1
+
+
+def test_raw_copy_to_another_host_decrypts_to_garbage():
+    src, dst = host(0, spa_base=1024), host(1, spa_base=2048)
+    apply_rows(src, [(4 * PAGE, PAGE, Op.WRITE, 77), (6 * PAGE, 100, Op.WRITE, 78)])
+    for g in (4, 6):
+        src.raw_copy_to(dst, g)
+        got = dst.read_plain(g)
+        assert got != src.read_plain(g) and got != bytes(PAGE)
+        assert dst.read_raw(g) == src.read_raw(g)  # the host did copy the bytes
+    # Control: a host with the same key and the same SPAs would read the copy fine, so the garbage above
+    # comes from the other key and tweak, not from the copy.
+    twin = HostMemory(npages=16, key=src.key, spa_base=1024)
+    src.raw_copy_to(twin, 4)
+    assert twin.read_plain(4) == src.read_plain(4)
+
+
+def test_page_state_change_keeps_contents_and_changes_what_dram_holds():
+    m = host()
+    apply_rows(m, [(3 * PAGE, 64, Op.WRITE, 5)])
+    plain = m.read_plain(3)
+    assert m.read_raw(3) != plain
+    m.set_private([3], False)
+    assert not m.is_private(3) and m.read_raw(3) == plain == m.read_plain(3)
+    m.set_private([3], True)
+    assert m.is_private(3) and m.read_raw(3) != plain and m.read_plain(3) == plain
+    apply_rows(m, [(3 * PAGE, 1, Op.TO_SHARED, 0), (3 * PAGE + 1, 1, Op.WRITE, 6)])  # trace rows do the same
+    assert m.read_raw(3) == m.read_plain(3) == plain[:1] + sm64(6, 1) + plain[2:]
+
+
+# ---------------------------------------------------------------------------------------------- digest
+
+
+def test_plaintext_digest_ignores_keys_and_stored_zero_pages():
+    rows = [(0, 10, Op.WRITE, 1), (9 * PAGE, PAGE, Op.WRITE, 2), (12 * PAGE, 1, Op.TO_SHARED, 0)]
+    a, b = host(0, seed=1, spa_base=1024), host(1, seed=2, spa_base=4096)
+    apply_rows(a, rows)
+    apply_rows(b, rows)
+    model = Model(16)
+    model.apply(rows)
+    assert a.plaintext_digest() == b.plaintext_digest() == model.digest()
+    b.install_plain([7], np.zeros((1, PAGE), np.uint8), True)  # a stored zero page is a zero page
+    assert b.stored_pages == a.stored_pages + 1 and b.plaintext_digest() == a.plaintext_digest()
+    b.install_plain([7], np.full((1, PAGE), 1, np.uint8), True)
+    assert b.plaintext_digest() != a.plaintext_digest()
+
+
+def test_straight_replay_of_a_trace_gives_the_models_digest(tmp_path):
+    path = tmp_path / "t.arrow"
+    generate("psc", path, guest_bytes=64 * PAGE, vcpus=2, events=3000, seed=3, burst_every=500, burst_pages=4,
+             shared_bytes=8 * PAGE, batch_rows=700)
+    from replay.trace import open_trace
+
+    with open_trace(path) as tr:
+        model = Model(64, shared=range(0, 8))
+        for _, b in tr:
+            cols = [b.column(n).to_pylist() for n in ("gpa", "len", "op", "value")]
+            model.apply(zip(*cols))
+    d = replay_plaintext_digest(path)
+    assert d == model.digest()
+    assert replay_plaintext_digest(path, seed=9, host=1, spa_base=5000) == d  # keys do not matter
+
+
+def test_straight_replay_of_a_missing_trace_is_a_trace_error(tmp_path):
+    from replay.errors import TraceError
+
+    with pytest.raises(TraceError, match="missing.arrow: cannot open"):
+        replay_plaintext_digest(tmp_path / "missing.arrow")
