@@ -34,13 +34,18 @@ extensions = [
         ["cext/_content.pyx"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     ),
-    # AES-XTS over many pages per call (data mode), through OpenSSL's libcrypto (headers: libssl-dev).
-    Extension(
+]
+
+# AES-XTS over many pages per call (data mode), through OpenSSL's libcrypto. Built where its headers are
+# (Debian: libssl-dev); without them data mode uses the `cryptography` package page by page (slower).
+_OPENSSL = any(os.path.exists(os.path.join(d, "openssl", "evp.h"))
+               for d in ("/usr/include", "/usr/local/include", os.environ.get("OPENSSL_INCLUDE", "/nonexistent")))
+if _OPENSSL:
+    extensions.append(Extension(
         "replay._xts",
         ["cext/_xts.pyx"],
         libraries=["crypto"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
-    ),
-]
+    ))
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["cext"]))

@@ -16,9 +16,12 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from replay._xts import xts_pages
-
 from ..snp import PAGE_SHIFT, PAGE_SIZE
+
+try:
+    from replay._xts import xts_pages
+except ImportError:  # built without OpenSSL's headers: the `cryptography` package, page by page
+    xts_pages = None
 
 
 def tweaks(spa_pages: np.ndarray) -> np.ndarray:
@@ -34,17 +37,21 @@ def _pages(a: np.ndarray) -> np.ndarray:
 
 def encrypt_pages(key: bytes, pages: np.ndarray, spa_pages: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Ciphertext of each page of ``pages`` at system physical page ``spa_pages[i]`` (``out`` may be ``pages``)."""
-    src = _pages(pages)
-    dst = np.empty_like(src) if out is None else out
-    xts_pages(key, src, tweaks(spa_pages), dst, True)
-    return dst
+    return _xts(key, pages, spa_pages, out, True)
 
 
 def decrypt_pages(key: bytes, pages: np.ndarray, spa_pages: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Plaintext of each ciphertext page at system physical page ``spa_pages[i]`` (``out`` may be ``pages``)."""
+    return _xts(key, pages, spa_pages, out, False)
+
+
+def _xts(key: bytes, pages: np.ndarray, spa_pages: np.ndarray, out: np.ndarray | None, encrypt: bool) -> np.ndarray:
     src = _pages(pages)
     dst = np.empty_like(src) if out is None else out
-    xts_pages(key, src, tweaks(spa_pages), dst, False)
+    if xts_pages is None:
+        dst[...] = reference_pages(key, src, spa_pages, encrypt)
+    else:
+        xts_pages(key, src, tweaks(spa_pages), dst, encrypt)
     return dst
 
 
