@@ -24,6 +24,7 @@ from ..scenario import Scenario
 from ..strategies import SOURCE, TARGET, make_strategy
 from ..trace import TraceMeta, open_trace, read_meta
 from .clock import Guest, ProgressFn
+from .data import DataMode, DataRefused
 from .context import Run
 from .cpu import Cpu
 from .link import Link, LinkDown
@@ -80,21 +81,30 @@ class Migration:
                                                      self.progress)
         out.digests["no_migration"] = self._no_migration
         eng = self._engine(2)
+        data = None
+        if self.s.migration.data:
+            from ..security.memory import replay_plaintext_digest
+
+            data = DataMode(self.s.seed, eng, self.meta, self.s.migration.data_zstd_level)
+            data.plaintext["no_migration"] = replay_plaintext_digest(self.trace_path)
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))
             eng.reset_counters()  # launch is not part of the migration
             guest = Guest(eng, reader, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.progress)
+            guest.data = data
             start = self.s.migration.start_ns
             guest.run_to(start)
             guest.v = guest.g = start
             run = Run(self.s, self.meta, eng, self.strategy, guest, Link.of(self.s.migration, self.s.faults, start),
-                      Cpu(self.s, self.strategy, self.meta.vcpus), trace_last_ns=self.trace_last_ns)
+                      Cpu(self.s, self.strategy, self.meta.vcpus), trace_last_ns=self.trace_last_ns, data=data)
             out.times["migration_start_ns"] = out.guest_g_at_start = start
             run.log("migration_start", f"strategy={self.strategy.name} mode={self.s.migration.mode}")
             try:
                 self._migrate(run, out)
             except LinkDown as down:
                 self._aborted(run, out, down.at_ns)
+            except DataRefused as refused:
+                self._refused(run, out, refused)
             out.guest_g_at_end = guest.g  # the end of the migration window: the guest has not run past it
             if out.status != "failed":
                 self._finish_trace(run, out)
@@ -162,11 +172,29 @@ class Migration:
         g.host = SOURCE
         run.log("abort", out.reason)
 
+    def _refused(self, run: Run, out: Outcome, refused: DataRefused) -> None:
+        """Data mode's checks stopped the migration: before the target runs, an abort (the source runs on,
+        intact); after it (post-copy's token), a failure."""
+        g = run.guest
+        out.detected_by = refused.detected_by
+        if g.host == TARGET:
+            out.status, out.reason = "failed", f"{refused.reason}: the target ran on unverified memory"
+            run.log("postcopy_failed", out.reason)
+            return
+        out.status, out.reason = "aborted", f"{refused.reason}: the target does not run; the source runs on"
+        run.log("abort", out.reason)
+        run.eng.set_dirty_logging(SOURCE, False)
+        out.times["completion_ns"] = g.v
+        out.times["downtime_ns"] = g.v - out.times["switchover_ns"] if out.times["switchover_ns"] else 0
+        out.digests["target_at_switchover"] = ""
+
     def _finish_trace(self, run: Run, out: Outcome) -> None:
         """The guest runs on (at the target after a completed migration) to the end of the trace."""
         g = run.guest
         g.run_to(U64_MAX)
         out.digests["end_of_trace"] = run.eng.digest(g.host)
+        if run.data is not None:
+            run.data.snapshot("end_of_trace", g.host)
         lag = int(g.delays.max()) if g.delays is not None else 0  # the most-blocked vCPU ends last
         out.times["trace_end_ns"] = g.v + max(0, self.trace_last_ns + lag - g.g)
         run.log("trace_end", f"host={'target' if g.host == TARGET else 'source'}", t=out.times["trace_end_ns"])

@@ -63,6 +63,7 @@ class Guest:
         self.delays = None  # post-copy: per-vCPU time blocked so far
         self.ready = None  # post-copy: guest time from which each page is usable on the target
         self.on_userfault: Callable[[], bool] | None = None
+        self.data = None  # data mode (replay.migration.data.DataMode): the rows' contents
         self._wp_seen = 0
 
     def run_to(self, g_stop: int) -> bool:
@@ -72,6 +73,8 @@ class Guest:
         while not cur.done:
             n = cur.batch.num_rows
             row = eng.replay(self.host, cur.batch, cur.row, cur.base, g_stop, self.delays, self.ready)
+            if self.data is not None:
+                self.data.rows(self.host, cur.batch, cur.row, row)
             cur.settle(row)
             if eng.last_stop[0] == Fault.USERFAULT:
                 if not self.on_userfault():

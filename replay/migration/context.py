@@ -67,6 +67,7 @@ class Run:
     events: list = field(default_factory=list)
     agents: int = 0
     trace_last_ns: int = 0  # guest time of the trace's last event
+    data: object = None  # data mode (replay.migration.data.DataMode), or None: metadata mode
     vmsa_live: list = field(default_factory=lambda: [0, 0])  # shadow APs' VMSA pages on each side
 
     @property

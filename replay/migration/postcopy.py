@@ -70,6 +70,8 @@ def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
         run.log("discard", f"stale_pages={stale}")
     eng.set_dirty_logging(SOURCE, False)
     source_digest = eng.set_digest(SOURCE)
+    if run.data is not None:
+        run.data.snapshot("source_at_switchover", SOURCE)
     flags = eng.flags(TARGET, np.arange(run.npages, dtype=np.uint32))
     missing = np.flatnonzero((flags & PRESENT) == 0).astype(np.uint32)
     rnd = Round(len(run.tally.rounds), "downtime", v_pause, dirty, v_pause, agents=run.agents)
@@ -143,21 +145,17 @@ class _Postcopy:
                 arr, k0, end = missing, base_k, min(len(missing), base_k + POSTCOPY_CHUNK)
             else:
                 break
-            cur = g.cur
-            batch = None if cur.done else cur.batch
             down = link.down_at(self.link_from)
-            row, k = eng.transfer(SOURCE, TARGET, arr[:end], k0, batch, cur.row, cur.base, TARGET, g.delays, g.ready,
-                                  deadline_v=link.deadline(down))
+            k, batch = transfer.step(run, arr[:end], k0, run_host=TARGET, paused=False, stream="postcopy",
+                                     deadline_v=link.deadline(down), delays=g.delays, ready=g.ready)
             if window is not None:
                 wk = k
                 if wk >= len(window):
                     window = None
             else:
                 base_k = k
-            if batch is not None:
-                cur.settle(row)
-                if eng.last_stop[0] == Fault.USERFAULT and not self.userfault():
-                    return False
+            if batch is not None and eng.last_stop[0] == Fault.USERFAULT and not self.userfault():
+                return False
             if eng.transfer_state()["link_dead"] and not self.outage(down):
                 return False
         self.fold()
@@ -230,6 +228,8 @@ class _Postcopy:
                 served = min(served, int(g.ready[gfn]))  # already on its way in the push
             else:
                 eng.deliver(SOURCE, TARGET, gfn)
+                if run.data is not None:
+                    run.data.send([gfn], [src.version], "fault")
                 if self.pushing:  # the page shares the link and the agents with the push
                     eng.transfer_add(sv.reply_bytes, sv.pack_ns, sv.unpack_ns)
                 elif self.outage_backlog is not None:  # crosses once the link is back
@@ -278,6 +278,8 @@ def postcopy(run: Run, sw: PostcopySwitch) -> PostcopyEnd:
         pc.stats.source_only_pages = run.npages - run.eng.count_present(TARGET)
         return PostcopyEnd(False, g.v, "", pc.stats)
     target_digest = run.eng.received_digest(TARGET)
+    if run.data is not None:
+        run.data.token()
     run.log("validation_token", f"pages={run.tally.pages['precopy'] + run.tally.pages['postcopy']} "
             f"match={target_digest == sw.source_digest}")
     run.log("postcopy_complete", f"switchover_to_complete_ns={g.v - sw.pause_ns}")

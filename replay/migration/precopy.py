@@ -130,12 +130,8 @@ def _burst(run: Run, rnd: Round, cursor: int) -> tuple[int, int]:
     down = link.down_at()
     transfer.begin(run, SOURCE)
     while True:
-        cur = g.cur
-        batch = None if cur.done else cur.batch
-        row, cursor = eng.transfer(SOURCE, 1, None, cursor, batch, cur.row, cur.base, SOURCE,
-                                   until_v=until, deadline_v=link.deadline(down))
-        if batch is not None:
-            cur.settle(row)
+        cursor, batch = transfer.step(run, None, cursor, run_host=SOURCE, paused=False, stream="precopy",
+                                      until_v=until, deadline_v=link.deadline(down))
         st = eng.transfer_state()
         if st["link_dead"] or st["v_ns"] >= until or eng.send_count(SOURCE) == 0 or (batch is None):
             break

@@ -52,6 +52,7 @@ class Outcome:
     guest_g_at_start: int = 0
     postcopy: object = None  # PostcopyStats
     vmsas_sent: int = 0
+    detected_by: str = ""  # data mode: the check that stopped the migration
 
 
 def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
@@ -102,6 +103,11 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         "faults": faults,
         "postcopy": _postcopy_metrics(run, out),
     }
+    data = None
+    if run.data is not None:
+        metrics["security"], data = run.data.facts()
+        metrics["security"]["detected_by"] = out.detected_by
+        data["plaintext"] = dict(run.data.plaintext)
     d = out.digests
     invariants = {
         "end_of_trace_equals_no_migration": d["end_of_trace"] == d["no_migration"],
@@ -109,6 +115,12 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         "target_equals_source_at_switchover": not completed or d["target_at_switchover"] == d["source_at_switchover"] != "",
         "no_faults": not any(faults.values()),
     }
+    if data is not None:  # over plaintext, what the guest sees
+        p = data["plaintext"]
+        invariants["plaintext_end_equals_no_migration"] = p["end_of_trace"] == p["no_migration"]
+        if s.migration.mode == "precopy" or (out.switchover_reason and not out.postcopy):
+            invariants["plaintext_target_equals_source_at_switchover"] = not completed or (
+                p["target_at_switchover"] == p["source_at_switchover"] != "")
     has_private = sum(b - a + 1 for a, b in run.meta.shared_ranges) < run.npages
     summary = {
         "format": RUN_FORMAT, "version": RUN_VERSION,
@@ -125,6 +137,8 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         "digests": d,
         "invariants": invariants,
     }
+    if data is not None:
+        summary["data"] = data
     rounds = pa.Table.from_pylist([{k: getattr(r, k) for k in ROUNDS_SCHEMA.names} for r in t.rounds], schema=ROUNDS_SCHEMA)
     events = pa.Table.from_pylist(
         [{"seq": i, "t_ns": e[0], "kind": e[1], "gfn": e[2], "vcpu": e[3], "detail": e[4]}

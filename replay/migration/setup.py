@@ -66,6 +66,8 @@ def handshake(run: Run) -> None:
     steps = [run.strategy.attestation_step(side) for side in (SOURCE, TARGET)]
     dur = max(cpu.step_ns(st, SOURCE) for st in steps) + 2 * run.link.latency_ns  # reports cross both ways
     run.link.check(g.v + dur)
+    if run.data is not None:
+        run.data.handshake()  # nothing moves before both sides accept
     lost = 0
     for st in steps:
         cpu.charge(st.owner, st.cpu_ns)

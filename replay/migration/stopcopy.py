@@ -46,7 +46,7 @@ def send_paused(run: Run, rnd: Round) -> None:
     down = link.down_at()
     transfer.begin(run, None)
     if eng.send_count(SOURCE):
-        eng.transfer(SOURCE, TARGET, None, 0, None, 0, 0, SOURCE, deadline_v=link.deadline(down))
+        transfer.step(run, None, 0, run_host=SOURCE, paused=True, stream="downtime", deadline_v=link.deadline(down))
     st = eng.transfer_state()
     transfer.account(run, rnd, st)
     g.adopt(st["v_ns"], None)
@@ -66,6 +66,8 @@ def send_vmsas_and_devices(run: Run, rnd: Round) -> int:
     link.check(t0 + dur + link.latency_ns)
     cpu.charge(run.strategy.agent_owner, pack)
     g.pause(dur)
+    if run.data is not None:
+        run.data.vmsas(run.vcpus, [0, run.s.guest.os_vmpl] if run.s.guest.os_vmpl else [0])
     rnd.bytes_sent += vmsa_bytes + c.device_state_bytes
     run.tally.bytes["downtime"] += vmsa_bytes + c.device_state_bytes
     run.log("vmsas_sent", f"vmsas={nvmsa} device_state_bytes={c.device_state_bytes}")
@@ -86,6 +88,8 @@ def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
             do_step_paused(run, step)
     if token:
         g.pause(link.latency_ns)  # the validation token crosses
+        if run.data is not None:
+            run.data.token()  # the target resumes only if it matches its own
     g.pause(c.resume_ns)
     link.check(g.v)  # a failure before the target runs: abort
     rnd.end_ns = g.v
@@ -94,10 +98,14 @@ def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
 def stop_and_copy(run: Run) -> Switchover:
     v_pause, rnd = pause_and_drain(run)
     source_digest = run.eng.set_digest(SOURCE)
+    if run.data is not None:
+        run.data.snapshot("source_at_switchover", SOURCE)
     send_paused(run, rnd)
     nvmsa = send_vmsas_and_devices(run, rnd)
     resume_target(run, rnd, nvmsa, token=True)
     target_digest = run.eng.received_digest(TARGET)
+    if run.data is not None:
+        run.data.snapshot("target_at_switchover", TARGET)
     run.log("validation_token", f"pages={run.tally.pages['precopy'] + run.tally.pages['downtime']} "
             f"match={target_digest == source_digest}")
     run.guest.host = TARGET

@@ -13,16 +13,38 @@ from .context import Round, Run
 def begin(run: Run, guest_side: int | None, *, skip_present: bool = False) -> None:
     """Start a transfer at the guest's clocks; ``guest_side``: where the guest runs (None: paused)."""
     c, s = run.s.costs, run.strategy
+    pack, unpack = c.page_pack_ns, c.page_unpack_ns
+    if run.s.migration.data:  # measured: decrypt XTS + [zstd] + GCM seal, and the reverse
+        pack = c.data_page_pack_ns + (c.data_zstd_page_ns if run.s.migration.data_zstd_level else 0)
+        unpack = c.data_page_unpack_ns
     run.eng.begin_transfer(
         run.guest.v, run.guest.g,
         bandwidth_bytes_per_s=run.link.bandwidth_bytes_per_s, page_bytes=PAGE_SIZE, header_bytes=c.page_header_bytes,
-        pack_private_ns=c.page_pack_ns, pack_zero_ns=c.zero_page_ns, batch_pages=c.batch_pages,
-        vmgexit_ns=c.vmgexit_ns, unpack_private_ns=c.page_unpack_ns, rmpupdate_ns=c.rmpupdate_ns,
+        pack_private_ns=pack, pack_zero_ns=c.zero_page_ns, batch_pages=c.batch_pages,
+        vmgexit_ns=c.vmgexit_ns, unpack_private_ns=unpack, rmpupdate_ns=c.rmpupdate_ns,
         pvalidate_ns=c.pvalidate_ns, rmpadjust_ns=c.rmpadjust_ns,
         first_touch_ns=c.mirror_npf_ns if s.agents_on_host_cpus else 0,
         host_page_ns=c.host_page_ns, wp_fault_ns=c.dirty_wp_fault_ns if guest_side == 0 else 0,
         skip_present=skip_present, **run.cpu.transfer_params(run.agents, guest_side),
     )
+
+
+def step(run: Run, gfns, k: int, *, run_host: int, paused: bool, stream: str, until_v=None, deadline_v=None,
+         delays=None, ready=None):
+    """One engine transfer call from the source to the target, the guest replaying its trace on
+    ``run_host`` unless ``paused``; data mode carries the contents of what it applied and sent. Returns
+    (k, the batch replayed or None)."""
+    g, eng = run.guest, run.eng
+    cur = g.cur
+    batch = None if (paused or cur.done) else cur.batch
+    a = cur.row if batch is not None else 0
+    row, k = eng.transfer(0, 1, gfns, k, batch, a, cur.base if batch is not None else 0, run_host, delays, ready,
+                          until_v=until_v, deadline_v=deadline_v)
+    if run.data is not None:
+        run.data.after_transfer(run_host, batch, cur.base, a, row if batch is not None else a, stream)
+    if batch is not None:
+        cur.settle(row)
+    return k, batch
 
 
 def account(run: Run, rnd: Round, st: dict, prev: dict | None = None) -> None:
