@@ -185,6 +185,22 @@ class KernelCaps:
 
 
 @dataclass(frozen=True)
+class AttestationSpec:
+    """Data mode's attested handshake: what each platform reports and what both sides require. TCB
+    versions are "bootloader.tee.snp.microcode"; measurements are names of the SVSM builds."""
+
+    allowed_measurement: str = "svsm"
+    min_tcb: str = "9.0.23.72"
+    source_measurement: str = "svsm"
+    target_measurement: str = "svsm"
+    source_tcb: str = "9.0.23.72"
+    target_tcb: str = "9.0.23.72"
+    target_migratable: bool = True  # the guest policy's MIGRATE_MA bit, as the target's report says
+    target_debug: bool = False  # the guest policy's DEBUG bit, as the target's report says
+    target_root: str = "amd"  # "amd", or anything else: the target's VCEK chains to an untrusted root
+
+
+@dataclass(frozen=True)
 class LinkFault:
     kind: str = "link_down"
     at_ns: int = 0  # virtual time
@@ -201,6 +217,7 @@ class Scenario:
     migration: MigrationSpec = MigrationSpec()
     costs: Costs = Costs()
     kernel: KernelCaps = KernelCaps()
+    attestation: AttestationSpec = AttestationSpec()
     faults: tuple[LinkFault, ...] = ()
     base_dir: str = "."  # directory of the scenario file (trace.file is relative to it); not recorded
 
@@ -230,9 +247,19 @@ class Scenario:
             "migration": _plain(self.migration),
             "costs": _plain(self.costs),
             "kernel": _plain(self.kernel),
+            "attestation": _plain(self.attestation),
             "faults": [_plain(f) for f in self.faults],
         }
         return out
+
+
+def parse_tcb(text: str, where: str) -> tuple[int, int, int, int]:
+    """"bootloader.tee.snp.microcode", each 0..255."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) <= 255 for p in parts):
+        raise ScenarioError(f"{where}: expected a TCB version \"bootloader.tee.snp.microcode\" (each 0..255), "
+                            f"got {text[:40]!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
 def _plain(obj: Any) -> Any:
@@ -250,7 +277,8 @@ def _plain(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------- parsing
 
-_SECTIONS = {"guest": GuestSpec, "trace": TraceSpec, "migration": MigrationSpec, "costs": Costs, "kernel": KernelCaps}
+_SECTIONS = {"guest": GuestSpec, "trace": TraceSpec, "migration": MigrationSpec, "costs": Costs, "kernel": KernelCaps,
+             "attestation": AttestationSpec}
 _TOP_KEYS = {"name", "description", "seed", "fault", *_SECTIONS}
 # Keys that accept human units ("16GiB", "500ms") besides integers.
 _SIZE_KEYS = {("guest", "guest_bytes")}
@@ -342,6 +370,8 @@ def _validate(s: Scenario, src: str) -> Scenario:
     for key in ("burst_ns", "bandwidth_period_ns", "host_cpus"):
         if getattr(m, key) < 1:
             raise ScenarioError(f"{src}: migration.{key} must be >= 1")
+    for key in ("min_tcb", "source_tcb", "target_tcb"):
+        parse_tcb(getattr(s.attestation, key), f"{src}: attestation.{key}")
     if not 0 <= m.data_zstd_level <= 22:
         raise ScenarioError(f"{src}: migration.data_zstd_level must be 0 (off) or a zstd level 1..22")
     if g.memslots < 1:

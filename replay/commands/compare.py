@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ExitCode
-from ..scenario import STRATEGIES, load_scenario
+from ..scenario import STRATEGIES
 from ..units import format_bytes, format_ns
-from .run import add_common, check_invariants, progress_bar
+from .run import add_common, check_invariants, progress_bar, scenario_of
 
 # (label, path into metrics, formatter)
 ROWS = [
@@ -46,6 +46,18 @@ POSTCOPY_ROWS = [
 ]
 
 
+DATA_ROWS = [
+    ("handshake", ("metrics", "security", "handshake_verdict"), str),
+    ("validation token", ("metrics", "security", "token"), str),
+    ("page bytes before compression", ("metrics", "security", "source", "payload_bytes"), format_bytes),
+    ("page bytes after compression", ("metrics", "security", "source", "compressed_bytes"), format_bytes),
+    ("sealed bytes on the wire", ("metrics", "security", "source", "wire_bytes"), format_bytes),
+    ("shared pages sent unprotected", ("metrics", "security", "shared_pages_unprotected"), str),
+    ("packets accepted by the target", ("metrics", "security", "target", "outcomes", "accepted"), str),
+    ("plaintext end == no migration", ("invariants", "plaintext_end_equals_no_migration"), str),
+]
+
+
 def _get(summary: dict, path: tuple[str, ...]):
     for key in path:
         summary = summary[key]
@@ -61,6 +73,7 @@ def _invariants(s: dict) -> str:
 
 def table(summaries: list[dict]) -> str:
     rows = ROWS + (POSTCOPY_ROWS if summaries[0]["mode"] != "precopy" else [])
+    rows += DATA_ROWS if all("data" in s for s in summaries) else []
     head = ["metric"] + [s["strategy"] for s in summaries]
     body = [[label] + [fmt(_get(s, path)) for s in summaries] for label, path, fmt in rows]
     faults = [sum(s["metrics"]["faults"].values()) for s in summaries]
@@ -168,7 +181,7 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
 def run(args) -> int:
     from ..migrate import trace_for
 
-    scenario = load_scenario(args.scenario, args.overrides)
+    scenario = scenario_of(args)
     out = Path(args.out)
     trace_path = Path(args.trace) if args.trace else trace_for(scenario)
     results = run_parallel(scenario, engine=args.engine, trace_path=trace_path, show_progress=not args.no_progress)

@@ -19,6 +19,14 @@ def add_common(p) -> None:
                    help="page engine (the reference engine is slow; for cross-checking)")
     p.add_argument("--trace", metavar="FILE", help="replay this trace instead of the scenario's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--data", action="store_true",
+                   help="data mode: real page contents, encrypted per host, through the attested sealed channel "
+                        "(same as --set migration.data=true)")
+
+
+def scenario_of(args):
+    """The scenario of a run/compare command line, with its overrides (``--data`` is one)."""
+    return load_scenario(args.scenario, [*args.overrides, *(["migration.data=true"] if args.data else [])])
 
 
 def configure(p) -> None:
@@ -68,7 +76,7 @@ def check_invariants(result, out) -> None:
 
 
 def run(args) -> int:
-    scenario = load_scenario(args.scenario, args.overrides)
+    scenario = scenario_of(args)
     result = execute(scenario, args.out, strategy=args.strategy, engine=args.engine, trace=args.trace,
                      show_progress=not args.no_progress)
     m = result.summary["metrics"]

@@ -85,7 +85,7 @@ class Migration:
         if self.s.migration.data:
             from ..security.memory import replay_plaintext_digest
 
-            data = DataMode(self.s.seed, eng, self.meta, self.s.migration.data_zstd_level)
+            data = DataMode(self.s.seed, eng, self.meta, self.s.migration.data_zstd_level, self.s.attestation)
             data.plaintext["no_migration"] = replay_plaintext_digest(self.trace_path)
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))

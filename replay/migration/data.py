@@ -19,12 +19,27 @@ from __future__ import annotations
 import numpy as np
 
 from ..security.channel import Outcome
-from ..security.session import DataPlane
+from ..scenario import AttestationSpec, parse_tcb
+from ..security.attestation import DEFAULT_GUEST_POLICY, POLICY_DEBUG, POLICY_MIGRATE_MA, TcbVersion
+from ..security.session import AttestationSetup, DataPlane
 from ..security.token import TokenOutcome
 from ..strategies import SOURCE, TARGET
 
 # One stream per kind of traffic: each has its own sequence numbers and keys.
 STREAM = {"precopy": 0, "downtime": 1, "postcopy": 2, "fault": 3, "vmsa": 4}
+
+
+def attestation_setup(a: AttestationSpec) -> AttestationSetup:
+    """The scenario's [attestation] as the handshake's setup."""
+    def tcb(text: str) -> TcbVersion:
+        return TcbVersion(*parse_tcb(text, "attestation"))
+
+    policy = DEFAULT_GUEST_POLICY & ~POLICY_MIGRATE_MA & ~POLICY_DEBUG
+    policy |= (POLICY_MIGRATE_MA if a.target_migratable else 0) | (POLICY_DEBUG if a.target_debug else 0)
+    return AttestationSetup(
+        allowed_measurements=(a.allowed_measurement,), min_tcb=tcb(a.min_tcb),
+        source_measurement=a.source_measurement, target_measurement=a.target_measurement,
+        source_tcb=tcb(a.source_tcb), target_tcb=tcb(a.target_tcb), target_policy=policy, target_root=a.target_root)
 
 
 class DataRefused(Exception):
@@ -36,10 +51,11 @@ class DataRefused(Exception):
 
 
 class DataMode:
-    def __init__(self, seed: int, eng, meta, compress_level: int):
+    def __init__(self, seed: int, eng, meta, compress_level: int, attestation: AttestationSpec = AttestationSpec()):
         self.eng = eng
         self.dp = DataPlane(seed, npages=meta.npages, spa_base=(eng.spa(SOURCE, 0), eng.spa(TARGET, 0)),
-                            shared_ranges=meta.shared_ranges, compress_level=compress_level or None)
+                            shared_ranges=meta.shared_ranges, compress_level=compress_level or None,
+                            setup=attestation_setup(attestation))
         self.plaintext = dict.fromkeys(("source_at_switchover", "target_at_switchover", "end_of_trace"), "")
         eng.set_send_log(True)
 
