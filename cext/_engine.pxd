@@ -26,6 +26,8 @@
 #   void launch_c(State* s, int host, const int64_t* ranges, int64_t nranges) noexcept nogil
 #   void rmp_get(State* s, int host, int64_t spa, RmpEntry* out) noexcept nogil   (the entry, by value)
 #   void rmp_put(State* s, int host, int64_t spa, const RmpEntry* e) noexcept nogil (store; s.oom on failure)
+#   void make_private(State* s, int host, int64_t gfn, int64_t ev) noexcept nogil  (RMPUPDATE+PVALIDATE[+RMPADJUST])
+#   void make_shared(State* s, int host, int64_t gfn, int64_t ev) noexcept nogil   (PVALIDATE(0)+RMPUPDATE)
 #   int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64_t base_index,
 #                       uint64_t stop, const uint64_t* delays) noexcept nogil   -> next row, or ERR_*
 #   int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
