@@ -1,8 +1,13 @@
 # C declarations of the Cython page engine (cext/_engine.pyx -> replay._engine): the structs and the
 # constants, which mirror replay/snp.py and replay/engine.py (tests/test_engine_rules.py checks that they agree).
 #
-# Page state and RMP entries are C arrays of structs, 8 and 16 bytes, so one replayed page touches about two
-# cache lines.
+# Memory layout (5 bytes per gfn per host, plus a small table): page state is two arrays per host, a uint32
+# version and a uint8 flags byte per gfn. The RMP is not an array: nearly every entry of a guest page's own
+# SPA is one of two entries fixed by the engine (the zero entry, or the entry launch gives a private page), so
+# two bits of the page's flags byte say which (PG_RMP_PRIV) or that the entry is an exception held in a
+# per-host open-addressing hash table keyed by SPA (PG_RMP_EXC). SPAs outside the guest's own range (below
+# spa_base, the VMSA spares) are in the table or, when absent, the zero entry. A replayed page with a
+# canonical entry touches its flags byte (and version on a write) only.
 #
 # How it is used: Cython looks up a module's own .pxd by the module's qualified name (replay._engine ->
 # replay/_engine.pxd or <include dir>/replay._engine.pxd), so this header, named for the cext/ source, is
@@ -18,7 +23,11 @@
 #                   int target_vmpl, int perms, bint vmsa, bint size_2m, int64_t ev) noexcept nogil -> RC_*
 #   int psmash_c(State* s, int host, int64_t spa) noexcept nogil                      -> RC_*
 #   int check_c(State* s, int host, int64_t gfn, int vmpl, int access, bint private) noexcept nogil -> F_*
-#   void launch_c(State* s, int host, const uint8_t* shared) noexcept nogil
+#   void launch_c(State* s, int host, const int64_t* ranges, int64_t nranges) noexcept nogil
+#   void rmp_get(State* s, int host, int64_t spa, RmpEntry* out) noexcept nogil   (the entry, by value)
+#   void rmp_put(State* s, int host, int64_t spa, const RmpEntry* e) noexcept nogil (store; s.oom on failure)
+#   void make_private(State* s, int host, int64_t gfn, int64_t ev) noexcept nogil  (RMPUPDATE+PVALIDATE[+RMPADJUST])
+#   void make_shared(State* s, int host, int64_t gfn, int64_t ev) noexcept nogil   (PVALIDATE(0)+RMPUPDATE)
 #   int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64_t base_index,
 #                       uint64_t stop, const uint64_t* delays) noexcept nogil   -> next row, or ERR_*
 #   int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
@@ -44,6 +53,10 @@ cdef enum:
     PG_PRESENT = 4
     PG_SEND = 8                # the migration's own "still to send" bitmap (QEMU's RAM bitmap)
     PG_MAPPED = 16             # an agent has touched the page through its own nested page table
+    PG_VISIBLE = 31            # the bits above, the ones flags() shows
+    PG_RMP_PRIV = 32           # the RMP entry of the page's SPA is the canonical private entry
+    PG_RMP_EXC = 64            # ... is an exception, held in the host's RMP table (neither: the zero entry)
+    PG_RMP = 96
 
 # RMP entry flags
 cdef enum:
@@ -101,17 +114,21 @@ cdef enum:
     ERR_RANGE = -3
     ERR_OP = -4
 
-ctypedef struct PageState:        # 8 bytes per gfn per host
-    uint32_t version
-    uint8_t flags                 # PG_*
-    uint8_t pad[3]
-
-ctypedef struct RmpEntry:         # 16 bytes per SPA per host
+ctypedef struct RmpEntry:         # 16 bytes; only exceptions are stored (RmpTable)
     uint32_t gfn
     uint32_t asid
     uint8_t flags                 # R_*
     uint8_t perms[4]              # per VMPL; perms[0] is always PERM_ALL
-    uint8_t pad[3]
+    uint8_t pad[3]                # always 0
+
+ctypedef struct RmpSlot:
+    int64_t spa                   # -1: empty
+    RmpEntry e
+
+ctypedef struct RmpTable:         # open addressing, linear probing, backward-shift deletion
+    RmpSlot* slots
+    int64_t cap                   # 0 or a power of two
+    int64_t n
 
 ctypedef struct Cols:             # zero-copy views of one record batch's columns
     const uint64_t* t_ns
@@ -172,8 +189,10 @@ ctypedef struct State:
     uint32_t asid
     int os_vmpl
     int hosts
-    PageState* img[MAX_HOSTS]
-    RmpEntry* rmp[MAX_HOSTS]
+    uint32_t* ver[MAX_HOSTS]              # per gfn
+    uint8_t* flg[MAX_HOSTS]               # per gfn: PG_*
+    RmpTable exc[MAX_HOSTS]               # RMP entries other than the canonical ones
+    int oom                               # the RMP table could not grow (raised as MemoryError)
     int64_t spa_base[MAX_HOSTS]
     int64_t rmp_size[MAX_HOSTS]
     uint8_t logging[MAX_HOSTS]

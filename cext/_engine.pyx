@@ -1,8 +1,9 @@
 """The Cython page engine (``replay._engine.Engine``): the Engine API of docs/internals.md, fast.
 
 Same semantics as the reference engine (replay/refengine.py), which is the readable statement of the rules;
-tests/test_engine_agree.py checks the two against each other. Layout: page state and RMP entries are C
-arrays of structs (cext/_engine.pxd); the RMP instructions, the access check, the per-row replay loop and
+tests/test_engine_agree.py checks the two against each other. Layout (cext/_engine.pxd): per host a uint32
+version and a uint8 flags array over gfns, and the RMP held as exceptions to two canonical entries (two
+bits of the flags byte say which; other entries are in a hash table keyed by SPA); the RMP instructions, the access check, the per-row replay loop and
 the transfer loop are ``cdef ... noexcept nogil`` functions over raw pointers, and ``replay``/``transfer``
 run them with the GIL released. Record-batch columns are taken zero-copy (Arrow data buffer + offset).
 C-level error codes become Python exceptions only in ``_raise_row_error`` (and enums in the wrappers).
@@ -13,7 +14,7 @@ import hashlib
 
 import numpy as np
 
-from libc.stdlib cimport calloc, free, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 
 from _engine cimport *
@@ -55,6 +56,9 @@ cdef enum:
     PREFETCH = 8  # rows ahead whose page state and RMP entry are prefetched
 
 cdef enum:
+    DIGEST_CHUNK = 1 << 18  # versions hashed per update() in digest(): a 1 MiB buffer
+
+cdef enum:
     RMP_KEEP = 0
     RMP_ASSIGN = 1
     RMP_RELEASE = 2
@@ -73,6 +77,168 @@ cdef inline void count_fault(State* s, int kind, int64_t ev, int64_t gfn) noexce
         s.n_ff += 1
 
 
+# ------------------------------------------------------------------ the RMP: canonical entries + exceptions
+#
+# A guest page's own entry is held as two bits of its flags byte: PG_RMP_PRIV (the canonical private entry,
+# what launch makes: assigned to the engine's asid at this gfn, 4K, mutable, validated, not a VMSA,
+# perms[0] = ALL and perms[os_vmpl] = ALL), PG_RMP_EXC (anything else, in the table), or neither (the zero
+# entry: unassigned, perms[0] = ALL). Every instruction reads an entry by value (rmp_get), changes the copy
+# and stores it back (rmp_put), which picks the representation; so what an instruction computes never
+# depends on how an entry is held.
+
+cdef inline void zero_entry(RmpEntry* e) noexcept nogil:
+    e.gfn = 0
+    e.asid = 0
+    e.flags = 0
+    e.perms[0] = PERM_ALL
+    e.perms[1] = 0
+    e.perms[2] = 0
+    e.perms[3] = 0
+    e.pad[0] = e.pad[1] = e.pad[2] = 0
+
+
+cdef inline void priv_entry(const State* s, int64_t gfn, RmpEntry* e) noexcept nogil:
+    zero_entry(e)
+    e.gfn = <uint32_t>gfn
+    e.asid = s.asid
+    e.flags = R_ASSIGNED | R_VALIDATED
+    if s.os_vmpl > 0:
+        e.perms[s.os_vmpl] = PERM_ALL
+
+
+cdef inline bint same_entry(const RmpEntry* a, const RmpEntry* b) noexcept nogil:
+    return (a.gfn == b.gfn and a.asid == b.asid and a.flags == b.flags and a.perms[0] == b.perms[0]
+            and a.perms[1] == b.perms[1] and a.perms[2] == b.perms[2] and a.perms[3] == b.perms[3])
+
+
+cdef inline uint64_t slot_of(int64_t spa, int64_t cap) noexcept nogil:
+    cdef uint64_t h = (<uint64_t>spa) * <uint64_t>0x9E3779B97F4A7C15ULL
+    return (h ^ (h >> 29)) & <uint64_t>(cap - 1)
+
+
+cdef inline RmpSlot* tab_find(const RmpTable* t, int64_t spa) noexcept nogil:
+    cdef uint64_t i
+    if t.cap == 0:
+        return NULL
+    i = slot_of(spa, t.cap)
+    while t.slots[i].spa != -1:
+        if t.slots[i].spa == spa:
+            return &t.slots[i]
+        i = (i + 1) & <uint64_t>(t.cap - 1)
+    return NULL
+
+
+cdef int tab_grow(RmpTable* t) noexcept nogil:
+    """Double the table (16 slots at first); -1 when memory runs out (the old table is kept)."""
+    cdef int64_t cap = t.cap * 2 if t.cap else 16
+    cdef RmpSlot* slots = <RmpSlot*>malloc(cap * sizeof(RmpSlot))
+    cdef int64_t j
+    cdef uint64_t i
+    if slots == NULL:
+        return -1
+    for j in range(cap):
+        slots[j].spa = -1
+    for j in range(t.cap):
+        if t.slots[j].spa != -1:
+            i = slot_of(t.slots[j].spa, cap)
+            while slots[i].spa != -1:
+                i = (i + 1) & <uint64_t>(cap - 1)
+            slots[i] = t.slots[j]
+    free(t.slots)
+    t.slots = slots
+    t.cap = cap
+    return 0
+
+
+cdef int tab_set(RmpTable* t, int64_t spa, const RmpEntry* e) noexcept nogil:
+    cdef uint64_t i
+    cdef RmpSlot* p = tab_find(t, spa)
+    if p != NULL:
+        p.e = e[0]
+        return 0
+    if (t.n + 1) * 2 > t.cap and tab_grow(t) != 0 and t.n + 1 >= t.cap:
+        return -1  # full and cannot grow (below that, a failed growth only raises the load)
+    i = slot_of(spa, t.cap)
+    while t.slots[i].spa != -1:
+        i = (i + 1) & <uint64_t>(t.cap - 1)
+    t.slots[i].spa = spa
+    t.slots[i].e = e[0]
+    t.n += 1
+    return 0
+
+
+cdef void tab_del(RmpTable* t, int64_t spa) noexcept nogil:
+    cdef uint64_t i, j, k, mask
+    cdef RmpSlot* p = tab_find(t, spa)
+    if p == NULL:
+        return
+    mask = <uint64_t>(t.cap - 1)
+    i = <uint64_t>(p - t.slots)
+    j = i
+    while True:  # backward-shift deletion: no tombstones, probes stay short
+        j = (j + 1) & mask
+        if t.slots[j].spa == -1:
+            break
+        k = slot_of(t.slots[j].spa, t.cap)
+        # move slot j into the hole at i unless its home k lies cyclically in (i, j]
+        if (i <= j and (k <= i or k > j)) or (i > j and k <= i and k > j):
+            t.slots[i] = t.slots[j]
+            i = j
+    t.slots[i].spa = -1
+    t.n -= 1
+
+
+cdef inline void rmp_get(const State* s, int host, int64_t spa, RmpEntry* out) noexcept nogil:
+    cdef int64_t g = spa - s.spa_base[host]
+    cdef uint8_t f
+    cdef const RmpSlot* p
+    if 0 <= g < s.npages:
+        f = s.flg[host][g]
+        if f & PG_RMP_PRIV:
+            priv_entry(s, g, out)
+            return
+        if not (f & PG_RMP_EXC):
+            zero_entry(out)
+            return
+    p = tab_find(&s.exc[host], spa)
+    if p != NULL:
+        out[0] = p.e
+    else:
+        zero_entry(out)
+
+
+cdef void rmp_put(State* s, int host, int64_t spa, const RmpEntry* e) noexcept nogil:
+    cdef int64_t g = spa - s.spa_base[host]
+    cdef RmpEntry c
+    cdef uint8_t rs
+    cdef uint8_t* f
+    zero_entry(&c)
+    if 0 <= g < s.npages:
+        f = &s.flg[host][g]
+        if same_entry(e, &c):
+            rs = 0
+        else:
+            priv_entry(s, g, &c)
+            rs = PG_RMP_PRIV if same_entry(e, &c) else PG_RMP_EXC
+        if rs == PG_RMP_EXC:
+            if tab_set(&s.exc[host], spa, e) != 0:
+                s.oom = 1
+                return
+        elif f[0] & PG_RMP_EXC:
+            tab_del(&s.exc[host], spa)
+        f[0] = (f[0] & ~PG_RMP) | rs
+    elif same_entry(e, &c):
+        tab_del(&s.exc[host], spa)
+    elif tab_set(&s.exc[host], spa, e) != 0:
+        s.oom = 1
+
+
+# ------------------------------------------------------------------ RMP instructions
+#
+# Each *_do works on the entry at spa loaded by the caller (``head``, changed in place; the caller stores it
+# when the instruction succeeds) and reads/writes the other 511 entries of a 2M request itself. The *_c
+# functions are the single instructions; make_private/make_shared chain several on one loaded entry.
+
 cdef inline int npf_kind(const RmpEntry* e, uint32_t asid, uint32_t gfn) noexcept nogil:
     if (e.flags & R_ASSIGNED) and e.gfn != gfn:
         return F_NPF_GPA_MISMATCH
@@ -83,131 +249,212 @@ cdef inline int npf_kind(const RmpEntry* e, uint32_t asid, uint32_t gfn) noexcep
     return F_NONE
 
 
-cdef inline void reset_perms(RmpEntry* e) noexcept nogil:
-    e.perms[0] = PERM_ALL
-    e.perms[1] = 0
-    e.perms[2] = 0
-    e.perms[3] = 0
+cdef inline void update_entry(RmpEntry* e, bint assigned, uint32_t asid, uint32_t new_gfn, bint size_2m,
+                              bint immutable) noexcept nogil:
+    cdef bint changed = ((e.flags & R_ASSIGNED) != 0) != assigned or e.asid != asid or e.gfn != new_gfn \
+        or ((e.flags & R_SIZE_2M) != 0) != size_2m
+    cdef uint8_t keep = e.flags & (R_VALIDATED | R_VMSA)
+    if changed:
+        keep = 0
+        e.perms[0] = PERM_ALL
+        e.perms[1] = e.perms[2] = e.perms[3] = 0
+    e.flags = keep | (R_ASSIGNED if assigned else 0) | (R_SIZE_2M if size_2m else 0) \
+        | (R_IMMUTABLE if immutable else 0)
+    e.asid = asid
+    e.gfn = new_gfn
 
 
-cdef int rmpupdate_c(State* s, int host, int64_t spa, bint assigned, uint32_t asid, uint32_t gfn,
-                     bint size_2m, bint immutable) noexcept nogil:
-    cdef RmpEntry* t = s.rmp[host]
-    cdef int64_t i, n = 1
-    cdef RmpEntry* e
-    cdef uint32_t new_gfn
-    cdef uint8_t keep
-    cdef bint changed
+cdef int rmpupdate_do(State* s, int host, int64_t spa, RmpEntry* head, bint assigned, uint32_t asid,
+                      uint32_t gfn, bint size_2m, bint immutable) noexcept nogil:
+    cdef int64_t i
+    cdef RmpEntry e
     s.n_rmpupdate[host] += 1
-    if t[spa].flags & R_IMMUTABLE:
+    if head.flags & R_IMMUTABLE:
         return RC_FAIL_PERMISSION
     if size_2m:
-        n = PAGES_PER_2M
         if spa % PAGES_PER_2M or gfn % PAGES_PER_2M or spa + PAGES_PER_2M > s.rmp_size[host]:
             return RC_FAIL_INPUT
         for i in range(1, PAGES_PER_2M):
-            e = &t[spa + i]
+            rmp_get(s, host, spa + i, &e)
             if (e.flags & R_IMMUTABLE) != 0:
                 return RC_FAIL_PERMISSION
         for i in range(1, PAGES_PER_2M):
-            e = &t[spa + i]
+            rmp_get(s, host, spa + i, &e)
             if (e.flags & (R_ASSIGNED | R_SIZE_2M)) == R_ASSIGNED:
                 return RC_FAIL_OVERLAP
     if not assigned:
         asid = 0
         gfn = 0
-    for i in range(n):
-        e = &t[spa + i]
-        new_gfn = <uint32_t>(gfn + i) if assigned else 0
-        changed = ((e.flags & R_ASSIGNED) != 0) != assigned or e.asid != asid or e.gfn != new_gfn \
-            or ((e.flags & R_SIZE_2M) != 0) != size_2m
-        keep = e.flags & (R_VALIDATED | R_VMSA)
-        if changed:
-            keep = 0
-            reset_perms(e)
-        e.flags = keep | (R_ASSIGNED if assigned else 0) | (R_SIZE_2M if size_2m else 0) \
-            | (R_IMMUTABLE if immutable else 0)
-        e.asid = asid
-        e.gfn = new_gfn
+    update_entry(head, assigned, asid, gfn, size_2m, immutable)
+    if size_2m:
+        for i in range(1, PAGES_PER_2M):
+            rmp_get(s, host, spa + i, &e)
+            update_entry(&e, assigned, asid, <uint32_t>(gfn + i) if assigned else 0, size_2m, immutable)
+            rmp_put(s, host, spa + i, &e)
     return RC_SUCCESS
 
 
-cdef int pvalidate_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int vmpl, bint validate,
-                     bint size_2m, int64_t ev) noexcept nogil:
-    cdef RmpEntry* t = s.rmp[host]
-    cdef int64_t i, n
+cdef int pvalidate_do(State* s, int host, int64_t spa, RmpEntry* head, uint32_t asid, uint32_t gfn, int vmpl,
+                      bint validate, bint size_2m, int64_t ev) noexcept nogil:
+    cdef int64_t i
     cdef int npf
+    cdef RmpEntry e
     s.n_pvalidate[host] += 1
     if vmpl != 0:
         return RC_FAIL_PERMISSION
     if size_2m and (spa % PAGES_PER_2M or spa + PAGES_PER_2M > s.rmp_size[host]):
         return RC_FAIL_INPUT
-    npf = npf_kind(&t[spa], asid, gfn)
+    npf = npf_kind(head, asid, gfn)
     if npf != F_NONE:
         count_fault(s, npf, ev, gfn)
         return RC_NESTED_PF
-    if size_2m and not (t[spa].flags & R_SIZE_2M):
+    if size_2m and not (head.flags & R_SIZE_2M):
         return RC_FAIL_SIZEMISMATCH
-    if ((t[spa].flags & R_VALIDATED) != 0) == validate:
+    if ((head.flags & R_VALIDATED) != 0) == validate:
         return RC_FAIL_NOUPDATE
-    n = PAGES_PER_2M if size_2m else 1
-    for i in range(spa, spa + n):
-        if validate:
-            t[i].flags |= R_VALIDATED
-        else:
-            t[i].flags &= ~R_VALIDATED
+    head.flags = (head.flags | R_VALIDATED) if validate else (head.flags & ~R_VALIDATED)
+    if size_2m:
+        for i in range(spa + 1, spa + PAGES_PER_2M):
+            rmp_get(s, host, i, &e)
+            e.flags = (e.flags | R_VALIDATED) if validate else (e.flags & ~R_VALIDATED)
+            rmp_put(s, host, i, &e)
     return RC_SUCCESS
 
 
-cdef int rmpadjust_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int caller_vmpl,
-                     int target_vmpl, int perms, bint vmsa, bint size_2m, int64_t ev) noexcept nogil:
-    cdef RmpEntry* t = s.rmp[host]
-    cdef int64_t i, n
+cdef inline void adjust_entry(RmpEntry* e, int caller_vmpl, int target_vmpl, int perms, bint vmsa) noexcept nogil:
+    e.perms[target_vmpl] = <uint8_t>perms
+    if caller_vmpl == 0:
+        e.flags = (e.flags & ~R_VMSA) | (R_VMSA if vmsa else 0)
+
+
+cdef int rmpadjust_do(State* s, int host, int64_t spa, RmpEntry* head, uint32_t asid, uint32_t gfn,
+                      int caller_vmpl, int target_vmpl, int perms, bint vmsa, bint size_2m, int64_t ev) noexcept nogil:
+    cdef int64_t i
     cdef int npf
+    cdef RmpEntry e
     s.n_rmpadjust[host] += 1
     if target_vmpl <= caller_vmpl or target_vmpl >= VMPLS:
         return RC_FAIL_PERMISSION
     if vmsa and caller_vmpl != 0:
         return RC_FAIL_PERMISSION
-    if perms & ~(<int>t[spa].perms[caller_vmpl]):
+    if perms & ~(<int>head.perms[caller_vmpl]):
         return RC_FAIL_PERMISSION
     if size_2m and (spa % PAGES_PER_2M or spa + PAGES_PER_2M > s.rmp_size[host]):
         return RC_FAIL_INPUT
-    npf = npf_kind(&t[spa], asid, gfn)
+    npf = npf_kind(head, asid, gfn)
     if npf != F_NONE:
         count_fault(s, npf, ev, gfn)
         return RC_NESTED_PF
-    if not (t[spa].flags & R_VALIDATED):
+    if not (head.flags & R_VALIDATED):
         return RC_FAIL_INPUT
-    if ((t[spa].flags & R_SIZE_2M) != 0) != size_2m:
+    if ((head.flags & R_SIZE_2M) != 0) != size_2m:
         return RC_FAIL_SIZEMISMATCH
-    n = PAGES_PER_2M if size_2m else 1
-    for i in range(spa, spa + n):
-        t[i].perms[target_vmpl] = <uint8_t>perms
-        if caller_vmpl == 0:
-            t[i].flags = (t[i].flags & ~R_VMSA) | (R_VMSA if vmsa else 0)
+    adjust_entry(head, caller_vmpl, target_vmpl, perms, vmsa)
+    if size_2m:
+        for i in range(spa + 1, spa + PAGES_PER_2M):
+            rmp_get(s, host, i, &e)
+            adjust_entry(&e, caller_vmpl, target_vmpl, perms, vmsa)
+            rmp_put(s, host, i, &e)
     return RC_SUCCESS
+
+
+cdef int rmpupdate_c(State* s, int host, int64_t spa, bint assigned, uint32_t asid, uint32_t gfn,
+                     bint size_2m, bint immutable) noexcept nogil:
+    cdef RmpEntry e
+    cdef int rc
+    rmp_get(s, host, spa, &e)
+    rc = rmpupdate_do(s, host, spa, &e, assigned, asid, gfn, size_2m, immutable)
+    if rc == RC_SUCCESS:
+        rmp_put(s, host, spa, &e)
+    return rc
+
+
+cdef int pvalidate_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int vmpl, bint validate,
+                     bint size_2m, int64_t ev) noexcept nogil:
+    cdef RmpEntry e
+    cdef int rc
+    rmp_get(s, host, spa, &e)
+    rc = pvalidate_do(s, host, spa, &e, asid, gfn, vmpl, validate, size_2m, ev)
+    if rc == RC_SUCCESS:
+        rmp_put(s, host, spa, &e)
+    return rc
+
+
+cdef int rmpadjust_c(State* s, int host, int64_t spa, uint32_t asid, uint32_t gfn, int caller_vmpl,
+                     int target_vmpl, int perms, bint vmsa, bint size_2m, int64_t ev) noexcept nogil:
+    cdef RmpEntry e
+    cdef int rc
+    rmp_get(s, host, spa, &e)
+    rc = rmpadjust_do(s, host, spa, &e, asid, gfn, caller_vmpl, target_vmpl, perms, vmsa, size_2m, ev)
+    if rc == RC_SUCCESS:
+        rmp_put(s, host, spa, &e)
+    return rc
 
 
 cdef int psmash_c(State* s, int host, int64_t spa) noexcept nogil:
-    cdef RmpEntry* t = s.rmp[host]
+    cdef RmpEntry e
     cdef int64_t i
     s.n_psmash[host] += 1
-    if spa % PAGES_PER_2M or not (t[spa].flags & R_ASSIGNED) or not (t[spa].flags & R_SIZE_2M):
+    rmp_get(s, host, spa, &e)
+    if spa % PAGES_PER_2M or not (e.flags & R_ASSIGNED) or not (e.flags & R_SIZE_2M):
         return RC_FAIL_INPUT
     for i in range(spa, spa + PAGES_PER_2M):
-        t[i].flags &= ~R_SIZE_2M
+        rmp_get(s, host, i, &e)
+        e.flags &= ~R_SIZE_2M
+        rmp_put(s, host, i, &e)
     return RC_SUCCESS
 
+
+cdef void make_private(State* s, int host, int64_t gfn, int64_t ev) noexcept nogil:
+    """RMPUPDATE (assign asid, gfn, 4K), PVALIDATE(1), and RMPADJUST(VMPL0 -> os_vmpl, ALL) when os_vmpl > 0:
+    a page becoming private (launch, a page-state change, delivery to the target)."""
+    cdef int64_t spa = s.spa_base[host] + gfn
+    cdef uint8_t* f = &s.flg[host][gfn]
+    cdef RmpEntry e
+    if not (f[0] & PG_RMP_EXC):
+        # From the zero entry: the update changes it (perms reset), PVALIDATE sets validated, the adjust
+        # sets perms[os_vmpl] and clears vmsa. From the canonical private entry: the update changes nothing,
+        # PVALIDATE answers FAIL_NOUPDATE, the adjust rewrites what is there. No fault either way; the
+        # result is the canonical private entry.
+        s.n_rmpupdate[host] += 1
+        s.n_pvalidate[host] += 1
+        if s.os_vmpl > 0:
+            s.n_rmpadjust[host] += 1
+        f[0] |= PG_RMP_PRIV
+        return
+    rmp_get(s, host, spa, &e)
+    # a failing step leaves the entry as it was, so one store at the end is enough
+    rmpupdate_do(s, host, spa, &e, True, s.asid, <uint32_t>gfn, False, False)
+    pvalidate_do(s, host, spa, &e, s.asid, <uint32_t>gfn, 0, True, False, ev)
+    if s.os_vmpl > 0:
+        rmpadjust_do(s, host, spa, &e, s.asid, <uint32_t>gfn, 0, s.os_vmpl, PERM_ALL, False, False, ev)
+    rmp_put(s, host, spa, &e)
+
+
+cdef void make_shared(State* s, int host, int64_t gfn, int64_t ev) noexcept nogil:
+    """PVALIDATE(0) then RMPUPDATE to unassigned: a private page becoming shared (page-state change,
+    delivery of a shared page over an assigned target entry)."""
+    cdef int64_t spa = s.spa_base[host] + gfn
+    cdef uint8_t* f = &s.flg[host][gfn]
+    cdef RmpEntry e
+    if (f[0] & PG_RMP) == PG_RMP_PRIV:
+        # the canonical private entry: PVALIDATE clears validated, the update (a change) gives the zero entry
+        s.n_pvalidate[host] += 1
+        s.n_rmpupdate[host] += 1
+        f[0] &= ~PG_RMP
+        return
+    rmp_get(s, host, spa, &e)
+    pvalidate_do(s, host, spa, &e, s.asid, <uint32_t>gfn, 0, False, False, ev)
+    rmpupdate_do(s, host, spa, &e, False, 0, 0, False, False)
+    rmp_put(s, host, spa, &e)
+
+
+# ------------------------------------------------------------------ access checks, launch, replay
 
 cdef inline int check_entry(const RmpEntry* e, uint32_t gfn, uint32_t asid, int vmpl, int access,
                             bint private) noexcept nogil:
     if not private:
         return F_NPF_SHARED_ASSIGNED if (e.flags & R_ASSIGNED) else F_NONE
-    # fast path: assigned, validated, 4K, mutable, ours, allowed
-    if SNP_LIKELY((e.flags & (R_ASSIGNED | R_IMMUTABLE | R_SIZE_2M | R_VALIDATED)) == (R_ASSIGNED | R_VALIDATED)
-                  and e.gfn == gfn and e.asid == asid and (e.perms[vmpl] & access)):
-        return F_NONE
     if (e.flags & R_ASSIGNED) and e.gfn != gfn:
         return F_NPF_GPA_MISMATCH
     if not (e.flags & R_ASSIGNED):
@@ -226,55 +473,64 @@ cdef inline int check_entry(const RmpEntry* e, uint32_t gfn, uint32_t asid, int 
 
 
 cdef int check_c(State* s, int host, int64_t gfn, int vmpl, int access, bint private) noexcept nogil:
-    return check_entry(&s.rmp[host][s.spa_base[host] + gfn], <uint32_t>gfn, s.asid, vmpl, access, private)
+    cdef RmpEntry e
+    rmp_get(s, host, s.spa_base[host] + gfn, &e)
+    return check_entry(&e, <uint32_t>gfn, s.asid, vmpl, access, private)
 
 
-cdef void launch_c(State* s, int host, const uint8_t* shared) noexcept nogil:
-    cdef int64_t gfn, spa
-    cdef PageState* img = s.img[host]
+cdef inline int guest_check(State* s, int host, int64_t gfn, uint8_t f, int access) noexcept nogil:
+    """check_c at the guest's own VMPL for a page whose flags byte is f. The fast case: a shared page over
+    the zero entry, or a private page over the canonical private entry (which grants ALL at os_vmpl)."""
+    cdef uint8_t k = f & (PG_PRIVATE | PG_RMP)
+    if SNP_LIKELY(k == 0 or k == (PG_PRIVATE | PG_RMP_PRIV)):
+        return F_NONE
+    return check_c(s, host, gfn, s.os_vmpl, access, (f & PG_PRIVATE) != 0)
+
+
+cdef void launch_c(State* s, int host, const int64_t* ranges, int64_t nranges) noexcept nogil:
+    """ranges: nranges sorted, disjoint, inclusive [first, last] pairs of shared gfns."""
+    cdef int64_t gfn, r = 0
+    cdef uint8_t* flg = s.flg[host]
+    cdef uint32_t* ver = s.ver[host]
+    cdef bint shared
+    cdef RmpEntry e
     for gfn in range(s.npages):
-        spa = s.spa_base[host] + gfn
-        if shared[gfn]:
-            if s.rmp[host][spa].flags & R_ASSIGNED:
-                rmpupdate_c(s, host, spa, False, 0, 0, False, False)
-            img[gfn].flags = PG_PRESENT
+        while r < nranges and ranges[2 * r + 1] < gfn:
+            r += 1
+        shared = r < nranges and ranges[2 * r] <= gfn
+        if shared:
+            rmp_get(s, host, s.spa_base[host] + gfn, &e)
+            if e.flags & R_ASSIGNED:
+                rmpupdate_c(s, host, s.spa_base[host] + gfn, False, 0, 0, False, False)
+            flg[gfn] = (flg[gfn] & PG_RMP) | PG_PRESENT
         else:
-            rmpupdate_c(s, host, spa, True, s.asid, <uint32_t>gfn, False, False)
-            pvalidate_c(s, host, spa, s.asid, <uint32_t>gfn, 0, True, False, -1)
-            if s.os_vmpl > 0:
-                rmpadjust_c(s, host, spa, s.asid, <uint32_t>gfn, 0, s.os_vmpl, PERM_ALL, False, False, -1)
-            img[gfn].flags = PG_PRIVATE | PG_PRESENT
-        img[gfn].version = 0
+            make_private(s, host, gfn, -1)
+            flg[gfn] = (flg[gfn] & PG_RMP) | PG_PRIVATE | PG_PRESENT
+        ver[gfn] = 0
 
 
 cdef inline void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev, uint8_t dirty) noexcept nogil:
     """One page of a row (PRESENT already checked): the per-page part of replay()."""
-    cdef PageState* p = &s.img[host][gfn]
-    cdef int64_t spa = s.spa_base[host] + gfn
-    cdef int f
-    cdef bint private = (p.flags & PG_PRIVATE) != 0
+    cdef uint8_t* f = &s.flg[host][gfn]
+    cdef int r
+    cdef bint private = (f[0] & PG_PRIVATE) != 0
     if op == OP_WRITE or op == OP_READ:
-        f = check_entry(&s.rmp[host][spa], <uint32_t>gfn, s.asid, s.os_vmpl,
-                        PERM_WRITE if op == OP_WRITE else PERM_READ, private)
-        if f != F_NONE:
-            count_fault(s, f, ev, gfn)
+        r = guest_check(s, host, gfn, f[0], PERM_WRITE if op == OP_WRITE else PERM_READ)
+        if r != F_NONE:
+            count_fault(s, r, ev, gfn)
         elif op == OP_WRITE:
-            p.version += 1
-            s.wp_faults[host] += (dirty & ~p.flags) >> 1
-            p.flags |= dirty
+            s.ver[host][gfn] += 1
+            s.wp_faults[host] += (dirty & ~f[0]) >> 1
+            f[0] |= dirty
     elif op == OP_TO_SHARED:
         if private:
-            pvalidate_c(s, host, spa, s.asid, <uint32_t>gfn, 0, False, False, ev)
-            rmpupdate_c(s, host, spa, False, 0, 0, False, False)
-            p.flags = (p.flags & ~PG_PRIVATE) | dirty
+            make_shared(s, host, gfn, ev)
+            f[0] = (f[0] & ~PG_PRIVATE) | dirty
             s.n_psc[host] += 1
     else:
         if not private:
-            rmpupdate_c(s, host, spa, True, s.asid, <uint32_t>gfn, False, False)
-            pvalidate_c(s, host, spa, s.asid, <uint32_t>gfn, 0, True, False, ev)
-            if s.os_vmpl > 0:
-                rmpadjust_c(s, host, spa, s.asid, <uint32_t>gfn, 0, s.os_vmpl, PERM_ALL, False, False, ev)
-            p.flags |= PG_PRIVATE | dirty
+            make_private(s, host, gfn, ev)
+            f[0] |= PG_PRIVATE | dirty
             s.n_psc[host] += 1
 
 
@@ -288,15 +544,11 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
     cdef uint64_t t, d, a, end
     cdef uint32_t ln
     cdef uint16_t v
-    cdef uint8_t o
+    cdef uint8_t o, fl, k
     cdef uint8_t dirty = PG_DIRTY if s.logging[host] else 0
-    cdef PageState* img = s.img[host]
-    cdef RmpEntry* rmp = s.rmp[host] + s.spa_base[host]    # indexed by gfn
-    cdef PageState* p
-    cdef const RmpEntry* e
+    cdef uint8_t* flg = s.flg[host]
+    cdef uint32_t* ver = s.ver[host]
     cdef int f
-    cdef uint32_t asid = s.asid
-    cdef int vmpl = s.os_vmpl
     cdef int64_t vcpus = s.vcpus
     # locals, not c->/s-> loads: the uint8 flag stores below may alias anything, so the compiler would
     # reload every field it reads through a pointer on each row
@@ -309,8 +561,8 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
         if r + PREFETCH < n:
             pf = <int64_t>(gpa[r + PREFETCH] >> PAGE_SHIFT)
             if pf < npages:
-                SNP_PREFETCH(&img[pf])
-                SNP_PREFETCH(&rmp[pf])
+                SNP_PREFETCH(&flg[pf])
+                SNP_PREFETCH(&ver[pf])
         v = vcpu[r]
         if v >= vcpus:
             s.err_row = r
@@ -341,27 +593,31 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
         first = <int64_t>(a >> PAGE_SHIFT)
         last = <int64_t>(end >> PAGE_SHIFT)
         if SNP_LIKELY(first == last):
-            p = &img[first]
-            if not (p.flags & PG_PRESENT) or (ready != NULL and ready[first] > t):
+            fl = flg[first]
+            if not (fl & PG_PRESENT) or (ready != NULL and ready[first] > t):
                 s.ls_fault = F_USERFAULT
                 s.ls_gfn = first
                 s.ls_vcpu = v
                 s.ls_row = r
                 return r
             if o == OP_WRITE:
-                e = &rmp[first]
-                f = check_entry(e, <uint32_t>first, asid, vmpl, PERM_WRITE, (p.flags & PG_PRIVATE) != 0)
+                # inline guest_check's fast case: shared over the zero entry, private over the canonical one
+                k = fl & (PG_PRIVATE | PG_RMP)
+                if SNP_LIKELY(k == 0 or k == (PG_PRIVATE | PG_RMP_PRIV)):
+                    f = F_NONE
+                else:
+                    f = check_c(s, host, first, s.os_vmpl, PERM_WRITE, (fl & PG_PRIVATE) != 0)
                 if SNP_LIKELY(f == F_NONE):
-                    p.version += 1
-                    s.wp_faults[host] += (dirty & ~p.flags) >> 1
-                    p.flags |= dirty
+                    ver[first] += 1
+                    s.wp_faults[host] += (dirty & ~fl) >> 1
+                    flg[first] = fl | dirty
                 else:
                     count_fault(s, f, base_index + r, first)
             else:
                 apply_page(s, host, first, o, base_index + r, dirty)
         else:
             for g in range(first, last + 1):
-                if not (img[g].flags & PG_PRESENT) or (ready != NULL and ready[g] > t):
+                if not (flg[g] & PG_PRESENT) or (ready != NULL and ready[g] > t):
                     s.ls_fault = F_USERFAULT
                     s.ls_gfn = g
                     s.ls_vcpu = v
@@ -379,10 +635,17 @@ cdef inline int64_t ceil_div(int64_t a, int64_t b) noexcept nogil:
 cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private) noexcept nogil:
     """What delivering gfn does to the target's RMP: RMP_KEEP, RMP_ASSIGN (RMPUPDATE + PVALIDATE
     [+ RMPADJUST]) or RMP_RELEASE (PVALIDATE(0) + RMPUPDATE to shared)."""
-    cdef RmpEntry* e = &s.rmp[dst][s.spa_base[dst] + gfn]
-    cdef bint assigned = (e.flags & R_ASSIGNED) != 0
+    cdef RmpEntry e
+    cdef bint assigned, ours
+    cdef uint8_t f = s.flg[dst][gfn]
+    if f & PG_RMP_EXC:
+        rmp_get(s, dst, s.spa_base[dst] + gfn, &e)
+        assigned = (e.flags & R_ASSIGNED) != 0
+        ours = assigned and e.asid == s.asid and e.gfn == <uint32_t>gfn
+    else:
+        assigned = ours = (f & PG_RMP_PRIV) != 0
     if private:
-        if not (assigned and e.asid == s.asid and e.gfn == <uint32_t>gfn):
+        if not ours:
             return RMP_ASSIGN
     elif assigned:
         return RMP_RELEASE
@@ -390,15 +653,11 @@ cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private) no
 
 
 cdef inline void target_rmp(State* s, int dst, int64_t gfn, int plan) noexcept nogil:
-    cdef int64_t spa = s.spa_base[dst] + gfn
     if plan == RMP_ASSIGN:
-        rmpupdate_c(s, dst, spa, True, s.asid, <uint32_t>gfn, False, False)
-        pvalidate_c(s, dst, spa, s.asid, <uint32_t>gfn, 0, True, False, -1)
-        if s.os_vmpl > 0:
-            rmpadjust_c(s, dst, spa, s.asid, <uint32_t>gfn, 0, s.os_vmpl, PERM_ALL, False, False, -1)
+        make_private(s, dst, gfn, -1)
     elif plan == RMP_RELEASE:
-        pvalidate_c(s, dst, spa, s.asid, <uint32_t>gfn, 0, False, False, -1)
-        rmpupdate_c(s, dst, spa, False, 0, 0, False, False)
+        make_shared(s, dst, gfn, -1)
+
 
 
 cdef inline uint64_t mix64(uint64_t z) noexcept nogil:
@@ -415,9 +674,9 @@ cdef inline void page_terms(int64_t gfn, uint32_t version, uint8_t flags, uint64
     t[1] = mix64(key ^ <uint64_t>0xD1B54A32D192ED03ULL)
 
 
-cdef inline void recv_add(State* s, int host, PageState* p, int64_t gfn, int sign) noexcept nogil:
+cdef inline void recv_add(State* s, int host, int64_t gfn, int sign) noexcept nogil:
     cdef uint64_t t[2]
-    page_terms(gfn, p.version, p.flags, t)
+    page_terms(gfn, s.ver[host][gfn], s.flg[host][gfn], t)
     if sign > 0:
         s.recv_sum[host][0] += t[0]
         s.recv_sum[host][1] += t[1]
@@ -478,14 +737,13 @@ cdef inline void xfer_clock(State* s) noexcept nogil:
 cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan) noexcept nogil:
     """The target receives gfn as the source holds it: content, attribute, its RMP state (plan) and the
     received-set hash."""
-    cdef PageState* ps = &s.img[src][gfn]
-    cdef PageState* pd = &s.img[dst][gfn]
-    cdef bint private = (ps.flags & PG_PRIVATE) != 0
-    if pd.flags & PG_PRESENT:
-        recv_add(s, dst, pd, gfn, -1)
-    pd.version = ps.version
-    pd.flags = (pd.flags & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
-    recv_add(s, dst, pd, gfn, 1)
+    cdef uint8_t* fd = &s.flg[dst][gfn]
+    cdef bint private = (s.flg[src][gfn] & PG_PRIVATE) != 0
+    if fd[0] & PG_PRESENT:
+        recv_add(s, dst, gfn, -1)
+    s.ver[dst][gfn] = s.ver[src][gfn]
+    fd[0] = (fd[0] & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
+    recv_add(s, dst, gfn, 1)
     if plan >= 0:
         target_rmp(s, dst, gfn, plan)
 
@@ -523,8 +781,9 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
     cdef int plan, vmgexit, touch_src, touch_dst
     cdef uint32_t version
     cdef bint private, zero
-    cdef PageState* ps
-    cdef PageState* pd
+    cdef uint8_t* ps
+    cdef uint8_t* pd
+    cdef const uint8_t* sflg = s.flg[src]
     x.link_dead = 0
     while True:
         if gfns != NULL:
@@ -545,19 +804,19 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
         if gfns != NULL:
             gfn = gfns[k]
         else:
-            while not (s.img[src][k].flags & PG_SEND):
+            while not (sflg[k] & PG_SEND):
                 k += 1
                 if k == npages:
                     k = 0
             gfn = k
-        pd = &s.img[dst][gfn]
-        if x.skip_present and (pd.flags & PG_PRESENT):
+        pd = &s.flg[dst][gfn]
+        if x.skip_present and (pd[0] & PG_PRESENT):
             k += 1
             continue
         # 2. what the page costs
-        ps = &s.img[src][gfn]
-        version = ps.version
-        private = (ps.flags & PG_PRIVATE) != 0
+        ps = &s.flg[src][gfn]
+        version = s.ver[src][gfn]
+        private = (ps[0] & PG_PRIVATE) != 0
         zero = version == 0
         nbytes = x.header_bytes + (0 if zero else x.page_bytes)
         plan = target_rmp_plan(s, dst, gfn, private) if x.target_rmp else -1
@@ -577,8 +836,8 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
                 vmgexit = 1
             dst_cpu = x.unpack_private_ns
             if x.first_touch_ns > 0:
-                touch_src = (ps.flags & PG_MAPPED) == 0
-                touch_dst = (pd.flags & PG_MAPPED) == 0
+                touch_src = (ps[0] & PG_MAPPED) == 0
+                touch_dst = (pd[0] & PG_MAPPED) == 0
                 src_cpu += touch_src * x.first_touch_ns
                 dst_cpu += touch_dst * x.first_touch_ns
         else:
@@ -601,7 +860,7 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
             x.priv_in_batch = 0 if vmgexit else x.priv_in_batch + 1
             x.vmgexits += vmgexit
             if touch_src:
-                ps.flags |= PG_MAPPED
+                ps[0] |= PG_MAPPED
             x.first_touches += touch_src + touch_dst
         xfer_clock(s)
         # 4. delivery; with ready, the page is usable on the target from the end of its slot
@@ -609,7 +868,7 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
             slog_add(s, gfn, base_index + row[0], version)
         deliver_page(s, src, dst, gfn, plan)
         if touch_dst:
-            pd.flags |= PG_MAPPED
+            pd[0] |= PG_MAPPED
         if ready != NULL:
             ready[gfn] = <uint64_t>x.g
         x.pages += 1
@@ -617,7 +876,7 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
         x.private_pages += private
         x.shared_pages += not private
         if gfns == NULL:
-            ps.flags &= ~PG_SEND
+            ps[0] &= ~PG_SEND
             s.send_count[src] -= 1
         k += 1
         if gfns == NULL and k == npages:
@@ -683,14 +942,17 @@ cdef class Engine:
         self.st.slog_n = self.st.slog_cap = 0
         self.st.slog_on = self.st.slog_oom = 0
         for h in range(MAX_HOSTS):
-            self.st.img[h] = NULL
-            self.st.rmp[h] = NULL
+            self.st.ver[h] = NULL
+            self.st.flg[h] = NULL
+            self.st.exc[h].slots = NULL
+            self.st.exc[h].cap = self.st.exc[h].n = 0
+        self.st.oom = 0
 
     def __init__(self, npages, vcpus, *, asid=1, os_vmpl=0, hosts=2, spa_base=None):
         cdef int h
         cdef int64_t i
         npages, vcpus, asid, os_vmpl, hosts, spa_base = check_engine_args(npages, vcpus, asid, os_vmpl, hosts, spa_base)
-        if self.st.img[0] != NULL:
+        if self.st.ver[0] != NULL:
             raise RuntimeError("Engine.__init__ called twice")
         self.st.npages = npages
         self.st.vcpus = vcpus
@@ -704,12 +966,11 @@ cdef class Engine:
             self.st.logging[h] = 0
             self.st.send_count[h] = 0
             self.st.recv_sum[h][0] = self.st.recv_sum[h][1] = 0
-            self.st.img[h] = <PageState*>calloc(npages, sizeof(PageState))
-            self.st.rmp[h] = <RmpEntry*>calloc(self.st.rmp_size[h], sizeof(RmpEntry))
-            if self.st.img[h] == NULL or self.st.rmp[h] == NULL:
-                raise MemoryError("engine: cannot allocate page state / RMP table")
-            for i in range(self.st.rmp_size[h]):
-                self.st.rmp[h][i].perms[0] = PERM_ALL
+            # calloc: all-zero is the fresh state (version 0, no flags, every RMP entry the zero entry)
+            self.st.ver[h] = <uint32_t*>calloc(npages, sizeof(uint32_t))
+            self.st.flg[h] = <uint8_t*>calloc(npages, sizeof(uint8_t))
+            if self.st.ver[h] == NULL or self.st.flg[h] == NULL:
+                raise MemoryError(f"engine: cannot allocate the page state of {npages} pages")
         self.st.ls_fault = F_NONE
         self.st.ls_gfn = self.st.ls_vcpu = self.st.ls_row = 0
         self.reset_counters()
@@ -721,10 +982,12 @@ cdef class Engine:
         free(self.st.slog)
         self.st.slog = NULL
         for h in range(MAX_HOSTS):
-            free(self.st.img[h])
-            free(self.st.rmp[h])
-            self.st.img[h] = NULL
-            self.st.rmp[h] = NULL
+            free(self.st.ver[h])
+            free(self.st.flg[h])
+            free(self.st.exc[h].slots)
+            self.st.ver[h] = NULL
+            self.st.flg[h] = NULL
+            self.st.exc[h].slots = NULL
 
     # ------------------------------------------------------------------ attributes and argument checks
 
@@ -766,6 +1029,12 @@ cdef class Engine:
             raise ValueError(f"gfn {gfn} out of range (npages={self.st.npages})")
         return gfn
 
+    cdef int _oom(self) except -1:
+        if self.st.oom:
+            self.st.oom = 0
+            raise MemoryError("engine: cannot grow the RMP exception table")
+        return 0
+
     def rmp_size(self, host):
         """Number of RMP entries of ``host`` (valid SPAs are ``range(rmp_size(host))``)."""
         return self.st.rmp_size[self._host(host)]
@@ -780,14 +1049,18 @@ cdef class Engine:
         cdef int h = self._host(host)
         cdef int64_t s = self._spa(h, spa)
         a, g = check_u32("asid", asid), check_u32("gfn", gfn)
-        return Rc(rmpupdate_c(&self.st, h, s, bool(assigned), a, g, bool(size_2m), bool(immutable)))
+        rc = rmpupdate_c(&self.st, h, s, bool(assigned), a, g, bool(size_2m), bool(immutable))
+        self._oom()
+        return Rc(rc)
 
     def pvalidate(self, host, spa, *, asid, gfn, vmpl, validate, size_2m=False):
         cdef int h = self._host(host)
         cdef int64_t s = self._spa(h, spa)
         a, g = check_u32("asid", asid), check_u32("gfn", gfn)
         vm = check_vmpl("vmpl", vmpl)
-        return Rc(pvalidate_c(&self.st, h, s, a, g, vm, bool(validate), bool(size_2m), -1))
+        rc = pvalidate_c(&self.st, h, s, a, g, vm, bool(validate), bool(size_2m), -1)
+        self._oom()
+        return Rc(rc)
 
     def rmpadjust(self, host, spa, *, asid, gfn, caller_vmpl, target_vmpl, perms, vmsa=False, size_2m=False):
         cdef int h = self._host(host)
@@ -798,17 +1071,22 @@ cdef class Engine:
         if not 0 <= p <= PERM_ALL:
             raise ValueError(f"perms must be in [0, 15], got {p}")
         tv = max(-1, min(tv, VMPLS))  # only its comparison with caller_vmpl and VMPLS matters
-        return Rc(rmpadjust_c(&self.st, h, s, a, g, cv, tv, p, bool(vmsa), bool(size_2m), -1))
+        rc = rmpadjust_c(&self.st, h, s, a, g, cv, tv, p, bool(vmsa), bool(size_2m), -1)
+        self._oom()
+        return Rc(rc)
 
     def psmash(self, host, spa):
         cdef int h = self._host(host)
         cdef int64_t s = self._spa(h, spa)
-        return Rc(psmash_c(&self.st, h, s))
+        rc = psmash_c(&self.st, h, s)
+        self._oom()
+        return Rc(rc)
 
     def rmp_entry(self, host, spa):
         cdef int h = self._host(host)
         cdef int64_t s = self._spa(h, spa)
-        cdef RmpEntry* e = &self.st.rmp[h][s]
+        cdef RmpEntry e
+        rmp_get(&self.st, h, s, &e)
         return _RmpEntryT(
             assigned=bool(e.flags & R_ASSIGNED),
             asid=e.asid,
@@ -819,6 +1097,11 @@ cdef class Engine:
             vmsa=bool(e.flags & R_VMSA),
             perms=(e.perms[0], e.perms[1], e.perms[2], e.perms[3]),
         )
+
+    def rmp_exceptions(self, host):
+        """How many RMP entries of ``host`` the exception table holds (Cython engine only: how the RMP is
+        stored, not what it holds; for tests and memory accounting)."""
+        return self.st.exc[self._host(host)].n
 
     # ------------------------------------------------------------------ access checks
 
@@ -834,8 +1117,10 @@ cdef class Engine:
     def host_write(self, host, spa):
         cdef int h = self._host(host)
         cdef int64_t s = self._spa(h, spa)
-        if self.st.rmp[h][s].flags & R_ASSIGNED:
-            count_fault(&self.st, F_HOST_RMP_PF, -1, self.st.rmp[h][s].gfn)
+        cdef RmpEntry e
+        rmp_get(&self.st, h, s, &e)
+        if e.flags & R_ASSIGNED:
+            count_fault(&self.st, F_HOST_RMP_PF, -1, e.gfn)
             return Fault.HOST_RMP_PF
         return Fault.NONE
 
@@ -843,21 +1128,30 @@ cdef class Engine:
 
     def launch(self, host, shared_ranges):
         cdef int h = self._host(host)
-        cdef uint8_t[::1] shared = np.zeros(self.st.npages, np.uint8)
+        ranges = []
         for r in shared_ranges:
             first, last = (int(x) for x in r)
             if not 0 <= first <= last < self.st.npages:
                 raise ValueError(f"shared range [{first}, {last}] out of range (npages={self.st.npages})")
-            shared[first : last + 1] = 1
+            ranges.append((first, last))
+        merged = []  # sorted and disjoint, for one pass in C (no per-page array)
+        for first, last in sorted(ranges):  # (no negative indices: this module is built without wraparound)
+            if merged and first <= merged[len(merged) - 1][1] + 1:
+                merged[len(merged) - 1][1] = max(merged[len(merged) - 1][1], last)
+            else:
+                merged.append([first, last])
+        cdef const int64_t[::1] rv = np.array(merged, np.int64).reshape(-1) if merged else np.zeros(2, np.int64)
+        cdef int64_t nr = len(merged)
         with nogil:
-            launch_c(&self.st, h, &shared[0])
+            launch_c(&self.st, h, &rv[0], nr)
         self.st.send_count[h] = 0
+        self._oom()
 
     def page(self, host, gfn):
         cdef int h = self._host(host)
         cdef int64_t g = self._gfn(gfn)
-        cdef PageState* p = &self.st.img[h][g]
-        return PageView(p.version, bool(p.flags & PG_PRIVATE), bool(p.flags & PG_DIRTY), bool(p.flags & PG_PRESENT))
+        cdef uint8_t f = self.st.flg[h][g]
+        return PageView(self.st.ver[h][g], bool(f & PG_PRIVATE), bool(f & PG_DIRTY), bool(f & PG_PRESENT))
 
     cdef _gfn_array(self, gfns):
         arr = np.ascontiguousarray(np.asarray(gfns, dtype=np.int64).reshape(-1))
@@ -871,9 +1165,9 @@ cdef class Engine:
         out = np.empty(g.shape[0], np.uint8)
         cdef uint8_t[::1] o = out
         cdef Py_ssize_t i
-        cdef PageState* img = self.st.img[h]
+        cdef const uint8_t* flg = self.st.flg[h]
         for i in range(g.shape[0]):
-            o[i] = img[g[i]].flags
+            o[i] = flg[g[i]] & PG_VISIBLE
         return out
 
     def versions(self, host, gfns):
@@ -882,9 +1176,9 @@ cdef class Engine:
         out = np.empty(g.shape[0], np.uint32)
         cdef uint32_t[::1] o = out
         cdef Py_ssize_t i
-        cdef PageState* img = self.st.img[h]
+        cdef const uint32_t* ver = self.st.ver[h]
         for i in range(g.shape[0]):
-            o[i] = img[g[i]].version
+            o[i] = ver[g[i]]
         return out
 
     def set_dirty_logging(self, host, enabled):
@@ -892,46 +1186,53 @@ cdef class Engine:
 
     def collect_dirty(self, host):
         cdef int h = self._host(host)
-        cdef PageState* img = self.st.img[h]
+        cdef uint8_t* flg = self.st.flg[h]
         cdef int64_t i, n = 0, j = 0
         with nogil:
             for i in range(self.st.npages):
-                n += (img[i].flags & PG_DIRTY) != 0
+                n += (flg[i] & PG_DIRTY) != 0
         out = np.empty(n, np.uint32)
         cdef uint32_t[::1] o = out
         with nogil:
             for i in range(self.st.npages):
-                if img[i].flags & PG_DIRTY:
+                if flg[i] & PG_DIRTY:
                     o[j] = <uint32_t>i
                     j += 1
-                    img[i].flags &= ~PG_DIRTY
+                    flg[i] &= ~PG_DIRTY
         return out
 
     def count_present(self, host):
         cdef int h = self._host(host)
-        cdef PageState* img = self.st.img[h]
+        cdef const uint8_t* flg = self.st.flg[h]
         cdef int64_t i, n = 0
         with nogil:
             for i in range(self.st.npages):
-                n += (img[i].flags & PG_PRESENT) != 0
+                n += (flg[i] & PG_PRESENT) != 0
         return n
 
     def digest(self, host):
         """blake2b-256 over the little-endian uint32 versions of all gfns, then one byte (PRIVATE bit) each."""
         cdef int h = self._host(host)
-        cdef PageState* img = self.st.img[h]
-        cdef int64_t i, n = self.st.npages
-        ver = np.empty(n, "<u4")
-        prv = np.empty(n, np.uint8)
-        cdef uint32_t[::1] vv = ver
-        cdef uint8_t[::1] pv = prv
-        with nogil:
-            for i in range(n):
-                vv[i] = img[i].version
-                pv[i] = img[i].flags & PG_PRIVATE
+        cdef const uint32_t* ver = self.st.ver[h]
+        cdef const uint8_t* flg = self.st.flg[h]
+        cdef int64_t i, j, m, n = self.st.npages
+        # hashed in chunks through one bounded buffer: no temporary the size of the guest
+        buf = np.empty(DIGEST_CHUNK, "<u4")
+        cdef uint32_t[::1] bv = buf
+        cdef uint8_t[::1] pv = buf.view(np.uint8)
         d = hashlib.blake2b(digest_size=32)
-        d.update(ver)
-        d.update(prv)
+        for i in range(0, n, DIGEST_CHUNK):
+            m = min(DIGEST_CHUNK, n - i)
+            with nogil:
+                for j in range(m):
+                    bv[j] = ver[i + j]
+            d.update(buf[:m])  # "<u4": little-endian whatever the host
+        for i in range(0, n, 4 * DIGEST_CHUNK):
+            m = min(4 * DIGEST_CHUNK, n - i)
+            with nogil:
+                for j in range(m):
+                    pv[j] = flg[i + j] & PG_PRIVATE
+            d.update(pv[:m])
         return d.hexdigest()
 
     # ------------------------------------------------------------------ replay
@@ -971,6 +1272,7 @@ cdef class Engine:
         st, bi, stop = start, base_index, stop_t_ns
         with nogil:
             r = replay_rows(&self.st, h, &c, st, bi, stop, dp, rp)
+        self._oom()
         if r < 0:
             _raise_row_error(&self.st, r, bi)
         return r
@@ -1085,6 +1387,7 @@ cdef class Engine:
         kk, row, bi = k, start, base_index
         with nogil:
             res = transfer_pages(&self.st, s, d, gp, n, kk, cp, &row, bi, rh, dp, rp, uv, dl)
+        self._oom()
         if res < 0:
             _raise_row_error(&self.st, res, bi)
         return (row, res)
@@ -1129,23 +1432,23 @@ cdef class Engine:
         """Every page is to be sent (the bitmap at the start of pre-copy)."""
         cdef int h = self._host(host)
         cdef int64_t i
-        cdef PageState* img = self.st.img[h]
+        cdef uint8_t* flg = self.st.flg[h]
         with nogil:
             for i in range(self.st.npages):
-                img[i].flags |= PG_SEND
+                flg[i] |= PG_SEND
         self.st.send_count[h] = self.st.npages
 
     def sync_dirty(self, host):
         """Dirty-log get-and-clear into the send bitmap; returns the number of pages the log held."""
         cdef int h = self._host(host)
         cdef int64_t i, n = 0, added = 0
-        cdef PageState* img = self.st.img[h]
+        cdef uint8_t* flg = self.st.flg[h]
         with nogil:
             for i in range(self.st.npages):
-                if img[i].flags & PG_DIRTY:
+                if flg[i] & PG_DIRTY:
                     n += 1
-                    added += (img[i].flags & PG_SEND) == 0
-                    img[i].flags = (img[i].flags & ~PG_DIRTY) | PG_SEND
+                    added += (flg[i] & PG_SEND) == 0
+                    flg[i] = (flg[i] & ~PG_DIRTY) | PG_SEND
         self.st.send_count[h] += added
         return n
 
@@ -1158,15 +1461,15 @@ cdef class Engine:
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int64_t i, n = 0
-        cdef PageState* ps = self.st.img[s]
-        cdef PageState* pd = self.st.img[d]
+        cdef uint8_t* ps = self.st.flg[s]
+        cdef uint8_t* pd = self.st.flg[d]
         with nogil:
             for i in range(self.st.npages):
-                if ps[i].flags & PG_SEND:
-                    ps[i].flags &= ~PG_SEND
-                    if pd[i].flags & PG_PRESENT:
-                        recv_add(&self.st, d, &pd[i], i, -1)
-                        pd[i].flags &= ~PG_PRESENT
+                if ps[i] & PG_SEND:
+                    ps[i] &= ~PG_SEND
+                    if pd[i] & PG_PRESENT:
+                        recv_add(&self.st, d, i, -1)
+                        pd[i] &= ~PG_PRESENT
                         n += 1
         self.st.send_count[s] = 0
         return n
@@ -1187,10 +1490,11 @@ cdef class Engine:
         cdef uint64_t a = 0, b = 0
         cdef uint64_t t[2]
         cdef int64_t i
-        cdef PageState* img = self.st.img[h]
+        cdef const uint32_t* ver = self.st.ver[h]
+        cdef const uint8_t* flg = self.st.flg[h]
         with nogil:
             for i in range(self.st.npages):
-                page_terms(i, img[i].version, img[i].flags, t)
+                page_terms(i, ver[i], flg[i], t)
                 a += t[0]
                 b += t[1]
         return f"{a:016x}{b:016x}"
@@ -1200,8 +1504,9 @@ cdef class Engine:
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int64_t g = self._gfn(gfn)
-        cdef bint private = (self.st.img[s][g].flags & PG_PRIVATE) != 0
+        cdef bint private = (self.st.flg[s][g] & PG_PRIVATE) != 0
         deliver_page(&self.st, s, d, g, target_rmp_plan(&self.st, d, g, private) if target_rmp else -1)
+        self._oom()
 
     def clear_present(self, host, gfns):
         """The host's copies of gfns are stale (hybrid switchover): they must be fetched again."""
@@ -1209,9 +1514,9 @@ cdef class Engine:
         cdef const int64_t[::1] g = self._gfn_array(gfns)
         cdef Py_ssize_t i
         for i in range(g.shape[0]):
-            if self.st.img[h][g[i]].flags & PG_PRESENT:
-                recv_add(&self.st, h, &self.st.img[h][g[i]], g[i], -1)
-                self.st.img[h][g[i]].flags &= ~PG_PRESENT
+            if self.st.flg[h][g[i]] & PG_PRESENT:
+                recv_add(&self.st, h, g[i], -1)
+                self.st.flg[h][g[i]] &= ~PG_PRESENT
 
     # ------------------------------------------------------------------ counters
 
@@ -1266,5 +1571,5 @@ def _c_constants():
                   "VC_NOT_VALIDATED": F_VC_NOT_VALIDATED, "NPF_VMPL": F_NPF_VMPL,
                   "NPF_SHARED_ASSIGNED": F_NPF_SHARED_ASSIGNED, "HOST_RMP_PF": F_HOST_RMP_PF,
                   "USERFAULT": F_USERFAULT},
-        "sizeof": {"PageState": sizeof(PageState), "RmpEntry": sizeof(RmpEntry)},
+        "sizeof": {"version": sizeof(uint32_t), "flags": sizeof(uint8_t), "RmpEntry": sizeof(RmpEntry)},
     }

@@ -103,7 +103,8 @@ def test_c_constants_mirror_snp():
     assert (c["PRIVATE"], c["DIRTY"], c["PRESENT"]) == (engine_mod.PRIVATE, engine_mod.DIRTY, engine_mod.PRESENT)
     for enum in (snp.Op, snp.Perm, snp.Rc, snp.Fault):
         assert c[enum.__name__] == {k: int(m) for k, m in enum.__members__.items()}, enum.__name__
-    assert c["sizeof"] == {"PageState": 8, "RmpEntry": 16}  # SPEC: <= 16 bytes of page state per gfn
+    # 5 bytes of page state per gfn per host (SPEC: <= 16 for both hosts); RMP entries only as exceptions
+    assert c["sizeof"] == {"version": 4, "flags": 1, "RmpEntry": 16}
 
 
 # ---------------------------------------------------------------------------------------------- RMPUPDATE
