@@ -206,9 +206,35 @@ def _schema_text(schema: pa.Schema) -> str:
     return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
 
 
-def check_run_dir(path: str | Path) -> tuple[dict, dict[str, pa.Table]]:
+def _check_order(path: Path, tables: dict[str, pa.Table]) -> None:
+    """What the writer guarantees about the rows: events numbered 0..n-1 in time order, rounds numbered
+    0..n-1, every fault served no earlier than raised."""
+    import numpy as np
+
+    ev = tables["events"]
+    seq = ev.column("seq").to_numpy()
+    bad = np.flatnonzero(seq != np.arange(len(seq), dtype=np.uint64))
+    if len(bad):
+        raise RunDirError(f"{path / 'events.arrow'}: row {int(bad[0])}: seq {int(seq[bad[0]])}, expected {int(bad[0])}")
+    t = ev.column("t_ns").to_numpy()
+    back = np.flatnonzero(t[1:] < t[:-1])
+    if len(back):
+        raise RunDirError(f"{path / 'events.arrow'}: row {int(back[0]) + 1}: t_ns goes back in time")
+    rn = tables["rounds"].column("round").to_numpy()
+    bad = np.flatnonzero(rn != np.arange(len(rn), dtype=np.uint32))
+    if len(bad):
+        raise RunDirError(f"{path / 'rounds.arrow'}: row {int(bad[0])}: round {int(rn[bad[0]])}, expected {int(bad[0])}")
+    if "faults" in tables:
+        f = tables["faults"]
+        early = np.flatnonzero(f.column("served_ns").to_numpy() < f.column("raised_ns").to_numpy())
+        if len(early):
+            raise RunDirError(f"{path / 'faults.arrow'}: row {int(early[0])}: served before it was raised")
+
+
+def check_run_dir(path: str | Path, *, complete: bool = False) -> tuple[dict, dict[str, pa.Table]]:
     """Everything ``load_run`` checks, without polars: the summary (shape, version, record digest) and
-    every table (content hash, Arrow structure, schema). Returns the summary and the tables."""
+    every table (content hash, Arrow structure, schema). ``complete`` (``replay verify``) also checks the
+    rows' numbering and order. Returns the summary and the tables."""
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"{path}: not a run directory (does not exist or is not a directory)")
@@ -230,7 +256,11 @@ def check_run_dir(path: str | Path) -> tuple[dict, dict[str, pa.Table]]:
     tables = summary.get("tables")
     if not isinstance(tables, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tables.items()):
         raise RunDirError(f"{summary_path}: no table hashes (a record from an older snp-replay, or tampered with)")
-    if summary.get("record_digest") != record_digest(summary):
+    try:
+        digest = record_digest(summary)
+    except (TypeError, ValueError):  # floats or non-string keys: no record this tool writes has them
+        raise RunDirError(f"{summary_path}: holds a float (run records hold integers only)") from None
+    if summary.get("record_digest") != digest:
         raise RunDirError(f"{summary_path}: record digest mismatch (the summary was changed after it was written)")
     check_summary(summary, str(summary_path), statuses=STATUSES)
     unknown = sorted(set(tables) - {f"{n}.arrow" for n in TABLES})
@@ -248,6 +278,8 @@ def check_run_dir(path: str | Path) -> tuple[dict, dict[str, pa.Table]]:
         if content_hash(data) != tables[fname]:
             raise RunDirError(f"{fpath}: content hash mismatch (the file was changed or truncated after it was written)")
         out[name] = parse_table(fpath, data, schema)
+    if complete:
+        _check_order(path, out)
     return summary, out
 
 

@@ -49,6 +49,11 @@ def short(value: Any, limit: int = QUOTE_MAX) -> str:
     return f"{text[:limit]}... ({len(text)} chars)"
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """Message text (not a quoted value) cut to ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
 def depth(obj: Any, limit: int = MAX_DEPTH) -> int:
     """Nesting depth of dicts/lists in ``obj``, iteratively (stops counting past ``limit`` + 1)."""
     deepest = 0
@@ -175,7 +180,8 @@ def check_key(section: str, key: str, value: Any, default: Any, where: str) -> A
         lo, hi, unit = key_rule(section, key)
         if not lo <= value <= hi:
             u = f" {unit}" if unit else ""
-            raise ScenarioError(f"{where}: {short(value)}{u} is out of range {lo}..{hi}{u}")
+            bound = f">= {lo}" if value < lo else f"<= {hi}"
+            raise ScenarioError(f"{where}: must be {bound}{u}, got {short(value)}")
         return value
     if kind == "str":
         if not isinstance(value, str):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..errors import ExitCode
+from ..paths import check_output, check_replaceable_dir
+from ..records import atomic_dir
 from ..scenario import STRATEGIES, load_scenario
 from ..units import format_bytes, format_ns
-from .run import add_common, check_invariants, execute
+from .run import add_common, check_invariants, execute, scenario_inputs
 
 # (label, path into metrics, formatter)
 ROWS = [
@@ -83,21 +86,29 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
+    from ..report import write_report
+    from ..runrecord import load_run
+
     scenario = load_scenario(args.scenario, args.overrides)
     out = Path(args.out)
+    check_output(out, scenario_inputs(scenario, args))
+    check_replaceable_dir(out, (*STRATEGIES, "report.html"), "compare directory")
     results = []
-    for strategy in STRATEGIES:
-        known = results[0].summary["digests"]["no_migration"] if results else None  # same trace, same guest
-        results.append(execute(scenario, out / strategy, strategy=strategy, engine=args.engine, trace=args.trace,
-                               show_progress=not args.no_progress, no_migration_digest=known))
+    # Both runs and the report are built in a temporary directory that replaces ``out`` only when all
+    # three are complete: a failure of the second strategy (or Ctrl-C, or a full disk) leaves nothing.
+    with atomic_dir(out) as tmp:
+        for strategy in STRATEGIES:
+            known = results[0].summary["digests"]["no_migration"] if results else None  # same trace, same guest
+            results.append(execute(scenario, tmp / strategy, strategy=strategy, engine=args.engine, trace=args.trace,
+                                   show_progress=not args.no_progress, no_migration_digest=known,
+                                   allow_memory=args.allow_memory, out_check=out))
+        # The report names each run by where it will be, not by the temporary directory.
+        runs = [dataclasses.replace(load_run(tmp / s), path=out / s) for s in STRATEGIES]
+        write_report(runs, tmp / "report.html")
     s0 = results[0].summary
     print(f"{scenario.name or Path(args.scenario).stem}: {s0['mode']}, trace {s0['trace']['digest'][:16]}... "
           f"({s0['trace']['events']} events, {format_bytes(s0['trace']['guest_bytes'])}, {s0['trace']['vcpus']} vCPUs)")
     print(table([r.summary for r in results]))
-    from ..report import write_report
-    from ..runrecord import load_run
-
-    write_report([load_run(out / s) for s in STRATEGIES], out / "report.html")
     print(f"runs: {out / STRATEGIES[0]}, {out / STRATEGIES[1]}; report: {out / 'report.html'}")
     for r, s in zip(results, STRATEGIES):
         check_invariants(r, out / s)

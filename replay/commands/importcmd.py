@@ -29,8 +29,12 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
+    from ..errors import TraceError
     from ..importers import ImportOptions, import_trace, parse_columns
+    from ..paths import check_output, require_regular
 
+    require_regular(args.input, TraceError)
+    check_output(args.out, [args.input])
     opts = ImportOptions(
         fmt=args.format,
         columns=parse_columns(args.columns),

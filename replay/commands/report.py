@@ -12,9 +12,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..paths import check_output
     from ..report import write_report
     from ..runrecord import load_run
 
+    check_output(args.out, args.runs)
     runs = [load_run(p) for p in args.runs]  # all validated before anything is drawn
     out = write_report(runs, args.out)
     print(f"wrote {out}", file=sys.stderr)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from ..engine import ENGINE_KINDS
 from ..errors import ExitCode, InvariantError
+from ..paths import RUN_DIR_ENTRIES, check_output, check_replaceable_dir
 from ..scenario import STRATEGIES, load_scenario
 
 
@@ -19,6 +20,20 @@ def add_common(p) -> None:
                    help="page engine (the reference engine is slow; for cross-checking)")
     p.add_argument("--trace", metavar="FILE", help="replay this trace instead of the scenario's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--allow-memory", action="store_true",
+                   help="run even if the estimated memory exceeds what the machine has available")
+
+
+def scenario_inputs(scenario, args) -> list:
+    """The files a run reads: the scenario, and its trace (``--trace`` or ``trace.file``)."""
+    from pathlib import Path
+
+    inputs = [args.scenario]
+    if args.trace:
+        inputs.append(args.trace)
+    elif scenario.trace.file:
+        inputs.append(Path(scenario.base_dir) / scenario.trace.file)
+    return inputs
 
 
 def configure(p) -> None:
@@ -38,16 +53,30 @@ def progress_bar(total: int, desc: str, enabled: bool):
         yield bar.update
 
 
-def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migration_digest=None):
+def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migration_digest=None,
+            allow_memory=False, out_check=None):
     """Run one strategy and write the run directory; returns the RunResult. ``no_migration_digest`` (from
-    another strategy's run of the same scenario) spares the reference replay of the whole trace."""
-    from ..migrate import Migration, trace_for
+    another strategy's run of the same scenario) spares the reference replay of the whole trace.
+    ``out_check``: the output the user named, checked again against the trace once it is known."""
+    from ..migrate import Migration, cache_dir, trace_for
     from ..trace import read_meta
+    from ..validate import TRACE_ROW_BYTES, check_disk, check_memory, run_memory_bytes
 
     if strategy is not None:
         scenario = scenario.with_strategy(strategy)
+    t, g = scenario.trace, scenario.guest
+    if not trace and t.generator:
+        # Refuse before generating: a generated trace costs time and disk in proportion to its size.
+        check_memory(run_memory_bytes(g.guest_bytes, g.vcpus),
+                     f"a run of a {g.guest_bytes}-byte guest with {g.vcpus} vCPUs", allow_memory)
+        total = t.events + (g.guest_bytes // 4096 if t.fill else 0)
+        check_disk(total * TRACE_ROW_BYTES, cache_dir(), f"generating the scenario's trace ({total} events)")
     path = trace or trace_for(scenario)
+    if out_check is not None:
+        check_output(out_check, [path])
     meta = read_meta(path)
+    check_memory(run_memory_bytes(meta.guest_bytes, meta.vcpus),
+                 f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory)
     # Two passes over the trace unless the no-migration reference is known: it, then the migrated run.
     passes = 1 if no_migration_digest else 2
     with progress_bar(passes * meta.events, scenario.migration.strategy, show_progress) as update:
@@ -65,8 +94,10 @@ def check_invariants(result, out) -> None:
 
 def run(args) -> int:
     scenario = load_scenario(args.scenario, args.overrides)
+    check_output(args.out, scenario_inputs(scenario, args))
+    check_replaceable_dir(args.out, RUN_DIR_ENTRIES, "run directory")
     result = execute(scenario, args.out, strategy=args.strategy, engine=args.engine, trace=args.trace,
-                     show_progress=not args.no_progress)
+                     show_progress=not args.no_progress, allow_memory=args.allow_memory, out_check=args.out)
     m = result.summary["metrics"]
     print(f"{result.summary['strategy']} {result.summary['mode']}: {result.status}"
           f"{' (' + result.summary['status_reason'] + ')' if result.summary['status_reason'] else ''}; "

@@ -277,7 +277,9 @@ def _mutate_bytes(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 
 def _trace_decodes_equal(data: bytes, original: bytes) -> bool:
-    """Ground truth for a mutated trace: does a careful full decode give the original's content?"""
+    """Ground truth for a mutated trace: does a careful full decode give the original's rows? (The
+    content digest covers the rows; trace format v1 has no hash over the metadata, so a metadata change
+    that still parses is not detectable: such cases expect either outcome.)"""
     import pyarrow as pa
 
     def load(buf: bytes):
@@ -294,7 +296,7 @@ def _trace_decodes_equal(data: bytes, original: bytes) -> bool:
     except Exception:
         return False
     s0, t0 = load(original)
-    return s1.equals(s0, check_metadata=True) and t1.equals(t0)
+    return s1.equals(s0, check_metadata=False) and t1.equals(t0)
 
 
 # Trace metadata and schema variants: (description, change to metadata dict / table, expectation).
@@ -420,7 +422,7 @@ def case_trace_bytes(rng: random.Random, d: Path, index: int) -> Case:
     data, how = _mutate_bytes(original, rng)
     (d / "trace.arrow").write_bytes(data)
     argv, outs, check = _trace_argv(rng, "trace.arrow")
-    expect = "good" if data == original or _trace_decodes_equal(data, original) else "bad"
+    expect = "good" if data == original else ("any" if _trace_decodes_equal(data, original) else "bad")
     if argv[0] == "inspect" and "--interval" in argv:
         expect = "any" if expect == "good" else expect
     return Case("trace-bytes", index, argv, expect, outs, how, check)
@@ -697,7 +699,7 @@ def case_overlap(rng: random.Random, d: Path, index: int) -> Case:
         (["report", "runs/precopy-mirror-vm", "--out", "runs/precopy-mirror-vm/new.html"], "report --out inside a run"),
         (["gen", "uniform", "--out", "trace.arrow", "--guest-size", "1MiB", "--vcpus", "1", "--events", "10", "--seed", "1"],
          None),  # gen has no input: replacing a file is its job
-        (["run", "precopy.toml", "--out", "runs", "--no-progress"], None),
+        (["run", "precopy.toml", "--out", "runs/precopy-mirror-vm", "--no-progress"], None),
     ]
     argv, note = rng.choice(choices)
     argv = list(argv)
