@@ -535,7 +535,7 @@ def _parse_meta(name: str, path: str, schema: pa.Schema) -> TraceMeta:
         raise TraceError(f"{name}: metadata: unsupported trace version {short(md['version'])} (this tool reads version {VERSION})")
     page_size = _int_key(name, md, "page_size", 1)
     if page_size != PAGE_SIZE:
-        raise TraceError(f"{name}: metadata: page_size {page_size} unsupported (only {PAGE_SIZE})")
+        raise TraceError(f"{name}: metadata: page_size {short(page_size)} unsupported (only {PAGE_SIZE})")
     guest_bytes = _int_key(name, md, "guest_bytes", 1)
     vcpus = _int_key(name, md, "vcpus", 1)
     _check_guest(f"{name}: metadata", guest_bytes, vcpus)
@@ -603,7 +603,10 @@ class TraceReader:
             self.close()
             raise TraceError(f"{name}: corrupt Arrow footer: {_short(exc)}") from None
         try:
-            problem = _schema_problem(schema)
+            try:
+                problem = _schema_problem(schema)
+            except UnicodeDecodeError:
+                raise TraceError(f"{name}: schema: a column name is not UTF-8") from None
             if problem:
                 raise TraceError(f"{name}: {problem}")
             self.meta = _parse_meta(name, self.path, schema)

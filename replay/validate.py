@@ -31,6 +31,7 @@ MAX_DEPTH = 32  # nesting of tables/arrays in a scenario, trace metadata or a ru
 MAX_STRING = 4096  # characters of a scenario string (names, descriptions, paths)
 U64_MAX = (1 << 64) - 1
 I64_MAX = (1 << 63) - 1
+ENGINE_MAX = (1 << 62) - 1  # the engine's transfer clock takes int64 operands below 2^62
 PAGE_SIZE = 4096
 MAX_GUEST_PAGES = 1 << 32  # the engines index pages with uint32 gfns
 MAX_GUEST_BYTES = MAX_GUEST_PAGES * PAGE_SIZE - PAGE_SIZE  # 16 TiB - 4 KiB
@@ -109,6 +110,10 @@ def load_json(data: bytes | str, where: str, error: type[ReplayError] = RunDirEr
 
 # ------------------------------------------------------------------------------------------ scenario keys
 
+# Durations and sizes: one step may cost at most ~36 minutes or 2 TiB, so that a run's sums (pages x
+# cost) stay inside the records' unsigned 64-bit columns for any guest the engines hold.
+COST_MAX = 1 << 41
+
 # (section, key) -> (lowest, highest, unit). Sections: "" (top level), guest, trace, migration, costs,
 # kernel, fault. Keys not listed take the rule of their name (see ``_default_rule``).
 KEY_RULES: dict[tuple[str, str], tuple[int, int, str]] = {
@@ -122,7 +127,8 @@ KEY_RULES: dict[tuple[str, str], tuple[int, int, str]] = {
     ("trace", "events"): (0, I64_MAX, "events"),
     ("trace", "rate"): (1, I64_MAX, "accesses per second"),
     ("trace", "seed"): (-1, U64_MAX, ""),  # -1: the scenario's
-    ("migration", "bandwidth_bytes_per_s"): (1, I64_MAX, "bytes per second"),
+    ("migration", "bandwidth_bytes_per_s"): (1, ENGINE_MAX, "bytes per second"),
+    ("migration", "latency_ns"): (0, COST_MAX, "ns"),
     ("migration", "max_rounds"): (1, MAX_ROUNDS, "rounds"),
     ("migration", "precopy_rounds"): (0, MAX_ROUNDS, "rounds"),
     ("migration", "agents_initial"): (1, 1 << 16, "agents"),
@@ -131,22 +137,17 @@ KEY_RULES: dict[tuple[str, str], tuple[int, int, str]] = {
     ("migration", "shadow_apic_ids"): (0, 1 << 16, "APIC IDs"),
     ("migration", "prepage_pages"): (0, MAX_GUEST_PAGES, "pages"),
     ("costs", "batch_pages"): (1, MAX_GUEST_PAGES, "pages"),
-    ("fault", "duration_ns"): (-1, I64_MAX, "ns"),  # -1: forever
+    ("fault", "duration_ns"): (-1, ENGINE_MAX, "ns"),  # -1: forever
 }
-
-# Durations and sizes: one step may cost at most ~36 minutes or 1 TiB, so that a run's sums (pages x
-# cost) stay inside the records' unsigned 64-bit columns for any guest the engines hold.
-COST_MAX = 1 << 41
 
 
 def _default_rule(section: str, key: str) -> tuple[int, int, str]:
+    hi = COST_MAX if section == "costs" else ENGINE_MAX
     if key.endswith("_ns") or key.endswith("_ns_per_gib"):
-        hi = COST_MAX if section == "costs" else I64_MAX
         return 0, hi, "ns"
     if key.endswith("_bytes") or key.endswith("_bytes_per_s"):
-        hi = COST_MAX if section == "costs" else I64_MAX
         return 0, hi, "bytes"
-    return 0, COST_MAX if section == "costs" else I64_MAX, ""
+    return 0, hi, ""
 
 
 def key_rule(section: str, key: str) -> tuple[int, int, str]:
