@@ -35,7 +35,7 @@ def require_regular(path: str | os.PathLike, error: type[ReplayError] = UsageErr
     name = os.fspath(path)
     label = f"{what} " if what else ""
     if name == "":
-        raise error(f"{label}empty path")
+        raise error(f"{label or 'file '}path is empty")
     if "\x00" in name:
         raise error(f"{label}{short(name)}: path contains a NUL character")
     try:

@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from .errors import TraceError
 from .records import canonical_json, publish_mode
-from .validate import short
+from .validate import load_json, short
 
 FORMAT = "snp-replay-trace"
 VERSION = 1
@@ -539,17 +539,16 @@ def _parse_meta(name: str, path: str, schema: pa.Schema) -> TraceMeta:
     guest_bytes = _int_key(name, md, "guest_bytes", 1)
     vcpus = _int_key(name, md, "vcpus", 1)
     _check_guest(f"{name}: metadata", guest_bytes, vcpus)
-    try:
-        ranges = json.loads(md["shared_ranges"])
-    except ValueError:
-        raise TraceError(f"{name}: metadata: shared_ranges is not JSON") from None
+    # Depth-bounded, no NaN/Infinity (replay.validate.load_json), so no RecursionError reaches the user.
+    ranges = load_json(md["shared_ranges"], f"{name}: metadata: shared_ranges", TraceError)
     shared = _check_ranges(f"{name}: metadata", ranges, guest_bytes // PAGE_SIZE)
-    try:
-        source = json.loads(md["source"])
-    except ValueError:
-        raise TraceError(f"{name}: metadata: source is not JSON") from None
+    source = load_json(md["source"], f"{name}: metadata: source", TraceError)
     if not isinstance(source, dict):
         raise TraceError(f"{name}: metadata: source is not a JSON object")
+    try:
+        canonical_json(source)  # run records embed it: integers and strings only, as the writer requires
+    except (TypeError, ValueError):
+        raise TraceError(f"{name}: metadata: source holds a float (traces record integers only)") from None
     events = _int_key(name, md, "events")
     digest = md["digest"]
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -577,7 +576,7 @@ class TraceReader:
         name = self.path
         from .paths import require_regular
 
-        require_regular(path, TraceError)  # a FIFO or device would block or never end
+        require_regular(path, TraceError, "trace")  # a FIFO or device would block or never end
         try:
             size = os.path.getsize(path)
             with open(path, "rb") as f:

@@ -105,7 +105,7 @@ def load_json(data: bytes | str, where: str, error: type[ReplayError] = RunDirEr
     try:
         return json.loads(text, parse_constant=no_constant)
     except (ValueError, RecursionError) as exc:
-        raise error(f"{where}: malformed JSON ({short(str(exc), 120)})") from None
+        raise error(f"{where}: malformed JSON ({clip(str(exc), 120)})") from None
 
 
 # ------------------------------------------------------------------------------------------ scenario keys

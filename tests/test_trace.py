@@ -258,7 +258,7 @@ def test_events_mismatch(tmp_path):
         ("wrong format", dict(meta_over={"format": "parquet-ish"}), "not a snp-replay trace"),
         ("bad guest", dict(meta_over={"guest_bytes": "12345"}), "guest_bytes"),
         ("bad ranges", dict(meta_over={"shared_ranges": "[[3, 1]]"}), "shared_ranges"),
-        ("bad source", dict(meta_over={"source": "{"}), "source is not JSON"),
+        ("bad source", dict(meta_over={"source": "{"}), "source: malformed JSON"),
     ],
 )
 def test_header_errors(tmp_path, kind, kw, text):

@@ -54,7 +54,7 @@ def run(args) -> int:
         ns_per_instr=args.rate_ns_per_instr,
         reads=not args.no_reads,
         vcpus_from=args.vcpus_from,
-        guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size else None,
+        guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size is not None else None,
         region_shift=region.bit_length() - 1,
         valgrind=args.valgrind,
         clean_env=args.clean_env,

@@ -29,7 +29,7 @@ def scenario_inputs(scenario, args) -> list:
     from pathlib import Path
 
     inputs = [args.scenario]
-    if args.trace:
+    if args.trace is not None:
         inputs.append(args.trace)
     elif scenario.trace.file:
         inputs.append(Path(scenario.base_dir) / scenario.trace.file)
@@ -60,21 +60,25 @@ def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migrati
     ``out_check``: the output the user named, checked again against the trace once it is known."""
     from ..migrate import Migration, cache_dir, trace_for
     from ..trace import read_meta
-    from ..validate import TRACE_ROW_BYTES, check_disk, check_memory, run_memory_bytes
+    from ..errors import TraceError
+    from ..validate import MAX_GUEST_BYTES, TRACE_ROW_BYTES, check_disk, check_memory, run_memory_bytes
 
     if strategy is not None:
         scenario = scenario.with_strategy(strategy)
     t, g = scenario.trace, scenario.guest
-    if not trace and t.generator:
+    if trace is None and t.generator:
         # Refuse before generating: a generated trace costs time and disk in proportion to its size.
         check_memory(run_memory_bytes(g.guest_bytes, g.vcpus),
                      f"a run of a {g.guest_bytes}-byte guest with {g.vcpus} vCPUs", allow_memory)
         total = t.events + (g.guest_bytes // 4096 if t.fill else 0)
         check_disk(total * TRACE_ROW_BYTES, cache_dir(), f"generating the scenario's trace ({total} events)")
-    path = trace or trace_for(scenario)
+    path = trace if trace is not None else trace_for(scenario)  # --trace '' is an error, not "absent"
     if out_check is not None:
         check_output(out_check, [path])
     meta = read_meta(path)
+    if meta.guest_bytes > MAX_GUEST_BYTES:
+        raise TraceError(f"{meta.path}: guest of {meta.guest_bytes} bytes is beyond what the page engines hold "
+                         f"({MAX_GUEST_BYTES} bytes, 2^32 - 1 pages)")
     check_memory(run_memory_bytes(meta.guest_bytes, meta.vcpus),
                  f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory)
     # Two passes over the trace unless the no-migration reference is known: it, then the migrated run.
