@@ -336,3 +336,24 @@ def test_hybrid_rounds_are_bounded():
     with pytest.raises(ScenarioError, match=r"migration\.precopy_rounds: must be <= 100000 rounds, got 18446744073709551616"):
         make_scenario(trace=GEN, migration={"mode": "hybrid", "precopy_rounds": 1 << 64})
     assert MigrationSpec().max_rounds <= validate.MAX_ROUNDS
+
+
+def test_a_verified_trace_is_not_hashed_again_in_the_same_process(workdir, monkeypatch):
+    import replay.trace as trace
+
+    calls = []
+    real = trace._hash_into
+    monkeypatch.setattr(trace, "_hash_into", lambda h, cols: (calls.append(1), real(h, cols)))
+    monkeypatch.setattr(trace, "_VERIFIED", set())
+    for _ in range(2):
+        with open_trace(workdir / "t.arrow") as r:
+            for _ in r:
+                pass
+            assert r.content_digest == r.meta.digest
+    assert len(calls) == 1  # one batch, hashed by the first read only
+    _same_metadata_other_rows(workdir / "t.arrow", workdir / "t2.arrow")
+    os.replace(workdir / "t2.arrow", workdir / "t.arrow")  # a new file: verified afresh, and refused
+    with open_trace(workdir / "t.arrow") as r, pytest.raises(TraceError, match="does not match"):
+        for _ in r:
+            pass
+    assert len(calls) == 2
