@@ -204,6 +204,27 @@ def check_key(section: str, key: str, value: Any, default: Any, where: str) -> A
     return value
 
 
+ROUND_WORK_BUDGET = 1 << 35  # rounds x guest pages: each round scans the dirty log of every page (~2 ns)
+ROUNDS_FREE = 1_000  # any guest may have this many rounds (the default is 30)
+
+
+def max_rounds_for(npages: int) -> int:
+    """The most pre-copy rounds a run of a guest of ``npages`` pages may ask for."""
+    return min(MAX_ROUNDS, max(ROUNDS_FREE, ROUND_WORK_BUDGET // max(1, npages)))
+
+
+def check_round_budget(migration: Any, npages: int) -> None:
+    """Bound a run's work before it starts: a hybrid run does all its ``precopy_rounds`` (they do not stop
+    when nothing is dirty) and a non-converging pre-copy all its ``max_rounds``, each scanning every page.
+    The driver can call this with the trace's page count; ``replay run``/``compare`` do."""
+    for key in ("max_rounds", "precopy_rounds"):
+        rounds = getattr(migration, key, 0)
+        limit = max_rounds_for(npages)
+        if rounds > limit:
+            raise ScenarioError(f"migration.{key} {rounds} is too many for a guest of {npages} pages: at most {limit} "
+                                f"(rounds x pages <= 2^35, so that a run ends in bounded time)")
+
+
 def int_fields(cls) -> list[str]:
     """The int (not bool) fields of a dataclass, from their defaults."""
     d = cls()

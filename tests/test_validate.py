@@ -357,3 +357,14 @@ def test_a_verified_trace_is_not_hashed_again_in_the_same_process(workdir, monke
         for _ in r:
             pass
     assert len(calls) == 2
+
+
+def test_round_budget_scales_with_the_guest():
+    """Each round scans every page: rounds x pages is bounded (2^35), but any guest may have 1,000 rounds."""
+    assert validate.max_rounds_for(64) == 100_000
+    assert validate.max_rounds_for(1 << 22) == 8192  # 16 GiB
+    assert validate.max_rounds_for(1 << 32) == 1000  # the largest guest the engines hold
+    m = MigrationSpec(mode="hybrid", precopy_rounds=8193)
+    with pytest.raises(ScenarioError, match=r"migration\.precopy_rounds 8193 is too many for a guest of 4194304 pages: at most 8192"):
+        validate.check_round_budget(m, 1 << 22)
+    validate.check_round_budget(dataclasses.replace(m, precopy_rounds=8192), 1 << 22)

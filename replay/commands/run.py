@@ -61,7 +61,8 @@ def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migrati
     from ..migrate import Migration, cache_dir, trace_for
     from ..trace import read_meta
     from ..errors import TraceError
-    from ..validate import MAX_GUEST_BYTES, TRACE_ROW_BYTES, check_disk, check_memory, run_memory_bytes
+    from ..validate import (MAX_GUEST_BYTES, TRACE_ROW_BYTES, check_disk, check_memory, check_round_budget,
+                            run_memory_bytes)
 
     if strategy is not None:
         scenario = scenario.with_strategy(strategy)
@@ -79,6 +80,7 @@ def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migrati
     if meta.guest_bytes > MAX_GUEST_BYTES:
         raise TraceError(f"{meta.path}: guest of {meta.guest_bytes} bytes is beyond what the page engines hold "
                          f"({MAX_GUEST_BYTES} bytes, 2^32 - 1 pages)")
+    check_round_budget(scenario.migration, meta.npages)
     check_memory(run_memory_bytes(meta.guest_bytes, meta.vcpus),
                  f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory)
     # Two passes over the trace unless the no-migration reference is known: it, then the migrated run.
