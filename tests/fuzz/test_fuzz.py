@@ -29,11 +29,6 @@ def _report(request, title: str, res: dict) -> None:
     lines = [f"{title}: {res['total']} cases: " + ", ".join(f"{k} {v}" for k, v in res["counts"].items() if v)]
     for fam, c in sorted(res["by_family"].items()):
         lines.append(f"  {fam}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line("")
-        for line in lines:
-            tr.write_line(line)
     request.config._fuzz_summary = getattr(request.config, "_fuzz_summary", []) + lines
 
 
@@ -46,7 +41,7 @@ def _describe(failures: list[dict]) -> str:
 def test_campaign(request):
     res = fuzzlib.run_campaign(CASES, SEED)
     _report(request, f"fuzz campaign (seed {SEED})", res)
-    assert res["total"] >= CASES >= 10_000 or CASES < 10_000
+    assert res["total"] == len(fuzzlib.plan(CASES)) >= CASES
     assert sum(res["counts"].values()) == res["total"]
     assert not res["failures"], f"{len(res['failures'])} case(s) broke the contract " \
         f"(add them to the corpus with tools/fuzz --seed {SEED} -n {CASES} --save):\n" + _describe(res["failures"])
