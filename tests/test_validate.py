@@ -368,3 +368,15 @@ def test_round_budget_scales_with_the_guest():
     with pytest.raises(ScenarioError, match=r"migration\.precopy_rounds 8193 is too many for a guest of 4194304 pages: at most 8192"):
         validate.check_round_budget(m, 1 << 22)
     validate.check_round_budget(dataclasses.replace(m, precopy_rounds=8192), 1 << 22)
+
+
+def test_failed_write_leaves_no_parent_directories(workdir, capsys, monkeypatch):
+    import replay.commands.compare as compare
+
+    def fails(*a, **kw):
+        raise TraceError("injected failure")
+
+    monkeypatch.setattr(compare, "execute", fails)
+    before = snapshot(workdir)
+    assert main(["compare", "s.toml", "--out", "new/deeper/cmp", "--no-progress"]) == 2
+    assert snapshot(workdir) == before  # neither new/ nor new/deeper/ is left
