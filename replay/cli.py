@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecursionError:
         print("replay: error: input nested too deeply", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, reported in one line
+    except Exception as exc:  # the last line of defence: a bug, reported in one line
         if os.environ.get("SNP_REPLAY_TRACEBACK"):
             raise
         print(f"replay: internal error: {type(exc).__name__}: {short(one_line(exc), 200)} (a bug in snp-replay; "

@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import TraceError, UsageError
-from .validate import MAX_GUEST_BYTES, clip, short
 from .record import GUEST_ALIGN, content_seeds, round_up
 from .snp import Op
+from .validate import MAX_GUEST_BYTES, clip, short
 
 FORMATS = ("csv", "parquet", "dirtylog")
 ACCESS_COLUMNS = ("t_ns", "vcpu", "gpa", "len", "op", "value")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .errors import ReplayError, UsageError
 from .validate import short

@@ -17,12 +17,14 @@ Every failure is a ``ReplayError`` subclass with a one-line message naming what 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ReplayError, RunDirError, ScenarioError
 
@@ -143,9 +145,9 @@ KEY_RULES: dict[tuple[str, str], tuple[int, int, str]] = {
 
 def _default_rule(section: str, key: str) -> tuple[int, int, str]:
     hi = COST_MAX if section == "costs" else ENGINE_MAX
-    if key.endswith("_ns") or key.endswith("_ns_per_gib"):
+    if key.endswith(("_ns", "_ns_per_gib")):
         return 0, hi, "ns"
-    if key.endswith("_bytes") or key.endswith("_bytes_per_s"):
+    if key.endswith(("_bytes", "_bytes_per_s")):
         return 0, hi, "bytes"
     return 0, hi, ""
 
@@ -198,7 +200,7 @@ def check_key(section: str, key: str, value: Any, default: Any, where: str) -> A
         if depth(value) > 4:
             raise ScenarioError(f"{where}: nested deeper than 4 levels")
         for k, v in value.items():
-            if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+            if isinstance(v, float) and not math.isfinite(v):
                 raise ScenarioError(f"{where}.{k}: {short(v)} is not a finite number")
         return dict(value)
     return value

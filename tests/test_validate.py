@@ -215,7 +215,7 @@ def test_fifo_inputs_are_refused(workdir, capsys):
 
 
 def test_compare_failing_on_the_second_strategy_leaves_nothing(workdir, capsys, monkeypatch):
-    import replay.commands.compare as compare
+    from replay.commands import compare
 
     real = compare.execute
 
@@ -258,10 +258,10 @@ def _same_metadata_other_rows(src: Path, dst: Path) -> None:
 
 def test_digest_is_checked_on_every_full_read(workdir, capsys):
     _same_metadata_other_rows(workdir / "t.arrow", workdir / "bad.arrow")
-    with open_trace(workdir / "bad.arrow") as r:
-        with pytest.raises(TraceError, match=r"bad\.arrow: content digest [0-9a-f]{16}\.\.\. does not match"):
-            for _ in r:
-                pass
+    with open_trace(workdir / "bad.arrow") as r, \
+            pytest.raises(TraceError, match=r"bad\.arrow: content digest [0-9a-f]{16}\.\.\. does not match"):
+        for _ in r:
+            pass
     for argv in (["inspect", "bad.arrow"], ["verify", "bad.arrow"],
                  ["run", "s.toml", "--trace", "bad.arrow", "--out", "o", "--no-progress"]):
         assert main(argv) == 2
@@ -320,9 +320,9 @@ def test_tampered_run_dirs_are_refused_by_every_reader(workdir, capsys):
 
 
 def test_write_run_records_hashes(tmp_path):
-    from replay.runrecord import content_hash, load_run
-
     import runfixtures
+
+    from replay.runrecord import content_hash, load_run
 
     run = runfixtures.make_run(tmp_path / "a")
     s = json.loads((run / "summary.json").read_text())
@@ -339,7 +339,7 @@ def test_hybrid_rounds_are_bounded():
 
 
 def test_a_verified_trace_is_not_hashed_again_in_the_same_process(workdir, monkeypatch):
-    import replay.trace as trace
+    from replay import trace
 
     calls = []
     real = trace._hash_into
@@ -371,7 +371,7 @@ def test_round_budget_scales_with_the_guest():
 
 
 def test_failed_write_leaves_no_parent_directories(workdir, capsys, monkeypatch):
-    import replay.commands.compare as compare
+    from replay.commands import compare
 
     def fails(*a, **kw):
         raise TraceError("injected failure")

@@ -83,9 +83,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..generators import GENERATORS, generate
-    from ..units import format_bytes
-
     from ..paths import check_output
+    from ..units import format_bytes
 
     kind = args.kind
     check_output(args.out, [])

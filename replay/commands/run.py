@@ -58,11 +58,17 @@ def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migrati
     """Run one strategy and write the run directory; returns the RunResult. ``no_migration_digest`` (from
     another strategy's run of the same scenario) spares the reference replay of the whole trace.
     ``out_check``: the output the user named, checked again against the trace once it is known."""
+    from ..errors import TraceError
     from ..migrate import Migration, cache_dir, trace_for
     from ..trace import read_meta
-    from ..errors import TraceError
-    from ..validate import (MAX_GUEST_BYTES, TRACE_ROW_BYTES, check_disk, check_memory, check_round_budget,
-                            run_memory_bytes)
+    from ..validate import (
+        MAX_GUEST_BYTES,
+        TRACE_ROW_BYTES,
+        check_disk,
+        check_memory,
+        check_round_budget,
+        run_memory_bytes,
+    )
 
     if strategy is not None:
         scenario = scenario.with_strategy(strategy)

@@ -38,9 +38,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -293,7 +294,7 @@ def _trace_decodes_equal(data: bytes, original: bytes) -> bool:
 
     try:
         s1, t1 = load(data)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to decode means the mutation broke the file
         return False
     s0, t0 = load(original)
     return s1.equals(s0, check_metadata=False) and t1.equals(t0)
@@ -804,7 +805,7 @@ def _under(rel: str, outputs: list[str]) -> bool:
 
 def _is_temp(rel: str) -> bool:
     name = rel.rsplit("/", 1)[-1]
-    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old"))
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
 
 
 def run_case(family: str, index: int, seed: int, fixtures: Path, scratch: Path) -> dict:
@@ -896,7 +897,7 @@ def worker_main(seed: int) -> None:
             family, index = line.split()
             try:
                 res = run_case(family, int(index), seed, fixtures, scratch)
-            except Exception as exc:  # the fuzzer's own setup failed: report, do not die
+            except Exception as exc:  # noqa: BLE001 - the fuzzer's own setup failed: report, do not die
                 res = {"class": "fuzzer-error", "family": family, "index": int(index),
                        "detail": "".join(traceback.format_exception(exc))[-600:]}
             results.write(json.dumps(res, default=repr) + "\n")
@@ -972,7 +973,7 @@ def run_campaign(n: int, seed: int = 0, *, workers: int = 2, repo: Path = REPO, 
         start()
     try:
         while todo or any(w.case for w in pool):
-            for w in list(pool):
+            for w in pool:
                 if w.ready and w.case is None and todo:
                     w.send(todo.pop(0))
             for key, _ in sel.select(timeout=0.5):
@@ -994,14 +995,14 @@ def run_campaign(n: int, seed: int = 0, *, workers: int = 2, repo: Path = REPO, 
                     w.case = None
                     record(res)
             now = time.monotonic()
-            for w in list(pool):
+            for w in list(pool):  # noqa: PERF101 - retire() and start() change the pool
                 if w.case is not None and now - w.started > timeout:
                     retire(w, "hang", f"no result after {timeout:.0f} s")
                     start()
             while len(pool) < workers and todo:
                 start()
     finally:
-        for w in list(pool):
+        for w in pool:
             with __import__("contextlib").suppress(Exception):
                 w.proc.stdin.close()
             w.kill()
