@@ -51,6 +51,10 @@ class RecordError(ReplayError, RuntimeError):
     """Recording a program (valgrind lackey) failed."""
 
 
+class ResourceError(ReplayError, MemoryError):
+    """The machine lacks the memory or disk space a command would need (names the need and what it has)."""
+
+
 class InvariantError(ReplayError, AssertionError):
     """An internal invariant did not hold: always a bug in snp-replay, never the user's input."""
 

@@ -26,7 +26,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ReplayError, RunDirError, ScenarioError
+from .errors import ReplayError, ResourceError, RunDirError, ScenarioError
 
 QUOTE_MAX = 60  # characters of a bad value a message may quote
 MAX_DEPTH = 32  # nesting of tables/arrays in a scenario, trace metadata or a run record
@@ -275,10 +275,6 @@ def available_memory_bytes() -> int:
     if soft != resource.RLIM_INFINITY:
         avail = min(avail, soft)
     return avail
-
-
-class ResourceError(ReplayError, MemoryError):
-    """The machine lacks the memory or disk space a command would need (names both figures)."""
 
 
 def _gib(n: int) -> str:
