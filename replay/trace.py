@@ -62,6 +62,8 @@ COLUMNS = tuple(SCHEMA.names)
 # Little-endian numpy dtypes of the columns, in schema order (the digest hashes these bytes).
 DTYPES = tuple(np.dtype(f.type.to_pandas_dtype()).newbyteorder("<") for f in SCHEMA)
 METADATA_KEYS = ("format", "version", "page_size", "guest_bytes", "vcpus", "shared_ranges", "source", "events", "digest")
+# Optional in format v1 (written since issue 14; traces written before lack it and are read as before).
+META_DIGEST_KEY = "meta_digest"
 MAX_OP = 3
 OP_NAMES = ("WRITE", "READ", "TO_SHARED", "TO_PRIVATE")
 
@@ -216,7 +218,18 @@ def _metadata(meta: TraceMeta) -> dict[bytes, bytes]:
         "events": str(meta.events),
         "digest": meta.digest,
     }
+    md[META_DIGEST_KEY] = meta_digest(md)
     return {k.encode(): v.encode() for k, v in md.items()}
+
+
+def meta_digest(md: dict[str, str]) -> str:
+    """blake2b-256 over the metadata keys of format v1 (name, NUL, value, NUL each, in METADATA_KEYS
+    order): the rows have ``digest``, this covers what describes them (guest size, vCPUs, shared ranges,
+    source, events, digest), so that a changed digit there is an error too."""
+    h = hashlib.blake2b(digest_size=32)
+    for key in METADATA_KEYS:
+        h.update(key.encode() + b"\0" + md[key].encode() + b"\0")
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -533,6 +546,9 @@ def _parse_meta(name: str, path: str, schema: pa.Schema) -> TraceMeta:
         raise TraceError(f"{name}: metadata: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     if md["version"] != str(VERSION):
         raise TraceError(f"{name}: metadata: unsupported trace version {short(md['version'])} (this tool reads version {VERSION})")
+    if META_DIGEST_KEY in md and md[META_DIGEST_KEY] != meta_digest(md):
+        raise TraceError(f"{name}: metadata: meta_digest does not match the metadata (it was changed after the "
+                         "trace was written)")
     page_size = _int_key(name, md, "page_size", 1)
     if page_size != PAGE_SIZE:
         raise TraceError(f"{name}: metadata: page_size {short(page_size)} unsupported (only {PAGE_SIZE})")
