@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
 from . import __version__
 from .errors import ExitCode, ReplayError, UsageError, one_line
+from .validate import clip, short
 
 # name -> (module, one-line help). Order is the order of `replay --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("replay.commands.sweep", "run a sweep (base scenario x axes) on a Dask cluster into a Parquet table"),
     "diff": ("replay.commands.diff", "compare two run directories (exit 0 same end state, 1 different, 2 bad input)"),
     "report": ("replay.commands.report", "write a self-contained HTML report of one or more runs"),
+    "verify": ("replay.commands.verify", "check a trace or a run directory completely (structure, order, digests)"),
 }
 
 
@@ -36,7 +39,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is a one-line UsageError instead of usage text and exit(2)."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: {clip(one_line(Exception(message)))}")
 
 
 def build_parser(selected: str | None) -> ArgumentParser:
@@ -57,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(selected).parse_args(argv)
         if args.command is None:
-            build_parser(None).print_help()
-            return ExitCode.BAD_INPUT
+            raise UsageError(f"no command given (one of {', '.join(COMMANDS)}; replay --help explains them)")
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args))
     except ReplayError as exc:
@@ -76,9 +78,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.OK
     except OSError as exc:
         # Missing files, permissions, a full disk: the user's environment, reported in one line.
-        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
-        print(f"replay: error:{where} {exc.strerror or one_line(exc)}", file=sys.stderr)
+        where = f" {short(exc.filename)}" if getattr(exc, "filename", None) else ""
+        print(f"replay: error:{where} {exc.strerror or short(one_line(exc), 200)}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    except MemoryError:
+        # Estimates (replay.validate.check_memory) refuse what cannot fit before allocating; this is the
+        # machine running out anyway (other processes, --allow-memory).
+        print("replay: error: out of memory (the machine could not provide what this command needed)", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    except RecursionError:
+        print("replay: error: input nested too deeply", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    except Exception as exc:  # the last line of defence: a bug, reported in one line
+        if os.environ.get("SNP_REPLAY_TRACEBACK"):
+            raise
+        print(f"replay: internal error: {type(exc).__name__}: {short(one_line(exc), 200)} (a bug in snp-replay; "
+              "SNP_REPLAY_TRACEBACK=1 shows where)", file=sys.stderr)
+        return ExitCode.INTERNAL
 
 
 if __name__ == "__main__":

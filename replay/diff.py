@@ -391,11 +391,16 @@ def _first_row_diff(x: pl.DataFrame, y: pl.DataFrame) -> str:
     return f"{x.height} vs {y.height} rows"
 
 
+_NOT_COMPARED = ("tool", "tables", "record_digest")
+
+
 def strict_differences(a: Run, b: Run, divergence: Divergence | None) -> list[str]:
-    """Why two runs' records are not identical (the ``tool`` block is not compared; see module doc)."""
+    """Why two runs' records are not identical (the ``tool`` block is not compared; see module doc). The
+    integrity keys (``tables``, ``record_digest``) restate the tables, compared row by row below, and the
+    rest of the summary, tool block included, so they are not compared either."""
     out = []
-    sa = flatten({k: v for k, v in a.summary.items() if k != "tool"})
-    sb = flatten({k: v for k, v in b.summary.items() if k != "tool"})
+    sa = flatten({k: v for k, v in a.summary.items() if k not in _NOT_COMPARED})
+    sb = flatten({k: v for k, v in b.summary.items() if k not in _NOT_COMPARED})
     keys = [k for k in sorted(set(sa) | set(sb), key=_natural) if sa.get(k, _ABSENT) != sb.get(k, _ABSENT)]
     if keys:
         shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")

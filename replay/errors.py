@@ -55,6 +55,10 @@ class WorkerError(ReplayError, RuntimeError):
     """A worker process died (killed, out of memory): the environment, not the input or a bug we can name."""
 
 
+class ResourceError(ReplayError, MemoryError):
+    """The machine lacks the memory or disk space a command would need (names the need and what it has)."""
+
+
 class InvariantError(ReplayError, AssertionError):
     """An internal invariant did not hold: always a bug in snp-replay, never the user's input."""
 

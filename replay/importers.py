@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from .errors import TraceError, UsageError
 from .record import GUEST_ALIGN, content_seeds, round_up
 from .snp import Op
+from .validate import MAX_GUEST_BYTES, clip, short
 
 FORMATS = ("csv", "parquet", "dirtylog")
 ACCESS_COLUMNS = ("t_ns", "vcpu", "gpa", "len", "op", "value")
@@ -66,15 +67,17 @@ class ImportOptions:
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
-            raise UsageError(f"import: unknown format {self.fmt!r} (use {', '.join(FORMATS)})")
+            raise UsageError(f"import: unknown format {short(self.fmt)} (use {', '.join(FORMATS)})")
         allowed = DIRTYLOG_COLUMNS if self.fmt == "dirtylog" else ACCESS_COLUMNS
         for key, _ in self.columns:
             if key not in allowed:
-                raise UsageError(f"--columns: unknown column {key!r} for {self.fmt} (known: {', '.join(allowed)})")
-        if self.interval_ns is not None and (self.fmt != "dirtylog" or self.interval_ns < 1):
-            raise UsageError("--interval-ns: only for dirtylog, and >= 1")
-        if self.guest_bytes is not None and (self.guest_bytes <= 0 or self.guest_bytes % PAGE_SIZE):
-            raise UsageError(f"--guest-size: {self.guest_bytes} is not a positive multiple of {PAGE_SIZE}")
+                raise UsageError(f"--columns: unknown column {short(key)} for {self.fmt} (known: {', '.join(allowed)})")
+        if self.interval_ns is not None and (self.fmt != "dirtylog" or not 1 <= self.interval_ns < 1 << 63):
+            raise UsageError("--interval-ns: only for dirtylog, and in 1 ns..2^63-1 ns")
+        if self.guest_bytes is not None and (self.guest_bytes <= 0 or self.guest_bytes % PAGE_SIZE
+                                             or self.guest_bytes > MAX_GUEST_BYTES):
+            raise UsageError(f"--guest-size: {short(self.guest_bytes)} is not a positive multiple of {PAGE_SIZE} "
+                             f"up to {MAX_GUEST_BYTES} bytes")
         if self.vcpus is not None and not 1 <= self.vcpus <= 1 << 16:
             raise UsageError(f"--vcpus: {self.vcpus} not in 1..65536")
 
@@ -88,9 +91,9 @@ def parse_columns(text: str | None) -> tuple[tuple[str, str], ...]:
         key, eq, name = item.partition("=")
         key, name = key.strip(), name.strip()
         if not eq or not key or not name:
-            raise UsageError(f"--columns: {item.strip()!r} is not TRACE_COLUMN=INPUT_COLUMN (e.g. t_ns=ts,gpa=addr)")
+            raise UsageError(f"--columns: {short(item.strip())} is not TRACE_COLUMN=INPUT_COLUMN (e.g. t_ns=ts,gpa=addr)")
         if key in out:
-            raise UsageError(f"--columns: {key!r} mapped twice")
+            raise UsageError(f"--columns: {short(key)} mapped twice")
         out[key] = name
     return tuple(out.items())
 
@@ -187,7 +190,7 @@ def _to_u64(inp: _Input, name: str, col: pa.Array, first_row: int) -> np.ndarray
             except ValueError:
                 v = -1
             if not 0 <= v <= U64_MAX:
-                raise TraceError(f"{inp.where(first_row + i)}: {name} {s.strip()!r} is not an unsigned 64-bit integer")
+                raise TraceError(f"{inp.where(first_row + i)}: {name} {short(s.strip())} is not an unsigned 64-bit integer")
             out[i] = v
         return out
     raise TraceError(f"{inp.path}: column {name} has type {t}, expected integers")
@@ -203,7 +206,7 @@ def _to_op(inp: _Input, col: pa.Array, first_row: int) -> np.ndarray:
         for k, s in enumerate(uniq):
             if s not in _OP_NAMES:
                 i = _first(np.asarray(pc.equal(low, s)))
-                raise TraceError(f"{inp.where(first_row + i)}: unknown op {s!r} (0/write, 1/read, 2/to_shared, 3/to_private)")
+                raise TraceError(f"{inp.where(first_row + i)}: unknown op {short(s)} (0/write, 1/read, 2/to_shared, 3/to_private)")
             table[k] = _OP_NAMES[s]
         return table[pc.index_in(low, value_set=pa.array(uniq, type=pa.string())).to_numpy(zero_copy_only=False)]
     a = _to_u64(inp, "op", col, first_row)
@@ -272,11 +275,11 @@ def _resolve(col_map: dict[str, str], inp: _Input, keys, required) -> dict[str, 
         if name in inp.names:
             out[key] = name
         elif key in col_map:
-            raise TraceError(f"{inp.path}: no column {name!r} (mapped to {key}); columns are {', '.join(inp.names)}")
+            raise TraceError(f"{inp.path}: no column {short(name)} (mapped to {key}); columns are {clip(', '.join(inp.names), 120)}")
     for group in required:
         if not any(k in out for k in group):
             want = " or ".join(repr(k) for k in group)
-            raise TraceError(f"{inp.path}: no {want} column (columns are {', '.join(inp.names)}; map one with --columns)")
+            raise TraceError(f"{inp.path}: no {want} column (columns are {clip(', '.join(inp.names), 120)}; map one with --columns)")
     return out
 
 

@@ -17,9 +17,10 @@ import os
 import numpy as np
 import polars as pl
 
-from .errors import UsageError
+from .errors import TraceError, UsageError
 from .snp import Op
 from .trace import PAGE_SIZE, TraceReader, open_trace
+from .validate import check_memory, inspect_memory_bytes
 
 DEFAULT_INTERVALS = 20
 MAX_INTERVALS = 100_000
@@ -48,10 +49,12 @@ def _time_span(r: TraceReader) -> tuple[int, int] | None:
         if b.num_rows:
             last = int(b.column(0)[b.num_rows - 1].as_py())
             break
+    if first is not None and last < first:
+        raise TraceError(f"{r.path}: t_ns of the last row {last} < first row's {first} (t_ns must be non-decreasing)")
     return None if first is None else (first, last)
 
 
-def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None) -> dict:
+def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None, allow_memory: bool = False) -> dict:
     """Summary of the trace at ``path`` (see the module docstring); raises TraceError if it is bad."""
     with open_trace(path) as r:
         meta = r.meta
@@ -66,6 +69,8 @@ def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None) -> di
         nbuckets = (t1 - t0) // interval + 1 if span else 0
         if nbuckets > MAX_INTERVALS:
             raise UsageError(f"interval {interval} ns cuts the trace into {nbuckets} intervals (at most {MAX_INTERVALS})")
+        check_memory(inspect_memory_bytes(meta.guest_bytes, nbuckets),
+                     f"inspecting {path} ({meta.guest_bytes} bytes of guest)", allow_memory)
 
         ops = np.zeros(4, dtype=np.int64)
         writes = np.zeros(nbuckets, dtype=np.int64)

@@ -69,11 +69,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole.
 
     An existing ``path`` is replaced only once the new one is complete, so a reader sees either the old
-    run or the new one, never a mixture.
+    run or the new one, never a mixture. Parent directories created for it are removed again on failure
+    (nothing new is left behind).
     """
     path = Path(path)
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield tmp
         publish_mode(tmp, directory=True)
@@ -86,4 +92,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove directories this module created (innermost first), if still empty."""
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()

@@ -3,14 +3,20 @@
 A run directory holds ``summary.json`` (canonical JSON: format, version, status, the fully resolved
 scenario, trace identity, metrics, digests), ``rounds.arrow`` (one row per migration round),
 ``events.arrow`` (the migration event log) and, for post-copy runs, ``faults.arrow`` (one row per
-remote page fault). The directory appears atomically. Readers (tools/diff, reports) go through
-``load_run``, which rejects anything malformed or of a version it does not understand with a one-line
+remote page fault). The directory appears atomically. ``summary.json`` records the content hash
+(blake2b-256) of each table file under ``tables`` and the hash of the rest of the summary as
+``record_digest``. Readers (tools/diff, reports, ``replay verify``) go through ``load_run`` /
+``check_run_dir``, which read every file whole (regular files only, never memory-mapped), check the
+hashes, the summary's shape and every table's Arrow structure and schema before polars sees it, and
+reject anything malformed, tampered with or of a version they do not understand with a one-line
 ``RunDirError``.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import pyarrow.ipc as ipc
 
 from .errors import RunDirError
 from .records import atomic_dir, canonical_json
+from .validate import check_summary, load_json, short
 
 RUN_FORMAT = "snp-replay-run"
 RUN_VERSION = 1
@@ -70,13 +77,30 @@ FAULTS_SCHEMA = pa.schema(
 )
 
 TABLES = {"rounds": ROUNDS_SCHEMA, "events": EVENTS_SCHEMA, "faults": FAULTS_SCHEMA}
+MAX_RECORD_FILE = 1 << 32  # bytes: a table file beyond 4 GiB is not a run record
+MAX_SUMMARY = 64 << 20
 
 
 def _write_table(path: Path, table: pa.Table, schema: pa.Schema) -> None:
-    table = table.cast(schema) if table.schema != schema else table
+    try:
+        table = table.cast(schema) if table.schema != schema else table
+    except (pa.ArrowInvalid, OverflowError) as exc:
+        # A value beyond the record's column type (virtual time past 2^64 ns): parameters too extreme.
+        raise RunDirError(f"{path.name}: a value does not fit the run record ({_short(exc)}); "
+                          "the scenario's times or sizes are too large") from None
     # Uncompressed, one batch: byte-identical output for identical tables on any machine.
     with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, schema) as writer:
         writer.write_table(table.combine_chunks(), max_chunksize=max(1, table.num_rows))
+
+
+def content_hash(data: bytes) -> str:
+    """blake2b-256 of a record file's bytes (run records are byte-deterministic, so this identifies them)."""
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def record_digest(summary: dict) -> str:
+    """The hash of a summary's canonical JSON without its own ``record_digest`` key."""
+    return content_hash(canonical_json({k: v for k, v in summary.items() if k != "record_digest"}))
 
 
 def write_run(
@@ -87,18 +111,28 @@ def write_run(
     faults: pa.Table | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a complete run directory atomically (an existing one at ``out_dir`` is replaced)."""
+    """Write a complete run directory atomically (an existing one at ``out_dir`` is replaced).
+
+    ``summary.json`` gains ``tables`` (the content hash of each table file) and ``record_digest`` (the
+    hash of the rest of the summary), so that readers refuse a tampered or truncated record.
+    """
     if summary.get("format") != RUN_FORMAT or summary.get("version") != RUN_VERSION:
         raise ValueError("summary must carry format/version")
     if summary.get("status") not in STATUSES:
         raise ValueError(f"summary status must be one of {STATUSES}")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        (tmp / "summary.json").write_bytes(canonical_json(summary))
-        _write_table(tmp / "rounds.arrow", rounds, ROUNDS_SCHEMA)
-        _write_table(tmp / "events.arrow", events, EVENTS_SCHEMA)
+        parts = [("rounds", rounds, ROUNDS_SCHEMA), ("events", events, EVENTS_SCHEMA)]
         if faults is not None:
-            _write_table(tmp / "faults.arrow", faults, FAULTS_SCHEMA)
+            parts.append(("faults", faults, FAULTS_SCHEMA))
+        hashes = {}
+        for name, table, schema in parts:
+            _write_table(tmp / f"{name}.arrow", table, schema)
+            hashes[f"{name}.arrow"] = content_hash((tmp / f"{name}.arrow").read_bytes())
+        record = {k: v for k, v in summary.items() if k not in ("tables", "record_digest")}
+        record["tables"] = hashes
+        record["record_digest"] = record_digest(record)
+        (tmp / "summary.json").write_bytes(canonical_json(record))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return out_dir
@@ -123,42 +157,136 @@ class Run:
         return f"{self.summary['strategy']}/{self.summary['mode']}"
 
 
-def _read_table(path: Path, schema: pa.Schema) -> pl.DataFrame:
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def read_record_file(path: Path, limit: int = MAX_RECORD_FILE) -> bytes:
+    """A run-directory file's bytes: a regular file (never a FIFO or device, which could block or be
+    endless), read whole into memory (never memory-mapped: the bytes checked are the bytes parsed)."""
     try:
-        with pa.memory_map(str(path)) as source:
-            table = ipc.open_file(source).read_all()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise RunDirError(f"{path}: not a readable Arrow file ({' '.join(str(exc).split())})") from None
-    missing = [f.name for f in schema if f.name not in table.column_names]
-    if missing:
-        raise RunDirError(f"{path}: missing column(s) {', '.join(missing)}")
-    return pl.from_arrow(table.select(schema.names))
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: missing (not a complete run directory)") from None
+    except OSError as exc:
+        raise RunDirError(f"{path}: cannot read ({exc.strerror or _short(exc)})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RunDirError(f"{path}: not a regular file")
+    if st.st_size > limit:
+        raise RunDirError(f"{path}: {st.st_size} bytes, larger than any run record ({limit})")
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except OSError as exc:
+        raise RunDirError(f"{path}: cannot read ({exc.strerror or _short(exc)})") from None
 
 
-def load_run(path: str | Path) -> Run:
-    """Read a run directory, validating format, version and the presence of every part."""
+def parse_table(path: Path, data: bytes, schema: pa.Schema) -> pa.Table:
+    """An Arrow IPC file's bytes as a table of exactly ``schema``, validated in full (structure, buffers,
+    offsets) before anything else touches it; RunDirError otherwise."""
+    try:
+        reader = ipc.open_file(pa.BufferReader(data))
+        if not reader.schema.remove_metadata().equals(schema):
+            raise RunDirError(f"{path}: schema differs from the run record's {_schema_text(schema)}")
+        batches = []
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            batch.validate(full=True)
+            batches.append(batch)
+        table = pa.Table.from_batches(batches, schema=schema)
+    except RunDirError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
+        raise RunDirError(f"{path}: not a valid Arrow file ({_short(exc)})") from None
+    for name in schema.names:
+        if table.column(name).null_count:
+            raise RunDirError(f"{path}: nulls in column {name}")
+    return table
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
+
+
+def _check_order(path: Path, tables: dict[str, pa.Table]) -> None:
+    """What the writer guarantees about the rows: events numbered 0..n-1 in time order, rounds numbered
+    0..n-1, every fault served no earlier than raised."""
+    import numpy as np
+
+    ev = tables["events"]
+    seq = ev.column("seq").to_numpy()
+    bad = np.flatnonzero(seq != np.arange(len(seq), dtype=np.uint64))
+    if len(bad):
+        raise RunDirError(f"{path / 'events.arrow'}: row {int(bad[0])}: seq {int(seq[bad[0]])}, expected {int(bad[0])}")
+    t = ev.column("t_ns").to_numpy()
+    back = np.flatnonzero(t[1:] < t[:-1])
+    if len(back):
+        raise RunDirError(f"{path / 'events.arrow'}: row {int(back[0]) + 1}: t_ns goes back in time")
+    rn = tables["rounds"].column("round").to_numpy()
+    bad = np.flatnonzero(rn != np.arange(len(rn), dtype=np.uint32))
+    if len(bad):
+        raise RunDirError(f"{path / 'rounds.arrow'}: row {int(bad[0])}: round {int(rn[bad[0]])}, expected {int(bad[0])}")
+    if "faults" in tables:
+        f = tables["faults"]
+        early = np.flatnonzero(f.column("served_ns").to_numpy() < f.column("raised_ns").to_numpy())
+        if len(early):
+            raise RunDirError(f"{path / 'faults.arrow'}: row {int(early[0])}: served before it was raised")
+
+
+def check_run_dir(path: str | Path, *, complete: bool = False) -> tuple[dict, dict[str, pa.Table]]:
+    """Everything ``load_run`` checks, without polars: the summary (shape, version, record digest) and
+    every table (content hash, Arrow structure, schema). ``complete`` (``replay verify``) also checks the
+    rows' numbering and order. Returns the summary and the tables."""
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"{path}: not a run directory (does not exist or is not a directory)")
     summary_path = path / "summary.json"
+    if not summary_path.exists() and not summary_path.is_symlink():
+        raise RunDirError(f"{path}: no summary.json (not a run directory)")
+    raw = read_record_file(summary_path, MAX_SUMMARY)
     try:
-        summary = json.loads(summary_path.read_bytes())
-    except FileNotFoundError:
-        raise RunDirError(f"{path}: no summary.json (not a run directory)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunDirError(f"{summary_path}: malformed JSON ({exc})") from None
+        summary = load_json(raw, str(summary_path))
+    except UnicodeDecodeError:
+        raise RunDirError(f"{summary_path}: not UTF-8") from None
     if not isinstance(summary, dict) or summary.get("format") != RUN_FORMAT:
         raise RunDirError(f"{summary_path}: format is not {RUN_FORMAT!r}")
     if summary.get("version") != RUN_VERSION:
         raise RunDirError(
-            f"{summary_path}: run record version {summary.get('version')!r} is not understood "
+            f"{summary_path}: run record version {short(summary.get('version'))} is not understood "
             f"(this tool reads version {RUN_VERSION})"
         )
-    for key in ("status", "strategy", "mode", "scenario", "trace", "metrics", "digests"):
-        if key not in summary:
-            raise RunDirError(f"{summary_path}: missing key {key!r}")
-    rounds = _read_table(path / "rounds.arrow", ROUNDS_SCHEMA)
-    events = _read_table(path / "events.arrow", EVENTS_SCHEMA)
-    faults_path = path / "faults.arrow"
-    faults = _read_table(faults_path, FAULTS_SCHEMA) if faults_path.exists() else None
-    return Run(path, summary, rounds, events, faults)
+    tables = summary.get("tables")
+    if not isinstance(tables, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tables.items()):
+        raise RunDirError(f"{summary_path}: no table hashes (a record from an older snp-replay, or tampered with)")
+    try:
+        digest = record_digest(summary)
+    except (TypeError, ValueError):  # floats or non-string keys: no record this tool writes has them
+        raise RunDirError(f"{summary_path}: holds a float (run records hold integers only)") from None
+    if summary.get("record_digest") != digest:
+        raise RunDirError(f"{summary_path}: record digest mismatch (the summary was changed after it was written)")
+    check_summary(summary, str(summary_path), statuses=STATUSES)
+    unknown = sorted(set(tables) - {f"{n}.arrow" for n in TABLES})
+    if unknown or "rounds.arrow" not in tables or "events.arrow" not in tables:
+        raise RunDirError(f"{summary_path}: tables must list rounds.arrow, events.arrow and optionally faults.arrow")
+    out: dict[str, pa.Table] = {}
+    for name, schema in TABLES.items():
+        fname = f"{name}.arrow"
+        fpath = path / fname
+        if fname not in tables:
+            if fpath.exists() or fpath.is_symlink():
+                raise RunDirError(f"{fpath}: not listed in summary.json (not part of this run record)")
+            continue
+        data = read_record_file(fpath)
+        if content_hash(data) != tables[fname]:
+            raise RunDirError(f"{fpath}: content hash mismatch (the file was changed or truncated after it was written)")
+        out[name] = parse_table(fpath, data, schema)
+    if complete:
+        _check_order(path, out)
+    return summary, out
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory, validating it completely (``check_run_dir``) before polars sees a table."""
+    summary, tables = check_run_dir(path)
+    frames = {name: pl.from_arrow(t) for name, t in tables.items()}
+    return Run(Path(path), summary, frames["rounds"], frames["events"], frames.get("faults"))

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import ScenarioError, UsageError
 from .units import parse_duration_ns, parse_size
+from .validate import MAX_DEPTH, check_key, clip, depth, short
 
 STRATEGIES = ("mirror-vm", "shadow-vcpu")
 MODES = ("precopy", "postcopy", "hybrid")
@@ -296,30 +297,13 @@ _NEGATIVE_OK = {("trace", "seed"), ("guest", "apic_id_last"), ("fault", "duratio
 
 def _one_of(where: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ScenarioError(f"{where} {value!r} is not one of {', '.join(choices)}{_hint(value, choices)}")
+        raise ScenarioError(f"{where} {short(value)} is not one of {', '.join(choices)}{_hint(str(value), choices)}")
     return value
 
 
 def _hint(word: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_type(where: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ScenarioError(f"{where}: expected true or false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ScenarioError(f"{where}: expected an integer, got {value!r}")
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ScenarioError(f"{where}: expected a string, got {value!r}")
-    elif isinstance(default, Mapping):
-        if not isinstance(value, Mapping):
-            raise ScenarioError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
-    return value
 
 
 def _build(cls, table: Mapping[str, Any], section: str, src: str, label: str | None = None):
@@ -335,7 +319,7 @@ def _build(cls, table: Mapping[str, Any], section: str, src: str, label: str | N
         name = _ALIASES.get((section, key), key)
         where = f"{src}: {label}.{key}"
         if name not in names:
-            raise ScenarioError(f"{where}: unknown key{_hint(key, names)}")
+            raise ScenarioError(f"{src}: {label}.{clip(key, 40)}: unknown key{_hint(key, names)}")
         try:
             if (section, name) in _SIZE_KEYS and isinstance(value, str):
                 value = parse_size(value, where)
@@ -343,10 +327,8 @@ def _build(cls, table: Mapping[str, Any], section: str, src: str, label: str | N
                 value = FOREVER if value == "forever" and (section, name) in _NEGATIVE_OK else parse_duration_ns(value, where)
         except UsageError as exc:
             raise ScenarioError(str(exc)) from None
-        kwargs[name] = _check_type(where, value, getattr(defaults, name))
-        if isinstance(kwargs[name], int) and not isinstance(kwargs[name], bool) and kwargs[name] < 0:
-            if (section, name) not in _NEGATIVE_OK:
-                raise ScenarioError(f"{where}: must be >= 0, got {kwargs[name]}")
+        # Type from the field's default, range and unit from replay.validate's key rules.
+        kwargs[name] = check_key(section, name, value, getattr(defaults, name), where)
     return cls(**kwargs)
 
 
@@ -392,15 +374,15 @@ def _validate(s: Scenario, src: str) -> Scenario:
 
 
 def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
+    if depth(doc) > MAX_DEPTH:
+        raise ScenarioError(f"{src}: tables or arrays nested deeper than {MAX_DEPTH} levels")
     for key in doc:
         if key not in _TOP_KEYS:
-            raise ScenarioError(f"{src}: unknown key or section {key!r}{_hint(key, sorted(_TOP_KEYS))}")
+            raise ScenarioError(f"{src}: unknown key or section {short(key, 40)}{_hint(key, sorted(_TOP_KEYS))}")
     kwargs: dict[str, Any] = {"base_dir": base_dir}
-    for key in ("name", "description"):
+    for key, default in (("name", ""), ("description", ""), ("seed", 0)):
         if key in doc:
-            kwargs[key] = _check_type(f"{src}: {key}", doc[key], "")
-    if "seed" in doc:
-        kwargs["seed"] = _check_type(f"{src}: seed", doc["seed"], 0)
+            kwargs[key] = check_key("", key, doc[key], default, f"{src}: {key}")
     for section, cls in _SECTIONS.items():
         if section in doc:
             kwargs[section] = _build(cls, doc[section], section, src)
@@ -425,12 +407,15 @@ def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
 def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
     """Parse a scenario file, apply ``--set section.key=value`` overrides, validate."""
     path = Path(path)
+    if not path.exists() and not str(path).startswith("\x00"):
+        raise ScenarioError(f"{path}: no such scenario file")
+    from .paths import require_regular
+
+    require_regular(path, ScenarioError)  # never wait on a FIFO
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such scenario file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"{path}: cannot read ({exc})") from None
+        raise ScenarioError(f"{path}: cannot read ({short(str(exc), 120)})") from None
     return parse_scenario_text(text, str(path), str(path.parent), overrides)
 
 
@@ -438,7 +423,9 @@ def parse_scenario_text(text: str, src: str = "<scenario>", base_dir: str = ".",
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{src}: invalid TOML ({exc})") from None
+        raise ScenarioError(f"{src}: invalid TOML ({clip(str(exc), 120)})") from None
+    except RecursionError:
+        raise ScenarioError(f"{src}: invalid TOML (nested too deeply)") from None
     return scenario_from_doc(doc, src, base_dir, overrides)
 
 
@@ -449,10 +436,14 @@ def scenario_from_doc(doc: Mapping[str, Any], src: str = "<scenario>", base_dir:
 
 
 def _parse_value(text: str) -> Any:
+    if text.strip() == "":
+        raise ScenarioError("empty value (write \"\" for an empty string)")
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare word: a string (strategy names, sizes like 4GiB)
+    except RecursionError:
+        raise ScenarioError("value nested too deeply") from None
 
 
 def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
@@ -460,21 +451,41 @@ def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
     doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
+        where = f"--set {short(item)}"
         if not sep or not key.strip():
-            raise ScenarioError(f"--set {item!r}: expected section.key=value")
+            raise ScenarioError(f"{where}: expected section.key=value")
         parts = key.strip().split(".")
+        if any(not p for p in parts):
+            raise ScenarioError(f"{where}: empty key name in {short(key.strip())}")
+        try:
+            parsed = _parse_value(value)
+        except ScenarioError as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
         if len(parts) == 1:
             if parts[0] not in ("name", "description", "seed"):
-                raise ScenarioError(f"--set {item!r}: unknown key {parts[0]!r}{_hint(parts[0], ['name', 'description', 'seed'])}")
-            doc[parts[0]] = _parse_value(value)
+                raise ScenarioError(f"{where}: unknown key {short(parts[0], 40)}{_hint(parts[0], ['name', 'description', 'seed'])}")
+            doc[parts[0]] = parsed
             continue
         section, *rest = parts
         if section not in _SECTIONS:
-            raise ScenarioError(f"--set {item!r}: unknown section {section!r}{_hint(section, list(_SECTIONS))}")
-        table = doc.setdefault(section, {})
+            raise ScenarioError(f"{where}: unknown section {short(section, 40)}{_hint(section, list(_SECTIONS))}")
+        # Only [trace.options] holds free-form tables; every other key is a scalar of its section.
+        if len(rest) > 1 and not (section == "trace" and rest[0] == "options" and len(rest) == 2):
+            known = [f.name for f in fields(_SECTIONS[section])]
+            if rest[0] in known:
+                raise ScenarioError(f"{where}: {section}.{rest[0]} is a single value, not a table")
+            raise ScenarioError(f"{where}: unknown key {short(rest[0], 40)} in [{section}]{_hint(rest[0], known)}")
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise ScenarioError(f"{where}: {section} is not a table in the scenario")
+        table = doc[section] = dict(table)
         for p in rest[:-1]:
-            table = table.setdefault(p, {})
-        table[rest[-1]] = _parse_value(value)
+            sub = table.get(p, {})
+            if not isinstance(sub, dict):
+                raise ScenarioError(f"{where}: {section}.{p} is not a table")
+            table[p] = dict(sub)
+            table = table[p]
+        table[rest[-1]] = parsed
     return doc
 
 

@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from .errors import TraceError
 from .records import canonical_json, publish_mode
+from .validate import load_json, short
 
 FORMAT = "snp-replay-trace"
 VERSION = 1
@@ -61,6 +62,8 @@ COLUMNS = tuple(SCHEMA.names)
 # Little-endian numpy dtypes of the columns, in schema order (the digest hashes these bytes).
 DTYPES = tuple(np.dtype(f.type.to_pandas_dtype()).newbyteorder("<") for f in SCHEMA)
 METADATA_KEYS = ("format", "version", "page_size", "guest_bytes", "vcpus", "shared_ranges", "source", "events", "digest")
+# Optional in format v1 (written since issue 14; traces written before lack it and are read as before).
+META_DIGEST_KEY = "meta_digest"
 MAX_OP = 3
 OP_NAMES = ("WRITE", "READ", "TO_SHARED", "TO_PRIVATE")
 
@@ -105,11 +108,11 @@ class TraceMeta:
 
 def _check_guest(where: str, guest_bytes: Any, vcpus: Any) -> tuple[int, int]:
     if isinstance(guest_bytes, bool) or not isinstance(guest_bytes, int) or guest_bytes <= 0 or guest_bytes % PAGE_SIZE:
-        raise TraceError(f"{where}: guest_bytes {guest_bytes!r} must be a positive multiple of {PAGE_SIZE}")
+        raise TraceError(f"{where}: guest_bytes {short(guest_bytes)} must be a positive multiple of {PAGE_SIZE}")
     if guest_bytes >= 1 << 64:
         raise TraceError(f"{where}: guest_bytes {guest_bytes} does not fit in 64 bits")
     if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
-        raise TraceError(f"{where}: vcpus {vcpus!r} must be an integer in 1..{MAX_VCPUS}")
+        raise TraceError(f"{where}: vcpus {short(vcpus)} must be an integer in 1..{MAX_VCPUS}")
     return guest_bytes, vcpus
 
 
@@ -123,7 +126,7 @@ def _check_ranges(where: str, ranges: Any, npages: int) -> tuple[tuple[int, int]
             or len(r) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
         ):
-            raise TraceError(f"{where}: shared_ranges entry {r!r} is not [first_gfn, last_gfn]")
+            raise TraceError(f"{where}: shared_ranges entry {short(r)} is not [first_gfn, last_gfn]")
         first, last = r
         if not 0 <= first <= last < npages:
             raise TraceError(f"{where}: shared_ranges entry [{first}, {last}] outside gfn 0..{npages - 1}")
@@ -215,7 +218,18 @@ def _metadata(meta: TraceMeta) -> dict[bytes, bytes]:
         "events": str(meta.events),
         "digest": meta.digest,
     }
+    md[META_DIGEST_KEY] = meta_digest(md)
     return {k.encode(): v.encode() for k, v in md.items()}
+
+
+def meta_digest(md: dict[str, str]) -> str:
+    """blake2b-256 over the metadata keys of format v1 (name, NUL, value, NUL each, in METADATA_KEYS
+    order): the rows have ``digest``, this covers what describes them (guest size, vCPUs, shared ranges,
+    source, events, digest), so that a changed digit there is an error too."""
+    h = hashlib.blake2b(digest_size=32)
+    for key in METADATA_KEYS:
+        h.update(key.encode() + b"\0" + md[key].encode() + b"\0")
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,7 +270,7 @@ class TraceWriter:
         if compression == "none":
             compression = None
         if compression not in COMPRESSIONS:
-            raise TraceError(f"{self._name}: compression must be 'zstd' or None, not {compression!r}")
+            raise TraceError(f"{self._name}: compression must be 'zstd' or None, not {short(compression)}")
         self.compression = compression
         if not isinstance(batch_rows, int) or batch_rows < 1:
             raise TraceError(f"{self._name}: batch_rows must be a positive integer")
@@ -513,9 +527,9 @@ def _int_key(name: str, md: dict[str, str], key: str, lo: int = 0) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise TraceError(f"{name}: metadata: {key} {text!r} is not an integer") from None
+        raise TraceError(f"{name}: metadata: {key} {short(text)} is not an integer") from None
     if value < lo or text.strip() != str(value):
-        raise TraceError(f"{name}: metadata: {key} {text!r} is not an integer >= {lo}")
+        raise TraceError(f"{name}: metadata: {key} {short(text)} is not an integer >= {lo}")
     return value
 
 
@@ -527,32 +541,34 @@ def _parse_meta(name: str, path: str, schema: pa.Schema) -> TraceMeta:
         raise TraceError(f"{name}: metadata: not UTF-8") from None
     missing = [k for k in METADATA_KEYS if k not in md]
     if md.get("format") != FORMAT and "format" in md:
-        raise TraceError(f"{name}: metadata: format {md['format']!r} is not {FORMAT!r} (not a snp-replay trace)")
+        raise TraceError(f"{name}: metadata: format {short(md['format'])} is not {FORMAT!r} (not a snp-replay trace)")
     if missing:
         raise TraceError(f"{name}: metadata: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     if md["version"] != str(VERSION):
-        raise TraceError(f"{name}: metadata: unsupported trace version {md['version']!r} (this tool reads version {VERSION})")
+        raise TraceError(f"{name}: metadata: unsupported trace version {short(md['version'])} (this tool reads version {VERSION})")
+    if META_DIGEST_KEY in md and md[META_DIGEST_KEY] != meta_digest(md):
+        raise TraceError(f"{name}: metadata: meta_digest does not match the metadata (it was changed after the "
+                         "trace was written)")
     page_size = _int_key(name, md, "page_size", 1)
     if page_size != PAGE_SIZE:
-        raise TraceError(f"{name}: metadata: page_size {page_size} unsupported (only {PAGE_SIZE})")
+        raise TraceError(f"{name}: metadata: page_size {short(page_size)} unsupported (only {PAGE_SIZE})")
     guest_bytes = _int_key(name, md, "guest_bytes", 1)
     vcpus = _int_key(name, md, "vcpus", 1)
     _check_guest(f"{name}: metadata", guest_bytes, vcpus)
-    try:
-        ranges = json.loads(md["shared_ranges"])
-    except ValueError:
-        raise TraceError(f"{name}: metadata: shared_ranges is not JSON") from None
+    # Depth-bounded, no NaN/Infinity (replay.validate.load_json), so no RecursionError reaches the user.
+    ranges = load_json(md["shared_ranges"], f"{name}: metadata: shared_ranges", TraceError)
     shared = _check_ranges(f"{name}: metadata", ranges, guest_bytes // PAGE_SIZE)
-    try:
-        source = json.loads(md["source"])
-    except ValueError:
-        raise TraceError(f"{name}: metadata: source is not JSON") from None
+    source = load_json(md["source"], f"{name}: metadata: source", TraceError)
     if not isinstance(source, dict):
         raise TraceError(f"{name}: metadata: source is not a JSON object")
+    try:
+        canonical_json(source)  # run records embed it: integers and strings only, as the writer requires
+    except (TypeError, ValueError):
+        raise TraceError(f"{name}: metadata: source holds a float (traces record integers only)") from None
     events = _int_key(name, md, "events")
     digest = md["digest"]
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise TraceError(f"{name}: metadata: digest {digest!r} is not 64 lowercase hex digits")
+        raise TraceError(f"{name}: metadata: digest {short(digest)} is not 64 lowercase hex digits")
     return TraceMeta(
         path=path, guest_bytes=guest_bytes, vcpus=vcpus, shared_ranges=shared, source=source,
         events=events, digest=digest, page_size=page_size,
@@ -563,14 +579,20 @@ class TraceReader:
     """An open trace: ``meta``, ``num_batches``, and lazy validated iteration over its record batches.
 
     Iterating yields ``(index of the batch's first row, batch)``; batches are zero-copy views of the
-    memory-mapped file (uncompressed) or freshly decompressed (zstd). Iteration can be repeated. With
-    ``verify_digest`` the content digest is recomputed and compared at the end (costs hashing time).
+    memory-mapped file (uncompressed) or freshly decompressed (zstd). Iteration can be repeated. Every
+    full iteration recomputes the content digest (in a helper thread, overlapping the consumer; see
+    ``content_digest``) and, with ``verify_digest`` (the default), compares it with the metadata's at the
+    end: a changed row is an error naming the file, even where every row is individually valid.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify_digest: bool = False):
+    def __init__(self, path: str | os.PathLike, *, verify_digest: bool = True):
         self.path = str(path)
         self.verify_digest = verify_digest
+        self.content_digest: str | None = None  # set by a full iteration
         name = self.path
+        from .paths import require_regular
+
+        require_regular(path, TraceError, "trace")  # a FIFO or device would block or never end
         try:
             size = os.path.getsize(path)
             with open(path, "rb") as f:
@@ -596,7 +618,10 @@ class TraceReader:
             self.close()
             raise TraceError(f"{name}: corrupt Arrow footer: {_short(exc)}") from None
         try:
-            problem = _schema_problem(schema)
+            try:
+                problem = _schema_problem(schema)
+            except UnicodeDecodeError:
+                raise TraceError(f"{name}: schema: a column name is not UTF-8") from None
             if problem:
                 raise TraceError(f"{name}: {problem}")
             self.meta = _parse_meta(name, self.path, schema)
@@ -635,7 +660,15 @@ class TraceReader:
         meta = self.meta
         prev_t: int | None = None
         row = 0
-        hashers = _new_hashers() if self.verify_digest else None
+        # A file this process has already verified (same device, inode, size, mtime and digest) is not
+        # hashed again: a run reads its trace twice (reference and migrated pass), compare three times.
+        identity = self._identity()
+        skip = self.verify_digest and identity in _VERIFIED
+        hashers = None if skip else _new_hashers()
+        # Hash batch i in a helper thread (hashlib releases the GIL) while the consumer works on it; one
+        # job at a time, so the hashers see the rows in order.
+        hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-digest")
+        hashing: Future | None = None
         # Read (decompress) batch i+1 in a helper thread while the consumer works on batch i:
         # pyarrow releases the GIL there, and on zstd traces decompression is the reader's main cost.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-read") if self.num_batches > 1 else None
@@ -650,23 +683,48 @@ class TraceReader:
                 n = batch.num_rows
                 if pool is not None and i + 1 < self.num_batches:
                     ahead = pool.submit(self._read, i + 1, row + n)
-                prev_t = self._check(i, row, batch, prev_t, hashers)
+                prev_t = self._check(i, row, batch, prev_t)
+                if hashing is not None:
+                    job, hashing = hashing, None
+                    job.result()
+                if batch.num_rows and hashers is not None:
+                    hashing = hash_pool.submit(_hash_into, hashers, _batch_arrays(batch))
                 yield row, batch
                 row += n
+            if hashing is not None:
+                job, hashing = hashing, None
+                job.result()
         finally:
             if ahead is not None:
                 with contextlib.suppress(BaseException):
                     ahead.result()
             if pool is not None:
                 pool.shutdown(wait=True)
+            if hashing is not None:
+                with contextlib.suppress(BaseException):
+                    hashing.result()
+            hash_pool.shutdown(wait=True)
         if row != meta.events:
             raise TraceError(
                 f"{self.path}: batch {self.num_batches}, row {row}: file has {row} rows but metadata says events={meta.events}"
             )
-        if hashers is not None and _digest(hashers) != meta.digest:
-            raise TraceError(f"{self.path}: batch {self.num_batches}, row {row}: content digest {_digest(hashers)} != metadata digest {meta.digest}")
+        self.content_digest = meta.digest if hashers is None else _digest(hashers)
+        if self.verify_digest and self.content_digest != meta.digest:
+            raise TraceError(f"{self.path}: content digest {self.content_digest[:16]}... does not match the metadata's "
+                             f"{meta.digest[:16]}... (the file was changed after it was written)")
+        if self.verify_digest and identity is not None:
+            if len(_VERIFIED) >= 64:
+                _VERIFIED.clear()
+            _VERIFIED.add(identity)
 
-    def _check(self, i: int, row: int, batch: pa.RecordBatch, prev_t: int | None, hashers) -> int | None:
+    def _identity(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self.meta.digest)
+
+    def _check(self, i: int, row: int, batch: pa.RecordBatch, prev_t: int | None) -> int | None:
         """Validate batch ``i`` (first row ``row``) against the rows before it; the new previous t_ns."""
         if not batch.num_rows:
             return prev_t
@@ -678,18 +736,20 @@ class TraceReader:
         bad = _find_violation(cols, prev_t, self.meta.guest_bytes, self.meta.vcpus)
         if bad is not None:
             raise TraceError(f"{self.path}: batch {i}, row {row + bad[0]}: {bad[1]}")
-        if hashers is not None:
-            for h, c in zip(hashers, cols):
-                h.update(_le(c))
         return int(cols[0][-1])
+
+
+# Traces whose content digest this process has verified (see TraceReader.__iter__).
+_VERIFIED: set[tuple] = set()
 
 
 def _short(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
-def open_trace(path: str | os.PathLike, *, verify_digest: bool = False) -> TraceReader:
-    """Open a trace (schema, metadata and version checked now; rows checked as batches are read)."""
+def open_trace(path: str | os.PathLike, *, verify_digest: bool = True) -> TraceReader:
+    """Open a trace (schema, metadata and version checked now; rows checked as batches are read, and the
+    content digest at the end of a full read)."""
     return TraceReader(path, verify_digest=verify_digest)
 
 
@@ -700,10 +760,9 @@ def read_meta(path: str | os.PathLike) -> TraceMeta:
 
 
 def compute_digest(path: str | os.PathLike) -> str:
-    """Recompute a trace's content digest from its rows (validating them on the way)."""
-    hashers = _new_hashers()
-    with TraceReader(path) as r:
-        for _, batch in r:
-            for h, c in zip(hashers, _batch_arrays(batch)):
-                h.update(_le(c))
-    return _digest(hashers)
+    """Recompute a trace's content digest from its rows (validating them, but not comparing the result
+    with the metadata's digest: this is how that digest is checked)."""
+    with TraceReader(path, verify_digest=False) as r:
+        for _ in r:
+            pass
+        return r.content_digest

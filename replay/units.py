@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from .errors import UsageError
+from .validate import short
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -18,7 +19,7 @@ _NUM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 def _split(text: str, what: str) -> tuple[str, str]:
     m = _NUM.match(str(text))
     if not m:
-        raise UsageError(f"{what}: cannot parse {text!r}")
+        raise UsageError(f"{what}: cannot parse {short(text)}")
     return m.group(1), m.group(2).lower()
 
 
@@ -27,7 +28,7 @@ def _scale(num: str, factor: int, text: str, what: str) -> int:
     whole, _, frac = num.partition(".")
     value = int(whole) * factor + (int(frac) * factor) // (10 ** len(frac)) if frac else int(whole) * factor
     if frac and (int(frac) * factor) % (10 ** len(frac)):
-        raise UsageError(f"{what}: {text!r} is not a whole number of units")
+        raise UsageError(f"{what}: {short(text)} is not a whole number of units")
     return value
 
 
@@ -37,7 +38,7 @@ def parse_size(text: str | int, what: str = "size") -> int:
         return text
     num, unit = _split(text, what)
     if unit not in _SIZE_UNITS:
-        raise UsageError(f"{what}: unknown unit {unit!r} in {text!r} (use B, KiB, MiB, GiB, KB, MB, GB)")
+        raise UsageError(f"{what}: unknown unit {unit!r} in {short(text)} (use B, KiB, MiB, GiB, KB, MB, GB)")
     return _scale(num, _SIZE_UNITS[unit], text, what)
 
 
@@ -49,7 +50,7 @@ def parse_duration_ns(text: str | int, what: str = "duration") -> int:
     if unit == "":
         unit = "ns"
     if unit not in _TIME_UNITS:
-        raise UsageError(f"{what}: unknown unit {unit!r} in {text!r} (use ns, us, ms, s)")
+        raise UsageError(f"{what}: unknown unit {unit!r} in {short(text)} (use ns, us, ms, s)")
     return _scale(num, _TIME_UNITS[unit], text, what)
 
 

@@ -291,6 +291,33 @@ def _missing_column(p: Path) -> None:
         w.write_table(t)
 
 
+def _rehash(p: Path) -> None:
+    """Recompute the integrity keys after a breakage, as a buggy or forged writer would: the reader's
+    deeper checks (Arrow structure, schema, summary shape) must still refuse the record."""
+    from replay.runrecord import content_hash, record_digest
+
+    s = json.loads((p / "summary.json").read_text())
+    s["tables"] = {f.name: content_hash(f.read_bytes()) for f in sorted(p.glob("*.arrow"))}
+    s["record_digest"] = record_digest(s)
+    (p / "summary.json").write_text(json.dumps(s))
+
+
+def _rehashed(breakage):
+    return lambda p: (breakage(p), _rehash(p))
+
+
+def _retype(p: Path) -> None:
+    s = json.loads((p / "summary.json").read_text())
+    s["metrics"]["downtime_ns"] = "12"
+    (p / "summary.json").write_text(json.dumps(s))
+
+
+def _flip_byte(p: Path) -> None:
+    data = bytearray((p / "events.arrow").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (p / "events.arrow").write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     "breakage, needle",
     [
@@ -299,12 +326,20 @@ def _missing_column(p: Path) -> None:
         (lambda p: (p / "summary.json").write_text("{not json"), "malformed JSON"),
         (_bad_version, "version 99 is not understood"),
         (lambda p: (p / "rounds.arrow").unlink(), "rounds.arrow"),
-        (_corrupt_arrow, "not a readable Arrow file"),
-        (_missing_column, "missing column"),
+        (_corrupt_arrow, "rounds.arrow: content hash mismatch"),
+        (_missing_column, "events.arrow: content hash mismatch"),
+        (_flip_byte, "events.arrow: content hash mismatch"),
+        (_retype, "record digest mismatch"),
+        (_rehashed(_corrupt_arrow), "rounds.arrow: not a valid Arrow file"),
+        (_rehashed(_missing_column), "events.arrow: schema differs"),
+        (_rehashed(_retype), "metrics.downtime_ns is '12', expected an integer"),
         (lambda p: (p / "summary.json").write_text('{"format": "something-else"}'), "format is not"),
+        (lambda p: (p / "summary.json").write_text("[" * 100_000), "nested deeper than"),
+        (lambda p: ((p / "rounds.arrow").unlink(), __import__("os").mkfifo(p / "rounds.arrow")), "not a regular file"),
     ],
     ids=["missing-dir", "no-summary", "malformed-json", "version-99", "missing-rounds", "corrupt-arrow",
-         "missing-column", "wrong-format"],
+         "missing-column", "flipped-byte", "retyped-metric", "rehashed-corrupt-arrow", "rehashed-missing-column",
+         "rehashed-retyped-metric", "wrong-format", "deep-json", "fifo"],
 )
 @pytest.mark.parametrize("side", ["A", "B"])
 def test_bad_input_is_exit_2_one_line(capsys, tmp_path, breakage, needle, side):

@@ -16,11 +16,14 @@ from replay import cli
 from replay.errors import TraceError
 from replay.trace import (
     COLUMNS,
+    META_DIGEST_KEY,
+    METADATA_KEYS,
     SCHEMA,
     TraceMeta,
     TraceWriter,
     _metadata,
     compute_digest,
+    meta_digest,
     open_trace,
     read_meta,
 )
@@ -61,6 +64,11 @@ def raw_file(path, c, *, batch_sizes=None, meta_over=None, drop=(), schema=SCHEM
     md.update(meta_over or {})
     for k in drop:
         md.pop(k)
+    # Keep the metadata digest consistent with the changes (a buggy or forged writer), so that the checks
+    # behind it are what these tests reach; test_meta_digest changes the metadata alone.
+    md.pop(META_DIGEST_KEY)
+    if all(k in md for k in METADATA_KEYS):
+        md[META_DIGEST_KEY] = meta_digest(md)
     sizes = batch_sizes or [n]
     with pa.OSFile(str(path), "wb") as f:
         opts = pa.ipc.IpcWriteOptions(compression=compression)
@@ -256,6 +264,30 @@ def test_nulls_rejected(tmp_path):
     assert_one_line(ei.value, path, 0, 0)
 
 
+def test_meta_digest(tmp_path):
+    """The writer records a hash of the metadata: one changed character there is refused; a trace without
+    it (written before it existed) is read as before."""
+    path = tmp_path / "m.arrow"
+    write(path, cols(10))
+    with pa.memory_map(str(path)) as f:
+        table = pa.ipc.open_file(f).read_all()
+    md = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert md[META_DIGEST_KEY] == meta_digest(md)
+    changed = dict(md, shared_ranges=md["shared_ranges"].replace("15", "16"))
+    assert changed != md
+
+    def rewrite(metadata):
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema.with_metadata(metadata)) as w:
+            w.write_table(table)
+
+    rewrite(changed)
+    with pytest.raises(TraceError, match="meta_digest does not match the metadata") as ei:
+        read_meta(path)
+    assert_one_line(ei.value, path)
+    rewrite({k: v for k, v in changed.items() if k != META_DIGEST_KEY})
+    assert read_meta(path).shared_ranges == ((0, 16),)
+
+
 def test_events_mismatch(tmp_path):
     path = raw_file(tmp_path / "e.arrow", cols(10), meta_over={"events": "11"})
     with pytest.raises(TraceError, match="events=11") as ei:
@@ -273,7 +305,7 @@ def test_events_mismatch(tmp_path):
         ("wrong format", dict(meta_over={"format": "parquet-ish"}), "not a snp-replay trace"),
         ("bad guest", dict(meta_over={"guest_bytes": "12345"}), "guest_bytes"),
         ("bad ranges", dict(meta_over={"shared_ranges": "[[3, 1]]"}), "shared_ranges"),
-        ("bad source", dict(meta_over={"source": "{"}), "source is not JSON"),
+        ("bad source", dict(meta_over={"source": "{"}), "source: malformed JSON"),
     ],
 )
 def test_header_errors(tmp_path, kind, kw, text):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..errors import ExitCode
+from ..paths import check_output, check_replaceable_dir
+from ..records import atomic_dir
 from ..scenario import STRATEGIES
 from ..units import format_bytes, format_ns
-from .run import add_common, check_invariants, progress_bar, scenario_of
+from .run import add_common, check_invariants, prepare, progress_bar, scenario_inputs, scenario_of
 
 # (label, path into metrics, formatter)
 ROWS = [
@@ -179,23 +182,27 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
 
 
 def run(args) -> int:
-    from ..migrate import trace_for
+    from ..report import write_report
+    from ..runrecord import load_run
 
     scenario = scenario_of(args)
     out = Path(args.out)
-    trace_path = Path(args.trace) if args.trace else trace_for(scenario)
+    check_output(out, scenario_inputs(scenario, args))
+    check_replaceable_dir(out, (*STRATEGIES, "report.html"), "compare directory")
+    trace_path, _ = prepare(scenario, trace=args.trace, allow_memory=args.allow_memory, out_check=out)
     results = run_parallel(scenario, engine=args.engine, trace_path=trace_path, show_progress=not args.no_progress)
-    # Written only once every strategy has run: an error in either leaves no partial comparison behind.
-    for r, s in zip(results, STRATEGIES):
-        r.write(out / s)
+    # Both runs and the report are built in a temporary directory that replaces ``out`` only when all
+    # three are complete: a failure of either strategy (or Ctrl-C, or a full disk) leaves nothing.
+    with atomic_dir(out) as tmp:
+        for r, s in zip(results, STRATEGIES):
+            r.write(tmp / s)
+        # The report names each run by where it will be, not by the temporary directory.
+        runs = [dataclasses.replace(load_run(tmp / s), path=out / s) for s in STRATEGIES]
+        write_report(runs, tmp / "report.html")
     s0 = results[0].summary
     print(f"{scenario.name or Path(args.scenario).stem}: {s0['mode']}, trace {s0['trace']['digest'][:16]}... "
           f"({s0['trace']['events']} events, {format_bytes(s0['trace']['guest_bytes'])}, {s0['trace']['vcpus']} vCPUs)")
     print(table([r.summary for r in results]))
-    from ..report import write_report
-    from ..runrecord import load_run
-
-    write_report([load_run(out / s) for s in STRATEGIES], out / "report.html")
     print(f"runs: {out / STRATEGIES[0]}, {out / STRATEGIES[1]}; report: {out / 'report.html'}")
     for r, s in zip(results, STRATEGIES):
         check_invariants(r, out / s)

@@ -83,9 +83,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..generators import GENERATORS, generate
+    from ..paths import check_output
     from ..units import format_bytes
 
     kind = args.kind
+    check_output(args.out, [])
     if kind not in GENERATORS:
         close = difflib.get_close_matches(kind, list(GENERATORS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -109,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
     seed = _int(args.seed, "--seed")
     extra = {} if args.rate is None else {"rate": _int(args.rate, "--rate")}
     total = events + (guest // 4096 if args.fill else 0)
+    from pathlib import Path
+
+    from ..validate import TRACE_ROW_BYTES, check_disk
+
+    # The writer's first pass is uncompressed (31 bytes a row) beside the output.
+    check_disk(total * TRACE_ROW_BYTES, Path(args.out).parent, f"gen {kind} ({total} events)")
 
     bar = None
     if sys.stderr.isatty():

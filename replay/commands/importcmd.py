@@ -29,15 +29,24 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
+    from ..errors import TraceError
     from ..importers import ImportOptions, import_trace, parse_columns
+    from ..paths import check_output, require_regular
 
+    require_regular(args.input, TraceError)
+    if args.columns is not None and not args.columns.strip():
+        from ..errors import UsageError
+
+        raise UsageError("--columns: empty (omit it to use the trace's column names)")
+    check_output(args.out, [args.input])
     opts = ImportOptions(
         fmt=args.format,
         columns=parse_columns(args.columns),
-        guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size else None,
+        # An empty value is a mistake, not an absent option: it goes to the parser, which refuses it.
+        guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size is not None else None,
         vcpus=args.vcpus,
         sort=args.sort,
-        interval_ns=parse_duration_ns(args.interval_ns, "--interval-ns") if args.interval_ns else None,
+        interval_ns=parse_duration_ns(args.interval_ns, "--interval-ns") if args.interval_ns is not None else None,
     )
     meta = import_trace(args.input, args.out, opts)
     print(f"imported {meta.path}: {meta.events} events, {meta.vcpus} vcpu(s), guest {meta.guest_bytes} bytes, "

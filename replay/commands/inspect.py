@@ -12,6 +12,8 @@ from ..units import format_bytes, format_ns, parse_duration_ns
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="trace file (.arrow)")
     parser.add_argument("--json", action="store_true", help="print canonical JSON instead of text")
+    parser.add_argument("--allow-memory", action="store_true",
+                        help="inspect even if the estimated memory exceeds what the machine has available")
     parser.add_argument("--interval", default=None, help="interval for the rate and working-set curves, e.g. 50ms (default: span/20, rounded)")
 
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inspect import inspect_trace
 
     interval = None if args.interval is None else parse_duration_ns(args.interval, "--interval")
-    summary = inspect_trace(args.file, interval_ns=interval)
+    summary = inspect_trace(args.file, interval_ns=interval, allow_memory=args.allow_memory)
     if args.json:
         sys.stdout.write(canonical_json(summary).decode())
     else:

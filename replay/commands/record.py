@@ -40,6 +40,12 @@ def run(args) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("record: no command given (usage: replay record --out FILE -- CMD [ARGS...])")
+    import os
+
+    from ..paths import check_output
+
+    # The recorded program's existing file arguments are its likely inputs: never the output.
+    check_output(args.out, [a for a in cmd if a and "\x00" not in a and os.path.isfile(a)])
     region = parse_size(args.region_size, "--region-size")
     if region <= 0 or region & (region - 1):
         raise UsageError(f"--region-size: {args.region_size!r} is not a power of two")
@@ -48,7 +54,7 @@ def run(args) -> int:
         ns_per_instr=args.rate_ns_per_instr,
         reads=not args.no_reads,
         vcpus_from=args.vcpus_from,
-        guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size else None,
+        guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size is not None else None,
         region_shift=region.bit_length() - 1,
         valgrind=args.valgrind,
         clean_env=args.clean_env,

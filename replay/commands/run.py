@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from ..engine import ENGINE_KINDS
 from ..errors import ExitCode, InvariantError
+from ..paths import RUN_DIR_ENTRIES, check_output, check_replaceable_dir
 from ..scenario import STRATEGIES, load_scenario
 
 
@@ -22,11 +23,25 @@ def add_common(p) -> None:
     p.add_argument("--data", action="store_true",
                    help="data mode: real page contents, encrypted per host, through the attested sealed channel "
                         "(same as --set migration.data=true)")
+    p.add_argument("--allow-memory", action="store_true",
+                   help="run even if the estimated memory exceeds what the machine has available")
 
 
 def scenario_of(args):
     """The scenario of a run/compare command line, with its overrides (``--data`` is one)."""
     return load_scenario(args.scenario, [*args.overrides, *(["migration.data=true"] if args.data else [])])
+
+
+def scenario_inputs(scenario, args) -> list:
+    """The files a run reads: the scenario, and its trace (``--trace`` or ``trace.file``)."""
+    from pathlib import Path
+
+    inputs = [args.scenario]
+    if args.trace is not None:
+        inputs.append(args.trace)
+    elif scenario.trace.file:
+        inputs.append(Path(scenario.base_dir) / scenario.trace.file)
+    return inputs
 
 
 def configure(p) -> None:
@@ -46,17 +61,52 @@ def progress_bar(total: int, desc: str, enabled: bool):
         yield bar.update
 
 
-def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migration_digest=None):
+def prepare(scenario, *, trace, allow_memory=False, out_check=None):
+    """Everything refused before a run replays anything: memory and disk for the guest and its generated
+    trace, the trace itself, the round budget. Returns (trace path, its metadata).
+    ``out_check``: the output the user named, checked again against the trace once it is known."""
+    from ..errors import TraceError
+    from ..migrate import cache_dir, trace_for
+    from ..trace import read_meta
+    from ..validate import (
+        MAX_GUEST_BYTES,
+        TRACE_ROW_BYTES,
+        check_disk,
+        check_memory,
+        check_round_budget,
+        run_memory_bytes,
+    )
+
+    t, g = scenario.trace, scenario.guest
+    if trace is None and t.generator:
+        # Refuse before generating: a generated trace costs time and disk in proportion to its size.
+        check_memory(run_memory_bytes(g.guest_bytes, g.vcpus),
+                     f"a run of a {g.guest_bytes}-byte guest with {g.vcpus} vCPUs", allow_memory)
+        total = t.events + (g.guest_bytes // 4096 if t.fill else 0)
+        check_disk(total * TRACE_ROW_BYTES, cache_dir(), f"generating the scenario's trace ({total} events)")
+    path = trace if trace is not None else trace_for(scenario)  # --trace '' is an error, not "absent"
+    if out_check is not None:
+        check_output(out_check, [path])
+    meta = read_meta(path)
+    if meta.guest_bytes > MAX_GUEST_BYTES:
+        raise TraceError(f"{meta.path}: guest of {meta.guest_bytes} bytes is beyond what the page engines hold "
+                         f"({MAX_GUEST_BYTES} bytes, 2^32 - 1 pages)")
+    check_round_budget(scenario.migration, meta.npages)
+    check_memory(run_memory_bytes(meta.guest_bytes, meta.vcpus),
+                 f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory)
+    return path, meta
+
+
+def execute(scenario, out, *, strategy, engine, trace, show_progress, no_migration_digest=None,
+            allow_memory=False, out_check=None):
     """Run one strategy and write the run directory; returns the RunResult. ``no_migration_digest`` (from
     another strategy's run of the same scenario) spares the reference replay of the whole trace."""
-    from ..migrate import Migration, trace_for
+    from ..migrate import Migration
     from ..refdigest import lookup
-    from ..trace import read_meta
 
     if strategy is not None:
         scenario = scenario.with_strategy(strategy)
-    path = trace or trace_for(scenario)
-    meta = read_meta(path)
+    path, meta = prepare(scenario, trace=trace, allow_memory=allow_memory, out_check=out_check)
     # Two passes over the trace unless the no-migration reference is known (given, or cached by an
     # earlier run of this trace and guest): it, then the migrated run.
     g = scenario.guest
@@ -77,8 +127,10 @@ def check_invariants(result, out) -> None:
 
 def run(args) -> int:
     scenario = scenario_of(args)
+    check_output(args.out, scenario_inputs(scenario, args))
+    check_replaceable_dir(args.out, RUN_DIR_ENTRIES, "run directory")
     result = execute(scenario, args.out, strategy=args.strategy, engine=args.engine, trace=args.trace,
-                     show_progress=not args.no_progress)
+                     show_progress=not args.no_progress, allow_memory=args.allow_memory, out_check=args.out)
     m = result.summary["metrics"]
     print(f"{result.summary['strategy']} {result.summary['mode']}: {result.status}"
           f"{' (' + result.summary['status_reason'] + ')' if result.summary['status_reason'] else ''}; "

@@ -1,0 +1,382 @@
+"""The validation layer and the write-safety rules of issue 14, on small hand-built cases.
+
+Each rule has a test at its exact boundary (the last value accepted, the first refused) and, for the
+integrity and no-partial-output guarantees, a test that injects the fault the rule is there to catch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from replay import validate
+from replay.cli import main
+from replay.errors import ScenarioError, TraceError
+from replay.scenario import MigrationSpec, make_scenario, parse_scenario_text
+from replay.trace import TraceWriter, open_trace
+
+GEN = {"generator": "uniform", "events": 10}
+SCENARIO = """\
+name = "v"
+seed = 1
+[trace]
+file = "t.arrow"
+[migration]
+start_ns = 100
+max_rounds = 3
+"""
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("replay: error: "), err
+    assert len(err) <= 400 and "Traceback" not in err
+    return err.strip()
+
+
+def write_small_trace(path: Path, rows: int = 64, value_of=lambda i: i) -> None:
+    """64 writes, one per page of a 64-page guest, 1 us apart (all valid)."""
+    with TraceWriter(path, guest_bytes=64 * 4096, vcpus=1, source={"test": "validate"}) as w:
+        import numpy as np
+
+        i = np.arange(rows, dtype=np.uint64)
+        w.write(i * 1000, 0, (i % 64) * 4096, 8, 0, np.array([value_of(k) for k in range(rows)], dtype=np.uint64))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_small_trace(tmp_path / "t.arrow")
+    (tmp_path / "s.toml").write_text(SCENARIO)
+    return tmp_path
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+# ----------------------------------------------------------------------------------------- quoting
+
+
+def test_short_quotes_a_prefix_and_says_how_long():
+    assert validate.short("abc") == "'abc'"
+    text = validate.short("x" * 1000)
+    assert text == "'" + "x" * 59 + "... (1002 chars)"
+    assert validate.short([[1]] * 3) == "[[1], [1], [1]]"
+
+
+def test_long_bad_value_is_quoted_short():
+    with pytest.raises(ScenarioError) as ei:
+        make_scenario(trace=GEN, migration={"strategy": "y" * 3_000})
+    assert len(str(ei.value)) < 200 and "(3002 chars) is not one of mirror-vm, shadow-vcpu" in str(ei.value)
+
+
+# ----------------------------------------------------------------------------------------- key rules
+
+
+@pytest.mark.parametrize(
+    "section, key, ok, bad",
+    [
+        ("migration", "max_rounds", 100_000, 100_001),
+        ("migration", "max_rounds", 1, 0),
+        ("migration", "precopy_rounds", 100_000, 100_001),
+        ("migration", "bandwidth_bytes_per_s", (1 << 62) - 1, 1 << 62),
+        ("migration", "latency_ns", 1 << 41, (1 << 41) + 1),
+        ("guest", "vcpus", 65_536, 65_537),
+        ("guest", "guest_bytes", (1 << 44) - 4096, 1 << 44),
+        ("guest", "os_vmpl", 3, 4),
+        ("guest", "asid", 1, 0),
+        ("costs", "page_pack_ns", 1 << 41, (1 << 41) + 1),
+        ("trace", "seed", -1, -2),
+        ("fault", "duration_ns", -1, -2),
+    ],
+)
+def test_integer_key_boundaries(section, key, ok, bad):
+    def build(value):
+        if section == "fault":
+            return make_scenario(trace=GEN, fault=[{"at_ns": 1, key: value}])
+        if section == "trace":
+            return make_scenario(trace={**GEN, key: value})
+        return make_scenario(trace=GEN, **{section: {key: value}})
+
+    build(ok)
+    with pytest.raises(ScenarioError, match=rf"{section}(\[0\])?\.{key}: must be"):
+        build(bad)
+
+
+def test_unit_is_named_in_the_message():
+    with pytest.raises(ScenarioError, match=r"migration\.max_rounds: must be <= 100000 rounds, got 100001"):
+        make_scenario(trace=GEN, migration={"max_rounds": 100_001})
+    with pytest.raises(ScenarioError, match=r"costs\.vmsa_bytes: expected an integer \(bytes\), got 'x'"):
+        make_scenario(trace=GEN, costs={"vmsa_bytes": "x"})
+
+
+def test_a_new_field_gets_checks_from_its_default(monkeypatch):
+    """Keys are checked from the dataclass fields: a field the lead adds is typed and ranged by name."""
+    assert validate.key_rule("migration", "new_timeout_ns") == (0, validate.ENGINE_MAX, "ns")
+    assert validate.key_rule("costs", "new_cost_ns") == (0, validate.COST_MAX, "ns")
+    with pytest.raises(ScenarioError, match="expected true or false"):
+        validate.check_key("kernel", "new_cap", 1, True, "x")
+    with pytest.raises(ScenarioError, match="NUL"):
+        validate.check_key("trace", "new_name", "a\x00b", "", "x")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("migration.mode.x=1", r"migration\.mode is a single value, not a table"),
+        ("migration..mode=precopy", "empty key name"),
+        ("migration.mode=", "empty value"),
+        ("migration.max_rounds=18446744073709551616", r"must be <= 100000 rounds"),
+        ("costs.batch_pages=" + "[" * 3000, "nested too deeply"),
+        ("migration.stratgy=mirror-vm", r"did you mean 'strategy'"),
+    ],
+)
+def test_set_errors(override, message):
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario_text('[trace]\ngenerator = "uniform"\nevents = 10\n', overrides=[override])
+
+
+def test_deep_toml_is_a_scenario_error_not_a_recursion_error():
+    deep = "x = " + "[" * 5000 + "]" * 5000
+    with pytest.raises(ScenarioError, match="nested"):
+        parse_scenario_text(deep)
+
+
+# ----------------------------------------------------------------------------------------- resources
+
+
+def test_memory_estimate_refuses_with_both_figures(workdir, capsys, monkeypatch):
+    need = validate.run_memory_bytes(64 * 4096, 1)
+    assert need == 64 * 24 + 64 + (256 << 20)
+    monkeypatch.setattr(validate, "available_memory_bytes", lambda: need - 1)
+    assert main(["run", "s.toml", "--out", "run", "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert "needs about 256.0 MiB of memory but this machine has 256.0 MiB available (--allow-memory" in err
+    assert not (workdir / "run").exists()
+    assert main(["run", "s.toml", "--out", "run", "--no-progress", "--allow-memory"]) == 0
+
+
+def test_inspect_memory_check(workdir, capsys, monkeypatch):
+    monkeypatch.setattr(validate, "available_memory_bytes", lambda: 1)
+    assert main(["inspect", "t.arrow"]) == 2
+    assert "of memory but this machine has" in one_line_error(capsys)
+    assert main(["inspect", "t.arrow", "--allow-memory"]) == 0
+
+
+# ----------------------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "s.toml", "--out", "t.arrow", "--no-progress"],
+        ["run", "s.toml", "--out", "s.toml", "--no-progress"],
+        ["run", "s.toml", "--out", ".", "--no-progress"],
+        ["run", "s.toml", "--out", "t.arrow/run", "--no-progress"],
+        ["compare", "s.toml", "--out", ".", "--no-progress"],
+        ["import", "csv", "in.csv", "--out", "in.csv"],
+        ["import", "csv", "in.csv", "--out", "link/in.csv"],
+        ["report", "r", "--out", "r/summary.json"],
+        ["report", "r", "--out", "r"],
+        ["report", "r", "--out", "."],
+        ["run", "s.toml", "--out", "keep", "--no-progress"],
+    ],
+)
+def test_outputs_never_overwrite_inputs(workdir, capsys, argv):
+    (workdir / "in.csv").write_text("t_ns,gpa\n0,0\n")
+    (workdir / "link").symlink_to(workdir)
+    (workdir / "keep").mkdir()
+    (workdir / "keep" / "notes.txt").write_text("mine")
+    assert main(["run", "s.toml", "--out", "r", "--no-progress"]) == 0
+    capsys.readouterr()
+    before = snapshot(workdir)
+    assert main(argv) == 2
+    one_line_error(capsys)
+    assert snapshot(workdir) == before
+
+
+def test_a_previous_run_directory_is_replaced(workdir, capsys):
+    assert main(["run", "s.toml", "--out", "r", "--no-progress"]) == 0
+    assert main(["run", "s.toml", "--out", "r", "--no-progress", "--strategy", "shadow-vcpu"]) == 0
+    assert json.loads((workdir / "r" / "summary.json").read_text())["strategy"] == "shadow-vcpu"
+
+
+def test_fifo_inputs_are_refused(workdir, capsys):
+    os.mkfifo(workdir / "f")
+    for argv in (["inspect", "f"], ["run", "f", "--out", "o"], ["import", "csv", "f", "--out", "o.arrow"]):
+        assert main(argv) == 2
+        assert "not a regular file" in one_line_error(capsys)
+
+
+def test_compare_failing_on_the_second_strategy_leaves_nothing(workdir, capsys, monkeypatch):
+    from replay.commands import compare
+
+    real = compare.execute
+
+    def second_fails(scenario, out, **kw):
+        if kw["strategy"] == "shadow-vcpu":
+            raise TraceError("injected failure of the second strategy")
+        return real(scenario, out, **kw)
+
+    monkeypatch.setattr(compare, "execute", second_fails)
+    before = snapshot(workdir)
+    assert main(["compare", "s.toml", "--out", "cmp", "--no-progress"]) == 2
+    assert "injected failure" in one_line_error(capsys)
+    assert snapshot(workdir) == before  # no cmp/, no cmp/mirror-vm, no temporary directory
+    monkeypatch.setattr(compare, "execute", real)
+    assert main(["compare", "s.toml", "--out", "cmp", "--no-progress"]) == 0
+    assert sorted(p.name for p in (workdir / "cmp").iterdir()) == ["mirror-vm", "report.html", "shadow-vcpu"]
+    assert "cmp/mirror-vm" in (workdir / "cmp" / "report.html").read_text()  # not the temporary path
+
+
+def test_empty_strings_are_not_absent(workdir, capsys):
+    assert main(["run", "s.toml", "--out", "o", "--trace", "", "--no-progress"]) == 2
+    assert "trace path is empty" in one_line_error(capsys)
+    assert main(["import", "csv", "s.toml", "--out", "o.arrow", "--guest-size", ""]) == 2
+    assert "--guest-size: cannot parse ''" in one_line_error(capsys)
+
+
+# ----------------------------------------------------------------------------------------- integrity
+
+
+def _same_metadata_other_rows(src: Path, dst: Path) -> None:
+    """Rewrite ``src`` with one value changed but its metadata (and so its recorded digest) kept."""
+    with pa.memory_map(str(src)) as f:
+        table = pa.ipc.open_file(f).read_all()
+    values = table.column("value").to_pylist()
+    values[5] += 1
+    table = table.set_column(5, table.schema.field(5), pa.array(values, pa.uint64()))
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+
+
+def test_digest_is_checked_on_every_full_read(workdir, capsys):
+    _same_metadata_other_rows(workdir / "t.arrow", workdir / "bad.arrow")
+    with open_trace(workdir / "bad.arrow") as r, \
+            pytest.raises(TraceError, match=r"bad\.arrow: content digest [0-9a-f]{16}\.\.\. does not match"):
+        for _ in r:
+            pass
+    for argv in (["inspect", "bad.arrow"], ["verify", "bad.arrow"],
+                 ["run", "s.toml", "--trace", "bad.arrow", "--out", "o", "--no-progress"]):
+        assert main(argv) == 2
+        assert "does not match the metadata's" in one_line_error(capsys)
+    assert not (workdir / "o").exists()
+
+
+def test_verify_trace_and_run_dir(workdir, capsys):
+    assert main(["run", "s.toml", "--out", "r", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "t.arrow", "r"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("t.arrow: ok: trace (64 events, 1 batches, digest ")
+    assert out[1].startswith("r: ok: run directory (mirror-vm precopy, completed; rounds ")
+
+
+def _rewrite_summary(run: Path, change) -> None:
+    from replay.runrecord import record_digest
+
+    s = json.loads((run / "summary.json").read_text())
+    change(s)
+    s["record_digest"] = record_digest(s)
+    (run / "summary.json").write_text(json.dumps(s))
+
+
+def test_verify_checks_row_order(workdir, capsys):
+    """A record whose hashes were recomputed after reordering its events passes the loader's checks but
+    not verify's (events numbered 0..n-1 in time order)."""
+    from replay.runrecord import EVENTS_SCHEMA, content_hash
+
+    assert main(["run", "s.toml", "--out", "r", "--no-progress"]) == 0
+    capsys.readouterr()
+    run = workdir / "r"
+    with pa.memory_map(str(run / "events.arrow")) as f:
+        ev = pa.ipc.open_file(f).read_all()
+    ev = pa.concat_tables([ev.slice(1), ev.slice(0, 1)]).combine_chunks()
+    with pa.OSFile(str(run / "events.arrow"), "wb") as sink, pa.ipc.new_file(sink, EVENTS_SCHEMA) as w:
+        w.write_table(ev)
+    _rewrite_summary(run, lambda s: s["tables"].update({"events.arrow": content_hash((run / "events.arrow").read_bytes())}))
+    assert main(["diff", "r", "r"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "r"]) == 2
+    assert "events.arrow: row 0: seq 1, expected 0" in one_line_error(capsys)
+
+
+def test_tampered_run_dirs_are_refused_by_every_reader(workdir, capsys):
+    assert main(["run", "s.toml", "--out", "r", "--no-progress"]) == 0
+    capsys.readouterr()
+    data = bytearray((workdir / "r" / "rounds.arrow").read_bytes())
+    data[len(data) // 2] ^= 1
+    (workdir / "r" / "rounds.arrow").write_bytes(bytes(data))
+    for argv in (["diff", "r", "r"], ["report", "r", "--out", "x.html"], ["verify", "r"]):
+        assert main(argv) == 2
+        assert "rounds.arrow: content hash mismatch" in one_line_error(capsys)
+    assert not (workdir / "x.html").exists()
+
+
+def test_write_run_records_hashes(tmp_path):
+    import runfixtures
+
+    from replay.runrecord import content_hash, load_run
+
+    run = runfixtures.make_run(tmp_path / "a")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["tables"] == {n: content_hash((run / n).read_bytes()) for n in ("events.arrow", "rounds.arrow")}
+    assert len(s["record_digest"]) == 64
+    assert dataclasses.is_dataclass(load_run(run))
+
+
+def test_hybrid_rounds_are_bounded():
+    """precopy_rounds = 2^64 once ran forever; it is now refused at load, naming the bound."""
+    with pytest.raises(ScenarioError, match=r"migration\.precopy_rounds: must be <= 100000 rounds, got 18446744073709551616"):
+        make_scenario(trace=GEN, migration={"mode": "hybrid", "precopy_rounds": 1 << 64})
+    assert MigrationSpec().max_rounds <= validate.MAX_ROUNDS
+
+
+def test_a_verified_trace_is_not_hashed_again_in_the_same_process(workdir, monkeypatch):
+    from replay import trace
+
+    calls = []
+    real = trace._hash_into
+    monkeypatch.setattr(trace, "_hash_into", lambda h, cols: (calls.append(1), real(h, cols)))
+    monkeypatch.setattr(trace, "_VERIFIED", set())
+    for _ in range(2):
+        with open_trace(workdir / "t.arrow") as r:
+            for _ in r:
+                pass
+            assert r.content_digest == r.meta.digest
+    assert len(calls) == 1  # one batch, hashed by the first read only
+    _same_metadata_other_rows(workdir / "t.arrow", workdir / "t2.arrow")
+    os.replace(workdir / "t2.arrow", workdir / "t.arrow")  # a new file: verified afresh, and refused
+    with open_trace(workdir / "t.arrow") as r, pytest.raises(TraceError, match="does not match"):
+        for _ in r:
+            pass
+    assert len(calls) == 2
+
+
+def test_round_budget_scales_with_the_guest():
+    """Each round scans every page: rounds x pages is bounded (2^35), but any guest may have 1,000 rounds."""
+    assert validate.max_rounds_for(64) == 100_000
+    assert validate.max_rounds_for(1 << 22) == 8192  # 16 GiB
+    assert validate.max_rounds_for(1 << 32) == 1000  # the largest guest the engines hold
+    m = MigrationSpec(mode="hybrid", precopy_rounds=8193)
+    with pytest.raises(ScenarioError, match=r"migration\.precopy_rounds 8193 is too many for a guest of 4194304 pages: at most 8192"):
+        validate.check_round_budget(m, 1 << 22)
+    validate.check_round_budget(dataclasses.replace(m, precopy_rounds=8192), 1 << 22)
+
+
+def test_failed_write_leaves_no_parent_directories(workdir, capsys, monkeypatch):
+    from replay.commands import compare
+
+    def fails(*a, **kw):
+        raise TraceError("injected failure")
+
+    monkeypatch.setattr(compare, "execute", fails)
+    before = snapshot(workdir)
+    assert main(["compare", "s.toml", "--out", "new/deeper/cmp", "--no-progress"]) == 2
+    assert snapshot(workdir) == before  # neither new/ nor new/deeper/ is left
