@@ -311,7 +311,9 @@ SUMMARY_KEYS = {
 REQUIRED = ("status", "strategy", "mode", "scenario", "trace", "metrics", "digests", "invariants")
 TRACE_KEYS = {"digest": _T_STR, "events": _T_INT, "guest_bytes": _T_INT, "vcpus": _T_INT, "source": _T_DICT}
 # Metric leaves with a type other than a non-negative int.
-METRIC_TYPES = {"switchover_reason": _T_STR, "downtime_limit_exceeded": _T_BOOL}
+METRIC_TYPES = {"switchover_reason": _T_STR, "downtime_limit_exceeded": _T_BOOL, "switchover_rule": _T_STR,
+                "action": _T_STR, "compress": _T_BOOL, "detected_by": _T_STR, "handshake_refused_by": _T_STR,
+                "handshake_verdict": _T_STR, "token": _T_STR}
 
 
 def _type_ok(value: Any, t: str) -> bool:
@@ -364,7 +366,8 @@ def check_summary(summary: Any, where: str, *, strategies=("mirror-vm", "shadow-
         _need(key in summary["trace"] and _type_ok(summary["trace"][key], t), where,
               f"trace.{key} is missing or not a {t}")
     for name, value in summary["digests"].items():
-        _need(isinstance(value, str) and (value == "" or (len(value) == 64 and all(c in "0123456789abcdef" for c in value))),
+        # memory digests are 256-bit (blake2b); switchover digests 128-bit set hashes
+        _need(isinstance(value, str) and (value == "" or (len(value) in (32, 64) and all(c in "0123456789abcdef" for c in value))),
               where, f"digests.{name} {short(value)} is not a hex digest")
     for name, value in summary["invariants"].items():
         _need(isinstance(value, bool), where, f"invariants.{name} {short(value)} is not true/false")

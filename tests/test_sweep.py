@@ -117,7 +117,7 @@ def test_base_scenario_from_a_file_relative_to_the_sweep(tmp_path):
      "migration.bandwith_bytes_per_s: unknown key (did you mean 'bandwidth_bytes_per_s'?)"),
     ('[grid]\n"migraton.mode" = ["precopy"]\n', "unknown section 'migraton' (did you mean 'migration'?)"),
     ('strategies = ["mirror-vm", "shadow-vpcu"]\n', "'shadow-vpcu' is not one of mirror-vm, shadow-vcpu (did you mean 'shadow-vcpu'?)"),
-    ('[grid]\n"guest.vcpus" = [2, -1]\n', "guest.vcpus: must be >= 0, got -1"),
+    ('[grid]\n"guest.vcpus" = [2, -1]\n', "guest.vcpus: must be >= 0 vCPUs, got -1"),
     ('stratgies = ["mirror-vm"]\n', "unknown key 'stratgies' (did you mean 'strategies'?)"),
     ('[[zip]]\n"migration.max_rounds" = [1, 2]\n"seed" = [1]\n', "zip[0]: axes must have equal lengths"),
     ('[grid]\n"migration.max_rounds" = []\n', "expected a non-empty array"),
