@@ -250,6 +250,30 @@ def _comparison(runs) -> str:
     )
 
 
+def _data_section(s: dict) -> str:
+    """Data mode's security facts: the handshake's steps and verdicts, the token, the channel's counts."""
+    data, sec = s.get("data"), (s.get("metrics") or {}).get("security")
+    if not isinstance(data, dict) or not isinstance(sec, dict):
+        return ""
+    steps = "".join(
+        f"<tr><td>{_e(st.get('actor', ''))}</td><td>{_e(st.get('action', ''))}</td><td>{_e(st.get('verdict', ''))}</td></tr>"
+        for st in data.get("handshake") or [] if isinstance(st, dict))
+    src, dst = sec.get("source") or {}, sec.get("target") or {}
+    streams = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{_e(fmt(v))}</td></tr>"
+                      for k, v in sorted((src.get("sequences") or {}).items()))
+    facts = [("handshake", sec.get("handshake_verdict", "")), ("validation token", sec.get("token", "")),
+             ("stopped by", sec.get("detected_by", "") or "-"),
+             ("page bytes before compression", fmt(src.get("payload_bytes", 0))),
+             ("after compression (zstd level " + str(sec.get("zstd_level", 0)) + ")", fmt(src.get("compressed_bytes", 0))),
+             ("sealed bytes on the wire", fmt(src.get("wire_bytes", 0))),
+             ("shared pages sent unprotected", fmt(sec.get("shared_pages_unprotected", 0))),
+             ("target's verdicts", ", ".join(f"{k}: {v}" for k, v in sorted((dst.get("outcomes") or {}).items())))]
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in facts)
+    return (f"<h4>Data mode: the attested, sealed channel</h4><table><tr><th>fact</th><th>value</th></tr>{rows}</table>"
+            f"<table><tr><th>side</th><th>handshake step</th><th>verdict</th></tr>{steps}</table>"
+            f"<table><tr><th>stream</th><th>packets (sequence numbers used)</th></tr>{streams}</table>")
+
+
 def _run_section(i: int, run: Run, name: str) -> str:
     s = run.summary
     digests = "".join(
@@ -265,7 +289,7 @@ def _run_section(i: int, run: Run, name: str) -> str:
     )
     tool = s.get("tool") or {}
     return f"""
-<h3>{_swatch(i)}{_e(name)}</h3>
+<h3>{_swatch(i)}{_e(name)}</h3>{_data_section(s)}
 <p class="sub"><code>{_e(run.path)}</code> · status <b>{_e(s["status"])}</b>{" — " + _e(s.get("status_reason")) if s.get("status_reason") else ""}
  · trace <span class="digest">{_e(str(s["trace"].get("digest", ""))[:16])}</span> ({_e(fmt(s["trace"].get("events", "")))} events)
  · {_e(tool.get("name", ""))} {_e(tool.get("version", ""))} ({_e(tool.get("engine", ""))} engine)</p>
