@@ -1210,6 +1210,23 @@ cdef class Engine:
                 n += (flg[i] & PG_PRESENT) != 0
         return n
 
+    def missing(self, host):
+        """The gfns ``host`` does not hold (no PRESENT), ascending, as uint32: no per-page temporaries."""
+        cdef int h = self._host(host)
+        cdef const uint8_t* flg = self.st.flg[h]
+        cdef int64_t i, n = 0, j = 0
+        with nogil:
+            for i in range(self.st.npages):
+                n += (flg[i] & PG_PRESENT) == 0
+        out = np.empty(n, np.uint32)
+        cdef uint32_t[::1] o = out
+        with nogil:
+            for i in range(self.st.npages):
+                if not (flg[i] & PG_PRESENT):
+                    o[j] = <uint32_t>i
+                    j += 1
+        return out
+
     def digest(self, host):
         """blake2b-256 over the little-endian uint32 versions of all gfns, then one byte (PRIVATE bit) each."""
         cdef int h = self._host(host)

@@ -387,6 +387,11 @@ class Engine:
                 self._flags[host][gfn] &= ~DIRTY & 0xFF
         return np.array(out, dtype=np.uint32)
 
+    def missing(self, host):
+        """The gfns ``host`` does not hold (no PRESENT), ascending, as uint32."""
+        host = self._host(host)
+        return np.flatnonzero((self._flags[host] & PRESENT) == 0).astype(np.uint32)
+
     def count_present(self, host):
         host = self._host(host)
         return sum(1 for gfn in range(self.npages) if self._flags[host][gfn] & PRESENT)

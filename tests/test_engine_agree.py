@@ -115,6 +115,7 @@ def scenarios(draw):
         st.tuples(st.just("clear_present"), host, st.lists(gfn, max_size=4)),
         st.tuples(st.just("deliver"), host, host, gfn),
         st.tuples(st.just("set_send_log"), st.booleans()),
+        st.tuples(st.just("missing"), host),
         st.tuples(st.just("take_send_log")),
     ]
     seq = draw(st.lists(st.one_of(ops), min_size=1, max_size=30))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine import PRESENT
 from ..scenario import FOREVER
 from ..snp import PAGE_SIZE, Fault
 from ..strategies import HOST, SOURCE, TARGET
@@ -72,8 +71,7 @@ def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
     source_digest = eng.set_digest(SOURCE)
     if run.data is not None:
         run.data.snapshot("source_at_switchover", SOURCE)
-    flags = eng.flags(TARGET, np.arange(run.npages, dtype=np.uint32))
-    missing = np.flatnonzero((flags & PRESENT) == 0).astype(np.uint32)
+    missing = eng.missing(TARGET)
     rnd = Round(len(run.tally.rounds), "downtime", v_pause, dirty, v_pause, agents=run.agents)
     run.tally.rounds.append(rnd)
     nvmsa = send_vmsas_and_devices(run, rnd)
@@ -92,7 +90,7 @@ class _Postcopy:
         n = run.npages
         self.stats = PostcopyStats(blocked=[[] for _ in range(run.vcpus)],
                                    per_vcpu_latencies=[[] for _ in range(run.vcpus)])
-        self.requested = np.zeros(n, dtype=bool)
+        self.requested: set[int] = set()  # gfns requested by a fault (few: no per-page array)
         self.prepage_next: np.ndarray | None = None
         self.pushing = False
         self.outage_backlog: list[int] | None = None
@@ -211,7 +209,7 @@ class _Postcopy:
         src = eng.page(SOURCE, gfn)
         private = src.private
         v_req = e + voff
-        if self.requested[gfn]:
+        if gfn in self.requested:
             # In flight already: no second request; this vCPU waits for that arrival.
             served = max(e, int(g.ready[gfn]))
             pc.duplicates += 1
@@ -244,7 +242,7 @@ class _Postcopy:
                 run.tally.private_pages += private
                 run.tally.shared_pages += not private
                 run.tally.zero_pages += src.version == 0
-            self.requested[gfn] = True
+            self.requested.add(gfn)
             g.ready[gfn] = served
             pc.requests += 1
             if run.s.migration.prepaging:
