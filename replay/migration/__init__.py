@@ -158,35 +158,36 @@ class Migration:
 
     def _aborted(self, run: Run, out: Outcome, at_ns: int) -> None:
         """A link failure before the target runs: abort; the source runs on with its memory intact."""
-        g = run.guest
         run.log("link_down", "migration link lost", t=at_ns)
-        out.status, out.reason = "aborted", f"link down at {at_ns} ns before the target resumed: source runs on"
-        run.eng.set_dirty_logging(SOURCE, False)
-        if at_ns > g.v:
-            if out.times["switchover_ns"]:
-                g.pause(at_ns - g.v)  # paused at the switchover until the failure is noticed
-            else:
-                g.elapse(at_ns - g.v)
-        out.times["completion_ns"] = g.v
-        out.times["downtime_ns"] = g.v - out.times["switchover_ns"] if out.times["switchover_ns"] else 0
-        g.host = SOURCE
-        run.log("abort", out.reason)
+        self._source_runs_on(run, out, f"link down at {at_ns} ns before the target resumed: source runs on", at_ns)
 
     def _refused(self, run: Run, out: Outcome, refused: DataRefused) -> None:
         """Data mode's checks stopped the migration: before the target runs, an abort (the source runs on,
         intact); after it (post-copy's token), a failure."""
-        g = run.guest
         out.detected_by = refused.detected_by
-        if g.host == TARGET:
+        if run.guest.host == TARGET:
             out.status, out.reason = "failed", f"{refused.reason}: the target ran on unverified memory"
             run.log("postcopy_failed", out.reason)
             return
-        out.status, out.reason = "aborted", f"{refused.reason}: the target does not run; the source runs on"
-        run.log("abort", out.reason)
+        self._source_runs_on(run, out, f"{refused.reason}: the target does not run; the source runs on", run.guest.v)
+
+    @staticmethod
+    def _source_runs_on(run: Run, out: Outcome, reason: str, at_ns: int) -> None:
+        """Status aborted: the target never runs; the source (paused since the switchover, if any, until
+        ``at_ns``) goes on with its memory intact."""
+        g = run.guest
+        out.status, out.reason = "aborted", reason
         run.eng.set_dirty_logging(SOURCE, False)
+        if at_ns > g.v:
+            if out.times["switchover_ns"]:
+                g.pause(at_ns - g.v)
+            else:
+                g.elapse(at_ns - g.v)
         out.times["completion_ns"] = g.v
         out.times["downtime_ns"] = g.v - out.times["switchover_ns"] if out.times["switchover_ns"] else 0
         out.digests["target_at_switchover"] = ""
+        g.host = SOURCE
+        run.log("abort", reason)
 
     def _finish_trace(self, run: Run, out: Outcome) -> None:
         """The guest runs on (at the target after a completed migration) to the end of the trace."""
