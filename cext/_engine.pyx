@@ -769,9 +769,10 @@ cdef inline void slog_add(State* s, int64_t gfn, int64_t row, uint32_t version) 
 cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
                             const Cols* c, int64_t* row, int64_t base_index, int run_host,
                             const uint64_t* delays, uint64_t* ready, int64_t until_v,
-                            int64_t deadline_v) noexcept nogil:
-    """Send pages src -> dst on the transfer clock while the guest replays c on run_host: gfns[k:n], or
-    with gfns == NULL the source's PG_SEND pages, walking cyclically from gfn k (QEMU's bitmap walk).
+                            int64_t deadline_v, int64_t walk_end) noexcept nogil:
+    """Send pages src -> dst on the transfer clock while the guest replays c on run_host: gfns[k:n]; or,
+    with gfns == NULL, the source's PG_SEND pages, walking cyclically from gfn k (QEMU's bitmap walk); or,
+    with walk_end >= 0, the pages dst lacks among gfns [k, walk_end) (the post-copy push).
     Stops before a page once the clock reaches until_v (a burst's end); a page whose last byte would
     arrive after deadline_v (the link's death less its latency) is not sent: x.link_dead is set.
     Returns the next k (== n when done; the walk's cursor), or an ERR_* code; *row is updated."""
@@ -789,6 +790,11 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
         if gfns != NULL:
             if k >= n:
                 return k
+        elif walk_end >= 0:
+            while k < walk_end and (s.flg[dst][k] & PG_PRESENT):
+                k += 1
+            if k >= walk_end:
+                return k
         elif s.send_count[src] == 0:
             return k
         # 1. the guest runs up to the transfer clock
@@ -801,8 +807,8 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
                 return k
         if x.v >= until_v:
             return k
-        if gfns != NULL:
-            gfn = gfns[k]
+        if gfns != NULL or walk_end >= 0:
+            gfn = gfns[k] if gfns != NULL else k
         else:
             while not (sflg[k] & PG_SEND):
                 k += 1
@@ -875,11 +881,11 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
         x.zero_pages += zero
         x.private_pages += private
         x.shared_pages += not private
-        if gfns == NULL:
+        if gfns == NULL and walk_end < 0:
             ps[0] &= ~PG_SEND
             s.send_count[src] -= 1
         k += 1
-        if gfns == NULL and k == npages:
+        if gfns == NULL and walk_end < 0 and k == npages:
             k = 0
 
 
@@ -1210,23 +1216,6 @@ cdef class Engine:
                 n += (flg[i] & PG_PRESENT) != 0
         return n
 
-    def missing(self, host):
-        """The gfns ``host`` does not hold (no PRESENT), ascending, as uint32: no per-page temporaries."""
-        cdef int h = self._host(host)
-        cdef const uint8_t* flg = self.st.flg[h]
-        cdef int64_t i, n = 0, j = 0
-        with nogil:
-            for i in range(self.st.npages):
-                n += (flg[i] & PG_PRESENT) == 0
-        out = np.empty(n, np.uint32)
-        cdef uint32_t[::1] o = out
-        with nogil:
-            for i in range(self.st.npages):
-                if not (flg[i] & PG_PRESENT):
-                    o[j] = <uint32_t>i
-                    j += 1
-        return out
-
     def digest(self, host):
         """blake2b-256 over the little-endian uint32 versions of all gfns, then one byte (PRIVATE bit) each."""
         cdef int h = self._host(host)
@@ -1348,7 +1337,7 @@ cdef class Engine:
         )
 
     def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None, ready=None, *,
-                 until_v=None, deadline_v=None):
+                 until_v=None, deadline_v=None, walk_end=None):
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int rh = self._host(run_host)
@@ -1360,7 +1349,7 @@ cdef class Engine:
         cdef const uint64_t* dp = NULL
         cdef uint64_t[::1] rv
         cdef uint64_t* rp = NULL
-        cdef int64_t kk, n, row, bi, res, uv, dl
+        cdef int64_t kk, n, row, bi, res, uv, dl, we = -1
         if not self.st.x.active:
             raise RuntimeError("transfer() before begin_transfer()")
         k, start, base_index = int(k), int(start), int(base_index)
@@ -1368,9 +1357,13 @@ cdef class Engine:
         if gfns is None:
             if s == d:
                 raise ValueError("transfer: src and dst must differ")
-            if not 0 <= k < self.st.npages:
-                raise ValueError(f"k {k} out of range for the bitmap walk (npages={self.st.npages})")
             n = 0
+            if walk_end is not None:
+                we = int(walk_end)
+                if not 0 <= k <= we <= self.st.npages:
+                    raise ValueError(f"transfer: need 0 <= k <= walk_end <= npages, got k={k} walk_end={we}")
+            elif not 0 <= k < self.st.npages:
+                raise ValueError(f"k {k} out of range for the bitmap walk (npages={self.st.npages})")
         else:
             gfns = as_gfns(gfns)
             if not 0 <= k <= len(gfns):
@@ -1403,7 +1396,7 @@ cdef class Engine:
         self.st.ls_gfn = self.st.ls_vcpu = self.st.ls_row = 0
         kk, row, bi = k, start, base_index
         with nogil:
-            res = transfer_pages(&self.st, s, d, gp, n, kk, cp, &row, bi, rh, dp, rp, uv, dl)
+            res = transfer_pages(&self.st, s, d, gp, n, kk, cp, &row, bi, rh, dp, rp, uv, dl, we)
         self._oom()
         if res < 0:
             _raise_row_error(&self.st, res, bi)

@@ -387,11 +387,6 @@ class Engine:
                 self._flags[host][gfn] &= ~DIRTY & 0xFF
         return np.array(out, dtype=np.uint32)
 
-    def missing(self, host):
-        """The gfns ``host`` does not hold (no PRESENT), ascending, as uint32."""
-        host = self._host(host)
-        return np.flatnonzero((self._flags[host] & PRESENT) == 0).astype(np.uint32)
-
     def count_present(self, host):
         host = self._host(host)
         return sum(1 for gfn in range(self.npages) if self._flags[host][gfn] & PRESENT)
@@ -519,17 +514,22 @@ class Engine:
         return dict(self._xs)
 
     def transfer(self, src, dst, gfns, k, batch, start, base_index, run_host, delays=None, ready=None, *,
-                 until_v=None, deadline_v=None):
+                 until_v=None, deadline_v=None, walk_end=None):
         src, dst, run_host = self._host(src), self._host(dst), self._host(run_host)
         if not self._xfer:
             raise RuntimeError("transfer() before begin_transfer()")
         k, start, base_index = int(k), int(start), int(base_index)
         until_v, deadline_v = check_transfer_limits(until_v, deadline_v)
-        walk = gfns is None
-        if walk:
+        walk = gfns is None and walk_end is None  # the send bitmap, cyclically
+        missing = gfns is None and walk_end is not None  # the pages dst lacks in [k, walk_end)
+        if gfns is None:
             if src == dst:
                 raise ValueError("transfer: src and dst must differ")
-            if not 0 <= k < self.npages:
+            if missing:
+                walk_end = int(walk_end)
+                if not 0 <= k <= walk_end <= self.npages:
+                    raise ValueError(f"transfer: need 0 <= k <= walk_end <= npages, got k={k} walk_end={walk_end}")
+            elif not 0 <= k < self.npages:
                 raise ValueError(f"k {k} out of range for the bitmap walk (npages={self.npages})")
         else:
             gfns = as_gfns(gfns)
@@ -556,6 +556,11 @@ class Engine:
             if walk:
                 if self._send_count[src] == 0:
                     return (row, k)
+            elif missing:
+                while k < walk_end and dflags[k] & PRESENT:
+                    k += 1
+                if k >= walk_end:
+                    return (row, k)
             elif k >= len(gfns):
                 return (row, k)
             # 1. the guest runs up to the transfer clock
@@ -570,7 +575,7 @@ class Engine:
                     k = (k + 1) % self.npages
                 gfn = k
             else:
-                gfn = int(gfns[k])
+                gfn = k if missing else int(gfns[k])
             if p["skip_present"] and dflags[gfn] & PRESENT:
                 k += 1
                 continue

@@ -103,7 +103,8 @@ def scenarios(draw):
             wp_fault_ns=st.sampled_from([0, 260]), charge_target_guest=st.booleans()))),
         st.tuples(st.just("transfer"), host, host, st.one_of(st.lists(gfn, max_size=12), st.none()),
                   st.integers(0, 2), st.one_of(st.none(), b), st.integers(0, 3), st.integers(0, 100), host, delays,
-                  st.one_of(st.none(), st.integers(0, 30000)), st.one_of(st.none(), st.integers(0, 30000))),
+                  st.one_of(st.none(), st.integers(0, 30000)), st.one_of(st.none(), st.integers(0, 30000)),
+                  st.one_of(st.none(), st.integers(0, npages))),
         st.tuples(st.just("transfer_add"), st.integers(0, 9000), st.integers(0, 3000), st.integers(0, 3000)),
         st.tuples(st.just("mark_send_all"), host),
         st.tuples(st.just("sync_dirty"), host),
@@ -115,7 +116,6 @@ def scenarios(draw):
         st.tuples(st.just("clear_present"), host, st.lists(gfn, max_size=4)),
         st.tuples(st.just("deliver"), host, host, gfn),
         st.tuples(st.just("set_send_log"), st.booleans()),
-        st.tuples(st.just("missing"), host),
         st.tuples(st.just("take_send_log")),
     ]
     seq = draw(st.lists(st.one_of(ops), min_size=1, max_size=30))
@@ -146,10 +146,10 @@ def apply(e, op):
             h, b, start, base, stop, delays = args
             return norm(e.replay(h, b, start, base, stop, delays))
         if name == "transfer":
-            src, dst, gfns, k, b, start, base, run_host, delays, until, deadline = args
+            src, dst, gfns, k, b, start, base, run_host, delays, until, deadline, walk_end = args
             gfns = None if gfns is None else np.array(gfns, np.uint32)
             return norm(e.transfer(src, dst, gfns, k, b, start, base, run_host, delays, until_v=until,
-                                   deadline_v=deadline))
+                                   deadline_v=deadline, walk_end=walk_end if gfns is None else None))
         if name == "launch":
             h, ranges = args
             return norm(e.launch(h, [(g, g + n) for g, n in ranges]))

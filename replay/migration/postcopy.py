@@ -30,7 +30,6 @@ from .faultpath import FaultPath
 from .precopy import sync
 from .stopcopy import resume_target, send_vmsas_and_devices
 
-POSTCOPY_CHUNK = 1 << 10  # pages per engine call: how often pre-paging windows are picked up
 NS_PER_S = 1_000_000_000
 
 
@@ -52,7 +51,7 @@ class PostcopySwitch:
     pause_ns: int
     resume_ns: int
     source_digest: str
-    missing: np.ndarray
+    missing: int  # pages the target lacked at the switchover
     vmsas: int
 
 
@@ -71,13 +70,13 @@ def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
     source_digest = eng.set_digest(SOURCE)
     if run.data is not None:
         run.data.snapshot("source_at_switchover", SOURCE)
-    missing = eng.missing(TARGET)
+    missing = run.npages - eng.count_present(TARGET)
     rnd = Round(len(run.tally.rounds), "downtime", v_pause, dirty, v_pause, agents=run.agents)
     run.tally.rounds.append(rnd)
     nvmsa = send_vmsas_and_devices(run, rnd)
     resume_target(run, rnd, nvmsa, token=False)
     g.host = TARGET
-    run.log("resume", f"target resumed; downtime_ns={g.v - v_pause} userfault_pages={len(missing)}")
+    run.log("resume", f"target resumed; downtime_ns={g.v - v_pause} userfault_pages={missing}")
     return PostcopySwitch(v_pause, g.v, source_digest, missing, nvmsa)
 
 
@@ -101,7 +100,7 @@ class _Postcopy:
         g.delays = np.zeros(run.vcpus, dtype=np.uint64)
         g.ready = np.zeros(n, dtype=np.uint64)
         g.on_userfault = self.userfault
-        self.rnd = Round(len(run.tally.rounds), "postcopy", g.v, len(sw.missing), g.v, agents=run.agents)
+        self.rnd = Round(len(run.tally.rounds), "postcopy", g.v, sw.missing, g.v, agents=run.agents)
         run.tally.rounds.append(self.rnd)
         self.g0 = g.g
         self.folded: dict | None = None
@@ -122,7 +121,6 @@ class _Postcopy:
     def push(self) -> bool:
         """The background push to its end; False if the link is gone for good."""
         run, eng, g, link = self.run, self.run.eng, self.run.guest, self.run.link
-        missing = self.sw.missing
         if not run.s.migration.postcopy_background_push:
             # Faults alone bring pages while the guest runs its trace; the rest goes after its last event.
             # A blocked vCPU's row holds back the rows after it: run to each held row's effective time.
@@ -137,15 +135,14 @@ class _Postcopy:
             if self.prepage_next is not None:
                 # Pre-paging: the pages after the latest fault go first (Hines & Gopalan's bubbling).
                 window, wk, self.prepage_next = self.prepage_next, 0, None
-            if window is not None:
-                arr, k0, end = window, wk, len(window)
-            elif base_k < len(missing):
-                arr, k0, end = missing, base_k, min(len(missing), base_k + POSTCOPY_CHUNK)
-            else:
+            if window is None and base_k >= run.npages:
                 break
             down = link.down_at(self.link_from)
-            k, batch = transfer.step(run, arr[:end], k0, run_host=TARGET, paused=False, stream="postcopy",
-                                     deadline_v=link.deadline(down), delays=g.delays, ready=g.ready)
+            # The window's pages first; else the pages the target lacks, walked in gfn order in the engine
+            # (no per-page list). A fault stops the call, so a new window is picked up at once.
+            k, batch = transfer.step(run, window, wk if window is not None else base_k, run_host=TARGET,
+                                     paused=False, stream="postcopy", deadline_v=link.deadline(down), delays=g.delays,
+                                     ready=g.ready, walk_end=None if window is not None else run.npages)
             if window is not None:
                 wk = k
                 if wk >= len(window):
@@ -192,7 +189,7 @@ class _Postcopy:
         if not self.pushing:
             return 0
         c = self.run.s.costs
-        left = max(0, len(self.sw.missing) - self.run.eng.transfer_state()["pages"] - self.stats.requests)
+        left = max(0, self.sw.missing - self.run.eng.transfer_state()["pages"] - self.stats.requests)
         return min(c.postcopy_queue_bytes, left * (PAGE_SIZE + c.page_header_bytes))
 
     def userfault(self) -> bool:

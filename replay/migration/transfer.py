@@ -30,7 +30,7 @@ def begin(run: Run, guest_side: int | None, *, skip_present: bool = False) -> No
 
 
 def step(run: Run, gfns, k: int, *, run_host: int, paused: bool, stream: str, until_v=None, deadline_v=None,
-         delays=None, ready=None):
+         delays=None, ready=None, walk_end=None):
     """One engine transfer call from the source to the target, the guest replaying its trace on
     ``run_host`` unless ``paused``; data mode carries the contents of what it applied and sent. Returns
     (k, the batch replayed or None)."""
@@ -39,7 +39,7 @@ def step(run: Run, gfns, k: int, *, run_host: int, paused: bool, stream: str, un
     batch = None if (paused or cur.done) else cur.batch
     a = cur.row if batch is not None else 0
     row, k = eng.transfer(0, 1, gfns, k, batch, a, cur.base if batch is not None else 0, run_host, delays, ready,
-                          until_v=until_v, deadline_v=deadline_v)
+                          until_v=until_v, deadline_v=deadline_v, walk_end=walk_end)
     if run.data is not None:
         run.data.after_transfer(run_host, batch, cur.base, a, row if batch is not None else a, stream)
     if batch is not None:
