@@ -209,7 +209,6 @@ def test_cli_one_off_and_record(tmp_path):
 # ------------------------------------------------------------------------------------------ the matrix
 
 
-@pytest.mark.slow
 def test_matrix_every_kind_both_strategies_precopy_postcopy(tmp_path):
     table = run_matrix(base())
     assert table.num_rows == len(ADVERSARY_KINDS) * 2 * 2
