@@ -18,7 +18,13 @@ from typing import Sequence
 import pyarrow as pa
 
 from .records import atomic_dir
-from .scenario import ADVERSARY_KINDS, STRATEGIES, AdversarySpec, Scenario, with_adversary
+from .scenario import (
+    ADVERSARY_KINDS,
+    STRATEGIES,
+    AdversarySpec,
+    Scenario,
+    with_adversary,
+)
 
 # The shared-page case is undetected by design (shared pages are the host's): its differing plaintext is
 # the documented outcome, not corruption.

@@ -547,6 +547,9 @@ def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
             doc[parts[0]] = parsed
             continue
         section, *rest = parts
+        if section == "adversary":
+            _set_adversary(doc, rest, parsed, where)
+            continue
         if section not in _SECTIONS:
             raise ScenarioError(f"{where}: unknown section {short(section, 40)}{_hint(section, list(_SECTIONS))}")
         # Only [trace.options] holds free-form tables; every other key is a scalar of its section.
@@ -567,6 +570,24 @@ def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
             table = table[p]
         table[rest[-1]] = parsed
     return doc
+
+
+def _set_adversary(doc: dict, rest: list[str], value: Any, where: str) -> None:
+    """``--set adversary.N.key=value``: a key of the N-th [[adversary]] entry (N = their count: a new one)."""
+    entries = doc.get("adversary", [])
+    if not isinstance(entries, list):
+        raise ScenarioError(f"{where}: adversary is not an array of tables in the scenario")
+    if len(rest) != 2 or not rest[0].isdigit():
+        raise ScenarioError(f"{where}: expected adversary.N.key=value (N: the entry, from 0)")
+    i = int(rest[0])
+    if i > len(entries):
+        raise ScenarioError(f"{where}: the scenario has {len(entries)} [[adversary]] entries; N must be at most that")
+    entries = doc["adversary"] = [dict(e) if isinstance(e, dict) else e for e in entries]
+    if i == len(entries):
+        entries.append({})
+    if not isinstance(entries[i], dict):
+        raise ScenarioError(f"{where}: adversary[{i}] is not a table")
+    entries[i][rest[1]] = value
 
 
 def make_scenario(**sections: Mapping[str, Any]) -> Scenario:

@@ -385,7 +385,9 @@ def check_summary(summary: Any, where: str, *, strategies=("mirror-vm", "shadow-
     for key in ("cpu_ns", "faults", "rmp"):
         _need(isinstance(summary["metrics"].get(key, {}), dict), where, f"metrics.{key} is not an object")
     for i, f in enumerate(summary.get("first_faults", [])):
-        _need(isinstance(f, dict), where, f"first_faults[{i}] is not an object")
+        # [event index (-1: not a trace row, e.g. a host write), fault kind, gfn], as the engines report them
+        _need(isinstance(f, list) and len(f) == 3 and _type_ok(f[0], _T_INT) and _type_ok(f[1], _T_STR)
+              and _type_ok(f[2], _T_INT), where, f"first_faults[{i}] is not [event, kind, gfn]")
     for i, a in enumerate(summary.get("adversary", [])):
         _need(isinstance(a, dict) and all(isinstance(a.get(k), str) for k in ("kind", "at", "outcome", "detected_by")),
               where, f"adversary[{i}] is not an action (kind, at, outcome, detected_by)")

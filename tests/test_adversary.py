@@ -19,9 +19,14 @@ from hypothesis import strategies as st
 from replay.advmatrix import UNPROTECTED, default_action, run_matrix, write_matrix
 from replay.errors import ScenarioError
 from replay.migration import Migration, trace_for
-from replay.scenario import (ADVERSARY_KINDS, AdversarySpec, load_scenario, parse_adversary, parse_scenario_text,
-                             with_adversary)
-from replay.security.channel import Receiver
+from replay.scenario import (
+    ADVERSARY_KINDS,
+    AdversarySpec,
+    load_scenario,
+    parse_adversary,
+    parse_scenario_text,
+    with_adversary,
+)
 from replay.strategies import SOURCE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,14 +200,14 @@ def test_link_loss_is_a_link_fault():
 def test_cli_one_off_and_record(tmp_path):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "replay.cli", "run", str(BASE), "--out", str(out),
-                        "--adversary", "tamper-shared@5ms"], capture_output=True, text=True, cwd=ROOT)
+                        "--adversary", "tamper-shared@5ms"], check=False, capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr  # an explained difference is not a bug exit
     s = json.loads((out / "summary.json").read_text())
     assert s["adversary"][0]["outcome"] == "undetected"
-    p = subprocess.run([sys.executable, "-m", "replay.cli", "verify", str(out)], capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run([sys.executable, "-m", "replay.cli", "verify", str(out)], check=False, capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     p = subprocess.run([sys.executable, "-m", "replay.cli", "run", str(BASE), "--out", str(tmp_path / "x"),
-                        "--adversary", "flp@5ms"], capture_output=True, text=True, cwd=ROOT)
+                        "--adversary", "flp@5ms"], check=False, capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "did you mean 'flip'" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -239,7 +244,7 @@ def test_matrix_flags_a_corrupted_run(monkeypatch):
 
 def test_matrix_cli_bad_kind(tmp_path):
     p = subprocess.run([sys.executable, "-m", "replay.cli", "adversary-matrix", str(BASE), "--out", str(tmp_path / "m"),
-                        "--kinds", "flip,dorp"], capture_output=True, text=True, cwd=ROOT)
+                        "--kinds", "flip,dorp"], check=False, capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "did you mean 'drop'" in p.stderr
 
 
@@ -265,3 +270,51 @@ def test_no_completed_run_with_a_corrupted_plaintext(kinds, offsets, mode, strat
         assert any(a["kind"] in UNPROTECTED and a["outcome"] == "undetected" for a in applied)
     if r.status == "aborted":
         assert p["end_of_trace"] == p["no_migration"]
+
+
+def test_set_reaches_adversary_entries():
+    s = load_scenario(ROOT / "scenarios" / "adversary" / "flip.toml", ["adversary.0.where=header", "adversary.0.at_ns=7ms",
+                                                                        "adversary.1.kind=drop"])
+    assert s.adversary == (AdversarySpec(kind="flip", at_ns=7_000_000, where="header"), AdversarySpec(kind="drop"))
+    for bad, message in (("adversary.3.kind=drop", r"has 1 \[\[adversary\]\] entries; N must be at most that"), ("adversary.kind=drop", "adversary.N.key"),
+                         ("adversary.0.wher=header", "did you mean 'where'")):
+        with pytest.raises(ScenarioError, match=message):
+            load_scenario(ROOT / "scenarios" / "adversary" / "flip.toml", [bad])
+
+
+def test_same_actions_same_record_bytes():
+    from replay.records import canonical_json
+
+    a = run_with(AdversarySpec(kind="reorder", at_ns=START_NS + 4_000_000), overrides=["migration.mode=hybrid"])
+    b = run_with(AdversarySpec(kind="reorder", at_ns=START_NS + 4_000_000), overrides=["migration.mode=hybrid"])
+    assert canonical_json(a.summary) == canonical_json(b.summary)
+    assert a.summary["adversary"][0]["outcome"] == "detected"
+
+
+def test_both_engines_agree_on_an_attacked_run():
+    actions = (AdversarySpec(kind="host-write-private", at_ns=START_NS + 1_000_000),
+               AdversarySpec(kind="skip-pvalidate"))
+    s = with_adversary(base("trace.events=30000"), list(actions))
+    runs = [Migration(s, trace_for(s), engine=kind).run().summary for kind in ("cython", "reference")]
+    for r in runs:
+        r["tool"].pop("engine")
+    assert runs[0] == runs[1]
+    assert [a["detected_by"] for a in runs[0]["adversary"]] == ["rmp.host_rmp_pf", "vc.not_validated"]
+
+
+def test_postcopy_after_the_resume_fails():
+    """A packet rejected once the target runs (packet 600 of the post-copy push): the guest stops."""
+    r = run_with(AdversarySpec(kind="flip", stream=2, sequence=600), overrides=["migration.mode=postcopy"])
+    s = r.summary
+    assert s["status"] == "failed" and s["adversary"][0]["detected_by"] == "channel.bad_tag"
+    assert s["adversary"][0]["at"] == "2:600"
+    assert s["data"]["plaintext"]["end_of_trace"] == ""  # the guest did not reach the end of its trace
+    assert s["adversary_effects"]["plaintext_end_differs"] is False  # nothing to compare, not a difference
+
+
+def test_host_write_run_directory_verifies(tmp_path):
+    r = run_with(AdversarySpec(kind="host-write-private", at_ns=START_NS + 3_000_000))
+    r.write(tmp_path / "run")
+    p = subprocess.run([sys.executable, "-m", "replay.cli", "verify", str(tmp_path / "run")], check=False,
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr

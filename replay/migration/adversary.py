@@ -9,7 +9,8 @@ here is something a real host can do, and its outcome is whatever the emulated c
   ``reorder`` (the packet after its successor), ``forge`` (a packet sealed under a key the host made up),
   ``truncate``, ``replay-old-version`` (a packet recorded at ``at`` and sent again after its stream moved
   on) act on the first sealed packet at or after the action's time (or on the packet ``stream:sequence``);
-  ``tamper-shared`` rewrites the first shared page instead (shared pages travel plain and unprotected).
+  ``tamper-shared`` rewrites every shared page sent from its time on instead (shared pages travel plain
+  and unprotected; a host that tampers once can tamper always, so a later copy does not undo it).
 - **In the handshake** (``evidence``): a target whose report names another measurement, a policy with
   DEBUG set, a TCB below the minimum (the ``AttestationSetup`` of the target), or whose report signature
   does not verify (the evidence rewritten on its way).
@@ -21,7 +22,9 @@ here is something a real host can do, and its outcome is whatever the emulated c
   agent is led to validate a validated page: FAIL_NOUPDATE). The target's agent looks at the RMP entries
   of the pages it holds just before the target resumes; a change made earlier is undone by the host's
   own RMPUPDATE when it installs the page again, as on hardware, so these act at that last moment (the
-  action's time must not be later). Changes after the resume are not modelled (the guest's #VC handler).
+  action's time must not be later). In post-copy the target already runs then, holding no private page:
+  they act at the first page the host delivers after the resume (``tick``), and the guest stops. RMP
+  changes after a pre-copy resume are not modelled (the guest's #VC handler).
 - **The link**: ``link-loss`` is a ``[[fault]]`` link_down at ``at``.
 
 Each action ends in ``detected`` (by the check named in ``detected_by``), ``undetected`` or
@@ -38,9 +41,16 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..engine import PRESENT, PRIVATE
-from ..scenario import FOREVER, UNSET, AdversarySpec, LinkFault, Scenario
+from ..scenario import UNSET, AdversarySpec, LinkFault, Scenario
 from ..security.attestation import POLICY_DEBUG, Evidence, TcbVersion
-from ..security.channel import HEADER, HEADER_BYTES, TAG_BYTES, Flag, Outcome, nonce, parse_header
+from ..security.channel import (
+    HEADER,
+    HEADER_BYTES,
+    TAG_BYTES,
+    Flag,
+    nonce,
+    parse_header,
+)
 from ..security.keys import derive
 from ..snp import PAGE_SIZE, Access, Fault, Rc
 from ..strategies import SOURCE, TARGET
