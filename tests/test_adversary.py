@@ -318,3 +318,14 @@ def test_host_write_run_directory_verifies(tmp_path):
     p = subprocess.run([sys.executable, "-m", "replay.cli", "verify", str(tmp_path / "run")], check=False,
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
+
+
+def test_run_report_shows_the_actions_and_expected_differences(tmp_path):
+    from replay.report import render_html
+    from replay.runrecord import load_run
+
+    r = run_with(AdversarySpec(kind="tamper-shared", at_ns=START_NS + 3_000_000))
+    r.write(tmp_path / "run")
+    page = render_html([load_run(tmp_path / "run")])
+    assert "<th>adversary action</th>" in page and "<td>tamper-shared</td>" in page
+    assert "plaintext_end_equals_no_migration</td><td class=\"ok\">false (the adversary&#x27;s, expected)" in page
