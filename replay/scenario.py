@@ -212,6 +212,9 @@ class LinkFault:
 ADVERSARY_KINDS = ("flip", "drop", "replay", "reorder", "forge", "truncate", "bad-measurement", "bad-signature",
                    "bad-policy", "bad-tcb", "host-write-private", "rmp-remap", "skip-pvalidate", "double-pvalidate",
                    "replay-old-version", "tamper-shared", "link-loss")
+# The kinds that act on one packet, so may name it (stream + sequence) instead of a time.
+ADVERSARY_PACKET_KINDS = ("flip", "drop", "replay", "reorder", "forge", "truncate", "replay-old-version",
+                          "tamper-shared")
 ADVERSARY_HOSTS = ("source", "target")
 ADVERSARY_WHERE = ("header", "payload")
 UNSET = -1  # at_ns / stream / sequence not given
@@ -444,8 +447,9 @@ def check_adversary(a: AdversarySpec, where: str) -> None:
         raise ScenarioError(f"{where}: give at_ns or stream + sequence, not both")
     if a.duration_ns < FOREVER or a.duration_ns == 0:
         raise ScenarioError(f"{where}.duration_ns must be > 0, or -1 for forever")
-    if a.kind == "link-loss" and a.stream != UNSET:
-        raise ScenarioError(f"{where}: link-loss happens at a time (at_ns), not at a packet")
+    if a.stream != UNSET and a.kind not in ADVERSARY_PACKET_KINDS:
+        raise ScenarioError(f"{where}: {a.kind} happens at a time (at_ns), not at a packet "
+                            f"(packets: {', '.join(ADVERSARY_PACKET_KINDS)})")
 
 
 def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:

@@ -59,6 +59,7 @@ def test_parse_one_off_forms():
     ("flip@1ms,where=middle", "where 'middle' is not one of header, payload"),
     ("drop@a:1", "stream:sequence, two integers"),
     ("link-loss@0:1", "link-loss happens at a time"),
+    ("host-write-private@0:1", "host-write-private happens at a time"),
     ("drop@1ms,", "expected key=value"),
 ])
 def test_parse_one_off_errors(text, message):

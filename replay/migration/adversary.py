@@ -41,7 +41,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..engine import PRESENT, PRIVATE
-from ..scenario import UNSET, AdversarySpec, LinkFault, Scenario
+from ..scenario import ADVERSARY_PACKET_KINDS, UNSET, AdversarySpec, LinkFault, Scenario
 from ..security.attestation import POLICY_DEBUG, Evidence, TcbVersion
 from ..security.channel import (
     HEADER,
@@ -56,7 +56,7 @@ from ..snp import PAGE_SIZE, Access, Fault, Rc
 from ..strategies import SOURCE, TARGET
 from .data import DataRefused
 
-WIRE = ("flip", "drop", "replay", "reorder", "forge", "truncate", "replay-old-version", "tamper-shared")
+WIRE = ADVERSARY_PACKET_KINDS
 ATTESTATION = ("bad-measurement", "bad-signature", "bad-policy", "bad-tcb")
 RMP_TARGET = ("rmp-remap", "skip-pvalidate", "double-pvalidate")
 OUTCOMES = ("detected", "undetected", "not_reached")
