@@ -252,7 +252,7 @@ def test_matrix_cli_bad_kind(tmp_path):
 # ------------------------------------------------------------------------------------------ property
 
 
-@settings(derandomize=True, max_examples=12, deadline=None)
+@settings(derandomize=True, max_examples=30, deadline=None)
 @given(kinds=st.lists(st.sampled_from(ADVERSARY_KINDS), min_size=1, max_size=2),
        offsets=st.lists(st.integers(0, 60_000_000), min_size=2, max_size=2),
        mode=st.sampled_from(["precopy", "postcopy"]), strategy=st.sampled_from(["mirror-vm", "shadow-vcpu"]),
