@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("replay.commands.sweep", "run a sweep (base scenario x axes) on a Dask cluster into a Parquet table"),
     "diff": ("replay.commands.diff", "compare two run directories (exit 0 same end state, 1 different, 2 bad input)"),
     "report": ("replay.commands.report", "write a self-contained HTML report of one or more runs"),
+    "adversary-matrix": ("replay.commands.adversary_matrix", "run every adversary kind against both strategies and "
+                         "the modes; one Arrow table and an HTML page (exit 0 no corrupted run, 1 some, 2 bad input)"),
     "verify": ("replay.commands.verify", "check a trace or a run directory completely (structure, order, digests)"),
 }
 

@@ -274,14 +274,31 @@ def _data_section(s: dict) -> str:
             f"<table><tr><th>stream</th><th>packets (sequence numbers used)</th></tr>{streams}</table>")
 
 
+def _adversary_table(s: dict) -> str:
+    """The run's adversary actions and what came of each (data mode with [[adversary]] entries)."""
+    acts = s.get("adversary") or []
+    if not acts:
+        return ""
+    rows = "".join(
+        f'<tr><td>{_e(a["kind"])}</td><td>{_e(a["at"])}</td><td class="{"ok" if a["outcome"] == "detected" else ""}">'
+        f'{_e(a["outcome"])}</td><td>{_e(a["detected_by"])}</td></tr>' for a in acts)
+    eff = s.get("adversary_effects") or {}
+    return (f'<table><tr><th>adversary action</th><th>at</th><th>outcome</th><th>detected by</th></tr>{rows}</table>'
+            f'<p class="sub">pages lost {_e(eff.get("pages_lost", 0))} · end plaintext differs from no migration: '
+            f'{_e(fmt(eff.get("plaintext_end_differs", False)))}</p>')
+
+
 def _run_section(i: int, run: Run, name: str) -> str:
     s = run.summary
     digests = "".join(
         f'<tr><td>{_e(k)}</td><td class="digest">{_e(v) if v else "(not reached)"}</td></tr>'
         for k, v in s["digests"].items()
     )
+    # An adversary's expected effects (shared-page tampering, a host's RMP #PF) are reported, not failures.
+    explained = (s.get("adversary_effects") or {}).get("explains", [])
     inv = "".join(
-        f'<tr><td>{_e(k)}</td><td class="{"ok" if v else "bad"}">{_e(fmt(v))}</td></tr>'
+        f'<tr><td>{_e(k)}</td><td class="{"ok" if v or k in explained else "bad"}">{_e(fmt(v))}'
+        f'{" (the adversary&#x27;s, expected)" if k in explained and not v else ""}</td></tr>'
         for k, v in (s.get("invariants") or {}).items()
     )
     params = "".join(
@@ -295,6 +312,7 @@ def _run_section(i: int, run: Run, name: str) -> str:
  · {_e(tool.get("name", ""))} {_e(tool.get("version", ""))} ({_e(tool.get("engine", ""))} engine)</p>
 <table><tr><th>digest</th><th>value</th></tr>{digests}</table>
 <table><tr><th>invariant</th><th>holds</th></tr>{inv}</table>
+{_adversary_table(s)}
 <details><summary>Effective parameters ({len(flatten(s["scenario"]))})</summary>
 <table><tr><th>parameter</th><th>value</th></tr>{params}</table></details>
 """

@@ -208,6 +208,32 @@ class LinkFault:
     duration_ns: int = FOREVER
 
 
+# What an untrusted host can do to a migration ([[adversary]]; replay.migration.adversary carries them out).
+ADVERSARY_KINDS = ("flip", "drop", "replay", "reorder", "forge", "truncate", "bad-measurement", "bad-signature",
+                   "bad-policy", "bad-tcb", "host-write-private", "rmp-remap", "skip-pvalidate", "double-pvalidate",
+                   "replay-old-version", "tamper-shared", "link-loss")
+# The kinds that act on one packet, so may name it (stream + sequence) instead of a time.
+ADVERSARY_PACKET_KINDS = ("flip", "drop", "replay", "reorder", "forge", "truncate", "replay-old-version",
+                          "tamper-shared")
+ADVERSARY_HOSTS = ("source", "target")
+ADVERSARY_WHERE = ("header", "payload")
+UNSET = -1  # at_ns / stream / sequence not given
+
+
+@dataclass(frozen=True)
+class AdversarySpec:
+    """One action of the untrusted host: ``kind``, at virtual time ``at_ns`` or at packet ``sequence`` of
+    ``stream`` (neither: the first chance after the migration starts)."""
+
+    kind: str = ""
+    at_ns: int = UNSET
+    stream: int = UNSET
+    sequence: int = UNSET
+    where: str = "payload"  # flip: the header or the payload of the packet
+    host: str = "source"  # host-write-private: whose host process writes
+    duration_ns: int = FOREVER  # link-loss: how long the link stays down
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str = ""
@@ -220,6 +246,7 @@ class Scenario:
     kernel: KernelCaps = KernelCaps()
     attestation: AttestationSpec = AttestationSpec()
     faults: tuple[LinkFault, ...] = ()
+    adversary: tuple[AdversarySpec, ...] = ()
     base_dir: str = "."  # directory of the scenario file (trace.file is relative to it); not recorded
 
     def with_strategy(self, strategy: str) -> "Scenario":
@@ -251,6 +278,8 @@ class Scenario:
             "attestation": _plain(self.attestation),
             "faults": [_plain(f) for f in self.faults],
         }
+        if self.adversary:  # only then: records of scenarios without one keep their bytes
+            out["adversary"] = [_plain(a) for a in self.adversary]
         return out
 
 
@@ -280,19 +309,19 @@ def _plain(obj: Any) -> Any:
 
 _SECTIONS = {"guest": GuestSpec, "trace": TraceSpec, "migration": MigrationSpec, "costs": Costs, "kernel": KernelCaps,
              "attestation": AttestationSpec}
-_TOP_KEYS = {"name", "description", "seed", "fault", *_SECTIONS}
+_TOP_KEYS = {"name", "description", "seed", "fault", "adversary", *_SECTIONS}
 # Keys that accept human units ("16GiB", "500ms") besides integers.
 _SIZE_KEYS = {("guest", "guest_bytes")}
 _DURATION_KEYS = {("migration", "start_ns"), ("migration", "latency_ns"), ("migration", "downtime_limit_ns"),
                   ("migration", "burst_ns"), ("migration", "bandwidth_period_ns"),
-                  ("fault", "at_ns"), ("fault", "duration_ns")}
+                  ("fault", "at_ns"), ("fault", "duration_ns"), ("adversary", "at_ns"), ("adversary", "duration_ns")}
 # Friendly aliases users reach for first.
 _ALIASES = {("guest", "size"): "guest_bytes",
             ("migration", "avail_switchover_bandwidth"): "avail_switchover_bandwidth_bytes_per_s"}
 
 
 # -1 means "the scenario's seed", "derived from vcpus" and "forever" respectively.
-_NEGATIVE_OK = {("trace", "seed"), ("guest", "apic_id_last"), ("fault", "duration_ns")}
+_NEGATIVE_OK = {("trace", "seed"), ("guest", "apic_id_last"), ("fault", "duration_ns"), ("adversary", "duration_ns")}
 
 
 def _one_of(where: str, value: str, choices: Sequence[str]) -> str:
@@ -370,7 +399,57 @@ def _validate(s: Scenario, src: str) -> Scenario:
         _one_of(f"{src}: fault[{i}].kind", f.kind, FAULT_KINDS)
         if f.duration_ns < FOREVER or f.duration_ns == 0:
             raise ScenarioError(f"{src}: fault[{i}].duration_ns must be > 0, or -1 for forever")
+    for i, a in enumerate(s.adversary):
+        check_adversary(a, f"{src}: adversary[{i}]")
+    if s.adversary and not m.data:  # the adversary attacks contents: it needs data mode, so it turns it on
+        s = dataclasses.replace(s, migration=dataclasses.replace(m, data=True))
     return s
+
+
+def parse_adversary(text: str) -> AdversarySpec:
+    """``--adversary KIND[@WHEN][,key=value...]``: WHEN is a virtual time ("30ms") or a packet
+    ("stream:sequence"); the keys are those of [[adversary]] (``flip@30ms,where=header``)."""
+    where = f"--adversary {short(text)}"
+    head, *rest = text.split(",")
+    kind, _, when = head.partition("@")
+    table: dict[str, Any] = {"kind": kind.strip()}
+    when = when.strip()
+    if ":" in when:
+        stream, _, seq = when.partition(":")
+        if not (stream.isdigit() and seq.isdigit()):
+            raise ScenarioError(f"{where}: a packet is stream:sequence, two integers")
+        table["stream"], table["sequence"] = int(stream), int(seq)
+    elif when:
+        table["at_ns"] = when
+    for item in rest:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ScenarioError(f"{where}: expected key=value after the comma, got {short(item)}")
+        table[key.strip()] = _parse_value(value)
+    a = _build(AdversarySpec, table, "adversary", "--adversary", short(text))
+    check_adversary(a, where)
+    return a
+
+
+def with_adversary(s: Scenario, actions: Sequence[AdversarySpec]) -> Scenario:
+    """``s`` with more adversary actions (data mode on)."""
+    return _validate(dataclasses.replace(s, adversary=s.adversary + tuple(actions)), "--adversary") if actions else s
+
+
+def check_adversary(a: AdversarySpec, where: str) -> None:
+    """One [[adversary]] entry, checked (ScenarioError naming the entry)."""
+    _one_of(f"{where}.kind", a.kind, ADVERSARY_KINDS)
+    _one_of(f"{where}.where", a.where, ADVERSARY_WHERE)
+    _one_of(f"{where}.host", a.host, ADVERSARY_HOSTS)
+    if (a.stream == UNSET) != (a.sequence == UNSET):
+        raise ScenarioError(f"{where}: stream and sequence go together (a packet number)")
+    if a.stream != UNSET and a.at_ns != UNSET:
+        raise ScenarioError(f"{where}: give at_ns or stream + sequence, not both")
+    if a.duration_ns < FOREVER or a.duration_ns == 0:
+        raise ScenarioError(f"{where}.duration_ns must be > 0, or -1 for forever")
+    if a.stream != UNSET and a.kind not in ADVERSARY_PACKET_KINDS:
+        raise ScenarioError(f"{where}: {a.kind} happens at a time (at_ns), not at a packet "
+                            f"(packets: {', '.join(ADVERSARY_PACKET_KINDS)})")
 
 
 def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
@@ -391,6 +470,11 @@ def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
         raise ScenarioError(f"{src}: 'fault' must be an array of tables ([[fault]])")
     parsed = [_build(LinkFault, f, "fault", src, f"fault[{i}]") for i, f in enumerate(faults)]
     kwargs["faults"] = tuple(parsed)
+    adversary = doc.get("adversary", [])
+    if not isinstance(adversary, list):
+        raise ScenarioError(f"{src}: 'adversary' must be an array of tables ([[adversary]])")
+    kwargs["adversary"] = tuple(_build(AdversarySpec, a, "adversary", src, f"adversary[{i}]")
+                                for i, a in enumerate(adversary))
     kernel = doc.get("kernel")
     if isinstance(kernel, Mapping) and kernel.get("profile", "custom") != "custom":
         _one_of(f"{src}: kernel.profile", kernel["profile"], KERNEL_PROFILES)
@@ -467,6 +551,9 @@ def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
             doc[parts[0]] = parsed
             continue
         section, *rest = parts
+        if section == "adversary":
+            _set_adversary(doc, rest, parsed, where)
+            continue
         if section not in _SECTIONS:
             raise ScenarioError(f"{where}: unknown section {short(section, 40)}{_hint(section, list(_SECTIONS))}")
         # Only [trace.options] holds free-form tables; every other key is a scalar of its section.
@@ -487,6 +574,24 @@ def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
             table = table[p]
         table[rest[-1]] = parsed
     return doc
+
+
+def _set_adversary(doc: dict, rest: list[str], value: Any, where: str) -> None:
+    """``--set adversary.N.key=value``: a key of the N-th [[adversary]] entry (N = their count: a new one)."""
+    entries = doc.get("adversary", [])
+    if not isinstance(entries, list):
+        raise ScenarioError(f"{where}: adversary is not an array of tables in the scenario")
+    if len(rest) != 2 or not rest[0].isdigit():
+        raise ScenarioError(f"{where}: expected adversary.N.key=value (N: the entry, from 0)")
+    i = int(rest[0])
+    if i > len(entries):
+        raise ScenarioError(f"{where}: the scenario has {len(entries)} [[adversary]] entries; N must be at most that")
+    entries = doc["adversary"] = [dict(e) if isinstance(e, dict) else e for e in entries]
+    if i == len(entries):
+        entries.append({})
+    if not isinstance(entries[i], dict):
+        raise ScenarioError(f"{where}: adversary[{i}] is not a table")
+    entries[i][rest[1]] = value
 
 
 def make_scenario(**sections: Mapping[str, Any]) -> Scenario:

@@ -140,6 +140,10 @@ KEY_RULES: dict[tuple[str, str], tuple[int, int, str]] = {
     ("migration", "prepage_pages"): (0, MAX_GUEST_PAGES, "pages"),
     ("costs", "batch_pages"): (1, MAX_GUEST_PAGES, "pages"),
     ("fault", "duration_ns"): (-1, ENGINE_MAX, "ns"),  # -1: forever
+    ("adversary", "at_ns"): (-1, ENGINE_MAX, "ns"),  # -1: not given
+    ("adversary", "stream"): (-1, (1 << 16) - 1, ""),
+    ("adversary", "sequence"): (-1, ENGINE_MAX, ""),
+    ("adversary", "duration_ns"): (-1, ENGINE_MAX, "ns"),  # -1: forever
 }
 
 
@@ -306,7 +310,8 @@ _T_INT, _T_STR, _T_BOOL, _T_DICT, _T_LIST = "int", "str", "bool", "dict", "list"
 SUMMARY_KEYS = {
     "format": _T_STR, "version": _T_INT, "status": _T_STR, "status_reason": _T_STR, "strategy": _T_STR,
     "mode": _T_STR, "scenario": _T_DICT, "trace": _T_DICT, "metrics": _T_DICT, "digests": _T_DICT,
-    "invariants": _T_DICT, "tool": _T_DICT, "first_faults": _T_LIST,
+    "invariants": _T_DICT, "tool": _T_DICT, "first_faults": _T_LIST, "adversary": _T_LIST,
+    "adversary_effects": _T_DICT,
 }
 REQUIRED = ("status", "strategy", "mode", "scenario", "trace", "metrics", "digests", "invariants")
 TRACE_KEYS = {"digest": _T_STR, "events": _T_INT, "guest_bytes": _T_INT, "vcpus": _T_INT, "source": _T_DICT}
@@ -380,7 +385,12 @@ def check_summary(summary: Any, where: str, *, strategies=("mirror-vm", "shadow-
     for key in ("cpu_ns", "faults", "rmp"):
         _need(isinstance(summary["metrics"].get(key, {}), dict), where, f"metrics.{key} is not an object")
     for i, f in enumerate(summary.get("first_faults", [])):
-        _need(isinstance(f, dict), where, f"first_faults[{i}] is not an object")
+        # [event index (-1: not a trace row, e.g. a host write), fault kind, gfn], as the engines report them
+        _need(isinstance(f, list) and len(f) == 3 and _type_ok(f[0], _T_INT) and _type_ok(f[1], _T_STR)
+              and _type_ok(f[2], _T_INT), where, f"first_faults[{i}] is not [event, kind, gfn]")
+    for i, a in enumerate(summary.get("adversary", [])):
+        _need(isinstance(a, dict) and all(isinstance(a.get(k), str) for k in ("kind", "at", "outcome", "detected_by")),
+              where, f"adversary[{i}] is not an action (kind, at, outcome, detected_by)")
     return summary
 
 

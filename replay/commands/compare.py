@@ -71,7 +71,8 @@ def _invariants(s: dict) -> str:
     """A failed migration has no end of trace to check: say so rather than "NO"."""
     if s["status"] == "failed":
         return "n/a (failed)"
-    return "yes" if all(s["invariants"].values()) else "NO"
+    explained = (s.get("adversary_effects") or {}).get("explains", [])  # the adversary's, expected
+    return "yes" if all(ok or k in explained for k, ok in s["invariants"].items()) else "NO"
 
 
 def table(summaries: list[dict]) -> str:

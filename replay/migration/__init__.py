@@ -24,6 +24,7 @@ from ..scenario import Scenario
 from ..strategies import SOURCE, TARGET, make_strategy
 from ..trace import TraceMeta, open_trace, read_meta
 from .clock import Guest, ProgressFn
+from .adversary import link_faults
 from .data import DataMode, DataRefused
 from .context import Run
 from .cpu import Cpu
@@ -87,15 +88,20 @@ class Migration:
 
             data = DataMode(self.s.seed, eng, self.meta, self.s.migration.data_zstd_level, self.s.attestation)
             data.plaintext["no_migration"] = replay_plaintext_digest(self.trace_path)
+        adversary = None
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))
             eng.reset_counters()  # launch is not part of the migration
             guest = Guest(eng, reader, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.progress)
             guest.data = data
+            if self.s.adversary:  # the scenario turned data mode on for it
+                from .adversary import Adversary
+
+                adversary = data.adversary = Adversary(self.s.adversary, data, eng, guest, self.s.seed)
             start = self.s.migration.start_ns
             guest.run_to(start)
             guest.v = guest.g = start
-            run = Run(self.s, self.meta, eng, self.strategy, guest, Link.of(self.s.migration, self.s.faults, start),
+            run = Run(self.s, self.meta, eng, self.strategy, guest, Link.of(self.s.migration, link_faults(self.s), start),
                       Cpu(self.s, self.strategy, self.meta.vcpus), trace_last_ns=self.trace_last_ns, data=data)
             out.times["migration_start_ns"] = out.guest_g_at_start = start
             run.log("migration_start", f"strategy={self.strategy.name} mode={self.s.migration.mode}")
@@ -103,8 +109,12 @@ class Migration:
                 self._migrate(run, out)
             except LinkDown as down:
                 self._aborted(run, out, down.at_ns)
+                if adversary is not None:
+                    adversary.link_down(down.at_ns)
             except DataRefused as refused:
                 self._refused(run, out, refused)
+                if adversary is not None:
+                    adversary.refused(refused.detected_by)
             out.guest_g_at_end = guest.g  # the end of the migration window: the guest has not run past it
             if out.status != "failed":
                 self._finish_trace(run, out)

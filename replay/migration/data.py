@@ -57,6 +57,7 @@ class DataMode:
                             shared_ranges=meta.shared_ranges, compress_level=compress_level or None,
                             setup=attestation_setup(attestation))
         self.plaintext = dict.fromkeys(("source_at_switchover", "target_at_switchover", "end_of_trace"), "")
+        self.adversary = None  # replay.migration.adversary.Adversary: rewrites what crosses ([[adversary]])
         eng.set_send_log(True)
 
     # -- the guest
@@ -69,7 +70,8 @@ class DataMode:
 
     # -- pages
     def handshake(self) -> None:
-        hs = self.dp.attest()
+        adv = self.adversary
+        hs = self.dp.attest(adv.evidence() if adv else None)
         if not hs.accepted:
             side, verdict = hs.refusal
             raise DataRefused(f"attestation refused by the {side}: {verdict.value}", f"attestation.{verdict.value}")
@@ -80,8 +82,11 @@ class DataMode:
             raise DataRefused(f"the target rejected a packet ({bad[0].value})", f"channel.{bad[0].value}")
 
     def send(self, gfns, versions, stream: str) -> None:
+        adv = self.adversary
+        if adv is not None:
+            adv.tick()
         if len(gfns):
-            self._check(self.dp.send(gfns, versions, STREAM[stream]))
+            self._check(self.dp.send(gfns, versions, STREAM[stream], adv.wire(STREAM[stream]) if adv else None))
 
     def after_transfer(self, run_host: int, batch, base: int, a: int, b: int, stream: str) -> None:
         """Replay the interleaving of the transfer: the rows [a, b) it applied and the pages it sent, each
@@ -105,17 +110,21 @@ class DataMode:
         reached = a  # rows the guest had applied when the last page of the group was sent
         group: list[int] = []
         held: set[int] = set()
-        for i, r in enumerate((rows - base).tolist()):
-            if r > reached:
-                i0, i1 = reached - a, r - a
-                if held and (wide[i1] > wide[i0] or any(x in held for x in touched[0][i0:i1])
-                             or any(x in held for x in touched[1][i0:i1])):
-                    self._flush(run_host, batch, applied, reached, gfns, versions, group, stream)
-                    applied, group, held = reached, [], set()
-                reached = r
-            group.append(i)
-            held.add(int(gfns[i]))
-        self._flush(run_host, batch, applied, reached, gfns, versions, group, stream)
+        try:
+            for i, r in enumerate((rows - base).tolist()):
+                if r > reached:
+                    i0, i1 = reached - a, r - a
+                    if held and (wide[i1] > wide[i0] or any(x in held for x in touched[0][i0:i1])
+                                 or any(x in held for x in touched[1][i0:i1])):
+                        self._flush(run_host, batch, applied, reached, gfns, versions, group, stream)
+                        applied, group, held = reached, [], set()
+                    reached = r
+                group.append(i)
+                held.add(int(gfns[i]))
+            self._flush(run_host, batch, applied, reached, gfns, versions, group, stream)
+        except DataRefused:  # the guest ran every row of the transfer all the same (``_flush`` applied to reached)
+            self.rows(run_host, batch, reached, b)
+            raise
         self.rows(run_host, batch, reached, b)
 
     def _flush(self, host, batch, applied, reached, gfns, versions, group, stream) -> None:
@@ -125,10 +134,14 @@ class DataMode:
             self.send(gfns[sel], versions[sel], stream)
 
     def vmsas(self, vcpus: int, vmpls: list[int]) -> None:
-        self._check(self.dp.send_vmsas(vcpus, vmpls, STREAM["vmsa"]))
+        adv = self.adversary
+        self._check(self.dp.send_vmsas(vcpus, vmpls, STREAM["vmsa"], adv.wire(STREAM["vmsa"]) if adv else None))
+        if adv is not None:
+            adv.before_resume()  # the target's last look before it runs
 
     def token(self) -> None:
-        outcome = self.dp.finish()
+        adv = self.adversary
+        outcome = self.dp.finish(adv.wire(self.dp.TOKEN_STREAM) if adv else None)
         if outcome is not TokenOutcome.MATCH:
             raise DataRefused(f"validation token: {outcome.value}", f"token.{outcome.value}")
 

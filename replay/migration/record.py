@@ -139,6 +139,10 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     }
     if data is not None:
         summary["data"] = data
+    adversary = getattr(run.data, "adversary", None)
+    if adversary is not None:
+        summary["adversary"], summary["adversary_effects"] = adversary.finish(
+            out.status, bool(pc and pc.failed), times["completion_ns"], invariants)
     rounds = pa.Table.from_pylist([{k: getattr(r, k) for k in ROUNDS_SCHEMA.names} for r in t.rounds], schema=ROUNDS_SCHEMA)
     events = pa.Table.from_pylist(
         [{"seq": i, "t_ns": e[0], "kind": e[1], "gfn": e[2], "vcpu": e[3], "detail": e[4]}

@@ -40,10 +40,12 @@ def step(run: Run, gfns, k: int, *, run_host: int, paused: bool, stream: str, un
     a = cur.row if batch is not None else 0
     row, k = eng.transfer(0, 1, gfns, k, batch, a, cur.base if batch is not None else 0, run_host, delays, ready,
                           until_v=until_v, deadline_v=deadline_v, walk_end=walk_end)
-    if run.data is not None:
-        run.data.after_transfer(run_host, batch, cur.base, a, row if batch is not None else a, stream)
-    if batch is not None:
-        cur.settle(row)
+    try:
+        if run.data is not None:
+            run.data.after_transfer(run_host, batch, cur.base, a, row if batch is not None else a, stream)
+    finally:  # a refused packet stops the migration, not the guest: the rows it ran stay run
+        if batch is not None:
+            cur.settle(row)
     return k, batch
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from ..errors import InvariantError
 from ..snp import PAGE_SIZE
-from .attestation import (DEFAULT_GUEST_POLICY, Agent, AmdRoot, Handshake, TcbVersion, VerifierPolicy, handshake,
+from .attestation import (DEFAULT_GUEST_POLICY, Agent, AmdRoot, Evidence, Handshake, TcbVersion, VerifierPolicy, handshake,
                           measurement_of)
 from .channel import Outcome, Receiver, Sender
 from .keys import derive
@@ -45,14 +45,18 @@ class AttestationSetup:
 
 
 def establish(seed: int, setup: AttestationSetup = AttestationSetup(), *, source_host: int = 0,
-              target_host: int = 1, session: int = 0) -> Handshake:
-    """Run the attested handshake of one migration (``session`` > 0: a re-key after a link failure)."""
+              target_host: int = 1, session: int = 0,
+              tamper_target: Callable[[Evidence], Evidence] | None = None) -> Handshake:
+    """Run the attested handshake of one migration (``session`` > 0: a re-key after a link failure).
+    ``tamper_target`` lets an adversary rewrite the target's evidence on its way to the source."""
     root = AmdRoot(seed)
     target_root = root if setup.target_root == "amd" else AmdRoot(seed, setup.target_root)
     source = Agent(root, seed, source_host, measurement=measurement_of(setup.source_measurement),
                    tcb=setup.source_tcb, policy=setup.source_policy, session=session)
     target = Agent(target_root, seed, target_host, measurement=measurement_of(setup.target_measurement),
                    tcb=setup.target_tcb, policy=setup.target_policy, session=session)
+    if tamper_target is not None:
+        target.evidence = tamper_target(target.evidence)
     policy = VerifierPolicy(root.ark_public, frozenset(measurement_of(m) for m in setup.allowed_measurements),
                             setup.min_tcb)
     return handshake(source, target, policy, policy)
@@ -89,9 +93,9 @@ class DataPlane:
         self.receiver: Receiver | None = None
         self.token_outcome: TokenOutcome | None = None
 
-    def attest(self) -> Handshake:
+    def attest(self, tamper_target: Callable[[Evidence], Evidence] | None = None) -> Handshake:
         """Setup: the attested handshake; on acceptance the channel exists (``accepted`` says which)."""
-        self.handshake = establish(self.seed, self.setup)
+        self.handshake = establish(self.seed, self.setup, tamper_target=tamper_target)
         if self.handshake.accepted:
             self.sender, self.receiver = endpoints(self.handshake, *self.memory, compress_level=self.compress_level)
         return self.handshake

@@ -1,0 +1,332 @@
+"""The adversary ([[adversary]], --adversary, replay adversary-matrix): each kind ends in its documented
+outcome, detected actions before the target runs leave the source intact, a host write to a private page
+is an RMP #PF that changes nothing, shared-page tampering is reported undetected; and, over random actions
+and traces, no run completes with a corrupted plaintext outside the shared-page case."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replay.advmatrix import UNPROTECTED, default_action, run_matrix, write_matrix
+from replay.errors import ScenarioError
+from replay.migration import Migration, trace_for
+from replay.scenario import (
+    ADVERSARY_KINDS,
+    AdversarySpec,
+    load_scenario,
+    parse_adversary,
+    parse_scenario_text,
+    with_adversary,
+)
+from replay.strategies import SOURCE
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "scenarios" / "adversary" / "base.toml"
+START_NS = 2_000_000  # base.toml's migration.start_ns
+
+
+def base(*overrides: str):
+    return load_scenario(BASE, list(overrides))
+
+
+def run_with(*actions: AdversarySpec, overrides=()):
+    s = with_adversary(base(*overrides), list(actions))
+    return Migration(s, trace_for(s)).run()
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def test_parse_one_off_forms():
+    assert parse_adversary("flip@30ms,where=header") == AdversarySpec(kind="flip", at_ns=30_000_000, where="header")
+    assert parse_adversary("drop@0:7") == AdversarySpec(kind="drop", stream=0, sequence=7)
+    assert parse_adversary("bad-tcb") == AdversarySpec(kind="bad-tcb")
+    assert parse_adversary("host-write-private@1ms,host=\"target\"").host == "target"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("flp@1ms", "did you mean 'flip'"),
+    ("flip@1ms,wher=header", "did you mean 'where'"),
+    ("flip@1ms,where=middle", "where 'middle' is not one of header, payload"),
+    ("drop@a:1", "stream:sequence, two integers"),
+    ("link-loss@0:1", "link-loss happens at a time"),
+    ("host-write-private@0:1", "host-write-private happens at a time"),
+    ("drop@1ms,", "expected key=value"),
+])
+def test_parse_one_off_errors(text, message):
+    with pytest.raises(ScenarioError, match=message):
+        parse_adversary(text)
+
+
+def test_scenario_entries_turn_data_mode_on_and_are_checked():
+    text = BASE.read_text().replace("data = true", "data = false")
+    s = parse_scenario_text(text + '\n[[adversary]]\nkind = "drop"\nat_ns = "5ms"\n')
+    assert s.migration.data and s.adversary == (AdversarySpec(kind="drop", at_ns=5_000_000),)
+    assert s.resolved(guest_bytes=1 << 22, vcpus=2)["adversary"][0]["kind"] == "drop"
+    with pytest.raises(ScenarioError, match=r"adversary\[0\].knd: unknown key \(did you mean 'kind'\?\)"):
+        parse_scenario_text(text + '\n[[adversary]]\nknd = "drop"\n')
+    with pytest.raises(ScenarioError, match="at_ns or stream"):
+        parse_scenario_text(text + '\n[[adversary]]\nkind = "drop"\nat_ns = 5\nstream = 0\nsequence = 1\n')
+    with pytest.raises(ScenarioError, match="stream and sequence go together"):
+        parse_scenario_text(text + '\n[[adversary]]\nkind = "drop"\nstream = 0\n')
+
+
+def test_every_kind_ships_a_scenario():
+    for kind in ADVERSARY_KINDS:
+        s = load_scenario(ROOT / "scenarios" / "adversary" / f"{kind}.toml")
+        assert [a.kind for a in s.adversary] == [kind]
+
+
+# ------------------------------------------------------------------------------------------ outcomes
+
+
+def _intact(r) -> None:
+    """The source ran on to the end: both end digests are the no-migration ones."""
+    s = r.summary
+    assert s["digests"]["end_of_trace"] == s["digests"]["no_migration"]
+    assert s["data"]["plaintext"]["end_of_trace"] == s["data"]["plaintext"]["no_migration"]
+
+
+@pytest.mark.parametrize("kind, where, detected_by", [
+    ("flip", "payload", "channel.bad_tag"), ("flip", "header", "channel.bad_tag"),
+    ("drop", "payload", "channel.bad_sequence"), ("replay", "payload", "channel.bad_sequence"),
+    ("reorder", "payload", "channel.bad_sequence"), ("forge", "payload", "channel.bad_tag"),
+    ("truncate", "payload", "channel.malformed"), ("replay-old-version", "payload", "channel.bad_sequence"),
+])
+def test_wire_actions_abort_with_the_source_intact(kind, where, detected_by):
+    r = run_with(AdversarySpec(kind=kind, at_ns=START_NS + 3_000_000, where=where))
+    assert r.status == "aborted"
+    (act,) = r.summary["adversary"]
+    assert (act["outcome"], act["detected_by"]) == ("detected", detected_by)
+    assert act["applied_ns"] >= START_NS + 3_000_000
+    assert r.summary["adversary_effects"] == {"pages_lost": 0, "plaintext_end_differs": False, "explains": []}
+    _intact(r)
+
+
+@pytest.mark.parametrize("kind, verdict", [("bad-measurement", "measurement"), ("bad-signature", "signature"),
+                                           ("bad-policy", "policy"), ("bad-tcb", "tcb")])
+def test_attestation_actions_refuse_the_handshake(kind, verdict):
+    r = run_with(AdversarySpec(kind=kind))
+    assert r.status == "aborted" and r.summary["metrics"]["security"]["handshake_verdict"] == verdict
+    assert r.summary["adversary"][0]["detected_by"] == f"attestation.{verdict}"
+    assert r.summary["metrics"]["pages_sent"] == 0  # nothing moved
+    _intact(r)
+
+
+@pytest.mark.parametrize("mode, status", [("precopy", "aborted"), ("postcopy", "failed")])
+@pytest.mark.parametrize("kind, detected_by", [("rmp-remap", "rmp.npf_gpa_mismatch"),
+                                               ("skip-pvalidate", "vc.not_validated"),
+                                               ("double-pvalidate", "pvalidate.fail_noupdate")])
+def test_target_rmp_actions(kind, detected_by, mode, status):
+    """Before the resume (pre-copy) an abort; in post-copy the target already runs: a failure."""
+    r = run_with(AdversarySpec(kind=kind), overrides=[f"migration.mode={mode}"])
+    assert r.status == status
+    assert r.summary["adversary"][0]["detected_by"] == detected_by
+    if status == "aborted":
+        _intact(r)
+
+
+@pytest.mark.parametrize("host", ["source", "target"])
+def test_host_write_to_a_private_page_is_an_rmp_fault_and_changes_nothing(host):
+    r = run_with(AdversarySpec(kind="host-write-private", at_ns=START_NS + 3_000_000, host=host))
+    s = r.summary
+    assert s["status"] == "completed"  # the write never happened: the migration goes on
+    assert s["adversary"][0]["detected_by"] == "rmp.host_rmp_pf"
+    assert s["metrics"]["faults"]["host_rmp_pf"] == 1
+    assert s["adversary_effects"]["explains"] == ["no_faults"]
+    assert s["data"]["plaintext"]["end_of_trace"] == s["data"]["plaintext"]["no_migration"]
+
+
+def test_host_write_model_rmp_fault_keeps_the_page():
+    """The page's bytes on the host are the same before and after the refused write."""
+    s = with_adversary(base(), [AdversarySpec(kind="host-write-private", at_ns=START_NS + 3_000_000)])
+    m = Migration(s, trace_for(s))
+    seen = {}
+    from replay.migration import adversary as adv
+
+    orig = adv.Adversary.tick
+
+    def tick(self):
+        pending = [a for a in self.actions if a.applied_ns < 0 and self._due(a)]
+        before = {g: self.data.dp.memory[SOURCE].read_raw(g) for g in range(16)} if pending else None
+        orig(self)
+        if pending and self.actions[0].applied_ns >= 0:
+            seen["gfn"] = self.actions[0].gfn
+            seen["same"] = before[seen["gfn"]] == self.data.dp.memory[SOURCE].read_raw(seen["gfn"])
+    adv.Adversary.tick = tick
+    try:
+        m.run()
+    finally:
+        adv.Adversary.tick = orig
+    assert seen["same"] is True  # the refused write left the page's bytes as they were
+
+
+@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
+def test_shared_page_tampering_is_undetected_and_reported(mode):
+    r = run_with(AdversarySpec(kind="tamper-shared", at_ns=START_NS + 3_000_000), overrides=[f"migration.mode={mode}"])
+    s = r.summary
+    assert s["status"] == "completed"
+    assert (s["adversary"][0]["outcome"], s["adversary"][0]["detected_by"]) == ("undetected", "")
+    assert s["adversary_effects"]["plaintext_end_differs"] is True
+    assert not s["invariants"]["plaintext_end_equals_no_migration"]
+    assert "plaintext_end_equals_no_migration" in s["adversary_effects"]["explains"]
+    assert s["invariants"]["end_of_trace_equals_no_migration"]  # the engine's versions are untouched
+
+
+def test_packet_number_targets_that_packet():
+    r = run_with(AdversarySpec(kind="drop", stream=0, sequence=5))
+    assert r.summary["adversary"][0]["detected_by"] == "channel.bad_sequence"
+
+
+def test_an_action_never_reached_says_so():
+    r = run_with(AdversarySpec(kind="drop", at_ns=10**12))
+    assert r.status == "completed" and r.summary["adversary"][0]["outcome"] == "not_reached"
+
+
+def test_link_loss_is_a_link_fault():
+    r = run_with(AdversarySpec(kind="link-loss", at_ns=START_NS + 3_000_000))
+    assert r.status == "aborted" and r.summary["adversary"][0]["detected_by"] == "link"
+    _intact(r)
+
+
+def test_cli_one_off_and_record(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "replay.cli", "run", str(BASE), "--out", str(out),
+                        "--adversary", "tamper-shared@5ms"], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr  # an explained difference is not a bug exit
+    s = json.loads((out / "summary.json").read_text())
+    assert s["adversary"][0]["outcome"] == "undetected"
+    p = subprocess.run([sys.executable, "-m", "replay.cli", "verify", str(out)], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([sys.executable, "-m", "replay.cli", "run", str(BASE), "--out", str(tmp_path / "x"),
+                        "--adversary", "flp@5ms"], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "did you mean 'flip'" in p.stderr and "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------------ the matrix
+
+
+def test_matrix_every_kind_both_strategies_precopy_postcopy(tmp_path):
+    table = run_matrix(base())
+    assert table.num_rows == len(ADVERSARY_KINDS) * 2 * 2
+    rows = table.to_pylist()
+    assert not [r for r in rows if r["corrupted"]]
+    for r in rows:
+        if r["kind"] in UNPROTECTED:
+            assert (r["status"], r["outcome"], r["plaintext_end_differs"]) == ("completed", "undetected", True)
+        else:
+            assert r["outcome"] == "detected", r
+        assert r["pages_lost"] == 0, r
+    write_matrix(table, tmp_path / "m", "adversary-base")
+    with pa.ipc.open_file(tmp_path / "m" / "matrix.arrow") as f:
+        assert f.read_all().equals(table)
+    html = (tmp_path / "m" / "report.html").read_text()
+    assert 'id="adversary"' in html and "0 completed with a corrupted plaintext" in html
+
+
+def test_matrix_flags_a_corrupted_run(monkeypatch):
+    """The matrix's corruption column can turn true: counted as protected, the shared-page tampering is
+    a completed run with a plaintext that differs."""
+    import replay.advmatrix as am
+
+    monkeypatch.setattr(am, "UNPROTECTED", ())
+    table = am.run_matrix(base(), kinds=["tamper-shared"], modes=["precopy"], strategies=["mirror-vm"])
+    assert table.to_pylist()[0]["corrupted"] is True
+
+
+def test_matrix_cli_bad_kind(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "replay.cli", "adversary-matrix", str(BASE), "--out", str(tmp_path / "m"),
+                        "--kinds", "flip,dorp"], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "did you mean 'drop'" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------ property
+
+
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(kinds=st.lists(st.sampled_from(ADVERSARY_KINDS), min_size=1, max_size=2),
+       offsets=st.lists(st.integers(0, 60_000_000), min_size=2, max_size=2),
+       mode=st.sampled_from(["precopy", "postcopy"]), strategy=st.sampled_from(["mirror-vm", "shadow-vcpu"]),
+       trace_seed=st.integers(1, 5), events=st.integers(40_000, 120_000))
+def test_no_completed_run_with_a_corrupted_plaintext(kinds, offsets, mode, strategy, trace_seed, events):
+    actions = [dataclasses.replace(default_action(k, START_NS), at_ns=START_NS + o)
+               if default_action(k, START_NS).at_ns >= 0 else default_action(k, START_NS)
+               for k, o in zip(kinds, offsets)]
+    r = run_with(*actions, overrides=[f"migration.mode={mode}", f"migration.strategy={strategy}",
+                                      f"trace.seed={trace_seed}", f"trace.events={events}"])
+    s = r.summary
+    p = s["data"]["plaintext"]
+    if r.status == "completed" and p["end_of_trace"] != p["no_migration"]:
+        applied = [a for a in s["adversary"] if a["outcome"] != "not_reached"]
+        assert applied and all(a["kind"] in UNPROTECTED for a in applied if a["outcome"] == "undetected"), s["adversary"]
+        assert any(a["kind"] in UNPROTECTED and a["outcome"] == "undetected" for a in applied)
+    if r.status == "aborted":
+        assert p["end_of_trace"] == p["no_migration"]
+
+
+def test_set_reaches_adversary_entries():
+    s = load_scenario(ROOT / "scenarios" / "adversary" / "flip.toml", ["adversary.0.where=header", "adversary.0.at_ns=7ms",
+                                                                        "adversary.1.kind=drop"])
+    assert s.adversary == (AdversarySpec(kind="flip", at_ns=7_000_000, where="header"), AdversarySpec(kind="drop"))
+    for bad, message in (("adversary.3.kind=drop", r"has 1 \[\[adversary\]\] entries; N must be at most that"), ("adversary.kind=drop", "adversary.N.key"),
+                         ("adversary.0.wher=header", "did you mean 'where'")):
+        with pytest.raises(ScenarioError, match=message):
+            load_scenario(ROOT / "scenarios" / "adversary" / "flip.toml", [bad])
+
+
+def test_same_actions_same_record_bytes():
+    from replay.records import canonical_json
+
+    a = run_with(AdversarySpec(kind="reorder", at_ns=START_NS + 4_000_000), overrides=["migration.mode=hybrid"])
+    b = run_with(AdversarySpec(kind="reorder", at_ns=START_NS + 4_000_000), overrides=["migration.mode=hybrid"])
+    assert canonical_json(a.summary) == canonical_json(b.summary)
+    assert a.summary["adversary"][0]["outcome"] == "detected"
+
+
+def test_both_engines_agree_on_an_attacked_run():
+    actions = (AdversarySpec(kind="host-write-private", at_ns=START_NS + 1_000_000),
+               AdversarySpec(kind="skip-pvalidate"))
+    s = with_adversary(base("trace.events=30000"), list(actions))
+    runs = [Migration(s, trace_for(s), engine=kind).run().summary for kind in ("cython", "reference")]
+    for r in runs:
+        r["tool"].pop("engine")
+    assert runs[0] == runs[1]
+    assert [a["detected_by"] for a in runs[0]["adversary"]] == ["rmp.host_rmp_pf", "vc.not_validated"]
+
+
+def test_postcopy_after_the_resume_fails():
+    """A packet rejected once the target runs (packet 600 of the post-copy push): the guest stops."""
+    r = run_with(AdversarySpec(kind="flip", stream=2, sequence=600), overrides=["migration.mode=postcopy"])
+    s = r.summary
+    assert s["status"] == "failed" and s["adversary"][0]["detected_by"] == "channel.bad_tag"
+    assert s["adversary"][0]["at"] == "2:600"
+    assert s["data"]["plaintext"]["end_of_trace"] == ""  # the guest did not reach the end of its trace
+    assert s["adversary_effects"]["plaintext_end_differs"] is False  # nothing to compare, not a difference
+
+
+def test_host_write_run_directory_verifies(tmp_path):
+    r = run_with(AdversarySpec(kind="host-write-private", at_ns=START_NS + 3_000_000))
+    r.write(tmp_path / "run")
+    p = subprocess.run([sys.executable, "-m", "replay.cli", "verify", str(tmp_path / "run")], check=False,
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+
+
+def test_run_report_shows_the_actions_and_expected_differences(tmp_path):
+    from replay.report import render_html
+    from replay.runrecord import load_run
+
+    r = run_with(AdversarySpec(kind="tamper-shared", at_ns=START_NS + 3_000_000))
+    r.write(tmp_path / "run")
+    page = render_html([load_run(tmp_path / "run")])
+    assert "<th>adversary action</th>" in page and "<td>tamper-shared</td>" in page
+    assert "plaintext_end_equals_no_migration</td><td class=\"ok\">false (the adversary&#x27;s, expected)" in page
