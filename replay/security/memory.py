@@ -41,9 +41,12 @@ from ..snp import PAGE_SHIFT, PAGE_SIZE, Op
 from . import xts
 from .keys import vm_memory_key
 
-# Pages one chunk of rows may touch (its work area: 64 MiB of plain text at most, reused between chunks).
+# Page pieces one step of ``apply`` handles (bounds its index arrays; rows longer than this are split).
 CHUNK_PAGES = 16384
-# Pages decrypted per call when walking the whole memory (digest).
+# Private pages a host holds in clear at most (the write-back cache, 64 MiB): beyond it the least recently
+# touched are encrypted back into DRAM.
+CACHE_PAGES = 16384
+# Pages decrypted or encrypted per call when walking many pages (digest, write-back).
 WALK_PAGES = 4096
 _PAGE_MASK = np.uint64(PAGE_SIZE - 1)
 _SHIFT = np.uint64(PAGE_SHIFT)
@@ -78,13 +81,20 @@ def _split_pieces(gpa, length, op, value, budget):
     return gpa[row] + off, plen, op[row], value[row], off
 
 
-def _page_spans(gpa: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every gfn covered by the spans ``[gpa, gpa + length)`` in row order, with repeats (int64), and
-    how many pages each row spans."""
+def _by_page(gpa, length, op, value, offset):
+    """Pieces -> one piece per page they span, in order: (gfn int64, byte in the page int64, length,
+    op, value, offset in the row)."""
     first = gpa >> _SHIFT
     npg = (((gpa + length - np.uint64(1)) >> _SHIFT) - first + np.uint64(1)).astype(np.int64)
-    base = np.repeat(first.astype(np.int64), npg)
-    return base + np.arange(base.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg), npg
+    if npg.size == 0 or npg.max() == 1:
+        return first.astype(np.int64), (gpa & _PAGE_MASK).astype(np.int64), length, op, value, offset
+    row = np.repeat(np.arange(gpa.size), npg)
+    k = np.arange(row.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg)
+    gfn = first.astype(np.int64)[row] + k
+    page = gfn.astype(np.uint64) << _SHIFT
+    lo = np.maximum(gpa[row], page)
+    hi = np.minimum(gpa[row] + length[row], page + np.uint64(PAGE_SIZE))
+    return gfn, (lo & _PAGE_MASK).astype(np.int64), hi - lo, op[row], value[row], offset[row] + (lo - gpa[row])
 
 
 class HostMemory:
@@ -92,10 +102,11 @@ class HostMemory:
 
     ``key``: the host's 32-byte XTS key; ``spa_base``: system physical page of gfn 0 on this host (the
     page engine's ``spa_base[host]``); ``shared_ranges``: inclusive ``(first_gfn, last_gfn)`` ranges that
-    start shared (all other pages start private), as in the trace metadata.
+    start shared (all other pages start private), as in the trace metadata; ``cache_pages``: how many
+    private pages may be held in clear (the write-back cache; 0: every private page is encrypted at once).
     """
 
-    def __init__(self, *, npages: int, key: bytes, spa_base: int, shared_ranges=()):
+    def __init__(self, *, npages: int, key: bytes, spa_base: int, shared_ranges=(), cache_pages: int | None = None):
         if npages <= 0 or npages >= 1 << 31:
             raise ValueError(f"npages must be in 1..2**31-1, got {npages}")
         if len(key) != 32 or key[:16] == key[16:]:
@@ -103,18 +114,32 @@ class HostMemory:
         self.npages = int(npages)
         self.key = bytes(key)
         self.spa_base = int(spa_base)
+        self.cache_pages = CACHE_PAGES if cache_pages is None else int(cache_pages)
+        if self.cache_pages < 0:
+            raise ValueError(f"cache_pages must be >= 0, got {self.cache_pages}")
         self._slot = np.full(self.npages, -1, dtype=np.int32)
         self._shared = np.zeros(self.npages, dtype=bool)
         for first, last in shared_ranges:
             self._shared[int(first) : int(last) + 1] = True
+        # Per slot: the page's contents, its gfn, whether they are held in clear (always, for a shared
+        # page), and when it was last touched (the eviction order).
         self._arena = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
+        self._owner = np.zeros(0, dtype=np.int64)
+        self._clear = np.zeros(0, dtype=bool)
+        self._stamp = np.zeros(0, dtype=np.int64)
         self._used = 0
+        self._tick = 0
+        self._maybe_cached = 0  # an upper bound of the private pages in clear (exact after each eviction)
+        self._generation = 0  # bumped by every change of the guest-visible contents (digest memo)
+        self._digest: tuple[int, str] | None = None
         self._scratch = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
 
     @classmethod
-    def for_host(cls, seed: int, host: int, *, npages: int, spa_base: int, shared_ranges=()) -> "HostMemory":
+    def for_host(cls, seed: int, host: int, *, npages: int, spa_base: int, shared_ranges=(),
+                 cache_pages: int | None = None) -> "HostMemory":
         """The memory of ``host`` with its per-VM key derived from the scenario ``seed``."""
-        return cls(npages=npages, key=vm_memory_key(seed, host), spa_base=spa_base, shared_ranges=shared_ranges)
+        return cls(npages=npages, key=vm_memory_key(seed, host), spa_base=spa_base, shared_ranges=shared_ranges,
+                   cache_pages=cache_pages)
 
     # -- addressing and state -------------------------------------------------------------------------
 
@@ -140,10 +165,17 @@ class HostMemory:
         """Pages that hold contents (ever written or installed); all others are zero."""
         return int(np.count_nonzero(self._slot >= 0))
 
-    # -- raw storage ----------------------------------------------------------------------------------
+    @property
+    def cached_pages(self) -> int:
+        """Private pages whose DRAM ciphertext is not written yet (held in clear, at most ``cache_pages``)."""
+        used = self._used
+        return int(np.count_nonzero(self._clear[:used] & ~self._shared[self._owner[:used]]))
+
+    # -- raw storage and the write-back cache ---------------------------------------------------------
 
     def _slots_for(self, gfns: np.ndarray) -> np.ndarray:
-        """Slots of ``gfns`` (distinct), allocating zero-filled DRAM for the ones not stored yet."""
+        """Slots of ``gfns`` (distinct), allocating zero-filled pages (zeros in clear) for the ones not
+        stored yet."""
         slots = self._slot[gfns]
         new = slots < 0
         if new.any():
@@ -154,54 +186,89 @@ class HostMemory:
                 grown = np.zeros((cap, PAGE_SIZE), dtype=np.uint8)
                 grown[: self._used] = self._arena[: self._used]
                 self._arena = grown
+                for name in ("_owner", "_clear", "_stamp"):
+                    old = getattr(self, name)
+                    arr = np.zeros(cap, dtype=old.dtype)
+                    arr[: self._used] = old[: self._used]
+                    setattr(self, name, arr)
             slots = slots.copy()
             slots[new] = np.arange(self._used, need, dtype=np.int32)
             self._slot[gfns[new]] = slots[new]
+            self._owner[self._used : need] = gfns[new]
+            self._clear[self._used : need] = True
             self._used = need
         return slots
 
     def _work(self, n: int) -> np.ndarray:
-        """A reusable ``(n, 4096)`` work area: fresh arrays of this size cost page faults on every chunk."""
+        """A reusable ``(n, 4096)`` work area: fresh arrays of this size cost page faults on every call."""
         if self._scratch.shape[0] < n:
             self._scratch = np.empty((max(n, 2 * self._scratch.shape[0]), PAGE_SIZE), dtype=np.uint8)
         return self._scratch[:n]
 
-    def _load_plain(self, gfns: np.ndarray, private: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Plain text of distinct ``gfns`` as stored, decrypting the ones whose stored form is private."""
+    def _crypt_slots(self, slots: np.ndarray, encrypt: bool) -> None:
+        """Encrypt (write back) or decrypt (load into the cache) the pages of ``slots`` in place."""
+        for i in range(0, slots.size, WALK_PAGES):
+            s = slots[i : i + WALK_PAGES]
+            work = self._work(s.size)
+            np.take(self._arena, s, axis=0, out=work)
+            spa = self.spa(self._owner[s])
+            (xts.encrypt_pages if encrypt else xts.decrypt_pages)(self.key, work, spa, out=work)
+            self._arena[s] = work
+            self._clear[s] = not encrypt
+
+    def _make_clear(self, slots: np.ndarray) -> None:
+        """Hold the pages of ``slots`` in clear (decrypting those that are not)."""
+        enc = slots[~self._clear[slots]]
+        if enc.size:
+            self._crypt_slots(enc, encrypt=False)
+
+    def _touched(self, slots: np.ndarray) -> None:
+        """``slots`` were just used (and may have become private pages in clear): evict if over the bound."""
+        self._tick += 1
+        self._stamp[slots] = self._tick
+        self._maybe_cached += slots.size
+        if self._maybe_cached > self.cache_pages:
+            used = self._used
+            cached = np.flatnonzero(self._clear[:used] & ~self._shared[self._owner[:used]])
+            keep = min(cached.size, self.cache_pages - self.cache_pages // 4)  # evict to 3/4: amortizes the scan
+            if cached.size > self.cache_pages:
+                k = cached.size - keep
+                old = cached[np.argpartition(self._stamp[cached], k - 1)[:k]] if k < cached.size else cached
+                self._crypt_slots(np.sort(old), encrypt=True)
+            self._maybe_cached = keep
+
+    def _load_plain(self, gfns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Plain text of distinct ``gfns`` (a copy: the cache is not changed), decrypting the ones whose
+        DRAM holds ciphertext."""
         out = np.empty((gfns.size, PAGE_SIZE), dtype=np.uint8) if out is None else out
         slots = self._slot[gfns]
         have = slots >= 0
         if have.all():
             np.take(self._arena, slots, axis=0, out=out)
+            dec = ~self._clear[slots]
         else:
             out[~have] = 0
             out[have] = self._arena[slots[have]]
-        dec = have & private
+            dec = np.zeros(gfns.size, dtype=bool)
+            dec[have] = ~self._clear[slots[have]]
         if dec.all():
             xts.decrypt_pages(self.key, out, self.spa(gfns), out=out)
         elif dec.any():
             out[dec] = xts.decrypt_pages(self.key, out[dec], self.spa(gfns[dec]))
         return out
 
-    def _store_plain(self, gfns: np.ndarray, plain: np.ndarray, private: np.ndarray) -> None:
-        """Store plain pages of distinct ``gfns``, encrypting those that are ``private`` (``plain`` is
-        overwritten: callers pass a work array they own)."""
-        if private.all():
-            xts.encrypt_pages(self.key, plain, self.spa(gfns), out=plain)
-        elif private.any():
-            plain[private] = xts.encrypt_pages(self.key, plain[private], self.spa(gfns[private]))
-        slots = self._slots_for(gfns)  # may grow (replace) the arena: index it afterwards
-        self._arena[slots] = plain
-
     def read_raw(self, gfn: int) -> bytes:
         """The page as this host's DRAM holds it: ciphertext if private (a never-written private page is the
-        encryption of zeros at its SPA), plain text if shared."""
+        encryption of zeros at its SPA), plain text if shared. A private page held in clear is written
+        back first (a host reads DRAM, not the cache)."""
         g = self._check_gfns(gfn)
         s = self._slot[g[0]]
-        page = self._arena[s : s + 1].copy() if s >= 0 else np.zeros((1, PAGE_SIZE), np.uint8)
-        if not self._shared[g[0]] and s < 0:
-            page = xts.encrypt_pages(self.key, page, self.spa(g))
-        return page.tobytes()
+        if s < 0:
+            page = np.zeros((1, PAGE_SIZE), np.uint8)
+            return (page if self._shared[g[0]] else xts.encrypt_pages(self.key, page, self.spa(g))).tobytes()
+        if self._clear[s] and not self._shared[g[0]]:
+            self._crypt_slots(np.array([s], dtype=np.int32), encrypt=True)
+        return self._arena[s].tobytes()
 
     def write_raw(self, gfn: int, data: bytes) -> None:
         """A host writing ``data`` into the page's DRAM as is (no encryption: the host has no key)."""
@@ -210,6 +277,8 @@ class HostMemory:
             raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(data)}")
         slot = self._slots_for(g)[0]
         self._arena[slot] = np.frombuffer(data, np.uint8)
+        self._clear[slot] = self._shared[g[0]]  # a private page's DRAM now holds these bytes as ciphertext
+        self._generation += 1
 
     def raw_copy_to(self, other: "HostMemory", gfn: int) -> None:
         """A host copying the page's DRAM bytes to ``other`` (same gfn): useless for a private page, whose
@@ -225,39 +294,54 @@ class HostMemory:
     def read_plain_many(self, gfns) -> np.ndarray:
         """Plain text of each of ``gfns`` (any order, repeats allowed) as an ``(n, 4096)`` array."""
         g = self._check_gfns(gfns)
+        if g.size > 1 and (g[1:] > g[:-1]).all():  # distinct already (the usual case: a sorted batch)
+            return self._load_plain(g)
         uniq, inv = np.unique(g, return_inverse=True)
-        plain = self._load_plain(uniq, ~self._shared[uniq])
+        plain = self._load_plain(uniq)
         return plain if uniq.size == g.size and (uniq == g).all() else plain[inv]
 
     def install_plain(self, gfns, pages: np.ndarray, private, *, consume: bool = False) -> None:
         """Put guest-visible contents into distinct ``gfns`` with the given attribute (what a migration
-        agent does at the target: encrypt under this host's key and SPA, or store plain if shared).
-        ``consume``: ``pages`` is a writable work array the caller gives up (encrypted in place)."""
+        agent does at the target: encrypt under this host's key and SPA, or store plain if shared). The
+        private pages enter the write-back cache; ``consume`` (``pages`` may be overwritten) is accepted
+        for callers that own their buffer, and needs no copy either way."""
         g = self._check_gfns(gfns)
         if np.unique(g).size != g.size:
             raise ValueError("install_plain: gfns must be distinct")
         pages = np.asarray(pages, dtype=np.uint8).reshape(g.size, PAGE_SIZE)
-        priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape).copy()
+        priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape)
         self._shared[g] = ~priv
-        self._store_plain(g, pages if consume and pages.flags.writeable else pages.copy(), priv)
+        slots = self._slots_for(g)
+        self._arena[slots] = pages
+        self._clear[slots] = True
+        self._generation += 1
+        self._touched(slots)
 
     def install_zero(self, gfns, private) -> None:
         """Make distinct ``gfns`` zero pages with the given attribute; pages not stored stay unstored."""
         g = self._check_gfns(gfns)
         priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape)
         self._shared[g] = ~priv
-        stored = self._slot[g] >= 0
-        if stored.any():
-            self._store_plain(g[stored], np.zeros((int(stored.sum()), PAGE_SIZE), np.uint8), priv[stored].copy())
+        slots = self._slot[g]
+        slots = slots[slots >= 0]
+        self._generation += 1
+        if slots.size:
+            self._arena[slots] = 0
+            self._clear[slots] = True
+            self._touched(slots)
 
     def set_private(self, gfns, private: bool) -> None:
-        """Page-state change of ``gfns`` keeping their contents (re-encrypts or decrypts stored pages)."""
+        """Page-state change of ``gfns`` keeping their contents (stored pages are re-encrypted or decrypted:
+        in clear, and encrypted when written back)."""
         g = np.unique(self._check_gfns(gfns))
         change = g[self._shared[g] == private]
-        stored = change[self._slot[change] >= 0]
-        plain = self._load_plain(stored, ~self._shared[stored])
+        slots = self._slot[change]
+        slots = slots[slots >= 0]
+        self._make_clear(slots)
         self._shared[change] = not private
-        self._store_plain(stored, plain, np.full(stored.size, private))
+        self._generation += 1
+        if private and slots.size:
+            self._touched(slots)
 
     # -- replaying trace rows -------------------------------------------------------------------------
 
@@ -269,10 +353,10 @@ class HostMemory:
     def apply(self, gpa, length, op, value) -> None:
         """Apply trace rows in order: WRITE rows write their content, TO_SHARED/TO_PRIVATE rows change the
         state of the pages they span, READ rows do nothing. Rows must lie inside the guest."""
-        gpa = np.asarray(gpa, dtype=np.uint64)
-        length = np.asarray(length, dtype=np.uint64)
-        op = np.asarray(op, dtype=np.uint8)
-        value = np.asarray(value, dtype=np.uint64)
+        gpa = np.ascontiguousarray(gpa, dtype=np.uint64)
+        length = np.ascontiguousarray(length, dtype=np.uint64)
+        op = np.ascontiguousarray(op, dtype=np.uint8)
+        value = np.ascontiguousarray(value, dtype=np.uint64)
         if gpa.size and (length.min() == 0 or int((gpa + length).max()) > self.npages << PAGE_SHIFT
                          or (gpa + length < gpa).any()):
             raise ValueError("apply: every row needs len >= 1 and gpa + len inside the guest")
@@ -281,11 +365,15 @@ class HostMemory:
             gpa, length, op, value = gpa[keep], length[keep], op[keep], value[keep]
         if not gpa.size:
             return
-        # Bound the work area (the pages a chunk touches): rows longer than CHUNK_PAGES pages are split
-        # into pieces, and pieces are grouped so that a group spans at most ~CHUNK_PAGES pages.
+        self._generation += 1
+        # Bound the index arrays: rows longer than CHUNK_PAGES pages are split into pieces, and pieces are
+        # grouped so that a group spans at most ~CHUNK_PAGES pages.
         gpa, length, op, value, offset = _split_pieces(gpa, length, op, value, CHUNK_PAGES * PAGE_SIZE)
         npg = (((gpa + length - np.uint64(1)) >> _SHIFT) - (gpa >> _SHIFT) + np.uint64(1)).astype(np.int64)
         ends = np.cumsum(npg)
+        if ends[-1] <= CHUNK_PAGES:
+            self._apply_chunk(gpa, length, op, value, offset)
+            return
         start = 0
         while start < gpa.size:
             base = int(ends[start - 1]) if start else 0
@@ -295,48 +383,60 @@ class HostMemory:
             start = stop
 
     def _apply_chunk(self, gpa, length, op, value, offset) -> None:
-        # Contents do not depend on the page state, and the stored form depends only on the final state
-        # and contents: so within a chunk the writes and the state changes can be applied separately.
+        # Contents do not depend on the page state, so the writes and the state changes of a chunk can be
+        # applied separately. Writes go straight into the pages' DRAM slots, which hold them in clear (the
+        # cache): only pages whose DRAM holds ciphertext are decrypted first.
+        gfn, at, plen, op, value, offset = _by_page(gpa, length, op, value, offset)
         w = op == Op.WRITE
-        psc = ~w
-        if psc.any():  # final state of every page a state change spans: the last such row wins
-            pg, npg = _page_spans(gpa[psc], length[psc])
-            to_private = np.repeat(op[psc] == Op.TO_PRIVATE, npg)
-            last = _last_wins(pg)
-            psc_gfns, psc_private = pg[last], to_private[last]
+        if w.all():
+            psc = None
         else:
-            psc_gfns, psc_private = np.zeros(0, np.int64), np.zeros(0, bool)
-        wg, wl, wv, wo = gpa[w], length[w], value[w], offset[w]
-        write_gfns = _page_spans(wg, wl)[0] if wg.size else np.zeros(0, np.int64)
-        # Pages to rewrite: written ones, and stored ones whose state changes (re-encryption).
-        changes = psc_gfns[self._shared[psc_gfns] == psc_private]
-        changes = changes[self._slot[changes] >= 0]
-        touched = np.union1d(write_gfns, changes)
-        plain = self._load_plain(touched, ~self._shared[touched], out=self._work(touched.size))
-        if wg.size:
-            # ``touched`` is sorted and holds every page of each span, so a span's pages are consecutive
-            # rows of the work area: the span is contiguous there, starting at its first page's row.
-            row = np.searchsorted(touched, (wg >> _SHIFT).astype(np.int64))
-            first = row * PAGE_SIZE + (wg & _PAGE_MASK).astype(np.int64)
-            write_spans(plain.reshape(-1), first, wl, wv, wo)
-        self._shared[psc_gfns] = ~psc_private
-        self._store_plain(touched, plain, ~self._shared[touched])
+            psc = ~w
+            gfn_w, at, plen, value, offset = gfn[w], at[w], plen[w], value[w], offset[w]
+            pg, to_private = gfn[psc], op[psc] == Op.TO_PRIVATE
+            last = _last_wins(pg)  # final state of every page a state change spans: the last such row wins
+            psc_gfns, psc_private = pg[last], to_private[last]
+            gfn = gfn_w
+        touched = np.zeros(0, np.int32)
+        if gfn.size:
+            slots = self._slots_for(np.unique(gfn))
+            self._make_clear(slots)
+            start = self._slot[gfn].astype(np.int64) * PAGE_SIZE + at
+            write_spans(self._arena.reshape(-1), start, plen, value, offset)
+            touched = slots
+        if psc is not None:
+            s = self._slot[psc_gfns]
+            stored = s >= 0
+            self._make_clear(s[stored & ~psc_private])  # turning (or staying) shared: held in clear
+            self._shared[psc_gfns] = ~psc_private
+            touched = np.concatenate([touched, s[stored & psc_private]])
+        if touched.size:
+            self._touched(touched)
 
     # -- digest ---------------------------------------------------------------------------------------
 
     def plaintext_digest(self) -> str:
         """blake2b-256 (hex) of the guest-visible memory: over the non-zero pages in gfn order, a hash of
         their gfns (little-endian uint64) and a hash of their contents. A page that is all zero counts as
-        never written, so the digest does not depend on which zero pages happen to be stored."""
+        never written, so the digest does not depend on which zero pages happen to be stored. Remembered
+        until the contents change."""
+        if self._digest is not None and self._digest[0] == self._generation:
+            return self._digest[1]
         gfns = np.flatnonzero(self._slot >= 0)
         hg, hp = hashlib.blake2b(digest_size=32), hashlib.blake2b(digest_size=32)
         for i in range(0, gfns.size, WALK_PAGES):
             g = gfns[i : i + WALK_PAGES]
-            plain = self._load_plain(g, ~self._shared[g])
-            nz = plain.any(axis=1)
-            hg.update(g[nz].astype("<u8").tobytes())
-            hp.update(plain[nz].tobytes())
-        return hashlib.blake2b(hg.digest() + hp.digest(), digest_size=32).hexdigest()
+            plain = self._load_plain(g, out=self._work(g.size))
+            nz = plain.view(np.uint64).any(axis=1)
+            if nz.all():  # hashed where it lies: no copy
+                hg.update(g.astype("<u8"))
+                hp.update(plain)
+            else:
+                hg.update(g[nz].astype("<u8"))
+                hp.update(plain[nz])
+        digest = hashlib.blake2b(hg.digest() + hp.digest(), digest_size=32).hexdigest()
+        self._digest = (self._generation, digest)
+        return digest
 
 
 def replay_plaintext_digest(path: str | os.PathLike, *, seed: int = 0, host: int = 0, spa_base: int = 1024) -> str:
