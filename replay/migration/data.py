@@ -21,6 +21,7 @@ import numpy as np
 from ..security.channel import Outcome
 from ..security.session import DataPlane
 from ..security.token import TokenOutcome
+from ..snp import PAGE_SHIFT, Op
 from ..strategies import SOURCE, TARGET
 
 # One stream per kind of traffic: each has its own sequence numbers and keys.
@@ -69,44 +70,53 @@ class DataMode:
 
     def after_transfer(self, run_host: int, batch, base: int, a: int, b: int, stream: str) -> None:
         """Replay the interleaving of the transfer: the rows [a, b) it applied and the pages it sent, each
-        page with the contents it had when the engine took its version. Pages are packaged in groups, and
-        rows applied in chunks, as long as no row between a page's send and the group's flush touches it."""
+        page with the contents (and state) it had when the engine took its version. Consecutive sends form
+        one group, packaged in one call after the rows up to the group's last send are applied, as long as
+        no WRITE or page-state row between a page's send and that point touches the page."""
         gfns, rows, versions = self.eng.take_send_log()
         if batch is None:
             self.send(gfns, versions, stream)
             return
-        touched: list[int] = []
-        wide = None
-        if len(gfns):
-            gpa = batch.column(2).to_numpy(zero_copy_only=True)[a:b]
-            ln = batch.column(3).to_numpy(zero_copy_only=True)[a:b]
-            lo = gpa >> np.uint64(12)
-            hi = (gpa + ln.astype(np.uint64) - np.uint64(1)) >> np.uint64(12)
-            touched = np.r_[np.int64(0), (lo != hi)].cumsum()  # rows [i, j) span two pages or more: j > i
-            wide = touched
-            touched = [lo.tolist(), hi.tolist()]
+        if not len(gfns):
+            self.rows(run_host, batch, a, b)
+            return
+        r = (rows - base).tolist()
+        nxt = self._next_touch(batch, a, b, gfns.astype(np.int64), rows - base).tolist()
         applied = a  # rows applied to memory so far
-        reached = a  # rows the guest had applied when the last page of the group was sent
-        group: list[int] = []
-        held: set[int] = set()
-        for i, r in enumerate((rows - base).tolist()):
-            if r > reached:
-                i0, i1 = reached - a, r - a
-                if held and (wide[i1] > wide[i0] or any(x in held for x in touched[0][i0:i1])
-                             or any(x in held for x in touched[1][i0:i1])):
-                    self._flush(run_host, batch, applied, reached, gfns, versions, group, stream)
-                    applied, group, held = reached, [], set()
-                reached = r
-            group.append(i)
-            held.add(int(gfns[i]))
-        self._flush(run_host, batch, applied, reached, gfns, versions, group, stream)
-        self.rows(run_host, batch, reached, b)
+        s = 0  # first send of the current group
+        low = nxt[0]  # the earliest row after its send that touches a page of the group
+        for e in range(1, len(r)):
+            if low < r[e]:  # a row before this send changes a page of the group: package the group first
+                self._flush(run_host, batch, applied, r[e - 1], gfns, versions, s, e, stream)
+                applied, s, low = r[e - 1], e, nxt[e]
+            elif nxt[e] < low:
+                low = nxt[e]
+        self._flush(run_host, batch, applied, r[-1], gfns, versions, s, len(r), stream)
+        self.rows(run_host, batch, r[-1], b)
 
-    def _flush(self, host, batch, applied, reached, gfns, versions, group, stream) -> None:
+    @staticmethod
+    def _next_touch(batch, a: int, b: int, gfns: np.ndarray, sent_at: np.ndarray) -> np.ndarray:
+        """For each sent page, the first row in [its send row, b) whose span touches it and that changes
+        it (a WRITE or a page-state change), or b if none."""
+        gpa = batch.column(2).to_numpy(zero_copy_only=True)[a:b]
+        ln = batch.column(3).to_numpy(zero_copy_only=True)[a:b]
+        op = batch.column(4).to_numpy(zero_copy_only=True)[a:b]
+        keep = np.flatnonzero(op != Op.READ)
+        lo = (gpa[keep] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        npg = ((gpa[keep] + ln[keep].astype(np.uint64) - np.uint64(1)) >> np.uint64(PAGE_SHIFT)).astype(np.int64) - lo + 1
+        row = np.repeat(keep.astype(np.int64) + a, npg)
+        page = np.repeat(lo, npg) + np.arange(row.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg)
+        # (page, row) pairs sorted: the first pair at or after (gfn, send row) is the next touch if same page.
+        stride = np.int64(b + 1)
+        key = np.sort(page * stride + row)
+        at = np.searchsorted(key, gfns * stride + sent_at)
+        hit = key[np.minimum(at, key.size - 1)] if key.size else np.zeros(gfns.size, np.int64)
+        same = (at < key.size) & (hit // stride == gfns)
+        return np.where(same, hit % stride, b)
+
+    def _flush(self, host, batch, applied, reached, gfns, versions, s, e, stream) -> None:
         self.rows(host, batch, applied, reached)
-        if group:
-            sel = np.asarray(group, dtype=np.int64)
-            self.send(gfns[sel], versions[sel], stream)
+        self.send(gfns[s:e], versions[s:e], stream)
 
     def vmsas(self, vcpus: int, vmpls: list[int]) -> None:
         self._check(self.dp.send_vmsas(vcpus, vmpls, STREAM["vmsa"]))

@@ -45,7 +45,7 @@ from .keys import vm_memory_key
 CHUNK_PAGES = 16384
 # Private pages a host holds in clear at most (the write-back cache, 64 MiB): beyond it the least recently
 # touched are encrypted back into DRAM.
-CACHE_PAGES = 16384
+CACHE_PAGES = 65536
 # Pages decrypted or encrypted per call when walking many pages (digest, write-back).
 WALK_PAGES = 4096
 _PAGE_MASK = np.uint64(PAGE_SIZE - 1)
