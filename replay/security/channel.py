@@ -191,6 +191,7 @@ class Sender:
         self._zstd = zstandard.ZstdCompressor(level=compress_level) if compress_level is not None else None
         self.stats = ChannelStats()
         self.token_hasher = TokenHasher()
+        self._work = np.empty((0, PAGE_SIZE), np.uint8)  # the pages of a batch, reused from batch to batch
 
     @staticmethod
     def _check_stream(stream: int) -> None:
@@ -257,7 +258,9 @@ class Sender:
         seq0 = st.sequences.get(stream, 0)
         if seq0 + n > MAX_SEQUENCE:  # a nonce would repeat: refuse rather than reuse
             raise OverflowError(f"stream {stream}: sequence numbers exhausted")
-        plain = self.memory.read_plain_many(g)
+        if self._work.shape[0] < n:
+            self._work = np.empty((max(n, 2 * self._work.shape[0]), PAGE_SIZE), np.uint8)
+        plain = self.memory.read_plain_many(g, out=self._work)
         private = self.memory.private_mask(g)
         nonzero = plain.view(np.uint64).any(axis=1)
         length = np.where(nonzero, PAGE_SIZE, 0)
@@ -342,6 +345,7 @@ class Receiver:
         self.stats = ChannelStats()
         self.token_hasher = TokenHasher()
         self._held = np.full(memory.npages, -1, dtype=np.int64)  # version held per gfn, -1: none
+        self._opened = np.empty(0, np.uint8)  # the opened payloads of a batch
         self.vmsas: dict[tuple[int, int], bytes] = {}
 
     def held_version(self, gfn: int) -> int | None:
@@ -431,7 +435,10 @@ class Receiver:
             return None
         sel = np.flatnonzero(private)
         sealed_off = np.cumsum(body_len[sel]) - body_len[sel]
-        opened = np.empty(int(body_len[sel].sum()), np.uint8)
+        size = int(body_len[sel].sum())
+        if self._opened.size < size:  # reused from batch to batch: fresh memory costs page faults each time
+            self._opened = np.empty(max(size, 2 * self._opened.size), np.uint8)
+        opened = self._opened[:size]
         ok, records = open_many(self._aead.key(stream), packets, sel, nonces(stream, h["sequence"][sel]), HEADER_BYTES,
                                 opened, sealed_off)
         if not ok.all():

@@ -30,6 +30,7 @@ written pages: a 64 GiB guest with a 1 GiB working set needs 80 MiB + 1 GiB.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 
 import numpy as np
@@ -81,6 +82,16 @@ def _split_pieces(gpa, length, op, value, budget):
     return gpa[row] + off, plen, op[row], value[row], off
 
 
+def _dram(pages: int) -> np.ndarray:
+    """A zeroed ``(pages, 4096)`` array on its own anonymous private mapping: untouched pages cost no
+    memory, and first touches are plain page faults (numpy asks for transparent huge pages on large
+    arrays, whose compaction stalls cost more here than they save)."""
+    if not pages:
+        return np.zeros((0, PAGE_SIZE), dtype=np.uint8)
+    region = mmap.mmap(-1, pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(region, dtype=np.uint8).reshape(pages, PAGE_SIZE)
+
+
 def _by_page(gpa, length, op, value, offset):
     """Pieces -> one piece per page they span, in order: (gfn int64, byte in the page int64, length,
     op, value, offset in the row)."""
@@ -123,10 +134,14 @@ class HostMemory:
             self._shared[int(first) : int(last) + 1] = True
         # Per slot: the page's contents, its gfn, whether they are held in clear (always, for a shared
         # page), and when it was last touched (the eviction order).
-        self._arena = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
-        self._owner = np.zeros(0, dtype=np.int64)
-        self._clear = np.zeros(0, dtype=bool)
-        self._stamp = np.zeros(0, dtype=np.int64)
+        try:  # room for every page at once (address space only): slots never move
+            self._arena = _dram(self.npages)
+        except (OSError, ValueError, OverflowError):  # the system refuses to reserve it: grow by doubling
+            self._arena = _dram(0)
+        cap = self._arena.shape[0]
+        self._owner = np.zeros(cap, dtype=np.int64)
+        self._clear = np.zeros(cap, dtype=bool)
+        self._stamp = np.zeros(cap, dtype=np.int64)
         self._used = 0
         self._tick = 0
         self._maybe_cached = 0  # an upper bound of the private pages in clear (exact after each eviction)
@@ -182,8 +197,8 @@ class HostMemory:
             k = int(np.count_nonzero(new))
             need = self._used + k
             if need > self._arena.shape[0]:
-                cap = max(need, 2 * self._arena.shape[0], 64)
-                grown = np.zeros((cap, PAGE_SIZE), dtype=np.uint8)
+                cap = min(max(need, 2 * self._arena.shape[0], 64), self.npages)
+                grown = _dram(cap)
                 grown[: self._used] = self._arena[: self._used]
                 self._arena = grown
                 for name in ("_owner", "_clear", "_stamp"):
@@ -210,7 +225,7 @@ class HostMemory:
         for i in range(0, slots.size, WALK_PAGES):
             s = slots[i : i + WALK_PAGES]
             work = self._work(s.size)
-            np.take(self._arena, s, axis=0, out=work)
+            np.take(self._arena, s, axis=0, out=work, mode="clip")  # "raise" would buffer the output
             spa = self.spa(self._owner[s])
             (xts.encrypt_pages if encrypt else xts.decrypt_pages)(self.key, work, spa, out=work)
             self._arena[s] = work
@@ -244,7 +259,7 @@ class HostMemory:
         slots = self._slot[gfns]
         have = slots >= 0
         if have.all():
-            np.take(self._arena, slots, axis=0, out=out)
+            np.take(self._arena, slots, axis=0, out=out, mode="clip")  # slots are valid; "raise" buffers
             dec = ~self._clear[slots]
         else:
             out[~have] = 0
@@ -291,14 +306,22 @@ class HostMemory:
         """The page as the guest sees it."""
         return self.read_plain_many([gfn])[0].tobytes()
 
-    def read_plain_many(self, gfns) -> np.ndarray:
-        """Plain text of each of ``gfns`` (any order, repeats allowed) as an ``(n, 4096)`` array."""
+    def read_plain_many(self, gfns, out: np.ndarray | None = None) -> np.ndarray:
+        """Plain text of each of ``gfns`` (any order, repeats allowed) as an ``(n, 4096)`` array (``out``:
+        an array of at least n rows to fill and return a view of: a caller reading batch after batch
+        reuses it instead of faulting in fresh memory every time)."""
         g = self._check_gfns(gfns)
-        if g.size > 1 and (g[1:] > g[:-1]).all():  # distinct already (the usual case: a sorted batch)
-            return self._load_plain(g)
+        dest = None if out is None else out[: g.size]
+        if g.size <= 1 or (g[1:] > g[:-1]).all():  # distinct already (the usual case: a sorted batch)
+            return self._load_plain(g, out=dest)
         uniq, inv = np.unique(g, return_inverse=True)
         plain = self._load_plain(uniq)
-        return plain if uniq.size == g.size and (uniq == g).all() else plain[inv]
+        if uniq.size == g.size and (uniq == g).all():
+            return plain
+        if dest is None:
+            return plain[inv]
+        np.take(plain, inv, axis=0, out=dest, mode="clip")
+        return dest
 
     def install_plain(self, gfns, pages: np.ndarray, private, *, consume: bool = False) -> None:
         """Put guest-visible contents into distinct ``gfns`` with the given attribute (what a migration
