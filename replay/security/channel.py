@@ -431,7 +431,8 @@ class Receiver:
                 or (flags & ~(_PRIVATE | _SHARED | _ZERO | _COMPRESSED)).any() or ((kind != _PRIVATE) & (kind != _SHARED)).any()
                 or (plen != lens - HEADER_BYTES).any() or (body_len < 0).any() or (zero & (body_len != 0)).any()
                 or (~zero & ~comp & (body_len != PAGE_SIZE)).any()
-                or (h["gfn"] >= npages).any() or (h["version"] >= 1 << 63).any() or np.unique(h["gfn"]).size != n):
+                or (h["gfn"] >= npages).any() or (h["version"] >= 1 << 63).any()
+                or not (n == 1 or (h["gfn"][1:] > h["gfn"][:-1]).all() or np.unique(h["gfn"]).size == n)):
             return None
         sel = np.flatnonzero(private)
         sealed_off = np.cumsum(body_len[sel]) - body_len[sel]
