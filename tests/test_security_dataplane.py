@@ -110,3 +110,32 @@ def test_a_tampered_page_is_caught_and_the_target_never_runs(trace):
 def test_a_lost_token_is_rejected(trace):
     dp, (outcomes, token) = migrate(trace, tamper_token=lambda packets: [])
     assert token is TokenOutcome.TOKEN_REJECTED and dp.facts()["token"] == "token_rejected"
+
+
+def test_next_touch_of_each_sent_page():
+    """The driver packages a group of sends at once unless a row between a page's send and the group's
+    end changes that page: for each sent page, the first WRITE or page-state row at or after its send
+    row spanning it (READs do not count), or the end of the rows."""
+    import pyarrow as pa
+
+    from replay.migration.data import DataMode
+    from replay.trace import SCHEMA
+
+    rows = [  # (gpa, len, op): row numbers are 10.. (a = 10)
+        (5 * PAGE, 8, Op.WRITE),  # 10: gfn 5
+        (7 * PAGE, 8, Op.READ),  # 11: a read of gfn 7 changes nothing
+        (6 * PAGE - 4, 8, Op.WRITE),  # 12: gfns 5 and 6 (crosses)
+        (8 * PAGE, 2 * PAGE, Op.TO_SHARED),  # 13: gfns 8 and 9
+        (7 * PAGE, 1, Op.WRITE),  # 14: gfn 7
+    ]
+    pad = [(0, 1, Op.READ)] * 10
+    cols = list(zip(*(pad + rows)))
+    n = len(pad) + len(rows)
+    batch = pa.record_batch([pa.array(np.zeros(n), pa.uint64()), pa.array(np.zeros(n), pa.uint16()),
+                             pa.array(cols[0], pa.uint64()), pa.array(cols[1], pa.uint32()),
+                             pa.array([int(o) for o in cols[2]], pa.uint8()), pa.array(np.zeros(n), pa.uint64())],
+                            schema=SCHEMA)
+    gfns = np.array([5, 5, 6, 7, 9, 9, 4], np.int64)
+    sent = np.array([10, 11, 12, 12, 13, 14, 10], np.int64)
+    got = DataMode._next_touch(batch, 10, 15, gfns, sent)
+    assert got.tolist() == [10, 12, 12, 14, 13, 15, 15]
