@@ -17,14 +17,21 @@ mod 2**64)`` and ``mix`` is the SplitMix64 finalizer (``content_bytes`` is the o
 That is, the span holds the SplitMix64 stream seeded with ``value``: cheap to compute, different for
 every value, and independent of where the span lands.
 
-Writes are applied a batch at a time (``apply``): the pages a chunk of rows touches are decrypted once,
-the rows are written into that plain-text work area in trace order (a later row wins; the loop is in C,
-``replay._content``), and the pages are encrypted back once. Page-state changes (TO_SHARED / TO_PRIVATE
-rows, or ``set_private``) keep the page's contents (in-place conversion) and re-encrypt or decrypt the
-stored bytes.
+Like the CPU's caches in front of the memory controller, a host holds recently written private pages
+*in clear* (a write-back cache of at most ``cache_pages`` pages): a trace row (``apply``) or the target
+agent (``install_plain``) writes plain text straight into the page's DRAM slot, and the page is encrypted
+only when its ciphertext is needed: a host reading its DRAM (``read_raw``, ``raw_copy_to``) writes it
+back first, and beyond the bound the least recently touched pages are encrypted in batches. A page whose
+DRAM holds ciphertext is decrypted into the cache when a row writes it. Nothing observable depends on the
+cache: ``read_raw`` is always the XTS ciphertext, ``read_plain`` the plain text, digests the same. Rows are
+written in trace order (a later row wins; the loop is in C, ``replay._content``). Page-state changes
+(TO_SHARED / TO_PRIVATE rows, or ``set_private``) keep the page's contents (in-place conversion): a page
+turning shared is held in clear, a page turning private joins the cache.
 
-Bookkeeping per guest page is 5 bytes (an int32 slot index and a shared flag), page contents only for
-written pages: a 64 GiB guest with a 1 GiB working set needs 80 MiB + 1 GiB.
+Bookkeeping per guest page is 5 bytes (an int32 slot index and a shared flag), per stored page 17 more
+(its gfn, clear flag and last touch) besides its 4 KiB: a 64 GiB guest with a 1 GiB working set needs
+80 MiB + 1 GiB. The slots live in one anonymous mapping reserved for the whole guest (address space only),
+so they never move.
 """
 
 from __future__ import annotations
@@ -44,8 +51,9 @@ from .keys import vm_memory_key
 
 # Page pieces one step of ``apply`` handles (bounds its index arrays; rows longer than this are split).
 CHUNK_PAGES = 16384
-# Private pages a host holds in clear at most (the write-back cache, 64 MiB): beyond it the least recently
-# touched are encrypted back into DRAM.
+# Private pages a host holds in clear at most (the write-back cache, 256 MiB: a large server's last-level
+# cache, and no memory of its own since pages are held in clear in their own slots): beyond it the least
+# recently touched are encrypted back into DRAM.
 CACHE_PAGES = 65536
 # Pages decrypted or encrypted per call when walking many pages (digest, write-back).
 WALK_PAGES = 4096
@@ -80,6 +88,17 @@ def _split_pieces(gpa, length, op, value, budget):
     off = k * np.uint64(budget)
     plen = np.minimum(length[row] - off, np.uint64(budget))
     return gpa[row] + off, plen, op[row], value[row], off
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a``, sorted (np.unique's hash table costs more on the small arrays here)."""
+    u = np.sort(a)
+    if u.size < 2:
+        return u
+    keep = np.empty(u.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(u[1:], u[:-1], out=keep[1:])
+    return u[keep]
 
 
 def _dram(pages: int) -> np.ndarray:
@@ -422,7 +441,7 @@ class HostMemory:
             gfn = gfn_w
         touched = np.zeros(0, np.int32)
         if gfn.size:
-            slots = self._slots_for(np.unique(gfn))
+            slots = self._slots_for(_distinct(gfn))
             self._make_clear(slots)
             start = self._slot[gfn].astype(np.int64) * PAGE_SIZE + at
             write_spans(self._arena.reshape(-1), start, plen, value, offset)
