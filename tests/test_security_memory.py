@@ -360,3 +360,13 @@ def test_read_plain_many_into_a_reused_buffer():
     assert got.base is buf or got is buf[:3] or np.shares_memory(got, buf)
     assert [bytes(p[:8]) for p in got] == [sm64(4, 8), sm64(2, 8), sm64(4, 8)]
     assert (m.read_plain_many([0, 2], out=buf)[:, :8] == np.frombuffer(sm64(1, 8) + sm64(3, 8), np.uint8).reshape(2, 8)).all()
+
+
+def test_a_page_nonzero_only_past_its_first_word_counts_as_written():
+    m = host()
+    apply_rows(m, [(5 * PAGE + PAGE - 1, 1, Op.WRITE, 3)])  # the page's last byte only
+    model = Model(16)
+    model.apply([(5 * PAGE + PAGE - 1, 1, Op.WRITE, 3)])
+    assert model.page(5)[:8] == bytes(8) and any(model.page(5))
+    assert m.plaintext_digest() == model.digest() != host().plaintext_digest()
+    assert memmod.nonzero_pages(np.frombuffer(model.page(5) + bytes(PAGE), np.uint8).reshape(2, PAGE)).tolist() == [True, False]

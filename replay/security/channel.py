@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..snp import PAGE_SIZE, VMPLS
 from .attestation import Direction, SessionKeys
 from .gcm import open_many, seal_many
-from .memory import HostMemory
+from .memory import HostMemory, nonzero_pages
 from .token import Token, TokenHasher, TokenOutcome, compare
 
 HEADER = struct.Struct("<QQQHHI")
@@ -166,7 +166,7 @@ class _Keys:
     """AES-GCM contexts per stream for one direction (made on first use)."""
 
     def __init__(self, keys: SessionKeys, direction: Direction):
-        self._keys, self._direction, self._aead = keys, direction, {}
+        self._keys, self._direction, self._aead, self._raw = keys, direction, {}, {}
 
     def __call__(self, stream: int) -> AESGCM:
         a = self._aead.get(stream)
@@ -175,7 +175,10 @@ class _Keys:
         return a
 
     def key(self, stream: int) -> bytes:
-        return self._keys.key(self._direction, stream)
+        k = self._raw.get(stream)
+        if k is None:
+            k = self._raw[stream] = self._keys.key(self._direction, stream)
+        return k
 
 
 class Sender:
@@ -262,7 +265,7 @@ class Sender:
             self._work = np.empty((max(n, 2 * self._work.shape[0]), PAGE_SIZE), np.uint8)
         plain = self.memory.read_plain_many(g, out=self._work)
         private = self.memory.private_mask(g)
-        nonzero = plain.view(np.uint64).any(axis=1)
+        nonzero = nonzero_pages(plain)
         length = np.where(nonzero, PAGE_SIZE, 0)
         offset = np.arange(n, dtype=np.int64) * PAGE_SIZE
         body = plain
