@@ -21,9 +21,12 @@ import numpy as np
 from ..security.channel import Outcome
 from ..security.session import DataPlane
 from ..security.token import TokenOutcome
-from ..snp import PAGE_SHIFT, Op
+from ..snp import PAGE_SHIFT, PAGE_SIZE, Op
 from ..strategies import SOURCE, TARGET
 
+# Pages whose contents wait, captured, to be sent in one batch (64 MiB at most: a bigger transfer is sent
+# in several batches).
+CAPTURE_PAGES = 16384
 # One stream per kind of traffic: each has its own sequence numbers and keys.
 STREAM = {"precopy": 0, "downtime": 1, "postcopy": 2, "fault": 3, "vmsa": 4}
 
@@ -42,6 +45,7 @@ class DataMode:
         self.dp = DataPlane(seed, npages=meta.npages, spa_base=(eng.spa(SOURCE, 0), eng.spa(TARGET, 0)),
                             shared_ranges=meta.shared_ranges, compress_level=compress_level or None)
         self.plaintext = dict.fromkeys(("source_at_switchover", "target_at_switchover", "end_of_trace"), "")
+        self._capture = np.empty((0, PAGE_SIZE), np.uint8)  # captured contents, reused between transfers
         eng.set_send_log(True)
 
     # -- the guest
@@ -82,17 +86,40 @@ class DataMode:
             return
         r = (rows - base).tolist()
         nxt = self._next_touch(batch, a, b, gfns.astype(np.int64), rows - base).tolist()
-        applied = a  # rows applied to memory so far
-        s = 0  # first send of the current group
-        low = nxt[0]  # the earliest row after its send that touches a page of the group
+        # Each group: (rows applied before it, its first and last send). Rows only ever run on the host
+        # they are applied to: with the guest on the source, the target's memory sees no rows, so the
+        # groups' contents can be captured as they come and all sent at the end, in one batch.
+        groups, s, low = [], 0, nxt[0]  # low: the earliest row after its send touching a page of the group
         for e in range(1, len(r)):
             if low < r[e]:  # a row before this send changes a page of the group: package the group first
-                self._flush(run_host, batch, applied, r[e - 1], gfns, versions, s, e, stream)
-                applied, s, low = r[e - 1], e, nxt[e]
+                groups.append((s, e))
+                s, low = e, nxt[e]
             elif nxt[e] < low:
                 low = nxt[e]
-        self._flush(run_host, batch, applied, r[-1], gfns, versions, s, len(r), stream)
-        self.rows(run_host, batch, r[-1], b)
+        groups.append((s, len(r)))
+        applied, captured, used = a, [], 0
+        for s, e in groups:
+            self.rows(run_host, batch, applied, r[e - 1])
+            applied = r[e - 1]
+            if run_host != SOURCE or e - s > CAPTURE_PAGES:
+                self._send_captured(captured, stream)
+                captured, used = [], 0
+                self.send(gfns[s:e], versions[s:e], stream)
+                continue
+            if used + e - s > CAPTURE_PAGES:
+                self._send_captured(captured, stream)
+                captured, used = [], 0
+            if self._capture.shape[0] < used + e - s:
+                self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
+            captured.append((gfns[s:e], versions[s:e], self.dp.capture(gfns[s:e], out=self._capture[used : used + e - s])))
+            used += e - s
+        self.rows(run_host, batch, applied, b)
+        self._send_captured(captured, stream)
+
+    def _send_captured(self, groups, stream: str) -> None:
+        if groups:
+            for outcomes in self.dp.send_captured(groups, STREAM[stream]):
+                self._check(outcomes)
 
     @staticmethod
     def _next_touch(batch, a: int, b: int, gfns: np.ndarray, sent_at: np.ndarray) -> np.ndarray:
@@ -113,10 +140,6 @@ class DataMode:
         hit = key[np.minimum(at, key.size - 1)] if key.size else np.zeros(gfns.size, np.int64)
         same = (at < key.size) & (hit // stride == gfns)
         return np.where(same, hit % stride, b)
-
-    def _flush(self, host, batch, applied, reached, gfns, versions, s, e, stream) -> None:
-        self.rows(host, batch, applied, reached)
-        self.send(gfns[s:e], versions[s:e], stream)
 
     def vmsas(self, vcpus: int, vmpls: list[int]) -> None:
         self._check(self.dp.send_vmsas(vcpus, vmpls, STREAM["vmsa"]))

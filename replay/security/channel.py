@@ -28,6 +28,7 @@ sequence number is consumed and it counts in the token, but its contents are dro
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from dataclasses import dataclass, field
@@ -247,10 +248,29 @@ class Sender:
         self.stats.wire_bytes += HEADER_BYTES + len(body)
         return header + body
 
-    def send_pages(self, gfns, versions, stream: int) -> list[bytes]:
-        """Packets for the pages ``gfns`` (their contents now, tagged with ``versions``) on ``stream``,
-        in order. The whole batch is handled at once: the source memory read (decrypted) in one call,
-        headers and nonces packed as arrays, the private pages sealed in one call (``gcm.seal_many``)."""
+    def capture(self, gfns, out=None) -> tuple[np.ndarray, np.ndarray]:
+        """The contents (into ``out`` if given) and attributes of ``gfns`` now, for a later
+        ``send_pages(..., contents=...)``."""
+        g = np.atleast_1d(np.asarray(gfns, dtype=np.int64))
+        return self.memory.read_plain_many(g, out=out), self.memory.private_mask(g)
+
+    def checkpoint(self):
+        """Everything sending changes (counters, sequences, token), to ``restore`` after a batch the
+        receiver could not take whole."""
+        st = self.stats
+        return (dataclasses.replace(st, outcomes=dict(st.outcomes), sequences=dict(st.sequences)),
+                self.token_hasher.checkpoint())
+
+    def restore(self, state) -> None:
+        stats, token = state
+        self.stats = dataclasses.replace(stats, outcomes=dict(stats.outcomes), sequences=dict(stats.sequences))
+        self.token_hasher.restore(token)
+
+    def send_pages(self, gfns, versions, stream: int, contents=None) -> list[bytes]:
+        """Packets for the pages ``gfns`` (their contents now, or ``contents`` = (plain pages, private
+        flags) taken earlier by ``capture``, tagged with ``versions``) on ``stream``, in order. The whole
+        batch is handled at once: the source memory read (decrypted) in one call, headers and nonces
+        packed as arrays, the private pages sealed in one call (``gcm.seal_many``)."""
         self._check_stream(stream)  # before anything is counted
         g = np.atleast_1d(np.asarray(gfns, dtype=np.int64))
         v = np.broadcast_to(np.asarray(versions, dtype=np.uint64), g.shape)
@@ -261,10 +281,14 @@ class Sender:
         seq0 = st.sequences.get(stream, 0)
         if seq0 + n > MAX_SEQUENCE:  # a nonce would repeat: refuse rather than reuse
             raise OverflowError(f"stream {stream}: sequence numbers exhausted")
-        if self._work.shape[0] < n:
-            self._work = np.empty((max(n, 2 * self._work.shape[0]), PAGE_SIZE), np.uint8)
-        plain = self.memory.read_plain_many(g, out=self._work)
-        private = self.memory.private_mask(g)
+        if contents is not None:
+            plain, private = contents
+            self.memory.private_mask(g)  # the gfns must be in the guest all the same
+        else:
+            if self._work.shape[0] < n:
+                self._work = np.empty((max(n, 2 * self._work.shape[0]), PAGE_SIZE), np.uint8)
+            plain = self.memory.read_plain_many(g, out=self._work)
+            private = self.memory.private_mask(g)
         nonzero = nonzero_pages(plain)
         length = np.where(nonzero, PAGE_SIZE, 0)
         offset = np.arange(n, dtype=np.int64) * PAGE_SIZE
@@ -410,7 +434,12 @@ class Receiver:
         outcomes = self._receive_batch(packets)
         return outcomes if outcomes is not None else self._receive_each(packets)
 
-    def _receive_batch(self, packets: list) -> list[Outcome] | None:
+    def receive_all_or_nothing(self, packets) -> bool:
+        """Take ``packets`` whole if every one of them is accepted (True); otherwise change nothing (False)."""
+        packets = packets if isinstance(packets, list) else list(packets)
+        return self._receive_batch(packets, all_or_nothing=True) is not None
+
+    def _receive_batch(self, packets: list, all_or_nothing: bool = False) -> list[Outcome] | None:
         """The whole-batch path: None (and nothing changed) unless every packet is a page of one stream,
         in sequence, in the guest, distinct from the others, with a right tag and a payload that decodes
         to a page. Its outcomes are then ACCEPTED, or STALE_VERSION for an older copy than the target's."""
@@ -464,6 +493,8 @@ class Receiver:
             pages = np.frombuffer(bytearray().join(bodies), np.uint8).reshape(-1, PAGE_SIZE)
         gfn, version = h["gfn"].astype(np.int64), h["version"].astype(np.int64)
         stale = version < self._held[gfn]
+        if all_or_nothing and stale.any():
+            return None
         acc = ~stale
         # Every packet passed the checks before the version's: its sequence number and token record count.
         st = self.stats

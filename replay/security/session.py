@@ -112,6 +112,30 @@ class DataPlane:
         packets = sender.send_pages(gfns, versions, stream)
         return receiver.receive_many(tamper(packets) if tamper else packets)
 
+    def capture(self, gfns, out=None):
+        """The source's contents and attributes of ``gfns`` now (for ``send_captured``); ``out``: an
+        ``(n, 4096)`` array to hold the contents."""
+        return self._channel()[0].capture(gfns, out=out)
+
+    def send_captured(self, groups, stream: int) -> list[list[Outcome]]:
+        """Send groups of pages whose contents were captured earlier: ``groups`` is a list of (gfns,
+        versions, captured contents), one ``send`` each, in order, stopping after the first group with a
+        rejected packet. The same as those ``send`` calls, but when every packet is accepted (always,
+        unless something is wrong) all groups go through as one batch: one seal and one open."""
+        sender, receiver = self._channel()
+        if len(groups) > 1:
+            state = sender.checkpoint()
+            packets = [p for g, v, c in groups for p in sender.send_pages(g, v, stream, contents=c)]
+            if receiver.receive_all_or_nothing(packets):
+                return [[Outcome.ACCEPTED] * len(g) for g, _, _ in groups]
+            sender.restore(state)  # something is wrong: group by group, exactly as the calls one by one
+        out = []
+        for g, v, c in groups:
+            out.append(receiver.receive_many(sender.send_pages(g, v, stream, contents=c)))
+            if any(o is not Outcome.ACCEPTED for o in out[-1]):
+                break
+        return out
+
     def send_vmsas(self, vcpus: int, vmpls: Sequence[int], stream: int,
                    tamper: Callable[[list[bytes]], list[bytes]] | None = None) -> list[Outcome]:
         """Stop-and-copy: one sealed VMSA per vCPU per VMPL in use."""

@@ -80,6 +80,14 @@ class TokenHasher:
         self.vmsas += vmsas
         self.pages += count - vmsas
 
+    def checkpoint(self):
+        """The hasher's state, for ``restore``."""
+        return {k: (n, h.copy()) for k, (n, h) in self._streams.items()}, self.pages, self.vmsas
+
+    def restore(self, state) -> None:
+        streams, self.pages, self.vmsas = state
+        self._streams = {k: (n, h.copy()) for k, (n, h) in streams.items()}
+
     def token(self) -> Token:
         """The token so far: SHA-384 over (stream, count, stream hash) for each stream in stream order."""
         top = hashlib.sha384(b"snp-replay token v1")
