@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+
 from ..errors import InvariantError
 from ..snp import PAGE_SIZE
 from .attestation import (DEFAULT_GUEST_POLICY, Agent, AmdRoot, Handshake, TcbVersion, VerifierPolicy, handshake,
@@ -125,7 +127,11 @@ class DataPlane:
         sender, receiver = self._channel()
         if len(groups) > 1:
             state = sender.checkpoint()
-            packets = [p for g, v, c in groups for p in sender.send_pages(g, v, stream, contents=c)]
+            gfns = np.concatenate([np.atleast_1d(np.asarray(g, dtype=np.int64)) for g, _, _ in groups])
+            versions = np.concatenate([np.broadcast_to(np.asarray(v, dtype=np.uint64), np.shape(np.atleast_1d(g)))
+                                       for g, v, _ in groups])
+            contents = tuple(np.concatenate([c[k] for _, _, c in groups]) for k in (0, 1))
+            packets = sender.send_pages(gfns, versions, stream, contents=contents)
             if receiver.receive_all_or_nothing(packets):
                 return [[Outcome.ACCEPTED] * len(g) for g, _, _ in groups]
             sender.restore(state)  # something is wrong: group by group, exactly as the calls one by one
