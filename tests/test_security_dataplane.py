@@ -169,7 +169,8 @@ def test_captured_groups_send_like_the_calls_one_by_one(trace, stale, monkeypatc
     c3 = later.capture(g3)
     if not stale:  # clean: one batch, never packet by packet
         monkeypatch.setattr(type(later.receiver), "receive_many", lambda *a: pytest.fail("not one batch"))
-    got = later.send_captured([(g1, v1, c1), (g2, v2, c2), (g3, v3, c3)], stream=1)
+    contents = tuple(np.concatenate([c[k] for c in (c1, c2, c3)]) for k in (0, 1))
+    got = later.send_captured([(g1, v1), (g2, v2), (g3, v3)], contents, stream=1)
     assert got == expected
     assert (Outcome.STALE_VERSION in got[1]) == stale
     assert later.sender.token() == one.sender.token() and later.receiver.token() == one.receiver.token()

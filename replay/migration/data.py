@@ -111,14 +111,18 @@ class DataMode:
                 captured, used = [], 0
             if self._capture.shape[0] < used + e - s:
                 self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
-            captured.append((gfns[s:e], versions[s:e], self.dp.capture(gfns[s:e], out=self._capture[used : used + e - s])))
+            _, private = self.dp.capture(gfns[s:e], out=self._capture[used : used + e - s])
+            captured.append((gfns[s:e], versions[s:e], private))
             used += e - s
         self.rows(run_host, batch, applied, b)
         self._send_captured(captured, stream)
 
     def _send_captured(self, groups, stream: str) -> None:
+        """Send the captured groups (their contents: the first rows of the capture buffer, in order)."""
         if groups:
-            for outcomes in self.dp.send_captured(groups, STREAM[stream]):
+            private = np.concatenate([p for _, _, p in groups])
+            contents = (self._capture[: private.size], private)
+            for outcomes in self.dp.send_captured([(g, v) for g, v, _ in groups], contents, STREAM[stream]):
                 self._check(outcomes)
 
     @staticmethod

@@ -119,25 +119,27 @@ class DataPlane:
         ``(n, 4096)`` array to hold the contents."""
         return self._channel()[0].capture(gfns, out=out)
 
-    def send_captured(self, groups, stream: int) -> list[list[Outcome]]:
+    def send_captured(self, groups, contents, stream: int) -> list[list[Outcome]]:
         """Send groups of pages whose contents were captured earlier: ``groups`` is a list of (gfns,
-        versions, captured contents), one ``send`` each, in order, stopping after the first group with a
-        rejected packet. The same as those ``send`` calls, but when every packet is accepted (always,
-        unless something is wrong) all groups go through as one batch: one seal and one open."""
+        versions), ``contents`` = (plain pages, private flags) of all their pages in that order (from
+        ``capture``). The same as one ``send`` per group when it was captured, in order, stopping after
+        the first group with a rejected packet; but when every packet is accepted (always, unless
+        something is wrong) all groups go through as one batch: one seal and one open."""
         sender, receiver = self._channel()
+        gfns = [np.atleast_1d(np.asarray(g, dtype=np.int64)) for g, _ in groups]
+        versions = [np.broadcast_to(np.asarray(v, dtype=np.uint64), g.shape) for g, (_, v) in zip(gfns, groups)]
+        plain, private = contents
         if len(groups) > 1:
             state = sender.checkpoint()
-            gfns = np.concatenate([np.atleast_1d(np.asarray(g, dtype=np.int64)) for g, _, _ in groups])
-            versions = np.concatenate([np.broadcast_to(np.asarray(v, dtype=np.uint64), np.shape(np.atleast_1d(g)))
-                                       for g, v, _ in groups])
-            contents = tuple(np.concatenate([c[k] for _, _, c in groups]) for k in (0, 1))
-            packets = sender.send_pages(gfns, versions, stream, contents=contents)
+            packets = sender.send_pages(np.concatenate(gfns), np.concatenate(versions), stream, contents=contents)
             if receiver.receive_all_or_nothing(packets):
-                return [[Outcome.ACCEPTED] * len(g) for g, _, _ in groups]
+                return [[Outcome.ACCEPTED] * g.size for g in gfns]
             sender.restore(state)  # something is wrong: group by group, exactly as the calls one by one
-        out = []
-        for g, v, c in groups:
-            out.append(receiver.receive_many(sender.send_pages(g, v, stream, contents=c)))
+        out, at = [], 0
+        for g, v in zip(gfns, versions):
+            part = (plain[at : at + g.size], private[at : at + g.size])
+            at += g.size
+            out.append(receiver.receive_many(sender.send_pages(g, v, stream, contents=part)))
             if any(o is not Outcome.ACCEPTED for o in out[-1]):
                 break
         return out
