@@ -36,7 +36,7 @@ extensions = [
     ),
 ]
 
-# AES-XTS over many pages per call (data mode), through OpenSSL's libcrypto. Built where its headers are
+# AES-XTS and AES-GCM over many pages per call (data mode), through OpenSSL's libcrypto. Built where its headers are
 # (Debian: libssl-dev); without them data mode uses the `cryptography` package page by page (slower).
 _OPENSSL = any(os.path.exists(os.path.join(d, "openssl", "evp.h"))
                for d in ("/usr/include", "/usr/local/include", os.environ.get("OPENSSL_INCLUDE", "/nonexistent")))
@@ -44,6 +44,13 @@ if _OPENSSL:
     extensions.append(Extension(
         "replay._xts",
         ["cext/_xts.pyx"],
+        libraries=["crypto"],
+        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+    ))
+    # AES-256-GCM sealing and opening of many packets per call (the migration channel).
+    extensions.append(Extension(
+        "replay._gcm",
+        ["cext/_gcm.pyx"],
         libraries=["crypto"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     ))

@@ -350,3 +350,77 @@ def test_api_misuse_is_refused():
     with pytest.raises(ValueError, match="vmpl must be in 0..3"):
         s.send_vmsa(0, 7, bytes(PAGE), stream=0)
     assert s.stats.sequences == {} and s.stats.to_json()["private_pages"] == s.stats.vmsas == 0  # nothing counted
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def state(r):
+    """Everything a receiver's checks leave behind (for comparing two receivers)."""
+    return (r.stats.to_json(), r.token(), r._held.tolist(), r.memory.plaintext_digest(),
+            [r.memory.is_private(g) for g in range(r.memory.npages)])
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(pages=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 2**64 - 1), st.integers(1, PAGE)), max_size=10),
+       shared=st.sets(st.integers(0, 15), max_size=4), level=st.sampled_from([None, 3]),
+       sent=st.lists(st.integers(0, 15), min_size=1, max_size=16), older=st.sets(st.integers(0, 15), max_size=4),
+       tamper=st.sampled_from(["none", "flip", "drop", "swap"]))
+def test_the_whole_batch_path_equals_packet_by_packet(pages, shared, level, sent, older, tamper):
+    """A receiver taking batches whole ends exactly as one taking every packet alone, clean or tampered,
+    with stale versions and repeats; and a sender-made clean batch of distinct pages takes the whole path."""
+    src, dst, s, r = pair(level=level)
+    twin_dst = HostMemory.for_host(SEED, 1, npages=16, spa_base=2048)
+    twin = endpoints(HS, src, twin_dst)[1]
+    for g, value, ln in pages:
+        write(src, g, value, ln=ln)
+    src.set_private(sorted(shared), False)
+    first = s.send_pages(range(16), 5, stream=1)  # the target holds version 5 of every page
+    assert r.receive_many(first) == twin._receive_each(first) == [Outcome.ACCEPTED] * 16
+    packets = s.send_pages(sent, [4 if g in older else 6 for g in sent], stream=1)
+    if tamper == "flip":
+        packets[0] = packets[0][:-1] + bytes([packets[0][-1] ^ 1])
+    elif tamper == "drop":
+        packets = packets[1:]
+    elif tamper == "swap" and len(packets) > 1:
+        packets[0], packets[1] = packets[1], packets[0]
+    distinct = len(set(sent)) == len(sent) and sorted(sent) == sent
+    whole = r._receive_batch(packets) if tamper == "none" and distinct else None
+    got = whole if whole is not None else r.receive_many(packets)
+    assert got == twin._receive_each(packets)
+    assert state(r) == state(twin)
+    if tamper == "none" and distinct:
+        assert whole is not None  # nothing unusual: the batch went through whole
+        assert got == [Outcome.STALE_VERSION if g in older else Outcome.ACCEPTED for g in sent]
+
+
+def test_batch_path_takes_nothing_it_cannot_finish():
+    """A batch refused by the whole path leaves no trace before the packet-by-packet path runs."""
+    src, dst, s, r = pair()
+    write(src, 3, 9)
+    packets = s.send_pages([2, 3], 1, stream=1)
+    bad = [packets[0], packets[1][:-1] + bytes([packets[1][-1] ^ 1])]
+    assert r._receive_batch(bad) is None
+    assert r.stats.to_json() == endpoints(HS, src, HostMemory.for_host(SEED, 1, npages=16, spa_base=2048))[1].stats.to_json()
+    assert r.receive_many(bad) == [Outcome.ACCEPTED, Outcome.BAD_TAG]
+
+
+def test_gcm_in_c_and_through_cryptography_give_the_same_packets(monkeypatch):
+    from replay.security import gcm
+
+    src, dst, s, r = pair(shared=[(6, 7)])
+    for g in range(8):
+        write(src, g, g + 1, ln=PAGE if g % 2 else 40)
+    fast = s.send_pages(range(10), 2, stream=3)
+    monkeypatch.setattr(gcm, "gcm_seal", None)
+    monkeypatch.setattr(gcm, "gcm_open", None)
+    src2, dst2, s2, r2 = pair(shared=[(6, 7)])
+    for g in range(8):
+        write(src2, g, g + 1, ln=PAGE if g % 2 else 40)
+    assert s2.send_pages(range(10), 2, stream=3) == fast
+    assert s2.token() == s.token()
+    fast[1] = fast[1][:40] + bytes([fast[1][40] ^ 4]) + fast[1][41:]  # a flipped ciphertext bit
+    assert r2.receive_many(fast) == [Outcome.ACCEPTED, Outcome.BAD_TAG] + [Outcome.BAD_SEQUENCE] * 8
+    monkeypatch.undo()
+    assert r.receive_many(fast) == [Outcome.ACCEPTED, Outcome.BAD_TAG] + [Outcome.BAD_SEQUENCE] * 8
+    assert state(r) == state(r2)

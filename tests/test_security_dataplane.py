@@ -110,3 +110,69 @@ def test_a_tampered_page_is_caught_and_the_target_never_runs(trace):
 def test_a_lost_token_is_rejected(trace):
     dp, (outcomes, token) = migrate(trace, tamper_token=lambda packets: [])
     assert token is TokenOutcome.TOKEN_REJECTED and dp.facts()["token"] == "token_rejected"
+
+
+def test_next_touch_of_each_sent_page():
+    """The driver packages a group of sends at once unless a row between a page's send and the group's
+    end changes that page: for each sent page, the first WRITE or page-state row at or after its send
+    row spanning it (READs do not count), or the end of the rows."""
+    import pyarrow as pa
+
+    from replay.migration.data import DataMode
+    from replay.trace import SCHEMA
+
+    rows = [  # (gpa, len, op): row numbers are 10.. (a = 10)
+        (5 * PAGE, 8, Op.WRITE),  # 10: gfn 5
+        (7 * PAGE, 8, Op.READ),  # 11: a read of gfn 7 changes nothing
+        (6 * PAGE - 4, 8, Op.WRITE),  # 12: gfns 5 and 6 (crosses)
+        (8 * PAGE, 2 * PAGE, Op.TO_SHARED),  # 13: gfns 8 and 9
+        (7 * PAGE, 1, Op.WRITE),  # 14: gfn 7
+    ]
+    pad = [(0, 1, Op.READ)] * 10
+    cols = list(zip(*(pad + rows)))
+    n = len(pad) + len(rows)
+    batch = pa.record_batch([pa.array(np.zeros(n), pa.uint64()), pa.array(np.zeros(n), pa.uint16()),
+                             pa.array(cols[0], pa.uint64()), pa.array(cols[1], pa.uint32()),
+                             pa.array([int(o) for o in cols[2]], pa.uint8()), pa.array(np.zeros(n), pa.uint64())],
+                            schema=SCHEMA)
+    gfns = np.array([5, 5, 6, 7, 9, 9, 4], np.int64)
+    sent = np.array([10, 11, 12, 12, 13, 14, 10], np.int64)
+    got = DataMode._next_touch(batch, 10, 15, gfns, sent)
+    assert got.tolist() == [10, 12, 12, 14, 13, 15, 15]
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_captured_groups_send_like_the_calls_one_by_one(trace, stale, monkeypatch):
+    """Groups captured as the guest runs and sent at the end (``send_captured``) give the outcomes, the
+    counters, the token and the target memory of sending each group when it was captured; a clean set
+    goes through as one batch, a set with a rejected packet group by group, stopping after that group."""
+    path, meta, batches = trace
+    planes = []
+    for _ in range(2):
+        dp = DataPlane(5, npages=meta.npages, spa_base=(1024, 4096), shared_ranges=meta.shared_ranges)
+        dp.guest_rows(0, *(batches[0][n] for n in ("gpa", "len", "op", "value")))
+        assert dp.attest().accepted
+        planes.append(dp)
+    one, later = planes
+    # stale: gfns 5..9 again, at an older version than the 3 they hold (a repeat: group by group)
+    g1, g2, g3 = np.arange(0, 10), np.arange(5, 15) if stale else np.arange(10, 20), np.arange(20, 24)
+    v1, v2, v3 = np.full(10, 3), np.full(10, 1 if stale else 4), np.full(4, 4)
+    rows = lambda dp, b: dp.guest_rows(0, *(b[n] for n in ("gpa", "len", "op", "value")))  # noqa: E731
+    expected = [one.send(g1, v1, stream=1)]
+    c1 = later.capture(g1)
+    rows(one, batches[1])
+    rows(later, batches[1])
+    expected.append(one.send(g2, v2, stream=1))
+    c2 = later.capture(g2)
+    if not stale:
+        expected.append(one.send(g3, v3, stream=1))
+    c3 = later.capture(g3)
+    if not stale:  # clean: one batch, never packet by packet
+        monkeypatch.setattr(type(later.receiver), "receive_many", lambda *a: pytest.fail("not one batch"))
+    contents = tuple(np.concatenate([c[k] for c in (c1, c2, c3)]) for k in (0, 1))
+    got = later.send_captured([(g1, v1), (g2, v2), (g3, v3)], contents, stream=1)
+    assert got == expected
+    assert (Outcome.STALE_VERSION in got[1]) == stale
+    assert later.sender.token() == one.sender.token() and later.receiver.token() == one.receiver.token()
+    f1, f2 = one.facts(), later.facts()
+    assert (f2["source"], f2["target"], f2["digests"]) == (f1["source"], f1["target"], f1["digests"])

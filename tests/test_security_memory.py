@@ -70,8 +70,8 @@ def apply_rows(mem, rows):
     mem.apply(a[:, 0], a[:, 1], a[:, 2].astype(np.uint8), a[:, 3])
 
 
-def host(h=0, npages=16, spa_base=1024, seed=1, shared=()):
-    return HostMemory.for_host(seed, h, npages=npages, spa_base=spa_base, shared_ranges=shared)
+def host(h=0, npages=16, spa_base=1024, seed=1, shared=(), cache=None):
+    return HostMemory.for_host(seed, h, npages=npages, spa_base=spa_base, shared_ranges=shared, cache_pages=cache)
 
 
 # ---------------------------------------------------------------------------------------------- contents
@@ -105,13 +105,15 @@ rows_strategy = st.lists(
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(rows=rows_strategy, chunk=st.sampled_from([1, 2, 3, 16384]), split=st.integers(0, 40))
-def test_apply_matches_the_model_whatever_the_batching(rows, chunk, split):
-    """Contents, attributes and digest equal the model's, with any chunk size and batch boundary."""
+@given(rows=rows_strategy, chunk=st.sampled_from([1, 2, 3, 16384]), split=st.integers(0, 40),
+       cache=st.sampled_from([0, 1, 3, None]))
+def test_apply_matches_the_model_whatever_the_batching(rows, chunk, split, cache):
+    """Contents, attributes, DRAM bytes and digest equal the model's, with any chunk size, batch boundary
+    and cache bound."""
     old = memmod.CHUNK_PAGES
     memmod.CHUNK_PAGES = chunk
     try:
-        m, model = host(shared=[(2, 4)]), Model(16, shared=range(2, 5))
+        m, model = host(shared=[(2, 4)], cache=cache), Model(16, shared=range(2, 5))
         if rows[:split]:
             apply_rows(m, rows[:split])
         if rows[split:]:
@@ -119,10 +121,12 @@ def test_apply_matches_the_model_whatever_the_batching(rows, chunk, split):
     finally:
         memmod.CHUNK_PAGES = old
     model.apply(rows)
+    assert m.cached_pages <= (16 if cache is None else cache)
+    assert m.plaintext_digest() == model.digest()
     for g in range(16):
         assert m.read_plain(g) == model.page(g)
         assert m.is_private(g) == (g not in model.shared)
-    assert m.plaintext_digest() == model.digest()
+        assert m.read_raw(g) == (model.page(g) if g in model.shared else xts_model(m.key, model.page(g), 1024 + g))
 
 
 def test_rows_outside_the_guest_and_bad_gfns_are_refused():
@@ -254,3 +258,115 @@ def test_straight_replay_of_a_missing_trace_is_a_trace_error(tmp_path):
 
     with pytest.raises(TraceError, match="missing.arrow: no such file"):
         replay_plaintext_digest(tmp_path / "missing.arrow")
+
+
+# ---------------------------------------------------------------------------------------------- write-back cache
+
+
+def xts_model(key: bytes, page: bytes, spa_page: int) -> bytes:
+    """The DRAM form of a private page, straight from `cryptography`'s XTS (tweak: SPA byte address)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(key), modes.XTS((spa_page * PAGE).to_bytes(16, "little"))).encryptor()
+    return enc.update(page) + enc.finalize()
+
+
+@pytest.mark.parametrize("cache", [0, 1, 2, None])
+def test_read_raw_after_cached_writes_is_the_xts_of_the_plaintext(cache):
+    m = host(cache=cache)
+    rows = [(g * PAGE + 8 * g, 100, Op.WRITE, g) for g in (1, 2, 3, 4)] + [(2 * PAGE, 8, Op.WRITE, 99)]
+    apply_rows(m, rows)
+    model = Model(16)
+    model.apply(rows)
+    assert m.cached_pages <= (4 if cache is None else cache)
+    for g in (1, 2, 3, 4, 5):
+        assert m.read_raw(g) == xts_model(m.key, model.page(g), 1024 + g), g
+        assert m.read_plain(g) == model.page(g)
+    assert m.cached_pages == 0  # each read_raw wrote its page back: DRAM holds ciphertext
+    apply_rows(m, [(3 * PAGE, 8, Op.WRITE, 7)])  # written again after the write-back: in clear again
+    model.apply([(3 * PAGE, 8, Op.WRITE, 7)])
+    assert m.cached_pages == (1 if cache != 0 else 0) and m.read_raw(3) == xts_model(m.key, model.page(3), 1027)
+
+
+def test_the_cache_is_bounded_and_evicts_the_least_recently_touched():
+    m = host(cache=4)
+    for g in range(6):  # six private pages, one row each: 6 > 4, so the bound is enforced
+        apply_rows(m, [(g * PAGE, 16, Op.WRITE, g)])
+    # The fifth page makes 5 > 4: the cache is cut to 3/4 of the bound (3), the two oldest (gfns 0, 1)
+    # encrypted; the sixth makes 4 again, within the bound.
+    assert m.cached_pages == 4
+    clear = {int(m._owner[s]) for s in np.flatnonzero(m._clear[: m._used])}
+    assert clear == {2, 3, 4, 5}
+    assert m.read_raw(0) == xts_model(m.key, sm64(0, 16) + bytes(PAGE - 16), 1024)
+    for g in range(6):
+        assert m.read_plain(g)[:16] == sm64(g, 16)
+
+
+def test_raw_copy_of_a_cached_page_carries_the_ciphertext():
+    src, dst = host(0, spa_base=1024), host(1, spa_base=2048)
+    apply_rows(src, [(4 * PAGE, PAGE, Op.WRITE, 77)])
+    assert src.cached_pages == 1  # the page is held in clear...
+    src.raw_copy_to(dst, 4)  # ...but a host copying DRAM gets the ciphertext, never the plain text
+    assert dst.read_raw(4) == xts_model(src.key, sm64(77, PAGE), 1028) != sm64(77, PAGE)
+    assert dst.read_plain(4) != sm64(77, PAGE)
+    twin = HostMemory(npages=16, key=src.key, spa_base=1024)
+    src.raw_copy_to(twin, 4)
+    assert twin.read_plain(4) == sm64(77, PAGE)
+
+
+def test_without_the_write_back_a_host_would_read_plain_text(monkeypatch):
+    """The injected fault: if read_raw skipped the write-back, the host would see the cached plain text."""
+    m = host()
+    apply_rows(m, [(2 * PAGE, PAGE, Op.WRITE, 5)])
+    monkeypatch.setattr(HostMemory, "_crypt_slots", lambda self, slots, encrypt: None)
+    assert m.read_raw(2) == sm64(5, PAGE)  # the leak the write-back prevents
+
+
+def test_page_state_changes_of_cached_and_evicted_pages():
+    for cache in (0, 16):
+        m = host(cache=cache)
+        apply_rows(m, [(3 * PAGE, 64, Op.WRITE, 5), (4 * PAGE, 64, Op.WRITE, 6)])
+        plain3 = m.read_plain(3)
+        m.set_private([3, 4], False)  # shared: DRAM holds plain text, wherever the page was
+        assert m.read_raw(3) == plain3 and m.cached_pages == 0
+        m.set_private([3], True)
+        assert m.cached_pages == (0 if cache == 0 else 1)
+        assert m.read_raw(3) == xts_model(m.key, plain3, 1027) and m.read_plain(3) == plain3
+
+
+def test_the_digest_is_remembered_only_until_the_contents_change():
+    m = host()
+    apply_rows(m, [(0, 10, Op.WRITE, 1)])
+    d1 = m.plaintext_digest()
+    assert m.plaintext_digest() == d1
+    m.read_raw(0)  # a write-back changes DRAM, not what the guest sees
+    assert m.plaintext_digest() == d1
+    m.write_raw(0, bytes(PAGE))  # a host scribbling over DRAM does change it
+    d2 = m.plaintext_digest()
+    assert d2 != d1
+    apply_rows(m, [(0, 10, Op.WRITE, 1)])
+    assert m.plaintext_digest() not in (d1, d2)  # the rest of the page: zeros written as DRAM bytes decrypt to garbage
+    model = Model(16)
+    model.apply([(0, 10, Op.WRITE, 1)])
+    m.install_plain([0], np.frombuffer(model.page(0), np.uint8), True)
+    assert m.plaintext_digest() == d1 == model.digest()
+
+
+def test_read_plain_many_into_a_reused_buffer():
+    m = host()
+    apply_rows(m, [(g * PAGE, 8, Op.WRITE, g + 1) for g in range(4)])
+    buf = np.full((8, PAGE), 0xAA, np.uint8)
+    got = m.read_plain_many([3, 1, 3], out=buf)
+    assert got.base is buf or got is buf[:3] or np.shares_memory(got, buf)
+    assert [bytes(p[:8]) for p in got] == [sm64(4, 8), sm64(2, 8), sm64(4, 8)]
+    assert (m.read_plain_many([0, 2], out=buf)[:, :8] == np.frombuffer(sm64(1, 8) + sm64(3, 8), np.uint8).reshape(2, 8)).all()
+
+
+def test_a_page_nonzero_only_past_its_first_word_counts_as_written():
+    m = host()
+    apply_rows(m, [(5 * PAGE + PAGE - 1, 1, Op.WRITE, 3)])  # the page's last byte only
+    model = Model(16)
+    model.apply([(5 * PAGE + PAGE - 1, 1, Op.WRITE, 3)])
+    assert model.page(5)[:8] == bytes(8) and any(model.page(5))
+    assert m.plaintext_digest() == model.digest() != host().plaintext_digest()
+    assert memmod.nonzero_pages(np.frombuffer(model.page(5) + bytes(PAGE), np.uint8).reshape(2, PAGE)).tolist() == [True, False]

@@ -23,8 +23,12 @@ from ..scenario import AttestationSpec, parse_tcb
 from ..security.attestation import DEFAULT_GUEST_POLICY, POLICY_DEBUG, POLICY_MIGRATE_MA, TcbVersion
 from ..security.session import AttestationSetup, DataPlane
 from ..security.token import TokenOutcome
+from ..snp import PAGE_SHIFT, PAGE_SIZE, Op
 from ..strategies import SOURCE, TARGET
 
+# Pages whose contents wait, captured, to be sent in one batch (64 MiB at most: a bigger transfer is sent
+# in several batches).
+CAPTURE_PAGES = 16384
 # One stream per kind of traffic: each has its own sequence numbers and keys.
 STREAM = {"precopy": 0, "downtime": 1, "postcopy": 2, "fault": 3, "vmsa": 4}
 
@@ -58,6 +62,7 @@ class DataMode:
                             setup=attestation_setup(attestation))
         self.plaintext = dict.fromkeys(("source_at_switchover", "target_at_switchover", "end_of_trace"), "")
         self.adversary = None  # replay.migration.adversary.Adversary: rewrites what crosses ([[adversary]])
+        self._capture = np.empty((0, PAGE_SIZE), np.uint8)  # captured contents, reused between transfers
         eng.set_send_log(True)
 
     # -- the guest
@@ -90,48 +95,84 @@ class DataMode:
 
     def after_transfer(self, run_host: int, batch, base: int, a: int, b: int, stream: str) -> None:
         """Replay the interleaving of the transfer: the rows [a, b) it applied and the pages it sent, each
-        page with the contents it had when the engine took its version. Pages are packaged in groups, and
-        rows applied in chunks, as long as no row between a page's send and the group's flush touches it."""
+        page with the contents (and state) it had when the engine took its version. Consecutive sends form
+        one group, packaged in one call after the rows up to the group's last send are applied, as long as
+        no WRITE or page-state row between a page's send and that point touches the page."""
         gfns, rows, versions = self.eng.take_send_log()
         if batch is None:
             self.send(gfns, versions, stream)
             return
-        touched: list[int] = []
-        wide = None
-        if len(gfns):
-            gpa = batch.column(2).to_numpy(zero_copy_only=True)[a:b]
-            ln = batch.column(3).to_numpy(zero_copy_only=True)[a:b]
-            lo = gpa >> np.uint64(12)
-            hi = (gpa + ln.astype(np.uint64) - np.uint64(1)) >> np.uint64(12)
-            touched = np.r_[np.int64(0), (lo != hi)].cumsum()  # rows [i, j) span two pages or more: j > i
-            wide = touched
-            touched = [lo.tolist(), hi.tolist()]
-        applied = a  # rows applied to memory so far
-        reached = a  # rows the guest had applied when the last page of the group was sent
-        group: list[int] = []
-        held: set[int] = set()
+        if not len(gfns):
+            self.rows(run_host, batch, a, b)
+            return
+        r = (rows - base).tolist()
+        nxt = self._next_touch(batch, a, b, gfns.astype(np.int64), rows - base).tolist()
+        # Each group: (rows applied before it, its first and last send). Rows only ever run on the host
+        # they are applied to: with the guest on the source, the target's memory sees no rows, so the
+        # groups' contents can be captured as they come and all sent at the end, in one batch.
+        groups, s, low = [], 0, nxt[0]  # low: the earliest row after its send touching a page of the group
+        for e in range(1, len(r)):
+            if low < r[e]:  # a row before this send changes a page of the group: package the group first
+                groups.append((s, e))
+                s, low = e, nxt[e]
+            elif nxt[e] < low:
+                low = nxt[e]
+        groups.append((s, len(r)))
+        # An adversary rewrites packets as they cross: each group then goes through ``send`` and its hook.
+        capture = run_host == SOURCE and self.adversary is None
+        self._applied = a
         try:
-            for i, r in enumerate((rows - base).tolist()):
-                if r > reached:
-                    i0, i1 = reached - a, r - a
-                    if held and (wide[i1] > wide[i0] or any(x in held for x in touched[0][i0:i1])
-                                 or any(x in held for x in touched[1][i0:i1])):
-                        self._flush(run_host, batch, applied, reached, gfns, versions, group, stream)
-                        applied, group, held = reached, [], set()
-                    reached = r
-                group.append(i)
-                held.add(int(gfns[i]))
-            self._flush(run_host, batch, applied, reached, gfns, versions, group, stream)
-        except DataRefused:  # the guest ran every row of the transfer all the same (``_flush`` applied to reached)
-            self.rows(run_host, batch, reached, b)
-            raise
-        self.rows(run_host, batch, reached, b)
+            self._send_groups(run_host, batch, r, gfns, versions, groups, stream, capture)
+        finally:  # the guest ran every row of the transfer, even if a refused packet stopped the migration
+            self.rows(run_host, batch, self._applied, b)
 
-    def _flush(self, host, batch, applied, reached, gfns, versions, group, stream) -> None:
-        self.rows(host, batch, applied, reached)
-        if group:
-            sel = np.asarray(group, dtype=np.int64)
-            self.send(gfns[sel], versions[sel], stream)
+    def _send_groups(self, run_host, batch, r, gfns, versions, groups, stream, capture) -> None:
+        captured, used = [], 0
+        for s, e in groups:
+            self.rows(run_host, batch, self._applied, r[e - 1])
+            self._applied = r[e - 1]
+            if not capture or e - s > CAPTURE_PAGES:
+                self._send_captured(captured, stream)
+                captured, used = [], 0
+                self.send(gfns[s:e], versions[s:e], stream)
+                continue
+            if used + e - s > CAPTURE_PAGES:
+                self._send_captured(captured, stream)
+                captured, used = [], 0
+            if self._capture.shape[0] < used + e - s:
+                self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
+            _, private = self.dp.capture(gfns[s:e], out=self._capture[used : used + e - s])
+            captured.append((gfns[s:e], versions[s:e], private))
+            used += e - s
+        self._send_captured(captured, stream)
+
+    def _send_captured(self, groups, stream: str) -> None:
+        """Send the captured groups (their contents: the first rows of the capture buffer, in order)."""
+        if groups:
+            private = np.concatenate([p for _, _, p in groups])
+            contents = (self._capture[: private.size], private)
+            for outcomes in self.dp.send_captured([(g, v) for g, v, _ in groups], contents, STREAM[stream]):
+                self._check(outcomes)
+
+    @staticmethod
+    def _next_touch(batch, a: int, b: int, gfns: np.ndarray, sent_at: np.ndarray) -> np.ndarray:
+        """For each sent page, the first row in [its send row, b) whose span touches it and that changes
+        it (a WRITE or a page-state change), or b if none."""
+        gpa = batch.column(2).to_numpy(zero_copy_only=True)[a:b]
+        ln = batch.column(3).to_numpy(zero_copy_only=True)[a:b]
+        op = batch.column(4).to_numpy(zero_copy_only=True)[a:b]
+        keep = np.flatnonzero(op != Op.READ)
+        lo = (gpa[keep] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        npg = ((gpa[keep] + ln[keep].astype(np.uint64) - np.uint64(1)) >> np.uint64(PAGE_SHIFT)).astype(np.int64) - lo + 1
+        row = np.repeat(keep.astype(np.int64) + a, npg)
+        page = np.repeat(lo, npg) + np.arange(row.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg)
+        # (page, row) pairs sorted: the first pair at or after (gfn, send row) is the next touch if same page.
+        stride = np.int64(b + 1)
+        key = np.sort(page * stride + row)
+        at = np.searchsorted(key, gfns * stride + sent_at)
+        hit = key[np.minimum(at, key.size - 1)] if key.size else np.zeros(gfns.size, np.int64)
+        same = (at < key.size) & (hit // stride == gfns)
+        return np.where(same, hit % stride, b)
 
     def vmsas(self, vcpus: int, vmpls: list[int]) -> None:
         adv = self.adversary

@@ -28,6 +28,7 @@ sequence number is consumed and it counts in the token, but its contents are dro
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from dataclasses import dataclass, field
@@ -39,11 +40,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..snp import PAGE_SIZE, VMPLS
 from .attestation import Direction, SessionKeys
-from .memory import HostMemory
+from .gcm import open_many, seal_many
+from .memory import HostMemory, nonzero_pages
 from .token import Token, TokenHasher, TokenOutcome, compare
 
 HEADER = struct.Struct("<QQQHHI")
 HEADER_BYTES = HEADER.size
+# The same header as a numpy record (a batch of headers packed or parsed at once), and the GCM nonce.
+HEADER_DTYPE = np.dtype([("gfn", "<u8"), ("sequence", "<u8"), ("version", "<u8"), ("stream", "<u2"),
+                         ("flags", "<u2"), ("payload_len", "<u4")])
+NONCE_DTYPE = np.dtype([("stream", ">u4"), ("sequence", ">u8")])
 TAG_BYTES = 16
 MAX_SEQUENCE = (1 << 64) - 1
 
@@ -120,6 +126,14 @@ def nonce(stream: int, sequence: int) -> bytes:
     return struct.pack(">IQ", stream, sequence)
 
 
+def nonces(stream: int, sequences: np.ndarray) -> np.ndarray:
+    """``nonce(stream, s)`` for each of ``sequences``, as an ``(n, 12)`` uint8 array."""
+    out = np.empty(len(sequences), NONCE_DTYPE)
+    out["stream"] = stream
+    out["sequence"] = sequences
+    return out.view(np.uint8).reshape(-1, 12)
+
+
 def vmsa_id(vcpu: int, vmpl: int) -> int:
     """The ``gfn`` field of a VMSA packet."""
     if not 0 <= vmpl < VMPLS:
@@ -153,13 +167,19 @@ class _Keys:
     """AES-GCM contexts per stream for one direction (made on first use)."""
 
     def __init__(self, keys: SessionKeys, direction: Direction):
-        self._keys, self._direction, self._aead = keys, direction, {}
+        self._keys, self._direction, self._aead, self._raw = keys, direction, {}, {}
 
     def __call__(self, stream: int) -> AESGCM:
         a = self._aead.get(stream)
         if a is None:
-            a = self._aead[stream] = AESGCM(self._keys.key(self._direction, stream))
+            a = self._aead[stream] = AESGCM(self.key(stream))
         return a
+
+    def key(self, stream: int) -> bytes:
+        k = self._raw.get(stream)
+        if k is None:
+            k = self._raw[stream] = self._keys.key(self._direction, stream)
+        return k
 
 
 class Sender:
@@ -175,6 +195,7 @@ class Sender:
         self._zstd = zstandard.ZstdCompressor(level=compress_level) if compress_level is not None else None
         self.stats = ChannelStats()
         self.token_hasher = TokenHasher()
+        self._work = np.empty((0, PAGE_SIZE), np.uint8)  # the pages of a batch, reused from batch to batch
 
     @staticmethod
     def _check_stream(stream: int) -> None:
@@ -227,38 +248,90 @@ class Sender:
         self.stats.wire_bytes += HEADER_BYTES + len(body)
         return header + body
 
-    def send_pages(self, gfns, versions, stream: int) -> list[bytes]:
-        """Packets for the pages ``gfns`` (their contents now, tagged with ``versions``) on ``stream``,
-        in order. The source memory is decrypted in one batch."""
-        self._check_stream(stream)  # before anything is counted
-        g = np.asarray(gfns, dtype=np.int64)
-        v = np.broadcast_to(np.asarray(versions, dtype=np.uint64), g.shape)
-        plain = self.memory.read_plain_many(g)
-        private = self.memory.private_mask(g)
-        nonzero = plain.any(axis=1)
+    def capture(self, gfns, out=None) -> tuple[np.ndarray, np.ndarray]:
+        """The contents (into ``out`` if given) and attributes of ``gfns`` now, for a later
+        ``send_pages(..., contents=...)``."""
+        g = np.atleast_1d(np.asarray(gfns, dtype=np.int64))
+        return self.memory.read_plain_many(g, out=out), self.memory.private_mask(g)
+
+    def checkpoint(self):
+        """Everything sending changes (counters, sequences, token), to ``restore`` after a batch the
+        receiver could not take whole."""
         st = self.stats
-        out = []
-        datas = [p.tobytes() for p in plain[nonzero]]
-        frames = iter(zip(datas, self._compress_all(datas)))
-        token: list[bytes] = []
-        for gfn, ver, priv, nz in zip(g.tolist(), v.tolist(), private.tolist(), nonzero.tolist()):
-            if priv:
-                st.private_pages += 1
-                if nz:
-                    body, extra = self._body(*next(frames))
-                    out.append(self._seal(gfn, ver, stream, _PRIVATE | extra, body, token))
-                else:
-                    st.zero_pages += 1
-                    out.append(self._seal(gfn, ver, stream, _PRIVATE | _ZERO, b"", token))
-            else:
-                st.shared_pages += 1
-                if nz:
-                    body, extra = self._body(*next(frames))
-                    out.append(self._plain(gfn, ver, stream, _SHARED | extra, body))
-                else:
-                    st.zero_pages += 1
-                    out.append(self._plain(gfn, ver, stream, _SHARED | _ZERO, b""))
-        self.token_hasher.absorb_many(stream, token)
+        return (dataclasses.replace(st, outcomes=dict(st.outcomes), sequences=dict(st.sequences)),
+                self.token_hasher.checkpoint())
+
+    def restore(self, state) -> None:
+        stats, token = state
+        self.stats = dataclasses.replace(stats, outcomes=dict(stats.outcomes), sequences=dict(stats.sequences))
+        self.token_hasher.restore(token)
+
+    def send_pages(self, gfns, versions, stream: int, contents=None) -> list[bytes]:
+        """Packets for the pages ``gfns`` (their contents now, or ``contents`` = (plain pages, private
+        flags) taken earlier by ``capture``, tagged with ``versions``) on ``stream``, in order. The whole
+        batch is handled at once: the source memory read (decrypted) in one call, headers and nonces
+        packed as arrays, the private pages sealed in one call (``gcm.seal_many``)."""
+        self._check_stream(stream)  # before anything is counted
+        g = np.atleast_1d(np.asarray(gfns, dtype=np.int64))
+        v = np.broadcast_to(np.asarray(versions, dtype=np.uint64), g.shape)
+        n = g.size
+        if n == 0:
+            return []
+        st = self.stats
+        seq0 = st.sequences.get(stream, 0)
+        if seq0 + n > MAX_SEQUENCE:  # a nonce would repeat: refuse rather than reuse
+            raise OverflowError(f"stream {stream}: sequence numbers exhausted")
+        if contents is not None:
+            plain, private = contents
+            self.memory.private_mask(g)  # the gfns must be in the guest all the same
+        else:
+            if self._work.shape[0] < n:
+                self._work = np.empty((max(n, 2 * self._work.shape[0]), PAGE_SIZE), np.uint8)
+            plain = self.memory.read_plain_many(g, out=self._work)
+            private = self.memory.private_mask(g)
+        nonzero = nonzero_pages(plain)
+        length = np.where(nonzero, PAGE_SIZE, 0)
+        offset = np.arange(n, dtype=np.int64) * PAGE_SIZE
+        body = plain
+        compressed = np.zeros(n, dtype=bool)
+        if self._zstd is not None and nonzero.any():
+            nz = np.flatnonzero(nonzero)
+            datas = [plain[i].tobytes() for i in nz.tolist()]
+            parts = [c if len(c) < len(d) else d for d, c in zip(datas, self._compress_all(datas))]
+            lens = np.fromiter(map(len, parts), np.int64, len(parts))
+            body = np.frombuffer(b"".join(parts), np.uint8)
+            compressed[nz] = lens < PAGE_SIZE
+            length[nz] = lens
+            offset[:] = 0
+            offset[nz] = np.cumsum(lens) - lens
+        flags = (np.where(private, _PRIVATE, _SHARED) | np.where(nonzero, 0, _ZERO)
+                 | np.where(compressed, _COMPRESSED, 0))
+        hdr = np.empty(n, HEADER_DTYPE)
+        hdr["gfn"], hdr["version"], hdr["stream"], hdr["flags"] = g, v, stream, flags
+        hdr["sequence"] = np.arange(seq0, seq0 + n, dtype=np.uint64)
+        hdr["payload_len"] = length + TAG_BYTES * private
+        head = hdr.view(np.uint8).reshape(n, HEADER_BYTES)
+        st.sequences[stream] = seq0 + n
+        n_private = int(np.count_nonzero(private))
+        st.private_pages += n_private
+        st.shared_pages += n - n_private
+        st.zero_pages += n - int(np.count_nonzero(nonzero))
+        st.payload_bytes += PAGE_SIZE * int(np.count_nonzero(nonzero))
+        st.compressed_pages += int(np.count_nonzero(compressed))
+        st.compressed_bytes += int(length.sum())
+        st.wire_bytes += int(hdr["payload_len"].sum(dtype=np.int64)) + n * HEADER_BYTES
+        if n_private == n:
+            out, records = seal_many(self._aead.key(stream), nonces(stream, hdr["sequence"]), head, body, offset, length)
+        else:
+            sel = np.flatnonzero(private)
+            sealed, records = seal_many(self._aead.key(stream), nonces(stream, hdr["sequence"][sel]), head[sel], body,
+                                        offset[sel], length[sel])
+            buf = body.reshape(-1)
+            clear = iter([head[i].tobytes() + buf[offset[i] : offset[i] + length[i]].tobytes()
+                          for i in np.flatnonzero(~private).tolist()])
+            sealed = iter(sealed)
+            out = [next(sealed) if p else next(clear) for p in private.tolist()]
+        self.token_hasher.absorb_block(stream, records.tobytes(), len(records))
         return out
 
     def send_page(self, gfn: int, version: int, stream: int) -> bytes:
@@ -299,6 +372,7 @@ class Receiver:
         self.stats = ChannelStats()
         self.token_hasher = TokenHasher()
         self._held = np.full(memory.npages, -1, dtype=np.int64)  # version held per gfn, -1: none
+        self._opened = np.empty(0, np.uint8)  # the opened payloads of a batch
         self.vmsas: dict[tuple[int, int], bytes] = {}
 
     def held_version(self, gfn: int) -> int | None:
@@ -351,7 +425,107 @@ class Receiver:
         return body if len(body) == PAGE_SIZE else None
 
     def receive_many(self, packets) -> list[Outcome]:
-        """Check and apply ``packets`` in order; the accepted pages are installed in one batch."""
+        """Check and apply ``packets`` in order; the accepted pages are installed in one batch.
+
+        A batch as the sender makes it (one stream, in sequence, distinct pages, every tag right) is
+        checked and applied as a whole (``_receive_batch``); any other batch packet by packet, with the
+        same result (``_receive_each``)."""
+        packets = packets if isinstance(packets, list) else list(packets)
+        outcomes = self._receive_batch(packets)
+        return outcomes if outcomes is not None else self._receive_each(packets)
+
+    def receive_all_or_nothing(self, packets) -> bool:
+        """Take ``packets`` whole if every one of them is accepted (True); otherwise change nothing (False)."""
+        packets = packets if isinstance(packets, list) else list(packets)
+        return self._receive_batch(packets, all_or_nothing=True) is not None
+
+    def _receive_batch(self, packets: list, all_or_nothing: bool = False) -> list[Outcome] | None:
+        """The whole-batch path: None (and nothing changed) unless every packet is a page of one stream,
+        in sequence, in the guest, distinct from the others, with a right tag and a payload that decodes
+        to a page. Its outcomes are then ACCEPTED, or STALE_VERSION for an older copy than the target's."""
+        n = len(packets)
+        if n == 0:
+            return []
+        if not all(type(p) is bytes for p in packets):
+            return None
+        lens = np.fromiter(map(len, packets), np.int64, n)
+        if lens.min() < HEADER_BYTES:
+            return None
+        h = np.frombuffer(b"".join([p[:HEADER_BYTES] for p in packets]), HEADER_DTYPE)
+        stream, seq0, npages = int(h["stream"][0]), self.stats.sequences.get(int(h["stream"][0]), 0), self.memory.npages
+        flags = h["flags"].astype(np.int64)
+        plen = h["payload_len"].astype(np.int64)
+        kind = flags & (_PRIVATE | _SHARED)
+        private, zero, comp = kind == _PRIVATE, (flags & _ZERO) != 0, (flags & _COMPRESSED) != 0
+        body_len = plen - TAG_BYTES * private
+        if ((h["stream"] != stream).any() or seq0 + n > MAX_SEQUENCE
+                or (h["sequence"] != np.arange(seq0, seq0 + n, dtype=np.uint64)).any()
+                or (flags & ~(_PRIVATE | _SHARED | _ZERO | _COMPRESSED)).any() or ((kind != _PRIVATE) & (kind != _SHARED)).any()
+                or (plen != lens - HEADER_BYTES).any() or (body_len < 0).any() or (zero & (body_len != 0)).any()
+                or (~zero & ~comp & (body_len != PAGE_SIZE)).any()
+                or (h["gfn"] >= npages).any() or (h["version"] >= 1 << 63).any()
+                or not (n == 1 or (h["gfn"][1:] > h["gfn"][:-1]).all() or np.unique(h["gfn"]).size == n)):
+            return None
+        sel = np.flatnonzero(private)
+        sealed_off = np.cumsum(body_len[sel]) - body_len[sel]
+        size = int(body_len[sel].sum())
+        if self._opened.size < size:  # reused from batch to batch: fresh memory costs page faults each time
+            self._opened = np.empty(max(size, 2 * self._opened.size), np.uint8)
+        opened = self._opened[:size]
+        ok, records = open_many(self._aead.key(stream), packets, sel, nonces(stream, h["sequence"][sel]), HEADER_BYTES,
+                                opened, sealed_off)
+        if not ok.all():
+            return None
+        data = ~zero
+        if not comp.any() and private[data].all():  # the sealed bodies, back to back, are the data pages
+            pages = opened.reshape(-1, PAGE_SIZE)
+        else:
+            where = np.zeros(n, np.int64)
+            where[sel] = sealed_off
+            bodies = []
+            for i in np.flatnonzero(data).tolist():
+                b = (opened[where[i] : where[i] + body_len[i]].tobytes() if private[i] else packets[i][HEADER_BYTES:])
+                if comp[i]:
+                    b = self._page(_COMPRESSED, b)
+                    if b is None:
+                        return None
+                bodies.append(b)
+            pages = np.frombuffer(bytearray().join(bodies), np.uint8).reshape(-1, PAGE_SIZE)
+        gfn, version = h["gfn"].astype(np.int64), h["version"].astype(np.int64)
+        stale = version < self._held[gfn]
+        if all_or_nothing and stale.any():
+            return None
+        acc = ~stale
+        # Every packet passed the checks before the version's: its sequence number and token record count.
+        st = self.stats
+        st.sequences[stream] = seq0 + n
+        self.token_hasher.absorb_block(stream, records.tobytes(), len(records))
+        st.wire_bytes += int(lens.sum())
+        n_stale = int(np.count_nonzero(stale))
+        if n - n_stale:
+            st.outcomes[Outcome.ACCEPTED] = st.outcomes.get(Outcome.ACCEPTED, 0) + n - n_stale
+        if n_stale:
+            st.outcomes[Outcome.STALE_VERSION] = st.outcomes.get(Outcome.STALE_VERSION, 0) + n_stale
+        self._held[gfn[acc]] = version[acc]
+        n_private = int(np.count_nonzero(acc & private))
+        st.private_pages += n_private
+        st.shared_pages += int(np.count_nonzero(acc)) - n_private
+        st.zero_pages += int(np.count_nonzero(acc & zero))
+        st.payload_bytes += PAGE_SIZE * int(np.count_nonzero(acc & data))
+        st.compressed_bytes += int(body_len[acc & data].sum())
+        st.compressed_pages += int(np.count_nonzero(acc & data & comp))
+        z = acc & zero
+        if z.any():  # never allocates memory for a zero page (a guest's untouched memory stays sparse)
+            self.memory.install_zero(gfn[z], private[z])
+        if (acc & data).any():
+            keep = acc[data]
+            self.memory.install_plain(gfn[data][keep], pages if keep.all() else pages[keep], private[data][keep])
+        if not n_stale:
+            return [Outcome.ACCEPTED] * n
+        return [Outcome.STALE_VERSION if s else Outcome.ACCEPTED for s in stale.tolist()]
+
+    def _receive_each(self, packets: list) -> list[Outcome]:
+        """Packet by packet: any batch, in order (the reference of ``_receive_batch``)."""
         outcomes, pending, token = [], {}, {}
         held, npages, st = self._held, self.memory.npages, self.stats
         for p in packets:

@@ -17,19 +17,27 @@ mod 2**64)`` and ``mix`` is the SplitMix64 finalizer (``content_bytes`` is the o
 That is, the span holds the SplitMix64 stream seeded with ``value``: cheap to compute, different for
 every value, and independent of where the span lands.
 
-Writes are applied a batch at a time (``apply``): the pages a chunk of rows touches are decrypted once,
-the rows are written into that plain-text work area in trace order (a later row wins; the loop is in C,
-``replay._content``), and the pages are encrypted back once. Page-state changes (TO_SHARED / TO_PRIVATE
-rows, or ``set_private``) keep the page's contents (in-place conversion) and re-encrypt or decrypt the
-stored bytes.
+Like the CPU's caches in front of the memory controller, a host holds recently written private pages
+*in clear* (a write-back cache of at most ``cache_pages`` pages): a trace row (``apply``) or the target
+agent (``install_plain``) writes plain text straight into the page's DRAM slot, and the page is encrypted
+only when its ciphertext is needed: a host reading its DRAM (``read_raw``, ``raw_copy_to``) writes it
+back first, and beyond the bound the least recently touched pages are encrypted in batches. A page whose
+DRAM holds ciphertext is decrypted into the cache when a row writes it. Nothing observable depends on the
+cache: ``read_raw`` is always the XTS ciphertext, ``read_plain`` the plain text, digests the same. Rows are
+written in trace order (a later row wins; the loop is in C, ``replay._content``). Page-state changes
+(TO_SHARED / TO_PRIVATE rows, or ``set_private``) keep the page's contents (in-place conversion): a page
+turning shared is held in clear, a page turning private joins the cache.
 
-Bookkeeping per guest page is 5 bytes (an int32 slot index and a shared flag), page contents only for
-written pages: a 64 GiB guest with a 1 GiB working set needs 80 MiB + 1 GiB.
+Bookkeeping per guest page is 5 bytes (an int32 slot index and a shared flag), per stored page 17 more
+(its gfn, clear flag and last touch) besides its 4 KiB: a 64 GiB guest with a 1 GiB working set needs
+80 MiB + 1 GiB. The slots live in one anonymous mapping reserved for the whole guest (address space only),
+so they never move.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 
 import numpy as np
@@ -41,9 +49,13 @@ from ..snp import PAGE_SHIFT, PAGE_SIZE, Op
 from . import xts
 from .keys import vm_memory_key
 
-# Pages one chunk of rows may touch (its work area: 64 MiB of plain text at most, reused between chunks).
+# Page pieces one step of ``apply`` handles (bounds its index arrays; rows longer than this are split).
 CHUNK_PAGES = 16384
-# Pages decrypted per call when walking the whole memory (digest).
+# Private pages a host holds in clear at most (the write-back cache, 256 MiB: a large server's last-level
+# cache, and no memory of its own since pages are held in clear in their own slots): beyond it the least
+# recently touched are encrypted back into DRAM.
+CACHE_PAGES = 65536
+# Pages decrypted or encrypted per call when walking many pages (digest, write-back).
 WALK_PAGES = 4096
 _PAGE_MASK = np.uint64(PAGE_SIZE - 1)
 _SHIFT = np.uint64(PAGE_SHIFT)
@@ -78,13 +90,52 @@ def _split_pieces(gpa, length, op, value, budget):
     return gpa[row] + off, plen, op[row], value[row], off
 
 
-def _page_spans(gpa: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every gfn covered by the spans ``[gpa, gpa + length)`` in row order, with repeats (int64), and
-    how many pages each row spans."""
+def nonzero_pages(pages: np.ndarray) -> np.ndarray:
+    """Which rows of a C-contiguous ``(n, 4096)`` uint8 array are not all zero. Almost every written page
+    has a non-zero first word, so only the others are scanned whole."""
+    words = pages.view(np.uint64)
+    nz = words[:, 0] != 0
+    rest = ~nz
+    if rest.any():
+        nz[rest] = words[rest].any(axis=1)
+    return nz
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a``, sorted (np.unique's hash table costs more on the small arrays here)."""
+    u = np.sort(a)
+    if u.size < 2:
+        return u
+    keep = np.empty(u.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(u[1:], u[:-1], out=keep[1:])
+    return u[keep]
+
+
+def _dram(pages: int) -> np.ndarray:
+    """A zeroed ``(pages, 4096)`` array on its own anonymous private mapping: untouched pages cost no
+    memory, and first touches are plain page faults (numpy asks for transparent huge pages on large
+    arrays, whose compaction stalls cost more here than they save)."""
+    if not pages:
+        return np.zeros((0, PAGE_SIZE), dtype=np.uint8)
+    region = mmap.mmap(-1, pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(region, dtype=np.uint8).reshape(pages, PAGE_SIZE)
+
+
+def _by_page(gpa, length, op, value, offset):
+    """Pieces -> one piece per page they span, in order: (gfn int64, byte in the page int64, length,
+    op, value, offset in the row)."""
     first = gpa >> _SHIFT
     npg = (((gpa + length - np.uint64(1)) >> _SHIFT) - first + np.uint64(1)).astype(np.int64)
-    base = np.repeat(first.astype(np.int64), npg)
-    return base + np.arange(base.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg), npg
+    if npg.size == 0 or npg.max() == 1:
+        return first.astype(np.int64), (gpa & _PAGE_MASK).astype(np.int64), length, op, value, offset
+    row = np.repeat(np.arange(gpa.size), npg)
+    k = np.arange(row.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg)
+    gfn = first.astype(np.int64)[row] + k
+    page = gfn.astype(np.uint64) << _SHIFT
+    lo = np.maximum(gpa[row], page)
+    hi = np.minimum(gpa[row] + length[row], page + np.uint64(PAGE_SIZE))
+    return gfn, (lo & _PAGE_MASK).astype(np.int64), hi - lo, op[row], value[row], offset[row] + (lo - gpa[row])
 
 
 class HostMemory:
@@ -92,10 +143,11 @@ class HostMemory:
 
     ``key``: the host's 32-byte XTS key; ``spa_base``: system physical page of gfn 0 on this host (the
     page engine's ``spa_base[host]``); ``shared_ranges``: inclusive ``(first_gfn, last_gfn)`` ranges that
-    start shared (all other pages start private), as in the trace metadata.
+    start shared (all other pages start private), as in the trace metadata; ``cache_pages``: how many
+    private pages may be held in clear (the write-back cache; 0: every private page is encrypted at once).
     """
 
-    def __init__(self, *, npages: int, key: bytes, spa_base: int, shared_ranges=()):
+    def __init__(self, *, npages: int, key: bytes, spa_base: int, shared_ranges=(), cache_pages: int | None = None):
         if npages <= 0 or npages >= 1 << 31:
             raise ValueError(f"npages must be in 1..2**31-1, got {npages}")
         if len(key) != 32 or key[:16] == key[16:]:
@@ -103,18 +155,36 @@ class HostMemory:
         self.npages = int(npages)
         self.key = bytes(key)
         self.spa_base = int(spa_base)
+        self.cache_pages = CACHE_PAGES if cache_pages is None else int(cache_pages)
+        if self.cache_pages < 0:
+            raise ValueError(f"cache_pages must be >= 0, got {self.cache_pages}")
         self._slot = np.full(self.npages, -1, dtype=np.int32)
         self._shared = np.zeros(self.npages, dtype=bool)
         for first, last in shared_ranges:
             self._shared[int(first) : int(last) + 1] = True
-        self._arena = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
+        # Per slot: the page's contents, its gfn, whether they are held in clear (always, for a shared
+        # page), and when it was last touched (the eviction order).
+        try:  # room for every page at once (address space only): slots never move
+            self._arena = _dram(self.npages)
+        except (OSError, ValueError, OverflowError):  # the system refuses to reserve it: grow by doubling
+            self._arena = _dram(0)
+        cap = self._arena.shape[0]
+        self._owner = np.zeros(cap, dtype=np.int64)
+        self._clear = np.zeros(cap, dtype=bool)
+        self._stamp = np.zeros(cap, dtype=np.int64)
         self._used = 0
+        self._tick = 0
+        self._maybe_cached = 0  # an upper bound of the private pages in clear (exact after each eviction)
+        self._generation = 0  # bumped by every change of the guest-visible contents (digest memo)
+        self._digest: tuple[int, str] | None = None
         self._scratch = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
 
     @classmethod
-    def for_host(cls, seed: int, host: int, *, npages: int, spa_base: int, shared_ranges=()) -> "HostMemory":
+    def for_host(cls, seed: int, host: int, *, npages: int, spa_base: int, shared_ranges=(),
+                 cache_pages: int | None = None) -> "HostMemory":
         """The memory of ``host`` with its per-VM key derived from the scenario ``seed``."""
-        return cls(npages=npages, key=vm_memory_key(seed, host), spa_base=spa_base, shared_ranges=shared_ranges)
+        return cls(npages=npages, key=vm_memory_key(seed, host), spa_base=spa_base, shared_ranges=shared_ranges,
+                   cache_pages=cache_pages)
 
     # -- addressing and state -------------------------------------------------------------------------
 
@@ -140,68 +210,110 @@ class HostMemory:
         """Pages that hold contents (ever written or installed); all others are zero."""
         return int(np.count_nonzero(self._slot >= 0))
 
-    # -- raw storage ----------------------------------------------------------------------------------
+    @property
+    def cached_pages(self) -> int:
+        """Private pages whose DRAM ciphertext is not written yet (held in clear, at most ``cache_pages``)."""
+        used = self._used
+        return int(np.count_nonzero(self._clear[:used] & ~self._shared[self._owner[:used]]))
+
+    # -- raw storage and the write-back cache ---------------------------------------------------------
 
     def _slots_for(self, gfns: np.ndarray) -> np.ndarray:
-        """Slots of ``gfns`` (distinct), allocating zero-filled DRAM for the ones not stored yet."""
+        """Slots of ``gfns`` (distinct), allocating zero-filled pages (zeros in clear) for the ones not
+        stored yet."""
         slots = self._slot[gfns]
         new = slots < 0
         if new.any():
             k = int(np.count_nonzero(new))
             need = self._used + k
             if need > self._arena.shape[0]:
-                cap = max(need, 2 * self._arena.shape[0], 64)
-                grown = np.zeros((cap, PAGE_SIZE), dtype=np.uint8)
+                cap = min(max(need, 2 * self._arena.shape[0], 64), self.npages)
+                grown = _dram(cap)
                 grown[: self._used] = self._arena[: self._used]
                 self._arena = grown
+                for name in ("_owner", "_clear", "_stamp"):
+                    old = getattr(self, name)
+                    arr = np.zeros(cap, dtype=old.dtype)
+                    arr[: self._used] = old[: self._used]
+                    setattr(self, name, arr)
             slots = slots.copy()
             slots[new] = np.arange(self._used, need, dtype=np.int32)
             self._slot[gfns[new]] = slots[new]
+            self._owner[self._used : need] = gfns[new]
+            self._clear[self._used : need] = True
             self._used = need
         return slots
 
     def _work(self, n: int) -> np.ndarray:
-        """A reusable ``(n, 4096)`` work area: fresh arrays of this size cost page faults on every chunk."""
+        """A reusable ``(n, 4096)`` work area: fresh arrays of this size cost page faults on every call."""
         if self._scratch.shape[0] < n:
             self._scratch = np.empty((max(n, 2 * self._scratch.shape[0]), PAGE_SIZE), dtype=np.uint8)
         return self._scratch[:n]
 
-    def _load_plain(self, gfns: np.ndarray, private: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Plain text of distinct ``gfns`` as stored, decrypting the ones whose stored form is private."""
+    def _crypt_slots(self, slots: np.ndarray, encrypt: bool) -> None:
+        """Encrypt (write back) or decrypt (load into the cache) the pages of ``slots`` in place."""
+        for i in range(0, slots.size, WALK_PAGES):
+            s = slots[i : i + WALK_PAGES]
+            work = self._work(s.size)
+            np.take(self._arena, s, axis=0, out=work, mode="clip")  # "raise" would buffer the output
+            spa = self.spa(self._owner[s])
+            (xts.encrypt_pages if encrypt else xts.decrypt_pages)(self.key, work, spa, out=work)
+            self._arena[s] = work
+            self._clear[s] = not encrypt
+
+    def _make_clear(self, slots: np.ndarray) -> None:
+        """Hold the pages of ``slots`` in clear (decrypting those that are not)."""
+        enc = slots[~self._clear[slots]]
+        if enc.size:
+            self._crypt_slots(enc, encrypt=False)
+
+    def _touched(self, slots: np.ndarray) -> None:
+        """``slots`` were just used (and may have become private pages in clear): evict if over the bound."""
+        self._tick += 1
+        self._stamp[slots] = self._tick
+        self._maybe_cached += slots.size
+        if self._maybe_cached > self.cache_pages:
+            used = self._used
+            cached = np.flatnonzero(self._clear[:used] & ~self._shared[self._owner[:used]])
+            keep = min(cached.size, self.cache_pages - self.cache_pages // 4)  # evict to 3/4: amortizes the scan
+            if cached.size > self.cache_pages:
+                k = cached.size - keep
+                old = cached[np.argpartition(self._stamp[cached], k - 1)[:k]] if k < cached.size else cached
+                self._crypt_slots(np.sort(old), encrypt=True)
+            self._maybe_cached = keep
+
+    def _load_plain(self, gfns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Plain text of distinct ``gfns`` (a copy: the cache is not changed), decrypting the ones whose
+        DRAM holds ciphertext."""
         out = np.empty((gfns.size, PAGE_SIZE), dtype=np.uint8) if out is None else out
         slots = self._slot[gfns]
         have = slots >= 0
         if have.all():
-            np.take(self._arena, slots, axis=0, out=out)
+            np.take(self._arena, slots, axis=0, out=out, mode="clip")  # slots are valid; "raise" buffers
+            dec = ~self._clear[slots]
         else:
             out[~have] = 0
             out[have] = self._arena[slots[have]]
-        dec = have & private
+            dec = np.zeros(gfns.size, dtype=bool)
+            dec[have] = ~self._clear[slots[have]]
         if dec.all():
             xts.decrypt_pages(self.key, out, self.spa(gfns), out=out)
         elif dec.any():
             out[dec] = xts.decrypt_pages(self.key, out[dec], self.spa(gfns[dec]))
         return out
 
-    def _store_plain(self, gfns: np.ndarray, plain: np.ndarray, private: np.ndarray) -> None:
-        """Store plain pages of distinct ``gfns``, encrypting those that are ``private`` (``plain`` is
-        overwritten: callers pass a work array they own)."""
-        if private.all():
-            xts.encrypt_pages(self.key, plain, self.spa(gfns), out=plain)
-        elif private.any():
-            plain[private] = xts.encrypt_pages(self.key, plain[private], self.spa(gfns[private]))
-        slots = self._slots_for(gfns)  # may grow (replace) the arena: index it afterwards
-        self._arena[slots] = plain
-
     def read_raw(self, gfn: int) -> bytes:
         """The page as this host's DRAM holds it: ciphertext if private (a never-written private page is the
-        encryption of zeros at its SPA), plain text if shared."""
+        encryption of zeros at its SPA), plain text if shared. A private page held in clear is written
+        back first (a host reads DRAM, not the cache)."""
         g = self._check_gfns(gfn)
         s = self._slot[g[0]]
-        page = self._arena[s : s + 1].copy() if s >= 0 else np.zeros((1, PAGE_SIZE), np.uint8)
-        if not self._shared[g[0]] and s < 0:
-            page = xts.encrypt_pages(self.key, page, self.spa(g))
-        return page.tobytes()
+        if s < 0:
+            page = np.zeros((1, PAGE_SIZE), np.uint8)
+            return (page if self._shared[g[0]] else xts.encrypt_pages(self.key, page, self.spa(g))).tobytes()
+        if self._clear[s] and not self._shared[g[0]]:
+            self._crypt_slots(np.array([s], dtype=np.int32), encrypt=True)
+        return self._arena[s].tobytes()
 
     def write_raw(self, gfn: int, data: bytes) -> None:
         """A host writing ``data`` into the page's DRAM as is (no encryption: the host has no key)."""
@@ -210,6 +322,8 @@ class HostMemory:
             raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(data)}")
         slot = self._slots_for(g)[0]
         self._arena[slot] = np.frombuffer(data, np.uint8)
+        self._clear[slot] = self._shared[g[0]]  # a private page's DRAM now holds these bytes as ciphertext
+        self._generation += 1
 
     def raw_copy_to(self, other: "HostMemory", gfn: int) -> None:
         """A host copying the page's DRAM bytes to ``other`` (same gfn): useless for a private page, whose
@@ -222,42 +336,65 @@ class HostMemory:
         """The page as the guest sees it."""
         return self.read_plain_many([gfn])[0].tobytes()
 
-    def read_plain_many(self, gfns) -> np.ndarray:
-        """Plain text of each of ``gfns`` (any order, repeats allowed) as an ``(n, 4096)`` array."""
+    def read_plain_many(self, gfns, out: np.ndarray | None = None) -> np.ndarray:
+        """Plain text of each of ``gfns`` (any order, repeats allowed) as an ``(n, 4096)`` array (``out``:
+        an array of at least n rows to fill and return a view of: a caller reading batch after batch
+        reuses it instead of faulting in fresh memory every time)."""
         g = self._check_gfns(gfns)
+        dest = None if out is None else out[: g.size]
+        if g.size <= 1 or (g[1:] > g[:-1]).all():  # distinct already (the usual case: a sorted batch)
+            return self._load_plain(g, out=dest)
         uniq, inv = np.unique(g, return_inverse=True)
-        plain = self._load_plain(uniq, ~self._shared[uniq])
-        return plain if uniq.size == g.size and (uniq == g).all() else plain[inv]
+        plain = self._load_plain(uniq)
+        if uniq.size == g.size and (uniq == g).all():
+            return plain
+        if dest is None:
+            return plain[inv]
+        np.take(plain, inv, axis=0, out=dest, mode="clip")
+        return dest
 
     def install_plain(self, gfns, pages: np.ndarray, private, *, consume: bool = False) -> None:
         """Put guest-visible contents into distinct ``gfns`` with the given attribute (what a migration
-        agent does at the target: encrypt under this host's key and SPA, or store plain if shared).
-        ``consume``: ``pages`` is a writable work array the caller gives up (encrypted in place)."""
+        agent does at the target: encrypt under this host's key and SPA, or store plain if shared). The
+        private pages enter the write-back cache; ``consume`` (``pages`` may be overwritten) is accepted
+        for callers that own their buffer, and needs no copy either way."""
         g = self._check_gfns(gfns)
-        if np.unique(g).size != g.size:
+        if not (g.size <= 1 or (g[1:] > g[:-1]).all() or np.unique(g).size == g.size):  # sorted: distinct
             raise ValueError("install_plain: gfns must be distinct")
         pages = np.asarray(pages, dtype=np.uint8).reshape(g.size, PAGE_SIZE)
-        priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape).copy()
+        priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape)
         self._shared[g] = ~priv
-        self._store_plain(g, pages if consume and pages.flags.writeable else pages.copy(), priv)
+        slots = self._slots_for(g)
+        self._arena[slots] = pages
+        self._clear[slots] = True
+        self._generation += 1
+        self._touched(slots)
 
     def install_zero(self, gfns, private) -> None:
         """Make distinct ``gfns`` zero pages with the given attribute; pages not stored stay unstored."""
         g = self._check_gfns(gfns)
         priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape)
         self._shared[g] = ~priv
-        stored = self._slot[g] >= 0
-        if stored.any():
-            self._store_plain(g[stored], np.zeros((int(stored.sum()), PAGE_SIZE), np.uint8), priv[stored].copy())
+        slots = self._slot[g]
+        slots = slots[slots >= 0]
+        self._generation += 1
+        if slots.size:
+            self._arena[slots] = 0
+            self._clear[slots] = True
+            self._touched(slots)
 
     def set_private(self, gfns, private: bool) -> None:
-        """Page-state change of ``gfns`` keeping their contents (re-encrypts or decrypts stored pages)."""
+        """Page-state change of ``gfns`` keeping their contents (stored pages are re-encrypted or decrypted:
+        in clear, and encrypted when written back)."""
         g = np.unique(self._check_gfns(gfns))
         change = g[self._shared[g] == private]
-        stored = change[self._slot[change] >= 0]
-        plain = self._load_plain(stored, ~self._shared[stored])
+        slots = self._slot[change]
+        slots = slots[slots >= 0]
+        self._make_clear(slots)
         self._shared[change] = not private
-        self._store_plain(stored, plain, np.full(stored.size, private))
+        self._generation += 1
+        if private and slots.size:
+            self._touched(slots)
 
     # -- replaying trace rows -------------------------------------------------------------------------
 
@@ -269,10 +406,10 @@ class HostMemory:
     def apply(self, gpa, length, op, value) -> None:
         """Apply trace rows in order: WRITE rows write their content, TO_SHARED/TO_PRIVATE rows change the
         state of the pages they span, READ rows do nothing. Rows must lie inside the guest."""
-        gpa = np.asarray(gpa, dtype=np.uint64)
-        length = np.asarray(length, dtype=np.uint64)
-        op = np.asarray(op, dtype=np.uint8)
-        value = np.asarray(value, dtype=np.uint64)
+        gpa = np.ascontiguousarray(gpa, dtype=np.uint64)
+        length = np.ascontiguousarray(length, dtype=np.uint64)
+        op = np.ascontiguousarray(op, dtype=np.uint8)
+        value = np.ascontiguousarray(value, dtype=np.uint64)
         if gpa.size and (length.min() == 0 or int((gpa + length).max()) > self.npages << PAGE_SHIFT
                          or (gpa + length < gpa).any()):
             raise ValueError("apply: every row needs len >= 1 and gpa + len inside the guest")
@@ -281,11 +418,15 @@ class HostMemory:
             gpa, length, op, value = gpa[keep], length[keep], op[keep], value[keep]
         if not gpa.size:
             return
-        # Bound the work area (the pages a chunk touches): rows longer than CHUNK_PAGES pages are split
-        # into pieces, and pieces are grouped so that a group spans at most ~CHUNK_PAGES pages.
+        self._generation += 1
+        # Bound the index arrays: rows longer than CHUNK_PAGES pages are split into pieces, and pieces are
+        # grouped so that a group spans at most ~CHUNK_PAGES pages.
         gpa, length, op, value, offset = _split_pieces(gpa, length, op, value, CHUNK_PAGES * PAGE_SIZE)
         npg = (((gpa + length - np.uint64(1)) >> _SHIFT) - (gpa >> _SHIFT) + np.uint64(1)).astype(np.int64)
         ends = np.cumsum(npg)
+        if ends[-1] <= CHUNK_PAGES:
+            self._apply_chunk(gpa, length, op, value, offset)
+            return
         start = 0
         while start < gpa.size:
             base = int(ends[start - 1]) if start else 0
@@ -295,48 +436,64 @@ class HostMemory:
             start = stop
 
     def _apply_chunk(self, gpa, length, op, value, offset) -> None:
-        # Contents do not depend on the page state, and the stored form depends only on the final state
-        # and contents: so within a chunk the writes and the state changes can be applied separately.
+        # Contents do not depend on the page state, so the writes and the state changes of a chunk can be
+        # applied separately. Writes go straight into the pages' DRAM slots, which hold them in clear (the
+        # cache): only pages whose DRAM holds ciphertext are decrypted first.
+        gfn, at, plen, op, value, offset = _by_page(gpa, length, op, value, offset)
         w = op == Op.WRITE
-        psc = ~w
-        if psc.any():  # final state of every page a state change spans: the last such row wins
-            pg, npg = _page_spans(gpa[psc], length[psc])
-            to_private = np.repeat(op[psc] == Op.TO_PRIVATE, npg)
-            last = _last_wins(pg)
-            psc_gfns, psc_private = pg[last], to_private[last]
+        if w.all():
+            psc = None
         else:
-            psc_gfns, psc_private = np.zeros(0, np.int64), np.zeros(0, bool)
-        wg, wl, wv, wo = gpa[w], length[w], value[w], offset[w]
-        write_gfns = _page_spans(wg, wl)[0] if wg.size else np.zeros(0, np.int64)
-        # Pages to rewrite: written ones, and stored ones whose state changes (re-encryption).
-        changes = psc_gfns[self._shared[psc_gfns] == psc_private]
-        changes = changes[self._slot[changes] >= 0]
-        touched = np.union1d(write_gfns, changes)
-        plain = self._load_plain(touched, ~self._shared[touched], out=self._work(touched.size))
-        if wg.size:
-            # ``touched`` is sorted and holds every page of each span, so a span's pages are consecutive
-            # rows of the work area: the span is contiguous there, starting at its first page's row.
-            row = np.searchsorted(touched, (wg >> _SHIFT).astype(np.int64))
-            first = row * PAGE_SIZE + (wg & _PAGE_MASK).astype(np.int64)
-            write_spans(plain.reshape(-1), first, wl, wv, wo)
-        self._shared[psc_gfns] = ~psc_private
-        self._store_plain(touched, plain, ~self._shared[touched])
+            psc = ~w
+            gfn_w, at, plen, value, offset = gfn[w], at[w], plen[w], value[w], offset[w]
+            pg, to_private = gfn[psc], op[psc] == Op.TO_PRIVATE
+            last = _last_wins(pg)  # final state of every page a state change spans: the last such row wins
+            psc_gfns, psc_private = pg[last], to_private[last]
+            gfn = gfn_w
+        touched = np.zeros(0, np.int32)
+        if gfn.size:
+            slots = self._slots_for(_distinct(gfn))
+            self._make_clear(slots)
+            start = self._slot[gfn].astype(np.int64) * PAGE_SIZE + at
+            write_spans(self._arena.reshape(-1), start, plen, value, offset)
+            touched = slots
+        if psc is not None:
+            s = self._slot[psc_gfns]
+            stored = s >= 0
+            self._make_clear(s[stored & ~psc_private])  # turning (or staying) shared: held in clear
+            self._shared[psc_gfns] = ~psc_private
+            touched = np.concatenate([touched, s[stored & psc_private]])
+        if touched.size:
+            self._touched(touched)
 
     # -- digest ---------------------------------------------------------------------------------------
 
     def plaintext_digest(self) -> str:
         """blake2b-256 (hex) of the guest-visible memory: over the non-zero pages in gfn order, a hash of
         their gfns (little-endian uint64) and a hash of their contents. A page that is all zero counts as
-        never written, so the digest does not depend on which zero pages happen to be stored."""
+        never written, so the digest does not depend on which zero pages happen to be stored. Remembered
+        until the contents change."""
+        if self._digest is not None and self._digest[0] == self._generation:
+            return self._digest[1]
         gfns = np.flatnonzero(self._slot >= 0)
         hg, hp = hashlib.blake2b(digest_size=32), hashlib.blake2b(digest_size=32)
         for i in range(0, gfns.size, WALK_PAGES):
             g = gfns[i : i + WALK_PAGES]
-            plain = self._load_plain(g, ~self._shared[g])
-            nz = plain.any(axis=1)
-            hg.update(g[nz].astype("<u8").tobytes())
-            hp.update(plain[nz].tobytes())
-        return hashlib.blake2b(hg.digest() + hp.digest(), digest_size=32).hexdigest()
+            s = self._slot[g]
+            if s[-1] - s[0] == g.size - 1 and (s[1:] > s[:-1]).all() and self._clear[s[0] : s[-1] + 1].all():
+                plain = self._arena[s[0] : s[-1] + 1]  # in gfn order and in clear already (pages written in order)
+            else:
+                plain = self._load_plain(g, out=self._work(g.size))
+            nz = nonzero_pages(plain)
+            if nz.all():  # hashed where it lies: no copy
+                hg.update(g.astype("<u8"))
+                hp.update(plain)
+            else:
+                hg.update(g[nz].astype("<u8"))
+                hp.update(plain[nz])
+        digest = hashlib.blake2b(hg.digest() + hp.digest(), digest_size=32).hexdigest()
+        self._digest = (self._generation, digest)
+        return digest
 
 
 def replay_plaintext_digest(path: str | os.PathLike, *, seed: int = 0, host: int = 0, spa_base: int = 1024) -> str:

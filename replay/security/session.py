@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+
 from ..errors import InvariantError
 from ..snp import PAGE_SIZE
 from .attestation import (DEFAULT_GUEST_POLICY, Agent, AmdRoot, Evidence, Handshake, TcbVersion, VerifierPolicy, handshake,
@@ -115,6 +117,36 @@ class DataPlane:
         sender, receiver = self._channel()
         packets = sender.send_pages(gfns, versions, stream)
         return receiver.receive_many(tamper(packets) if tamper else packets)
+
+    def capture(self, gfns, out=None):
+        """The source's contents and attributes of ``gfns`` now (for ``send_captured``); ``out``: an
+        ``(n, 4096)`` array to hold the contents."""
+        return self._channel()[0].capture(gfns, out=out)
+
+    def send_captured(self, groups, contents, stream: int) -> list[list[Outcome]]:
+        """Send groups of pages whose contents were captured earlier: ``groups`` is a list of (gfns,
+        versions), ``contents`` = (plain pages, private flags) of all their pages in that order (from
+        ``capture``). The same as one ``send`` per group when it was captured, in order, stopping after
+        the first group with a rejected packet; but when every packet is accepted (always, unless
+        something is wrong) all groups go through as one batch: one seal and one open."""
+        sender, receiver = self._channel()
+        gfns = [np.atleast_1d(np.asarray(g, dtype=np.int64)) for g, _ in groups]
+        versions = [np.broadcast_to(np.asarray(v, dtype=np.uint64), g.shape) for g, (_, v) in zip(gfns, groups)]
+        plain, private = contents
+        if len(groups) > 1:
+            state = sender.checkpoint()
+            packets = sender.send_pages(np.concatenate(gfns), np.concatenate(versions), stream, contents=contents)
+            if receiver.receive_all_or_nothing(packets):
+                return [[Outcome.ACCEPTED] * g.size for g in gfns]
+            sender.restore(state)  # something is wrong: group by group, exactly as the calls one by one
+        out, at = [], 0
+        for g, v in zip(gfns, versions):
+            part = (plain[at : at + g.size], private[at : at + g.size])
+            at += g.size
+            out.append(receiver.receive_many(sender.send_pages(g, v, stream, contents=part)))
+            if any(o is not Outcome.ACCEPTED for o in out[-1]):
+                break
+        return out
 
     def send_vmsas(self, vcpus: int, vmpls: Sequence[int], stream: int,
                    tamper: Callable[[list[bytes]], list[bytes]] | None = None) -> list[Outcome]:

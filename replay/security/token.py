@@ -68,13 +68,25 @@ class TokenHasher:
     def absorb_many(self, stream: int, records: list[bytes], *, vmsas: int = 0) -> None:
         """Several sealed packets of ``stream`` in order, each given as header + tag (one hash update:
         the same as absorbing them one by one, since the records have a fixed size)."""
-        if not records:
+        self.absorb_block(stream, b"".join(records), len(records), vmsas=vmsas)
+
+    def absorb_block(self, stream: int, block: bytes, count: int, *, vmsas: int = 0) -> None:
+        """``count`` sealed packets of ``stream`` whose records (header + tag) are ``block``, back to back."""
+        if not count:
             return
-        count, h = self._streams.get(stream) or (0, hashlib.sha384())
-        h.update(b"".join(records))
-        self._streams[stream] = (count + len(records), h)
+        n, h = self._streams.get(stream) or (0, hashlib.sha384())
+        h.update(block)
+        self._streams[stream] = (n + count, h)
         self.vmsas += vmsas
-        self.pages += len(records) - vmsas
+        self.pages += count - vmsas
+
+    def checkpoint(self):
+        """The hasher's state, for ``restore``."""
+        return {k: (n, h.copy()) for k, (n, h) in self._streams.items()}, self.pages, self.vmsas
+
+    def restore(self, state) -> None:
+        streams, self.pages, self.vmsas = state
+        self._streams = {k: (n, h.copy()) for k, (n, h) in streams.items()}
 
     def token(self) -> Token:
         """The token so far: SHA-384 over (stream, count, stream hash) for each stream in stream order."""
