@@ -354,12 +354,19 @@ def _read_summary(run_dir: Path) -> dict | None:
         return None
 
 
-def write_table(table: pa.Table, path: Path) -> None:
+def write_table(table: pa.Table, path: Path) -> str:
+    """Write the results table atomically; returns its content hash (recorded in sweep.json)."""
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    write_atomic(path, buf.getvalue())
+    data = buf.getvalue()
+    write_atomic(path, data)
+    return table_hash(data)
+
+
+def table_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
 def _sweep_record(sweep: Sweep, pts: Sequence[Point], keys: Mapping[int, str]) -> dict:
@@ -446,8 +453,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, client=None, scheduler: str | No
         ran, errors = _run_points(client, todo, out, engine, show_progress, on_result, errors)
     finally:
         table = build_table(sweep, pts, keys, out, trace_errors)
-        write_table(table, out / TABLE)
-        write_atomic(out / SWEEP_JSON, canonical_json(_sweep_record(sweep, pts, keys)))
+        digest = write_table(table, out / TABLE)
+        write_atomic(out / SWEEP_JSON, canonical_json({**_sweep_record(sweep, pts, keys), "tables": {TABLE: digest}}))
         if own is not None:
             cluster = own.cluster
             own.close()

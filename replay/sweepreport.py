@@ -14,6 +14,7 @@ report (``replay.report``): inline SVG from matplotlib with fixed hash salts and
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ from .diff import fmt
 from .errors import RunDirError
 from .records import write_atomic
 from .report import COLORS, CSS, _e, _svg, _swatch
-from .sweep import FIXED_COLUMNS, SWEEP_FORMAT, SWEEP_JSON, TABLE
+from .sweep import FIXED_COLUMNS, SWEEP_FORMAT, SWEEP_JSON, TABLE, table_hash
 
 # (table column, label, scale to the plotted unit, unit). Lower is better for every one of them.
 PLOTTED = (
@@ -51,7 +52,11 @@ def load_sweep_dir(path: str | Path):
     if not isinstance(record, dict) or record.get("format") != SWEEP_FORMAT:
         raise RunDirError(f"{path / SWEEP_JSON}: not a sweep record (format {SWEEP_FORMAT!r} expected)")
     try:
-        df = pl.read_parquet(path / TABLE)
+        data = (path / TABLE).read_bytes()
+        want = (record.get("tables") or {}).get(TABLE) if isinstance(record, dict) else None
+        if want != table_hash(data):
+            raise RunDirError(f"{path / TABLE}: content hash does not match {SWEEP_JSON} (tampered or truncated)")
+        df = pl.read_parquet(io.BytesIO(data))
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise RunDirError(f"{path / TABLE}: cannot read the results table ({' '.join(str(exc).split())})") from None
     return record, df

@@ -394,6 +394,26 @@ def test_report_of_a_damaged_sweep_dir_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_tampered_results_table_is_refused_and_the_sweep_dir_never_holds_its_input(tmp_path, thread_client, capsys):
+    p = write_sweep(tmp_path, 'strategies = ["mirror-vm", "shadow-vcpu"]\n')
+    out = tmp_path / "out"
+    run_sweep(load_sweep(p), out, client=thread_client)
+    record = json.loads((out / "sweep.json").read_text())
+    assert set(record["tables"]) == {"results.parquet"}
+    assert main(["report", str(out), "--out", str(tmp_path / "ok.html")]) == 0
+    capsys.readouterr()
+    table = out / "results.parquet"
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one flipped bit
+    table.write_bytes(bytes(data))
+    assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "content hash does not match sweep.json" in err
+    assert not (tmp_path / "r.html").exists()
+    assert main(["sweep", str(p), "--out", str(tmp_path), "--no-progress"]) == 2  # would hold s.toml
+    assert "s.toml" in capsys.readouterr().err
+
+
 def test_scheduler_option_uses_an_existing_cluster_and_runs_equal_replay_run(tmp_path, cluster_client, capsys):
     """`--scheduler ADDRESS` runs on that cluster as it is; each point's run directory is byte for byte
     what `replay run` writes for the base scenario with the point's values as --set overrides."""

@@ -27,8 +27,11 @@ def run(args) -> int:
         raise UsageError(f"--workers {args.workers}: must be >= 1")
     if args.workers is not None and args.scheduler:
         raise UsageError("--workers sizes the local cluster; it cannot be used with --scheduler")
+    from ..paths import check_output
+
     sweep = load_sweep(args.sweep)
     n = len(points(sweep))  # validates every point before a cluster is started
+    check_output(args.out, [args.sweep])  # the sweep directory never is, holds or lies inside its input
     print(f"{sweep.name}: {n} points", file=sys.stderr)
     res = run_sweep(sweep, args.out, scheduler=args.scheduler, workers=args.workers, engine=args.engine,
                     show_progress=not args.no_progress)
