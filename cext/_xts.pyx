@@ -11,18 +11,7 @@ face of this module and checks it against ``cryptography``'s XTS in the tests.
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memset
 
-cdef extern from "openssl/evp.h" nogil:
-    ctypedef struct EVP_CIPHER_CTX:
-        pass
-    ctypedef struct EVP_CIPHER:
-        pass
-    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
-    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
-    const EVP_CIPHER *EVP_aes_128_xts()
-    int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
-                          const unsigned char *key, const unsigned char *iv, int enc)
-    int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
-                         const unsigned char *inp, int inl)
+from _evp cimport *
 
 DEF PAGE = 4096
 
