@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import CapabilityError, SetupError
-from .kernel import needed
+from .kernel import Verdict, needed
 from .scenario import Scenario
 
 HOST = "host"
@@ -47,9 +47,8 @@ class Step:
 
 class Strategy:
     name = ""
+    # Whose CPU the agents use; PRIMARY_VM: the guest's own quota, so the guest slows where they run.
     agent_owner = ""
-    # Agent CPU counts against the primary VM's quota: the guest slows where it runs.
-    agents_on_guest_quota = False
     # Agents run on the host CPUs given to migration, shared with QEMU's migration thread.
     agents_on_host_cpus = False
 
@@ -75,11 +74,15 @@ class Strategy:
                          f"'{self.s.migration.fault_delivery}', page_install '{self.s.migration.page_install}') needs "
                          "kernel capability 'uffd_gmem'",
         }
-        m = self.s.migration
-        for cap in needed(self.name, mode, has_private, self.s.guest.os_vmpl, m.fault_delivery, m.page_install).assumed:
+        for cap in self.capabilities(has_private).assumed:
             if not getattr(k, cap):
                 suffix = f" (kernel profile {k.profile!r})" if k.profile != "custom" else ""
                 raise CapabilityError(why[cap] + suffix)
+
+    def capabilities(self, has_private: bool) -> Verdict:
+        """The kernel capabilities this strategy and the scenario's mode and fault path rely on."""
+        m = self.s.migration
+        return needed(self.name, m.mode, has_private, self.s.guest.os_vmpl, m.fault_delivery, m.page_install)
 
     # -- agents
     def agent_limit(self) -> int:
@@ -108,9 +111,6 @@ class MirrorVM(Strategy):
     agent_owner = MIRROR_VM
     agents_on_host_cpus = True
 
-    def check(self, has_private: bool, guest_vcpus: int) -> None:
-        super().check(has_private, guest_vcpus)
-
     def agent_limit(self) -> int:
         return self.s.migration.agents_max
 
@@ -132,7 +132,6 @@ class MirrorVM(Strategy):
 class ShadowVCPU(Strategy):
     name = "shadow-vcpu"
     agent_owner = PRIMARY_VM
-    agents_on_guest_quota = True
 
     def check(self, has_private: bool, guest_vcpus: int) -> None:
         super().check(has_private, guest_vcpus)

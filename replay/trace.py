@@ -87,6 +87,11 @@ class TraceMeta:
     def npages(self) -> int:
         return self.guest_bytes // self.page_size
 
+    @property
+    def has_private(self) -> bool:
+        """Whether any page starts private (not every page lies in ``shared_ranges``)."""
+        return sum(last - first + 1 for first, last in self.shared_ranges) < self.npages
+
     def to_json(self) -> dict:
         return {
             "path": self.path,

@@ -62,8 +62,7 @@ class Migration:
         self.progress = progress
         self._no_migration = no_migration_digest
         # Everything that can be refused is refused before any replay work.
-        shared = sum(last - first + 1 for first, last in self.meta.shared_ranges)
-        self.strategy.check(shared < self.meta.npages, self.meta.vcpus)
+        self.strategy.check(self.meta.has_private, self.meta.vcpus)
         self.trace_last_ns = last_event_ns(self.trace_path)
 
     def _engine(self, hosts: int):

@@ -37,6 +37,7 @@ class Round:
     target_cpu_ns: int = 0
     host_cpu_ns: int = 0
     guest_progress_ns: int = 0
+    guest_start_ns: int = 0  # not a column: the guest's progress at the round's start
 
 
 @dataclass

@@ -51,11 +51,12 @@ class Cpu:
 
     def transfer_params(self, agents: int, guest_side: int | None) -> dict:
         """begin_transfer()'s capacity and charging arguments."""
-        quota = self.strategy.agents_on_guest_quota
+        owner = self.strategy.agent_owner
         return dict(
             src_cpus=self.agent_capacity(agents, 0, guest_side), dst_cpus=self.agent_capacity(agents, 1, guest_side),
             src_pool_cpus=self.pool(), dst_pool_cpus=self.pool(),
-            charge_guest=quota and guest_side == 0, charge_target_guest=quota and guest_side == 1,
+            charge_guest=self.takes_guest_cpu(owner, 0, guest_side),
+            charge_target_guest=self.takes_guest_cpu(owner, 1, guest_side),
         )
 
     def agent_work_ns(self, cpu_ns: int, agents: int, side: int, guest_side: int | None) -> int:

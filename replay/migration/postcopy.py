@@ -30,7 +30,6 @@ from .faultpath import FaultPath
 from .precopy import sync
 from .stopcopy import resume_target, send_vmsas_and_devices
 
-NS_PER_S = 1_000_000_000
 
 
 @dataclass
@@ -38,12 +37,19 @@ class PostcopyStats:
     requests: int = 0
     duplicates: int = 0
     bytes: int = 0
-    latencies: list = field(default_factory=list)
-    blocked: list = field(default_factory=list)  # per vCPU: [(start, end)] in guest time
-    per_vcpu_latencies: list = field(default_factory=list)
+    blocked: list = field(default_factory=list)  # per vCPU: [(raised, served)] of each fault, in guest time
     faults_rows: list = field(default_factory=list)
     source_only_pages: int = 0
     failed: bool = False
+
+    @classmethod
+    def empty(cls, vcpus: int) -> "PostcopyStats":
+        return cls(blocked=[[] for _ in range(vcpus)])
+
+    def latencies(self, vcpu: int | None = None) -> list[int]:
+        """Fault latencies (blocked time of each fault), of one vCPU or all."""
+        ivs = self.blocked if vcpu is None else [self.blocked[vcpu]]
+        return [b - a for iv in ivs for a, b in iv]
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,7 @@ class _Postcopy:
         self.run = run
         self.sw = sw
         n = run.npages
-        self.stats = PostcopyStats(blocked=[[] for _ in range(run.vcpus)],
-                                   per_vcpu_latencies=[[] for _ in range(run.vcpus)])
+        self.stats = PostcopyStats.empty(run.vcpus)
         self.requested: set[int] = set()  # gfns requested by a fault (few: no per-page array)
         self.prepage_next: np.ndarray | None = None
         self.pushing = False
@@ -100,9 +105,9 @@ class _Postcopy:
         g.delays = np.zeros(run.vcpus, dtype=np.uint64)
         g.ready = np.zeros(n, dtype=np.uint64)
         g.on_userfault = self.userfault
-        self.rnd = Round(len(run.tally.rounds), "postcopy", g.v, sw.missing, g.v, agents=run.agents)
+        self.rnd = Round(len(run.tally.rounds), "postcopy", g.v, sw.missing, g.v, agents=run.agents,
+                         guest_start_ns=g.g)
         run.tally.rounds.append(self.rnd)
-        self.g0 = g.g
         self.folded: dict | None = None
         self.path = FaultPath(run)
 
@@ -248,8 +253,6 @@ class _Postcopy:
         served = max(served, e)
         self.path.block(vcpu, e + voff, served + voff)
         g.delays[vcpu] += served - e
-        pc.latencies.append(served - e)
-        pc.per_vcpu_latencies[vcpu].append(served - e)
         pc.blocked[vcpu].append((e, served))
         pc.faults_rows.append((vcpu, gfn, private, e + voff, served + voff, cur.base + row))
         return True
@@ -267,7 +270,7 @@ def postcopy(run: Run, sw: PostcopySwitch) -> PostcopyEnd:
     pc = _Postcopy(run, sw)
     ok = pc.push()
     g = run.guest
-    pc.rnd.end_ns, pc.rnd.guest_progress_ns = g.v, g.g - pc.g0
+    pc.rnd.end_ns, pc.rnd.guest_progress_ns = g.v, g.g - pc.rnd.guest_start_ns
     if not ok:
         pc.stats.failed = True
         pc.stats.source_only_pages = run.npages - run.eng.count_present(TARGET)

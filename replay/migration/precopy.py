@@ -28,9 +28,8 @@ from ..snp import PAGE_SIZE
 from ..strategies import HOST, SOURCE
 from . import transfer
 from .context import Round, Run
-from .link import LinkDown
+from .link import NS_PER_S, LinkDown
 
-NS_PER_S = 1_000_000_000
 SWITCHOVER_RULE = "qemu-10.1: pending <= threshold; threshold = measured bandwidth x downtime_limit"
 
 
@@ -144,8 +143,7 @@ def _burst(run: Run, rnd: Round, cursor: int) -> tuple[int, int]:
 
 def _new_round(run: Run, number: int, dirty: int, sync_ns: int) -> Round:
     g = run.guest
-    rnd = Round(number, "precopy", sync_ns, dirty, g.v, agents=run.agents)
-    rnd.g0 = g.g  # not a column: guest progress is measured from the round's start
+    rnd = Round(number, "precopy", sync_ns, dirty, g.v, agents=run.agents, guest_start_ns=g.g)
     run.tally.rounds.append(rnd)
     run.log("round_start", f"round={number} dirty_pages={dirty} agents={run.agents}")
     return rnd
@@ -153,7 +151,7 @@ def _new_round(run: Run, number: int, dirty: int, sync_ns: int) -> Round:
 
 def _close_round(run: Run, rnd: Round) -> None:
     g = run.guest
-    rnd.end_ns, rnd.guest_progress_ns = g.v, g.g - rnd.g0
+    rnd.end_ns, rnd.guest_progress_ns = g.v, g.g - rnd.guest_start_ns
     run.log("round_end", f"round={rnd.round} pages={rnd.pages_sent} bytes={rnd.bytes_sent}")
 
 

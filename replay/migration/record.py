@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 
 from .. import __version__
-from ..kernel import needed
 from ..runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, ROUNDS_SCHEMA, RUN_FORMAT, RUN_VERSION, write_run
 from ..snp import FAULT_KINDS
 from .context import Run
+from .postcopy import PostcopyStats
 from .precopy import SWITCHOVER_RULE
 
 RMP_OPS = ("rmpupdate", "pvalidate", "rmpadjust", "psmash", "psc")
@@ -63,9 +63,8 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     completed = out.status == "completed"
     window = max(0, (times["completion_ns"] or run.guest.v) - times["migration_start_ns"])
     lost_common = window - (out.guest_g_at_end - out.guest_g_at_start)
-    pc = out.postcopy
-    blocked = [sum(b - a for a, b in iv) for iv in pc.blocked] if pc else [0] * run.vcpus
-    lost = [lost_common + b for b in blocked]
+    pc = out.postcopy or PostcopyStats.empty(run.vcpus)
+    lost = [lost_common + sum(pc.latencies(v)) for v in range(run.vcpus)]
     per_vcpu_ppm = [x * 1_000_000 // window if window else 0 for x in lost]
     cpu = dict(run.cpu.ledger)
     cpu["guest"] = run.vcpus * window - sum(lost)
@@ -121,15 +120,13 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         if s.migration.mode == "precopy" or (out.switchover_reason and not out.postcopy):
             invariants["plaintext_target_equals_source_at_switchover"] = not completed or (
                 p["target_at_switchover"] == p["source_at_switchover"] != "")
-    has_private = sum(b - a + 1 for a, b in run.meta.shared_ranges) < run.npages
     summary = {
         "format": RUN_FORMAT, "version": RUN_VERSION,
         "tool": {"name": "snp-replay", "version": __version__, "engine": engine_kind},
         "status": out.status, "status_reason": out.reason,
         "strategy": run.strategy.name, "mode": s.migration.mode,
         "scenario": s.resolved(guest_bytes=run.meta.guest_bytes, vcpus=run.vcpus),
-        "kernel": needed(run.strategy.name, s.migration.mode, has_private, s.guest.os_vmpl, s.migration.fault_delivery,
-                         s.migration.page_install).to_json(s.kernel.profile),
+        "kernel": run.strategy.capabilities(run.meta.has_private).to_json(s.kernel.profile),
         "trace": {"digest": run.meta.digest, "events": run.meta.events, "guest_bytes": run.meta.guest_bytes,
                   "vcpus": run.vcpus, "source": run.meta.source},
         "metrics": metrics,
@@ -142,14 +139,14 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     adversary = getattr(run.data, "adversary", None)
     if adversary is not None:
         summary["adversary"], summary["adversary_effects"] = adversary.finish(
-            out.status, bool(pc and pc.failed), times["completion_ns"], invariants)
+            out.status, pc.failed, times["completion_ns"], invariants)
     rounds = pa.Table.from_pylist([{k: getattr(r, k) for k in ROUNDS_SCHEMA.names} for r in t.rounds], schema=ROUNDS_SCHEMA)
     events = pa.Table.from_pylist(
         [{"seq": i, "t_ns": e[0], "kind": e[1], "gfn": e[2], "vcpu": e[3], "detail": e[4]}
          for i, e in enumerate(run.events)], schema=EVENTS_SCHEMA)
     faults_tbl = None
     if s.migration.mode != "precopy":
-        rows = pc.faults_rows if pc else []
+        rows = pc.faults_rows
         faults_tbl = pa.Table.from_pylist([dict(zip(FAULTS_SCHEMA.names, r)) for r in rows], schema=FAULTS_SCHEMA)
     return RunResult(summary, rounds, events, faults_tbl)
 
@@ -157,8 +154,8 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
 def _postcopy_metrics(run: Run, out: Outcome) -> dict:
     """QEMU-style post-copy statistics: requests, bytes, blocktime, fault-latency percentiles and the
     histogram with QEMU's buckets ([2^N us, 2^(N+1) us); below 2 us counts in bucket 0)."""
-    pc = out.postcopy
-    lat = np.sort(np.array(pc.latencies if pc else [], dtype=np.int64))
+    pc = out.postcopy or PostcopyStats.empty(run.vcpus)
+    lat = np.sort(np.array(pc.latencies(), dtype=np.int64))
     hist = [0] * HIST_BUCKETS
     for us in (lat // 1000).tolist():
         hist[min(HIST_BUCKETS - 1, max(0, int(us).bit_length() - 1))] += 1
@@ -166,12 +163,11 @@ def _postcopy_metrics(run: Run, out: Outcome) -> dict:
     def pct(ppm: int) -> int:  # nearest-rank percentile, integer arithmetic
         return int(lat[max(0, -(-len(lat) * ppm // 1_000_000) - 1)]) if len(lat) else 0
 
-    blocked = pc.blocked if pc else [[] for _ in range(run.vcpus)]
-    per_vcpu = [sum(b - a for a, b in iv) for iv in blocked]
+    per_vcpu = [sum(pc.latencies(v)) for v in range(run.vcpus)]
     times = out.times
-    in_postcopy = pc is not None and out.status == "completed"
-    vlat = pc.per_vcpu_latencies if pc else [[] for _ in range(run.vcpus)]
-    overlapped = _all_blocked_ns(blocked)
+    in_postcopy = out.postcopy is not None and out.status == "completed"
+    vlat = [pc.latencies(v) for v in range(run.vcpus)]
+    overlapped = _all_blocked_ns(pc.blocked)
     # QEMU's query-migrate names (QEMU reports the blocktimes in ms; here every time is in ns)
     qemu = {
         "postcopy-blocktime": overlapped,
@@ -182,9 +178,9 @@ def _postcopy_metrics(run: Run, out: Outcome) -> dict:
     }
     return {
         "qemu": qemu,
-        "requests": pc.requests if pc else 0,
-        "duplicate_requests": pc.duplicates if pc else 0,
-        "bytes": pc.bytes if pc else 0,
+        "requests": pc.requests,
+        "duplicate_requests": pc.duplicates,
+        "bytes": pc.bytes,
         "blocktime_ns": sum(per_vcpu),
         "blocktime_all_vcpus_ns": overlapped,
         "blocktime_ns_per_vcpu": per_vcpu,
@@ -194,7 +190,7 @@ def _postcopy_metrics(run: Run, out: Outcome) -> dict:
         "latency_hist": [{"bucket_us_lo": 1 << n if n else 0, "bucket_us_hi": 1 << (n + 1), "count": c}
                          for n, c in enumerate(hist)],
         "switchover_to_complete_ns": times["completion_ns"] - times["switchover_ns"] if in_postcopy else 0,
-        "source_only_pages": pc.source_only_pages if pc else 0,
+        "source_only_pages": pc.source_only_pages,
     }
 
 

@@ -9,18 +9,23 @@ from ..snp import PAGE_SIZE, Rc
 from ..strategies import SIDES, SOURCE, TARGET, Step
 from .context import Run
 
-NS_PER_S = 1_000_000_000
-
-
-def do_step(run: Run, step: Step) -> None:
-    """One step on the clock, with the guest running on the source."""
+def do_step(run: Run, step: Step, *, paused: bool = False) -> None:
+    """One step on the clock: with the guest running on the source (setup, agents), or paused (teardown
+    in the downtime)."""
     cpu = run.cpu
-    dur = cpu.step_ns(step, SOURCE)
+    guest_side = None if paused else SOURCE
+    dur = cpu.step_ns(step, guest_side)
     cpu.charge(step.owner, step.cpu_ns)
-    run.log("setup_step", f"{step.name} ({dur} ns; cpu {step.cpu_ns} ns {step.owner}; wait {step.wait_ns} ns)")
+    if paused:
+        run.log("teardown_step", f"{step.name} ({dur} ns)")
+    else:
+        run.log("setup_step", f"{step.name} ({dur} ns; cpu {step.cpu_ns} ns {step.owner}; wait {step.wait_ns} ns)")
     if step.vmsa_pages:
         _vmsa_rmp(run, step.side, step.vmsa_pages)
-    run.guest.elapse(dur, step.cpu_ns if cpu.takes_guest_cpu(step.owner, step.side, SOURCE) else 0)
+    if paused:
+        run.guest.pause(dur)
+    else:
+        run.guest.elapse(dur, step.cpu_ns if cpu.takes_guest_cpu(step.owner, step.side, guest_side) else 0)
 
 
 def _vmsa_rmp(run: Run, side: int, delta: int) -> None:
@@ -96,12 +101,3 @@ def grow_agents(run: Run, want: int) -> None:
         run.agents += 1
         run.log("agent_added", f"agents={run.agents}")
 
-
-def do_step_paused(run: Run, step: Step) -> None:
-    """A step while the guest is paused (teardown in the downtime)."""
-    dur = run.cpu.step_ns(step, None)
-    run.cpu.charge(step.owner, step.cpu_ns)
-    run.log("teardown_step", f"{step.name} ({dur} ns)")
-    if step.vmsa_pages:
-        _vmsa_rmp(run, step.side, step.vmsa_pages)
-    run.guest.pause(dur)

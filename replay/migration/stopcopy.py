@@ -12,7 +12,7 @@ from . import transfer
 from .context import Round, Run
 from .link import LinkDown
 from .precopy import sync
-from .setup import do_step_paused
+from .setup import do_step
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class Switchover:
     vmsas: int  # VMSAs sent
 
 
-def vmpls_in_use(run: Run) -> int:
-    return 2 if run.s.guest.os_vmpl > 0 else 1
+def vmpls_in_use(run: Run) -> list[int]:
+    """The VMPLs with a VMSA per vCPU: the SVSM's VMPL0, and the OS's when it runs below it."""
+    return [0, run.s.guest.os_vmpl] if run.s.guest.os_vmpl else [0]
 
 
 def pause_and_drain(run: Run) -> tuple[int, Round]:
@@ -58,7 +59,8 @@ def send_vmsas_and_devices(run: Run, rnd: Round) -> int:
     """VMSAs go through an agent like private pages; device state goes plain from the host. Returns the
     number of VMSAs sent."""
     c, g, cpu, link = run.s.costs, run.guest, run.cpu, run.link
-    nvmsa = run.vcpus * vmpls_in_use(run)
+    vmpls = vmpls_in_use(run)
+    nvmsa = run.vcpus * len(vmpls)
     vmsa_bytes = nvmsa * (c.vmsa_bytes + c.page_header_bytes)
     pack = nvmsa * c.page_pack_ns
     t0 = g.v
@@ -67,7 +69,7 @@ def send_vmsas_and_devices(run: Run, rnd: Round) -> int:
     cpu.charge(run.strategy.agent_owner, pack)
     g.pause(dur)
     if run.data is not None:
-        run.data.vmsas(run.vcpus, [0, run.s.guest.os_vmpl] if run.s.guest.os_vmpl else [0])
+        run.data.vmsas(run.vcpus, vmpls)
     rnd.bytes_sent += vmsa_bytes + c.device_state_bytes
     run.tally.bytes["downtime"] += vmsa_bytes + c.device_state_bytes
     run.log("vmsas_sent", f"vmsas={nvmsa} device_state_bytes={c.device_state_bytes}")
@@ -85,7 +87,7 @@ def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
     g.pause(cpu.agent_work_ns(unpack, run.agents, TARGET, None))
     for side in (SOURCE, TARGET):
         for step in run.strategy.teardown_steps(side, run.agents):
-            do_step_paused(run, step)
+            do_step(run, step, paused=True)
     if token:
         g.pause(link.latency_ns)  # the validation token crosses
         if run.data is not None:
