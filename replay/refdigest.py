@@ -79,11 +79,24 @@ def no_migration_digest(trace_path: str | Path, meta: TraceMeta, asid: int, os_v
     """The reference digest, from ``cache`` (default: the trace cache, ``replay.migrate.cache_dir()``)
     when known, else computed and stored there. ``progress`` is called with the events replayed; a
     cached answer replays none."""
-    known = lookup(meta, asid, os_vmpl, engine_kind, cache)
+    return _cached(meta, asid, os_vmpl, engine_kind, cache,
+                   lambda: compute(trace_path, meta, asid, os_vmpl, engine_kind, progress))
+
+
+def plaintext_digest(trace_path: str | Path, meta: TraceMeta, cache: Path | None = None) -> str:
+    """Data mode's reference: the plaintext digest of the trace replayed straight into data-mode memory,
+    cached the same way (it depends on the trace alone, so one entry serves every guest and engine)."""
+    from .security.memory import replay_plaintext_digest
+
+    return _cached(meta, 0, 0, "plaintext", cache, lambda: replay_plaintext_digest(trace_path))
+
+
+def _cached(meta: TraceMeta, asid: int, os_vmpl: int, kind: str, cache: Path | None, compute_digest) -> str:
+    known = lookup(meta, asid, os_vmpl, kind, cache)
     if known is not None:
         return known
-    digest = compute(trace_path, meta, asid, os_vmpl, engine_kind, progress)
-    path = _entry(meta, asid, os_vmpl, engine_kind, cache)
+    digest = compute_digest()
+    path = _entry(meta, asid, os_vmpl, kind, cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (digest + "\n").encode())
     return digest

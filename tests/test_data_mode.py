@@ -111,3 +111,18 @@ def test_report_and_compare_show_the_security_facts(tmp_path, trace, capsys):
     html = (tmp_path / "c" / "report.html").read_text()
     assert html.count("Data mode: the attested, sealed channel") == 2
     assert "verify_target" in html and "derive_transport_keys" in html
+
+
+def test_the_plaintext_reference_is_replayed_once_per_trace(trace, tmp_path, monkeypatch):
+    import replay.security.memory as memory
+
+    monkeypatch.setenv("SNP_REPLAY_CACHE", str(tmp_path))
+    a = run(scen(), strategy="mirror-vm", trace_path=trace)
+
+    def again(*args, **kw):
+        raise AssertionError("the plaintext reference was replayed a second time")
+
+    monkeypatch.setattr(memory, "replay_plaintext_digest", again)
+    b = run(scen(), strategy="shadow-vcpu", trace_path=trace)
+    p = b.summary["data"]["plaintext"]
+    assert p["no_migration"] == a.summary["data"]["plaintext"]["no_migration"] == p["end_of_trace"]

@@ -149,7 +149,7 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
     from concurrent.futures.process import BrokenProcessPool
 
     from ..errors import WorkerError
-    from ..refdigest import lookup, no_migration_digest
+    from ..refdigest import lookup, no_migration_digest, plaintext_digest
     from ..trace import read_meta
 
     meta = read_meta(trace_path)
@@ -160,6 +160,8 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
     ctx = multiprocessing.get_context("spawn")
     with progress_bar(passes * meta.events, "compare", show_progress) as update:
         nomig = known or no_migration_digest(trace_path, meta, g.asid, g.os_vmpl, engine, update)
+        if scenario.migration.data:  # data mode's reference too, once here rather than once per worker
+            plaintext_digest(trace_path, meta)
         stop, queue = ctx.Event(), ctx.Queue() if update else None
         drain = threading.Thread(target=_drain, args=(queue, update), daemon=True) if update else None
         if drain:

@@ -83,10 +83,10 @@ class Migration:
         eng = self._engine(2)
         data = None
         if self.s.migration.data:
-            from ..security.memory import replay_plaintext_digest
+            from ..refdigest import plaintext_digest
 
             data = DataMode(self.s.seed, eng, self.meta, self.s.migration.data_zstd_level, self.s.attestation)
-            data.plaintext["no_migration"] = replay_plaintext_digest(self.trace_path)
+            data.plaintext["no_migration"] = plaintext_digest(self.trace_path, self.meta)
         adversary = None
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))
