@@ -22,7 +22,6 @@ import os
 import resource
 import shutil
 from collections.abc import Mapping
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,18 +230,12 @@ def check_round_budget(migration: Any, npages: int) -> None:
                                 f"(rounds x pages <= 2^35, so that a run ends in bounded time)")
 
 
-def int_fields(cls) -> list[str]:
-    """The int (not bool) fields of a dataclass, from their defaults."""
-    d = cls()
-    return [f.name for f in fields(cls) if _kind(getattr(d, f.name)) == "int"]
-
-
 # ------------------------------------------------------------------------------------------ resources
 
 # Bytes of state per guest page while a run is in progress, measured as peak RSS on a 1 TiB guest:
 #   pre-copy: the engine's 2 hosts x (4 B version + 1 B flags), RMP entries only where they differ
 #   from launch's (the reference engine is freed first): 10.5 B/page;
-#   post-copy adds the driver's per-page arrays (ready times, missing pages, requested bits): 22.6 B/page.
+#   post-copy adds the per-page ready times of the pages in flight: 20.0 B/page.
 RUN_BYTES_PER_PAGE = 24
 INSPECT_BYTES_PER_PAGE = 2  # two page bitmaps (bool)
 BATCH_OVERHEAD = 256 << 20  # one decoded batch (1M rows x 31 B), its decompression, polars/arrow pools
@@ -393,6 +386,3 @@ def check_summary(summary: Any, where: str, *, strategies=("mirror-vm", "shadow-
               where, f"adversary[{i}] is not an action (kind, at, outcome, detected_by)")
     return summary
 
-
-def dataclass_depth_ok(obj: Any) -> bool:
-    return not is_dataclass(obj) or depth(obj.__dict__) <= MAX_DEPTH
