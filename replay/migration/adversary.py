@@ -165,8 +165,7 @@ class Adversary:
 
     def _private_gfn(self, host: int) -> int | None:
         """The lowest gfn private and present on ``host`` whose RMP entry is the guest's."""
-        flags = self.eng.flags(host, np.arange(self.data.dp.memory[host].npages, dtype=np.uint32))
-        for gfn in np.flatnonzero((flags & (PRIVATE | PRESENT)) == (PRIVATE | PRESENT)).tolist():
+        for gfn in self._held_private(host):
             if self.eng.rmp_entry(host, self.eng.spa(host, gfn)).assigned:
                 return int(gfn)
         return None
@@ -281,7 +280,7 @@ class Adversary:
         action the check cannot fail (the engine's installs keep the target's RMP consistent), so it runs
         only after one."""
         acts = [a for a in self._of(RMP_TARGET) if self._due(a)]
-        held = self._held_private() if acts else []
+        held = self._held_private(TARGET) if acts else []
         if not held:
             return  # the target holds no private page yet (post-copy): the next chance
         eng = self.eng
@@ -303,9 +302,9 @@ class Adversary:
                 by = "vc.not_validated" if f == Fault.VC_NOT_VALIDATED else f"rmp.{f.key}"
                 raise DataRefused(f"the target's RMP entry of gfn {gfn} is not the guest's ({f.key})", by)
 
-    def _held_private(self) -> list[int]:
-        n = self.data.dp.memory[1].npages
-        flags = self.eng.flags(TARGET, np.arange(n, dtype=np.uint32))
+    def _held_private(self, host: int) -> list[int]:
+        """The private pages ``host`` holds, ascending."""
+        flags = self.eng.flags(host, np.arange(self.eng.npages, dtype=np.uint32))
         return np.flatnonzero((flags & (PRIVATE | PRESENT)) == (PRIVATE | PRESENT)).tolist()
 
     # -- the record
