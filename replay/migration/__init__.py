@@ -147,7 +147,7 @@ class Migration:
             out.digests["source_at_switchover"], out.digests["target_at_switchover"] = sw.source_digest, sw.target_digest
             out.times["completion_ns"] = out.times["resume_ns"] = sw.resume_ns
         else:
-            if out.switchover_reason != "max_rounds" or m.mode == "hybrid":
+            if m.mode != "precopy":  # pre-copy reaches post-copy only through on_max_rounds: reason max_rounds
                 out.switchover_reason = "postcopy"
             sw = switch_to_postcopy(run, hybrid=m.mode != "postcopy")
             out.vmsas_sent = sw.vmsas
