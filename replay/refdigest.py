@@ -88,7 +88,8 @@ def plaintext_digest(trace_path: str | Path, meta: TraceMeta, cache: Path | None
     cached the same way (it depends on the trace alone, so one entry serves every guest and engine)."""
     from .security.memory import replay_plaintext_digest
 
-    return _cached(meta, 0, 0, "plaintext", cache, lambda: replay_plaintext_digest(trace_path))
+    # The kind names the digest's hash: an entry from before the switch to BLAKE3 is never read back.
+    return _cached(meta, 0, 0, "plaintext-blake3", cache, lambda: replay_plaintext_digest(trace_path))
 
 
 def _cached(meta: TraceMeta, asid: int, os_vmpl: int, kind: str, cache: Path | None, compute_digest) -> str:

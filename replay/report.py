@@ -59,6 +59,12 @@ def labels(runs: Sequence[Run]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ plots
 
 
+def _legend(ax) -> None:
+    """The runs' legend, if any run drew something (a run with no rounds draws nothing)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, frameon=False)
+
+
 def _svg(fig, salt: str) -> str:
     """Render ``fig`` to an inline <svg> element, deterministically."""
     import matplotlib
@@ -102,7 +108,7 @@ def _plot_pages(runs, names) -> str:
                 label=f"{name}: dirty")
     ax.set_yscale("symlog", linthresh=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8, frameon=False)
+    _legend(ax)
     return _svg(fig, "pages")
 
 
@@ -117,7 +123,7 @@ def _plot_bytes(runs, names) -> str:
         ys = [0.0] + [v / 2**20 for v in r["cum"].to_list()] if r.height else []
         lw = 3.2 if i == 0 and len(runs) > 1 else 1.6
         ax.plot(xs, ys, "-o", color=COLORS[i % len(COLORS)], ms=3, lw=lw, label=name)
-    ax.legend(fontsize=8, frameon=False)
+    _legend(ax)
     return _svg(fig, "bytes")
 
 
@@ -133,7 +139,7 @@ def _plot_agents(runs, names) -> str:
                 lw=3.6 if i == 0 and len(runs) > 1 else 1.8, label=name)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, frameon=False)
+    _legend(ax)
     return _svg(fig, "agents")
 
 
@@ -165,7 +171,7 @@ def _plot_latency(runs, names) -> str | None:
         ax.bar(xs, [counts.get(k, 0) for k in buckets], width=width, color=COLORS[i % len(COLORS)], label=name)
     ax.set_xticks(range(len(buckets)), [f"{lo}–{hi}" for lo, hi in buckets], fontsize=8, rotation=30)
     ax.grid(False, axis="x")
-    ax.legend(fontsize=8, frameon=False)
+    _legend(ax)
     return _svg(fig, "latency")
 
 

@@ -19,14 +19,17 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .errors import RunDirError
 from .records import atomic_dir, canonical_json
 from .validate import check_summary, load_json, short
+
+if TYPE_CHECKING:  # polars is for reading runs back: writing one (every `replay run`) does without it
+    import polars as pl
 
 RUN_FORMAT = "snp-replay-run"
 RUN_VERSION = 1
@@ -287,6 +290,8 @@ def check_run_dir(path: str | Path, *, complete: bool = False) -> tuple[dict, di
 
 def load_run(path: str | Path) -> Run:
     """Read a run directory, validating it completely (``check_run_dir``) before polars sees a table."""
+    import polars as pl
+
     summary, tables = check_run_dir(path)
     frames = {name: pl.from_arrow(t) for name, t in tables.items()}
     return Run(Path(path), summary, frames["rounds"], frames["events"], frames.get("faults"))

@@ -126,3 +126,20 @@ def test_the_plaintext_reference_is_replayed_once_per_trace(trace, tmp_path, mon
     b = run(scen(), strategy="shadow-vcpu", trace_path=trace)
     p = b.summary["data"]["plaintext"]
     assert p["no_migration"] == a.summary["data"]["plaintext"]["no_migration"] == p["end_of_trace"]
+
+
+@pytest.mark.parametrize("mode", ["precopy", "postcopy", "hybrid"])
+def test_two_threads_or_one_the_run_record_is_the_same(trace, mode, monkeypatch):
+    """Data mode cuts big batches (seal, open, install, zstd) in halves on two threads; every batch is cut
+    here (SPLIT_MIN 2), and the record must be byte for byte the one-thread record."""
+    from replay.security import parallel
+
+    records = []
+    for threads in (1, 2):
+        monkeypatch.setattr(parallel, "THREADS", threads)
+        monkeypatch.setattr(parallel, "SPLIT_MIN", 2)
+        r = run(scen(mode, data_zstd_level=3), strategy="shadow-vcpu", trace_path=trace)
+        assert r.status == "completed" and r.summary["metrics"]["security"]["source"]["compressed_pages"] > 0
+        records.append((r.summary, r.rounds, r.events))
+    assert records[0][0] == records[1][0]
+    assert records[0][1].equals(records[1][1]) and records[0][2].equals(records[1][2])

@@ -6,7 +6,7 @@ Expected contents come from this file's own model: a pure-Python SplitMix64 and 
 
 from __future__ import annotations
 
-import hashlib
+import blake3
 
 import numpy as np
 import pytest
@@ -56,13 +56,13 @@ class Model:
         return bytes(self.mem[g * PAGE : (g + 1) * PAGE])
 
     def digest(self):
-        hg, hp = hashlib.blake2b(digest_size=32), hashlib.blake2b(digest_size=32)
+        hg, hp = blake3.blake3(), blake3.blake3()
         for g in range(len(self.mem) // PAGE):
             p = self.page(g)
             if any(p):
                 hg.update(g.to_bytes(8, "little"))
                 hp.update(p)
-        return hashlib.blake2b(hg.digest() + hp.digest(), digest_size=32).hexdigest()
+        return blake3.blake3(hg.digest() + hp.digest()).hexdigest()
 
 
 def apply_rows(mem, rows):
@@ -370,3 +370,79 @@ def test_a_page_nonzero_only_past_its_first_word_counts_as_written():
     assert model.page(5)[:8] == bytes(8) and any(model.page(5))
     assert m.plaintext_digest() == model.digest() != host().plaintext_digest()
     assert memmod.nonzero_pages(np.frombuffer(model.page(5) + bytes(PAGE), np.uint8).reshape(2, PAGE)).tolist() == [True, False]
+
+
+write_rows = st.lists(
+    st.tuples(st.integers(0, 16 * PAGE - 1), st.integers(1, 3 * PAGE), st.sampled_from([0, 0, 1]),
+              st.integers(0, M64)).map(lambda r: (r[0], min(r[1], 16 * PAGE - r[0]), r[2], r[3])),
+    min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(batches=st.lists(write_rows, min_size=1, max_size=4), cache=st.sampled_from([None, 16, 5]))
+def test_writes_to_stored_pages_in_one_c_call_match_the_model(batches, cache):
+    """Once every page is stored, batches of WRITE and READ rows take the one-call path
+    (``replay._content.apply_writes``): the contents, digest and cache bound are still the model's, and
+    the path declines (the general one then runs) exactly when a page it would write holds ciphertext."""
+    taken = []
+    real = memmod.apply_writes
+
+    def spy(*a):
+        taken.append(real(*a))
+        return taken[-1]
+
+    memmod.apply_writes = spy
+    try:
+        m, model = host(shared=[(2, 4)], cache=cache), Model(16, shared=range(2, 5))
+        fill = [(g * PAGE, PAGE, 0, g + 1) for g in range(16)]
+        apply_rows(m, fill)
+        model.apply(fill)
+        for rows in batches:
+            encrypted = {s for s in range(16) if not m._clear[m._slot[s]]}
+            hits = {g for gpa, ln, op, _ in rows if op == 0 for g in range(gpa // PAGE, (gpa + ln - 1) // PAGE + 1)}
+            taken.clear()
+            apply_rows(m, rows)
+            model.apply(rows)
+            assert (taken[0] < 0) == bool(hits & encrypted)  # declined only for a page held in ciphertext
+            if taken[0] >= 0:
+                assert taken[0] == len(hits)  # the distinct pages it wrote
+    finally:
+        memmod.apply_writes = real
+    assert m.cached_pages <= (16 if cache is None else cache)
+    assert m.plaintext_digest() == model.digest()
+    for g in range(16):
+        assert m.read_plain(g) == model.page(g)
+
+
+def test_the_one_call_paths_decline_and_change_nothing():
+    """``apply_writes`` and ``gather_pages`` refuse rows or pages they cannot handle (a page not stored,
+    held in ciphertext, a page-state change, a row outside the guest) before writing anything; their op
+    codes are the trace's."""
+    from replay._content import OPS, apply_writes, gather_pages
+
+    assert OPS == {"WRITE": int(Op.WRITE), "READ": int(Op.READ)}
+    m = host(cache=2)
+    apply_rows(m, [(g * PAGE, PAGE, 0, g + 1) for g in range(4)])  # pages 0..3 stored; 0 and 1 evicted
+    arena, stamp = m._arena.copy(), m._stamp.copy()
+    clear = m._clear.view(np.uint8)
+
+    def call(rows):
+        a = np.array(rows, dtype=np.uint64).reshape(-1, 4).T.copy()
+        return apply_writes(m._arena, m._slot, clear, m._stamp, 99, a[0], a[1], a[2].astype(np.uint8), a[3])
+
+    for rows in ([(3 * PAGE, 8, 0, 1), (5 * PAGE, 8, 0, 1)],  # page 5 not stored
+                 [(3 * PAGE, 8, 0, 1), (0, 8, 0, 1)],  # page 0 held in ciphertext
+                 [(3 * PAGE, 8, 0, 1), (2 * PAGE, 8, int(Op.TO_SHARED), 0)],  # a page-state change
+                 [(3 * PAGE, 8, 0, 1), (16 * PAGE - 4, 8, 0, 1)],  # past the guest's end
+                 [(3 * PAGE, 0, 0, 1)]):  # an empty row
+        assert call(rows) == -1
+        assert (m._arena == arena).all() and (m._stamp == stamp).all()
+    assert call([(2 * PAGE + 4090, 12, 0, 7), (3 * PAGE, 1, int(Op.READ), 0), (3 * PAGE + 1, 1, 0, 8)]) == 2
+    assert m.read_plain(2)[4090:] == content_bytes(7, 0, 6)  # the row crosses into page 3...
+    assert m.read_plain(3)[:6] == content_bytes(7, 6, 1) + content_bytes(8, 0, 1) + content_bytes(7, 8, 4)  # ...then 1 byte
+    assert m.read_plain(3)[6:] == content_bytes(4, 6, PAGE - 6)  # the fill's
+    out = np.zeros((3, PAGE), np.uint8)
+    assert not gather_pages(m._arena, m._slot, clear, np.array([2, 0, 3]), out)  # page 0 in ciphertext
+    assert not gather_pages(m._arena, m._slot, clear, np.array([2, 5]), out)  # page 5 not stored
+    assert gather_pages(m._arena, m._slot, clear, np.array([3, 2]), out)
+    assert out[0].tobytes() == m.read_plain(3) and out[1].tobytes() == m.read_plain(2)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..security.channel import Outcome
+from ..security.channel import Outcome, PageRefs
 from ..scenario import AttestationSpec, parse_tcb
 from ..security.attestation import DEFAULT_GUEST_POLICY, POLICY_DEBUG, POLICY_MIGRATE_MA, TcbVersion
 from ..security.session import AttestationSetup, DataPlane
@@ -63,6 +63,7 @@ class DataMode:
         self.plaintext = dict.fromkeys(("source_at_switchover", "target_at_switchover", "end_of_trace"), "")
         self.adversary = None  # replay.migration.adversary.Adversary: rewrites what crosses ([[adversary]])
         self._capture = np.empty((0, PAGE_SIZE), np.uint8)  # captured contents, reused between transfers
+        self._cols = (None, [])  # (batch, its gpa, len, op and value columns as numpy)
         eng.set_send_log(True)
 
     # -- the guest
@@ -70,8 +71,9 @@ class DataMode:
         """Rows [a, b) of ``batch`` were applied on ``host``."""
         if batch is None or b <= a:
             return
-        cols = [batch.column(i).to_numpy(zero_copy_only=True)[a:b] for i in (2, 3, 4, 5)]
-        self.dp.guest_rows(host, *cols)
+        if self._cols[0] is not batch:  # a transfer applies one batch in many pieces: its columns once
+            self._cols = (batch, [batch.column(i).to_numpy(zero_copy_only=True) for i in (2, 3, 4, 5)])
+        self.dp.guest_rows(host, *(c[a:b] for c in self._cols[1]))
 
     # -- pages
     def handshake(self) -> None:
@@ -96,8 +98,8 @@ class DataMode:
     def after_transfer(self, run_host: int, batch, base: int, a: int, b: int, stream: str) -> None:
         """Replay the interleaving of the transfer: the rows [a, b) it applied and the pages it sent, each
         page with the contents (and state) it had when the engine took its version. Consecutive sends form
-        one group, packaged in one call after the rows up to the group's last send are applied, as long as
-        no WRITE or page-state row between a page's send and that point touches the page."""
+        one group, packaged after the rows up to the group's last send are applied, as long as no WRITE or
+        page-state row between a page's send and that point touches the page."""
         gfns, rows, versions = self.eng.take_send_log()
         if batch is None:
             self.send(gfns, versions, stream)
@@ -106,7 +108,9 @@ class DataMode:
             self.rows(run_host, batch, a, b)
             return
         r = (rows - base).tolist()
-        nxt = self._next_touch(batch, a, b, gfns.astype(np.int64), rows - base).tolist()
+        nxt = self._next_touch(batch, a, b, gfns.astype(np.int64), rows - base)
+        late = nxt == b  # no row of this transfer changes the page after its send
+        nxt = nxt.tolist()
         # Each group: (rows applied before it, its first and last send). Rows only ever run on the host
         # they are applied to: with the guest on the source, the target's memory sees no rows, so the
         # groups' contents can be captured as they come and all sent at the end, in one batch.
@@ -122,37 +126,61 @@ class DataMode:
         capture = run_host == SOURCE and self.adversary is None
         self._applied = a
         try:
-            self._send_groups(run_host, batch, r, gfns, versions, groups, stream, capture)
+            self._send_groups(run_host, batch, r, gfns, versions, groups, stream, capture, late)
         finally:  # the guest ran every row of the transfer, even if a refused packet stopped the migration
             self.rows(run_host, batch, self._applied, b)
 
-    def _send_groups(self, run_host, batch, r, gfns, versions, groups, stream, capture) -> None:
-        captured, used = [], 0
+    def _send_groups(self, run_host, batch, r, gfns, versions, groups, stream, capture, late) -> None:
+        """Send the groups, capturing them as they come (``capture``) or each at once. Of a captured group
+        only the pages a later row of the transfer changes (``~late``) are copied aside; the others still
+        hold the contents they were sent with when the batch goes, and are sealed where they lie."""
+        pending, used, count = [], 0, 0  # groups waiting, capture rows used, pages waiting
+        at = np.full(len(r), -1, np.int64)  # per send: its row in the capture buffer, -1: read in place
+        private = np.zeros(len(r), dtype=bool)  # per captured send: its attribute when captured
         for s, e in groups:
             self.rows(run_host, batch, self._applied, r[e - 1])
             self._applied = r[e - 1]
             if not capture or e - s > CAPTURE_PAGES:
-                self._send_captured(captured, stream)
-                captured, used = [], 0
+                self._send_captured(pending, gfns, versions, at, private, used, stream)
+                pending, used, count = [], 0, 0
                 self.send(gfns[s:e], versions[s:e], stream)
                 continue
-            if used + e - s > CAPTURE_PAGES:
-                self._send_captured(captured, stream)
-                captured, used = [], 0
-            if self._capture.shape[0] < used + e - s:
-                self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
-            _, private = self.dp.capture(gfns[s:e], out=self._capture[used : used + e - s])
-            captured.append((gfns[s:e], versions[s:e], private))
-            used += e - s
-        self._send_captured(captured, stream)
+            if count + e - s > CAPTURE_PAGES:
+                self._send_captured(pending, gfns, versions, at, private, used, stream)
+                pending, used, count = [], 0, 0
+            early = s + np.flatnonzero(~late[s:e])
+            if early.size:
+                if self._capture.shape[0] < CAPTURE_PAGES:
+                    self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
+                _, private[early] = self.dp.capture(gfns[early], out=self._capture[used : used + early.size])
+                at[early] = np.arange(used, used + early.size)
+                used += early.size
+            pending.append((s, e))
+            count += e - s
+        self._send_captured(pending, gfns, versions, at, private, used, stream)
 
-    def _send_captured(self, groups, stream: str) -> None:
-        """Send the captured groups (their contents: the first rows of the capture buffer, in order)."""
-        if groups:
-            private = np.concatenate([p for _, _, p in groups])
-            contents = (self._capture[: private.size], private)
-            for outcomes in self.dp.send_captured([(g, v) for g, v, _ in groups], contents, STREAM[stream]):
-                self._check(outcomes)
+    def _send_captured(self, groups, gfns, versions, at, private, used: int, stream: str) -> None:
+        """Send the pending groups (consecutive sends): the captured pages from the capture buffer, the
+        others from the source's memory as it is now (its pages in clear read in place, the rest
+        decrypted into the capture buffer's free rows)."""
+        if not groups:
+            return
+        lo, hi = groups[0][0], groups[-1][1]
+        memory = self.dp.memory[SOURCE]
+        pages, row = memory.plain_rows(gfns[lo:hi])
+        inplace = at[lo:hi] < 0
+        priv = np.where(inplace, memory.private_mask(gfns[lo:hi]), private[lo:hi])
+        cipher = np.flatnonzero(inplace & (row == -2))
+        if cipher.size:
+            if self._capture.shape[0] < CAPTURE_PAGES:
+                self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
+            memory.read_plain_many(gfns[lo + cipher], out=self._capture[used : used + cipher.size])
+            inplace[cipher] = False
+            row[cipher] = np.arange(used, used + cipher.size)
+        row = np.where(at[lo:hi] >= 0, at[lo:hi], row)
+        refs = PageRefs((pages, self._capture), np.where(inplace, 0, 1).astype(np.int8), row, priv)
+        for outcomes in self.dp.send_captured([(gfns[s:e], versions[s:e]) for s, e in groups], refs, STREAM[stream]):
+            self._check(outcomes)
 
     @staticmethod
     def _next_touch(batch, a: int, b: int, gfns: np.ndarray, sent_at: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..snp import PAGE_SIZE, VMPLS
+from . import parallel
 from .attestation import Direction, SessionKeys
 from .gcm import open_many, seal_many
 from .memory import HostMemory, nonzero_pages
@@ -163,6 +165,65 @@ class ChannelStats:
         return d
 
 
+@dataclass(frozen=True, eq=False)
+class Wire:
+    """A batch of packets back to back in one buffer, as they cross a link: packet ``i`` is
+    ``buffer[offsets[i] : offsets[i] + lengths[i]]``. ``Sender.seal_pages`` writes one into a buffer it
+    reuses once the previous batch is gone; ``packets`` gives them as bytes (what an adversary rewrites)."""
+
+    buffer: np.ndarray  # uint8
+    offsets: np.ndarray  # int64
+    lengths: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, packets: list[bytes]) -> "Wire":
+        lengths = np.fromiter(map(len, packets), np.int64, len(packets))
+        offsets = np.cumsum(lengths) - lengths
+        return cls(np.frombuffer(b"".join(packets), np.uint8), offsets, lengths)
+
+    def __len__(self) -> int:
+        return self.offsets.size
+
+    def packets(self) -> list[bytes]:
+        b = self.buffer
+        return [b[o : o + n].tobytes() for o, n in zip(self.offsets.tolist(), self.lengths.tolist())]
+
+
+@dataclass(frozen=True)
+class PageRefs:
+    """Where the plain text of each page of a batch lies, to be sealed in place: page ``i`` is row
+    ``row[i]`` of ``sources[which[i]]`` (C-contiguous ``(m, 4096)`` uint8 arrays: a host's memory, a buffer
+    of pages captured earlier), or a zero page if ``row[i] < 0``; ``private[i]`` is its attribute."""
+
+    sources: tuple
+    which: np.ndarray  # int8
+    row: np.ndarray  # int64
+    private: np.ndarray  # bool
+
+    @classmethod
+    def of(cls, plain: np.ndarray, private) -> "PageRefs":
+        """The pages of ``plain``, in order."""
+        n = plain.shape[0]
+        return cls((plain,), np.zeros(n, np.int8), np.arange(n, dtype=np.int64), np.asarray(private, dtype=bool))
+
+    def __len__(self) -> int:
+        return self.row.size
+
+    def part(self, a: int, b: int) -> "PageRefs":
+        return PageRefs(self.sources, self.which[a:b], self.row[a:b], self.private[a:b])
+
+    def page(self, i: int) -> np.ndarray:
+        return self.sources[self.which[i]][self.row[i]]
+
+    def nonzero(self) -> np.ndarray:
+        nz = np.zeros(self.row.size, dtype=bool)
+        for k, src in enumerate(self.sources):
+            sel = np.flatnonzero((self.which == k) & (self.row >= 0))
+            if sel.size:
+                nz[sel] = nonzero_pages(src, self.row[sel])
+        return nz
+
+
 class _Keys:
     """AES-GCM contexts per stream for one direction (made on first use)."""
 
@@ -196,6 +257,8 @@ class Sender:
         self.stats = ChannelStats()
         self.token_hasher = TokenHasher()
         self._work = np.empty((0, PAGE_SIZE), np.uint8)  # the pages of a batch, reused from batch to batch
+        self._wire = np.empty(0, np.uint8)  # the packets of a batch, reused once the last batch is gone
+        self._last = lambda: None  # (a weak reference to) the last batch handed out
 
     @staticmethod
     def _check_stream(stream: int) -> None:
@@ -211,10 +274,12 @@ class Sender:
         return seq
 
     def _compress_all(self, datas: list[bytes]) -> list[bytes | None]:
-        """zstd frames of ``datas`` in one call (single-threaded, in C), or Nones without compression."""
+        """zstd frames of ``datas`` in one call (in C; a big batch on two threads: each page is its own frame,
+        the same bytes either way), or Nones without compression."""
         if self._zstd is None or not datas:
             return [None] * len(datas)
-        return [seg.tobytes() for seg in self._zstd.multi_compress_to_buffer(datas, threads=0)]
+        threads = parallel.THREADS if parallel.THREADS > 1 and len(datas) >= parallel.SPLIT_MIN else 0  # 0: this one
+        return [seg.tobytes() for seg in self._zstd.multi_compress_to_buffer(datas, threads=threads)]
 
     def _body(self, data: bytes, c: bytes | None = None) -> tuple[bytes, int]:
         st = self.stats
@@ -267,39 +332,54 @@ class Sender:
         self.token_hasher.restore(token)
 
     def send_pages(self, gfns, versions, stream: int, contents=None) -> list[bytes]:
-        """Packets for the pages ``gfns`` (their contents now, or ``contents`` = (plain pages, private
-        flags) taken earlier by ``capture``, tagged with ``versions``) on ``stream``, in order. The whole
-        batch is handled at once: the source memory read (decrypted) in one call, headers and nonces
-        packed as arrays, the private pages sealed in one call (``gcm.seal_many``)."""
+        """``seal_pages``, as a list of packets (bytes)."""
+        return self.seal_pages(gfns, versions, stream, contents).packets()
+
+    def _wire_buffer(self, size: int) -> np.ndarray:
+        """A buffer of at least ``size`` bytes for the next batch: the last one again unless its batch is
+        still held somewhere (fresh memory costs page faults on every batch)."""
+        if self._last() is not None or self._wire.size < size:  # in use (a buffer of its own), or too small
+            size = size if self._last() is not None else max(size, 2 * self._wire.size)
+            self._wire = np.empty(size, np.uint8)
+        return self._wire
+
+    def seal_pages(self, gfns, versions, stream: int, contents=None) -> Wire:
+        """Packets for the pages ``gfns`` (their contents now; or ``contents``: (plain pages, private flags)
+        taken earlier by ``capture``, or a ``PageRefs`` to them) tagged with ``versions``, on ``stream``, in
+        order, on one ``Wire``. The whole batch is handled at once: the source memory read (decrypted) in
+        one call, headers and nonces packed as arrays, the packets written in one call (``gcm.seal_many``,
+        the private pages sealed) straight from where the plain text lies."""
         self._check_stream(stream)  # before anything is counted
         g = np.atleast_1d(np.asarray(gfns, dtype=np.int64))
         v = np.broadcast_to(np.asarray(versions, dtype=np.uint64), g.shape)
         n = g.size
         if n == 0:
-            return []
+            return Wire(np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
         st = self.stats
         seq0 = st.sequences.get(stream, 0)
         if seq0 + n > MAX_SEQUENCE:  # a nonce would repeat: refuse rather than reuse
             raise OverflowError(f"stream {stream}: sequence numbers exhausted")
         if contents is not None:
-            plain, private = contents
+            refs = contents if isinstance(contents, PageRefs) else PageRefs.of(*contents)
+            if len(refs) != n:
+                raise ValueError(f"send_pages: {n} gfns but contents for {len(refs)} pages")
             self.memory.private_mask(g)  # the gfns must be in the guest all the same
         else:
             if self._work.shape[0] < n:
                 self._work = np.empty((max(n, 2 * self._work.shape[0]), PAGE_SIZE), np.uint8)
-            plain = self.memory.read_plain_many(g, out=self._work)
-            private = self.memory.private_mask(g)
-        nonzero = nonzero_pages(plain)
+            refs = PageRefs.of(self.memory.read_plain_many(g, out=self._work), self.memory.private_mask(g))
+        private = refs.private
+        nonzero = refs.nonzero()
         length = np.where(nonzero, PAGE_SIZE, 0)
-        offset = np.arange(n, dtype=np.int64) * PAGE_SIZE
-        body = plain
+        bodies, which = tuple(src.reshape(-1) for src in refs.sources), refs.which
+        offset = np.maximum(refs.row, 0) * PAGE_SIZE
         compressed = np.zeros(n, dtype=bool)
         if self._zstd is not None and nonzero.any():
             nz = np.flatnonzero(nonzero)
-            datas = [plain[i].tobytes() for i in nz.tolist()]
+            datas = [refs.page(i).tobytes() for i in nz.tolist()]
             parts = [c if len(c) < len(d) else d for d, c in zip(datas, self._compress_all(datas))]
             lens = np.fromiter(map(len, parts), np.int64, len(parts))
-            body = np.frombuffer(b"".join(parts), np.uint8)
+            bodies, which = (np.frombuffer(b"".join(parts), np.uint8),), np.zeros(n, np.int8)
             compressed[nz] = lens < PAGE_SIZE
             length[nz] = lens
             offset[:] = 0
@@ -311,6 +391,8 @@ class Sender:
         hdr["sequence"] = np.arange(seq0, seq0 + n, dtype=np.uint64)
         hdr["payload_len"] = length + TAG_BYTES * private
         head = hdr.view(np.uint8).reshape(n, HEADER_BYTES)
+        sizes = hdr["payload_len"].astype(np.int64) + HEADER_BYTES
+        at = np.cumsum(sizes) - sizes
         st.sequences[stream] = seq0 + n
         n_private = int(np.count_nonzero(private))
         st.private_pages += n_private
@@ -319,20 +401,14 @@ class Sender:
         st.payload_bytes += PAGE_SIZE * int(np.count_nonzero(nonzero))
         st.compressed_pages += int(np.count_nonzero(compressed))
         st.compressed_bytes += int(length.sum())
-        st.wire_bytes += int(hdr["payload_len"].sum(dtype=np.int64)) + n * HEADER_BYTES
-        if n_private == n:
-            out, records = seal_many(self._aead.key(stream), nonces(stream, hdr["sequence"]), head, body, offset, length)
-        else:
-            sel = np.flatnonzero(private)
-            sealed, records = seal_many(self._aead.key(stream), nonces(stream, hdr["sequence"][sel]), head[sel], body,
-                                        offset[sel], length[sel])
-            buf = body.reshape(-1)
-            clear = iter([head[i].tobytes() + buf[offset[i] : offset[i] + length[i]].tobytes()
-                          for i in np.flatnonzero(~private).tolist()])
-            sealed = iter(sealed)
-            out = [next(sealed) if p else next(clear) for p in private.tolist()]
-        self.token_hasher.absorb_block(stream, records.tobytes(), len(records))
-        return out
+        st.wire_bytes += int(sizes.sum())
+        buf = self._wire_buffer(int(sizes.sum()))
+        records = seal_many(self._aead.key(stream), nonces(stream, hdr["sequence"]), head, bodies, which, offset, length,
+                            private, buf, at)
+        self.token_hasher.absorb_block(stream, (records if n_private == n else records[private]).tobytes(), n_private)
+        wire = Wire(buf, at, sizes)
+        self._last = weakref.ref(wire)
+        return wire
 
     def send_page(self, gfn: int, version: int, stream: int) -> bytes:
         return self.send_pages([gfn], [version], stream)[0]
@@ -430,28 +506,35 @@ class Receiver:
         A batch as the sender makes it (one stream, in sequence, distinct pages, every tag right) is
         checked and applied as a whole (``_receive_batch``); any other batch packet by packet, with the
         same result (``_receive_each``)."""
-        packets = packets if isinstance(packets, list) else list(packets)
+        if not isinstance(packets, Wire):
+            packets = packets if isinstance(packets, list) else list(packets)
         outcomes = self._receive_batch(packets)
-        return outcomes if outcomes is not None else self._receive_each(packets)
+        if outcomes is not None:
+            return outcomes
+        return self._receive_each(packets.packets() if isinstance(packets, Wire) else packets)
 
     def receive_all_or_nothing(self, packets) -> bool:
         """Take ``packets`` whole if every one of them is accepted (True); otherwise change nothing (False)."""
-        packets = packets if isinstance(packets, list) else list(packets)
+        if not isinstance(packets, Wire):
+            packets = packets if isinstance(packets, list) else list(packets)
         return self._receive_batch(packets, all_or_nothing=True) is not None
 
-    def _receive_batch(self, packets: list, all_or_nothing: bool = False) -> list[Outcome] | None:
-        """The whole-batch path: None (and nothing changed) unless every packet is a page of one stream,
-        in sequence, in the guest, distinct from the others, with a right tag and a payload that decodes
-        to a page. Its outcomes are then ACCEPTED, or STALE_VERSION for an older copy than the target's."""
+    def _receive_batch(self, packets, all_or_nothing: bool = False) -> list[Outcome] | None:
+        """The whole-batch path (a ``Wire``, or a list of packets laid on one): None (and nothing changed)
+        unless every packet is a page of one stream, in sequence, in the guest, distinct from the others,
+        with a right tag and a payload that decodes to a page. Its outcomes are then ACCEPTED, or
+        STALE_VERSION for an older copy than the target's."""
+        if not isinstance(packets, Wire):
+            if not all(type(p) is bytes for p in packets):
+                return None
+            packets = Wire.of(packets)
         n = len(packets)
         if n == 0:
             return []
-        if not all(type(p) is bytes for p in packets):
-            return None
-        lens = np.fromiter(map(len, packets), np.int64, n)
+        buf, at, lens = packets.buffer, packets.offsets, packets.lengths
         if lens.min() < HEADER_BYTES:
             return None
-        h = np.frombuffer(b"".join([p[:HEADER_BYTES] for p in packets]), HEADER_DTYPE)
+        h = buf[at[:, None] + np.arange(HEADER_BYTES)].view(HEADER_DTYPE).reshape(n)
         stream, seq0, npages = int(h["stream"][0]), self.stats.sequences.get(int(h["stream"][0]), 0), self.memory.npages
         flags = h["flags"].astype(np.int64)
         plen = h["payload_len"].astype(np.int64)
@@ -472,8 +555,8 @@ class Receiver:
         if self._opened.size < size:  # reused from batch to batch: fresh memory costs page faults each time
             self._opened = np.empty(max(size, 2 * self._opened.size), np.uint8)
         opened = self._opened[:size]
-        ok, records = open_many(self._aead.key(stream), packets, sel, nonces(stream, h["sequence"][sel]), HEADER_BYTES,
-                                opened, sealed_off)
+        ok, records = open_many(self._aead.key(stream), buf, at[sel], lens[sel], nonces(stream, h["sequence"][sel]),
+                                HEADER_BYTES, opened, sealed_off)
         if not ok.all():
             return None
         data = ~zero
@@ -484,7 +567,8 @@ class Receiver:
             where[sel] = sealed_off
             bodies = []
             for i in np.flatnonzero(data).tolist():
-                b = (opened[where[i] : where[i] + body_len[i]].tobytes() if private[i] else packets[i][HEADER_BYTES:])
+                b = (opened[where[i] : where[i] + body_len[i]] if private[i]
+                     else buf[at[i] + HEADER_BYTES : at[i] + lens[i]]).tobytes()
                 if comp[i]:
                     b = self._page(_COMPRESSED, b)
                     if b is None:

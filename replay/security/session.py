@@ -25,7 +25,7 @@ from ..errors import InvariantError
 from ..snp import PAGE_SIZE
 from .attestation import (DEFAULT_GUEST_POLICY, Agent, AmdRoot, Evidence, Handshake, TcbVersion, VerifierPolicy, handshake,
                           measurement_of)
-from .channel import Outcome, Receiver, Sender
+from .channel import Outcome, PageRefs, Receiver, Sender
 from .keys import derive
 from .memory import HostMemory
 from .token import TokenOutcome
@@ -115,8 +115,8 @@ class DataPlane:
         """Package ``gfns`` at the source (contents now, engine ``versions``) and unpack them at the target.
         ``tamper`` lets an adversary rewrite the packets on the wire (flip, drop, replay, reorder, forge)."""
         sender, receiver = self._channel()
-        packets = sender.send_pages(gfns, versions, stream)
-        return receiver.receive_many(tamper(packets) if tamper else packets)
+        wire = sender.seal_pages(gfns, versions, stream)
+        return receiver.receive_many(tamper(wire.packets()) if tamper else wire)
 
     def capture(self, gfns, out=None):
         """The source's contents and attributes of ``gfns`` now (for ``send_captured``); ``out``: an
@@ -126,24 +126,25 @@ class DataPlane:
     def send_captured(self, groups, contents, stream: int) -> list[list[Outcome]]:
         """Send groups of pages whose contents were captured earlier: ``groups`` is a list of (gfns,
         versions), ``contents`` = (plain pages, private flags) of all their pages in that order (from
-        ``capture``). The same as one ``send`` per group when it was captured, in order, stopping after
-        the first group with a rejected packet; but when every packet is accepted (always, unless
-        something is wrong) all groups go through as one batch: one seal and one open."""
+        ``capture``), or a ``PageRefs`` to where they lie. The same as one ``send`` per group when it was
+        captured, in order, stopping after the first group with a rejected packet; but when every packet is
+        accepted (always, unless something is wrong) all groups go through as one batch: one seal and one
+        open."""
         sender, receiver = self._channel()
         gfns = [np.atleast_1d(np.asarray(g, dtype=np.int64)) for g, _ in groups]
         versions = [np.broadcast_to(np.asarray(v, dtype=np.uint64), g.shape) for g, (_, v) in zip(gfns, groups)]
-        plain, private = contents
+        contents = contents if isinstance(contents, PageRefs) else PageRefs.of(*contents)
         if len(groups) > 1:
             state = sender.checkpoint()
-            packets = sender.send_pages(np.concatenate(gfns), np.concatenate(versions), stream, contents=contents)
+            packets = sender.seal_pages(np.concatenate(gfns), np.concatenate(versions), stream, contents=contents)
             if receiver.receive_all_or_nothing(packets):
                 return [[Outcome.ACCEPTED] * g.size for g in gfns]
             sender.restore(state)  # something is wrong: group by group, exactly as the calls one by one
         out, at = [], 0
         for g, v in zip(gfns, versions):
-            part = (plain[at : at + g.size], private[at : at + g.size])
+            part = contents.part(at, at + g.size)
             at += g.size
-            out.append(receiver.receive_many(sender.send_pages(g, v, stream, contents=part)))
+            out.append(receiver.receive_many(sender.seal_pages(g, v, stream, contents=part)))
             if any(o is not Outcome.ACCEPTED for o in out[-1]):
                 break
         return out
