@@ -175,3 +175,46 @@ def test_compare_worker_that_dies_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a compare worker process died" in err
     assert not out.exists()
+
+
+_ESCAPED_WORKER = """
+import sys, threading, time
+import multiprocessing.process
+import psutil
+from replay.cli import main
+
+# CPython's clean-up of a broken pool stops the other workers (terminate(), then a stop sentinel each);
+# a worker it was still starting can escape both (a race, seen in CI). Make every worker escape them,
+# then kill one worker once both run.
+import concurrent.futures.process as cfp
+multiprocessing.process.BaseProcess.terminate = lambda self: None
+cfp._ExecutorManagerThread.shutdown_workers = lambda self: None
+
+def kill_one():
+    while True:
+        kids = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+        if len(kids) == 2:
+            time.sleep(0.2)
+            kids[0].kill()
+            return
+        time.sleep(0.01)
+
+threading.Thread(target=kill_one, daemon=True).start()
+sys.exit(main(["compare", sys.argv[1], "--out", sys.argv[2], "--no-progress"]))
+"""
+
+
+def test_a_worker_the_pool_fails_to_stop_cannot_hang_compare(tmp_path):
+    """When one worker dies and another escapes the pool's own clean-up, ``compare`` still ends (it stops
+    the pool's workers itself): one line, exit 2, nothing written, well within the time limit."""
+    import subprocess
+    import sys
+
+    scen = tmp_path / "s.toml"
+    scen.write_text(SCENARIO.format(mode="precopy").replace("events = 30_000", "events = 3_000_000"))
+    out = tmp_path / "cmp"
+    p = subprocess.run([sys.executable, "-c", _ESCAPED_WORKER, str(scen), str(out)], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and "a compare worker process died" in p.stderr
+    assert not out.exists()

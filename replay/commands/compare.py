@@ -166,19 +166,25 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
         drain = threading.Thread(target=_drain, args=(queue, update), daemon=True) if update else None
         if drain:
             drain.start()
+        pool = ProcessPoolExecutor(max_workers=len(STRATEGIES), mp_context=ctx, initializer=_init_worker,
+                                   initargs=(stop, queue))
         try:
-            with ProcessPoolExecutor(max_workers=len(STRATEGIES), mp_context=ctx, initializer=_init_worker,
-                                     initargs=(stop, queue)) as pool:
-                futures = [pool.submit(_run_strategy, scenario, s, engine, trace_path, nomig) for s in STRATEGIES]
-                wait(futures, return_when=FIRST_EXCEPTION)
-                failed = [f for f in futures if f.done() and f.exception() is not None]
-                if failed:
-                    stop.set()
-                    raise failed[0].exception()
-                return [f.result() for f in futures]
+            futures = [pool.submit(_run_strategy, scenario, s, engine, trace_path, nomig) for s in STRATEGIES]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            if failed:
+                stop.set()
+                raise failed[0].exception()
+            return [f.result() for f in futures]
         except BrokenProcessPool as exc:
+            # A worker died. CPython stops the others itself, but one it was still starting when the death
+            # was noticed escapes that and the pool then waits for it forever (seen with a worker killed
+            # at start-up): stop every worker of the pool here, so that shutting it down cannot hang.
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
             raise WorkerError(f"a compare worker process died ({exc}); out of memory?") from None
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             if drain:
                 queue.put(None)
                 drain.join()
