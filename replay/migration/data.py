@@ -72,7 +72,8 @@ class DataMode:
         if batch is None or b <= a:
             return
         if self._cols[0] is not batch:  # a transfer applies one batch in many pieces: its columns once
-            self._cols = (batch, [batch.column(i).to_numpy(zero_copy_only=True) for i in (2, 3, 4, 5)])
+            gpa, ln, op, value = (batch.column(i).to_numpy(zero_copy_only=True) for i in (2, 3, 4, 5))
+            self._cols = (batch, [gpa, ln.astype(np.uint64), op, value])  # len as the memory takes it
         self.dp.guest_rows(host, *(c[a:b] for c in self._cols[1]))
 
     # -- pages
