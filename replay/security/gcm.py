@@ -1,13 +1,12 @@
 """AES-256-GCM of many packets per call: the sealing and opening behind the migration channel.
 
 A packet here is ``aad + ciphertext + tag`` (the header in clear as associated data, the 16-byte tag last),
-and a batch of packets lies back to back in one *wire* buffer, as on a link.
-``seal_many`` and ``open_many`` work on a whole batch of pages in C (``replay._gcm``: one OpenSSL EVP
-context per call, only the nonce reset per packet, GIL released). A large batch is cut in two halves
-sealed or opened at once on two cores (``replay.security.parallel``): every packet is independent of the
-others, so the bytes are the same whatever the split. Without OpenSSL's headers at build time
-they fall back to ``cryptography``'s ``AESGCM`` packet by packet, which gives the same bytes (the tests
-check both).
+and a batch of packets lies back to back in one *wire* buffer, as on a link. ``seal_many`` and
+``open_many`` work on a whole batch of pages in C (``replay._gcm``: one OpenSSL EVP context per call,
+only the nonce reset per packet, GIL released). A large batch is cut in two halves sealed or opened at
+once on two cores (``replay.security.parallel``): every packet is independent of the others, so the bytes
+are the same whatever the split. Without OpenSSL's headers at build time they fall back to
+``cryptography``'s ``AESGCM`` packet by packet, which gives the same bytes (the tests check both).
 
 Both also return each packet's *record*, its associated data followed by its tag: what the validation
 token hashes (``replay.security.token``).
@@ -27,6 +26,8 @@ except ImportError:  # built without OpenSSL's headers: `cryptography`, packet b
     gcm_open = gcm_seal = None
 
 TAG_BYTES = 16
+
+
 def seal_many(key: bytes, nonces: np.ndarray, aad: np.ndarray, bodies: tuple, which: np.ndarray, offset: np.ndarray,
               length: np.ndarray, sealed: np.ndarray, wire: np.ndarray, at: np.ndarray) -> np.ndarray:
     """Write packet ``i`` into ``wire`` (a uint8 buffer) at ``at[i]``: ``aad[i]``, then the body
