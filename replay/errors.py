@@ -65,7 +65,8 @@ class InvariantError(ReplayError, AssertionError):
     exit_code = ExitCode.INTERNAL
 
 
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` folded onto one line (errors are printed as a single line)."""
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """The message of ``exc`` folded onto one line (errors are printed as a single line), cut to ``limit``
+    characters when given (a library's exception quoted inside one of ours)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if limit is None else text[:limit]

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import TraceError, UsageError
+from .errors import TraceError, UsageError, one_line
 from .record import GUEST_ALIGN, content_seeds, round_up
 from .snp import Op
 from .validate import MAX_GUEST_BYTES, clip, short
@@ -129,7 +129,7 @@ class _Input:
             with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=1 << 16)) as r:
                 return list(r.schema.names)
         except (pa.ArrowException, OSError) as exc:
-            raise TraceError(f"{self.path}: cannot read as {self.kind}: {_short(exc)}") from None
+            raise TraceError(f"{self.path}: cannot read as {self.kind}: {one_line(exc, 300)}") from None
 
     def where(self, row: int) -> str:
         line = f" (line {row + 2})" if self.kind == "csv" else ""
@@ -156,11 +156,7 @@ class _Input:
                 yield row, {c: batch.column(c) for c in columns}
                 row += batch.num_rows
         except (pa.ArrowException, OSError) as exc:
-            raise TraceError(f"{self.where(row)}: cannot read {self.kind}: {_short(exc)}") from None
-
-
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise TraceError(f"{self.where(row)}: cannot read {self.kind}: {one_line(exc, 300)}") from None
 
 
 def _first(mask: np.ndarray) -> int:

@@ -44,9 +44,8 @@ def compute(trace_path: str | Path, meta: TraceMeta, asid: int, os_vmpl: int, en
             progress: Callable[[int], None] | None = None) -> str:
     """Replay the whole trace on one host with no migration; the end-of-trace memory digest."""
     from .engine import U64_MAX, make_engine
-    from .snp import PAGE_SIZE
 
-    eng = make_engine(engine_kind, npages=meta.guest_bytes // PAGE_SIZE, vcpus=meta.vcpus, asid=asid,
+    eng = make_engine(engine_kind, npages=meta.npages, vcpus=meta.vcpus, asid=asid,
                       os_vmpl=os_vmpl, hosts=1)
     eng.launch(0, list(meta.shared_ranges))
     with open_trace(trace_path) as reader:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .errors import RunDirError
+from .errors import RunDirError, one_line
 from .records import atomic_dir, canonical_json
 from .validate import check_summary, load_json, short
 
@@ -89,7 +89,7 @@ def _write_table(path: Path, table: pa.Table, schema: pa.Schema) -> None:
         table = table.cast(schema) if table.schema != schema else table
     except (pa.ArrowInvalid, OverflowError) as exc:
         # A value beyond the record's column type (virtual time past 2^64 ns): parameters too extreme.
-        raise RunDirError(f"{path.name}: a value does not fit the run record ({_short(exc)}); "
+        raise RunDirError(f"{path.name}: a value does not fit the run record ({one_line(exc, 200)}); "
                           "the scenario's times or sizes are too large") from None
     # Uncompressed, one batch: byte-identical output for identical tables on any machine.
     with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, schema) as writer:
@@ -160,10 +160,6 @@ class Run:
         return f"{self.summary['strategy']}/{self.summary['mode']}"
 
 
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
-
-
 def read_record_file(path: Path, limit: int = MAX_RECORD_FILE) -> bytes:
     """A run-directory file's bytes: a regular file (never a FIFO or device, which could block or be
     endless), read whole into memory (never memory-mapped: the bytes checked are the bytes parsed)."""
@@ -172,7 +168,7 @@ def read_record_file(path: Path, limit: int = MAX_RECORD_FILE) -> bytes:
     except FileNotFoundError:
         raise RunDirError(f"{path}: missing (not a complete run directory)") from None
     except OSError as exc:
-        raise RunDirError(f"{path}: cannot read ({exc.strerror or _short(exc)})") from None
+        raise RunDirError(f"{path}: cannot read ({exc.strerror or one_line(exc, 200)})") from None
     if not stat.S_ISREG(st.st_mode):
         raise RunDirError(f"{path}: not a regular file")
     if st.st_size > limit:
@@ -181,7 +177,7 @@ def read_record_file(path: Path, limit: int = MAX_RECORD_FILE) -> bytes:
         with open(path, "rb") as f:
             return f.read(limit + 1)
     except OSError as exc:
-        raise RunDirError(f"{path}: cannot read ({exc.strerror or _short(exc)})") from None
+        raise RunDirError(f"{path}: cannot read ({exc.strerror or one_line(exc, 200)})") from None
 
 
 def parse_table(path: Path, data: bytes, schema: pa.Schema) -> pa.Table:
@@ -200,7 +196,7 @@ def parse_table(path: Path, data: bytes, schema: pa.Schema) -> pa.Table:
     except RunDirError:
         raise
     except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
-        raise RunDirError(f"{path}: not a valid Arrow file ({_short(exc)})") from None
+        raise RunDirError(f"{path}: not a valid Arrow file ({one_line(exc, 200)})") from None
     for name in schema.names:
         if table.column(name).null_count:
             raise RunDirError(f"{path}: nulls in column {name}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ScenarioError, UsageError
+from .kernel import PROFILES
 from .units import parse_duration_ns, parse_size
 from .validate import MAX_DEPTH, check_key, clip, depth, short
 
@@ -27,7 +28,7 @@ ON_MAX_ROUNDS = ("cancel", "stop-and-copy", "postcopy")
 FAULT_DELIVERY = ("kvm-exit", "uffd-shared", "uffd-per-vcpu")
 PAGE_INSTALL = ("gmem-write", "uffd-copy", "uffd-continue")
 CPU_SHARING = ("fair", "agents-first")
-KERNEL_PROFILES = ("custom", "linux-7.1", "proposed-2026")
+KERNEL_PROFILES = tuple(PROFILES)  # replay.kernel: the profiles it knows
 FAULT_KINDS = ("link_down",)
 FOREVER = -1  # duration_ns of a link that never comes back
 

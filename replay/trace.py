@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .errors import TraceError
+from .errors import TraceError, one_line
 from .records import canonical_json, publish_mode
 from .validate import load_json, short
 
@@ -621,7 +621,7 @@ class TraceReader:
             schema = self._reader.schema
         except (pa.ArrowException, OSError, ValueError) as exc:
             self.close()
-            raise TraceError(f"{name}: corrupt Arrow footer: {_short(exc)}") from None
+            raise TraceError(f"{name}: corrupt Arrow footer: {one_line(exc, 300)}") from None
         try:
             try:
                 problem = _schema_problem(schema)
@@ -652,7 +652,7 @@ class TraceReader:
             batch = self._reader.get_batch(i)
             batch.validate()  # buffer sizes against lengths: a corrupt message must not read out of bounds
         except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
-            raise TraceError(f"{self.path}: batch {i}, row {first_row}: corrupt record batch: {_short(exc)}") from None
+            raise TraceError(f"{self.path}: batch {i}, row {first_row}: corrupt record batch: {one_line(exc, 300)}") from None
         return batch
 
     def batch(self, i: int) -> pa.RecordBatch:
@@ -746,10 +746,6 @@ class TraceReader:
 
 # Traces whose content digest this process has verified (see TraceReader.__iter__).
 _VERIFIED: set[tuple] = set()
-
-
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def open_trace(path: str | os.PathLike, *, verify_digest: bool = True) -> TraceReader:

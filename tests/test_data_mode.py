@@ -56,6 +56,28 @@ def test_metadata_and_data_runs_share_every_version_level_fact(trace, mode):
     assert data.rounds.equals(meta.rounds)
 
 
+@pytest.mark.parametrize("strategy", ["mirror-vm", "shadow-vcpu"])
+@pytest.mark.parametrize("mode", ["precopy", "postcopy", "hybrid"])
+def test_data_mode_prices_every_agent_page_at_the_data_mode_costs(trace, mode, strategy):
+    """The documented rule: in data mode the data-mode costs stand in for page_pack_ns / page_unpack_ns
+    wherever an agent handles a page (transfers, post-copy faults, VMSAs, sizing the agents). A data run
+    whose metadata costs are absurd and whose data costs are P, U must then time exactly like a metadata
+    run whose page costs are P, U."""
+    pack, unpack = 1_730, 2_290  # P, U: odd values, so any mix-up shows in the sums
+    common = {"pvalidate_ns": 110, "rmpadjust_ns": 70}
+    meta = run(scen(mode, data=False, agents_max=3,
+                    costs={**common, "page_pack_ns": pack, "page_unpack_ns": unpack}),
+               strategy=strategy, trace_path=trace)
+    data = run(scen(mode, data=True, agents_max=3,
+                    costs={**common, "page_pack_ns": 999_999, "page_unpack_ns": 999_999, "data_page_pack_ns": pack,
+                           "data_page_unpack_ns": unpack, "data_zstd_page_ns": 0}),
+               strategy=strategy, trace_path=trace)
+    md = dict(data.summary["metrics"])
+    del md["security"]
+    assert md == meta.summary["metrics"]
+    assert data.rounds.equals(meta.rounds)
+
+
 @pytest.mark.parametrize("attestation, check", [
     ({"target_root": "rogue"}, "chain"),
     ({"target_measurement": "svsm-evil"}, "measurement"),

@@ -24,7 +24,7 @@ from ..scenario import Scenario
 from ..strategies import SOURCE, TARGET, make_strategy
 from ..trace import TraceMeta, open_trace, read_meta
 from .clock import Guest, ProgressFn
-from .adversary import link_faults
+from .adversary import Adversary, link_faults
 from .data import DataMode, DataRefused
 from .context import Run
 from .cpu import Cpu
@@ -94,15 +94,13 @@ class Migration:
             guest = Guest(eng, reader, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.progress)
             guest.data = data
             if self.s.adversary:  # the scenario turned data mode on for it
-                from .adversary import Adversary
-
                 adversary = data.adversary = Adversary(self.s.adversary, data, eng, guest, self.s.seed)
             start = self.s.migration.start_ns
             guest.run_to(start)
             guest.v = guest.g = start
             run = Run(self.s, self.meta, eng, self.strategy, guest, Link.of(self.s.migration, link_faults(self.s), start),
-                      Cpu(self.s, self.strategy, self.meta.vcpus), trace_last_ns=self.trace_last_ns, data=data)
-            out.times["migration_start_ns"] = out.guest_g_at_start = start
+                      Cpu(self.s, self.strategy, self.meta.vcpus), data=data)
+            out.times["migration_start_ns"] = start
             run.log("migration_start", f"strategy={self.strategy.name} mode={self.s.migration.mode}")
             try:
                 self._migrate(run, out)

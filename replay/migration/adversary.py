@@ -59,7 +59,6 @@ from .data import DataRefused
 WIRE = ADVERSARY_PACKET_KINDS
 ATTESTATION = ("bad-measurement", "bad-signature", "bad-policy", "bad-tcb")
 RMP_TARGET = ("rmp-remap", "skip-pvalidate", "double-pvalidate")
-OUTCOMES = ("detected", "undetected", "not_reached")
 _SEALED = int(Flag.PRIVATE | Flag.VMSA | Flag.TOKEN)
 
 

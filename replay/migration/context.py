@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..scenario import Scenario
-from ..snp import PAGE_SIZE
 from ..strategies import Strategy
 from ..trace import TraceMeta
 from .clock import Guest
@@ -67,13 +66,29 @@ class Run:
     tally: Tally = field(default_factory=Tally)
     events: list = field(default_factory=list)
     agents: int = 0
-    trace_last_ns: int = 0  # guest time of the trace's last event
     data: object = None  # data mode (replay.migration.data.DataMode), or None: metadata mode
     vmsa_live: list = field(default_factory=lambda: [0, 0])  # shadow APs' VMSA pages on each side
 
     @property
     def npages(self) -> int:
-        return self.meta.guest_bytes // PAGE_SIZE
+        return self.meta.npages
+
+    @property
+    def page_ns(self) -> tuple[int, int]:
+        """An agent's CPU for one private page (or VMSA): (packaging at the source, unpacking at the
+        target). In data mode the measured data-mode costs (decrypt XTS + [zstd] + GCM seal, and the
+        reverse) stand in for the metadata ones, wherever an agent handles a page."""
+        c = self.s.costs
+        if not self.s.migration.data:
+            return c.page_pack_ns, c.page_unpack_ns
+        return c.data_page_pack_ns + (c.data_zstd_page_ns if self.s.migration.data_zstd_level else 0), c.data_page_unpack_ns
+
+    @property
+    def target_page_ns(self) -> int:
+        """The target agent's CPU to take one private page in: unpack, PVALIDATE, and RMPADJUST for an OS
+        below VMPL0."""
+        c = self.s.costs
+        return self.page_ns[1] + c.pvalidate_ns + (c.rmpadjust_ns if self.s.guest.os_vmpl else 0)
 
     @property
     def vcpus(self) -> int:

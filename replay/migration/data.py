@@ -151,14 +151,19 @@ class DataMode:
                 pending, used, count = [], 0, 0
             early = s + np.flatnonzero(~late[s:e])
             if early.size:
-                if self._capture.shape[0] < CAPTURE_PAGES:
-                    self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
-                _, private[early] = self.dp.capture(gfns[early], out=self._capture[used : used + early.size])
+                _, private[early] = self.dp.capture(gfns[early], out=self._captured()[used : used + early.size])
                 at[early] = np.arange(used, used + early.size)
                 used += early.size
             pending.append((s, e))
             count += e - s
         self._send_captured(pending, gfns, versions, at, private, used, stream)
+
+    def _captured(self) -> np.ndarray:
+        """The capture buffer (CAPTURE_PAGES pages), made on first use and kept: fresh memory costs page
+        faults on every transfer."""
+        if self._capture.shape[0] < CAPTURE_PAGES:
+            self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
+        return self._capture
 
     def _send_captured(self, groups, gfns, versions, at, private, used: int, stream: str) -> None:
         """Send the pending groups (consecutive sends): the captured pages from the capture buffer, the
@@ -173,9 +178,7 @@ class DataMode:
         priv = np.where(inplace, memory.private_mask(gfns[lo:hi]), private[lo:hi])
         cipher = np.flatnonzero(inplace & (row == -2))
         if cipher.size:
-            if self._capture.shape[0] < CAPTURE_PAGES:
-                self._capture = np.empty((CAPTURE_PAGES, PAGE_SIZE), np.uint8)
-            memory.read_plain_many(gfns[lo + cipher], out=self._capture[used : used + cipher.size])
+            memory.read_plain_many(gfns[lo + cipher], out=self._captured()[used : used + cipher.size])
             inplace[cipher] = False
             row[cipher] = np.arange(used, used + cipher.size)
         row = np.where(at[lo:hi] >= 0, at[lo:hi], row)

@@ -117,7 +117,7 @@ class FaultPath:
         t += link.latency_ns + link.wire_ns(c.postcopy_request_bytes)
         pack = unpack = host = 0
         if private:
-            pack = c.zero_page_ns if zero else c.page_pack_ns
+            pack = c.zero_page_ns if zero else self.run.page_ns[0]
             t = self.src_agents.book(t, pack)
         else:
             host = c.host_page_ns
@@ -129,7 +129,7 @@ class FaultPath:
         t = self.reply.book(t + link.wire_ns(ahead), link.wire_ns(page_bytes))
         t += link.latency_ns
         if private:
-            unpack = c.page_unpack_ns + c.pvalidate_ns + (c.rmpadjust_ns if self.run.s.guest.os_vmpl else 0)
+            unpack = self.run.target_page_ns
             t = self.dst_agents.book(t, unpack)
         hold = self.hold_ns(private, self.waiters(vcpu, t))
         t = self.install.book(t, hold)

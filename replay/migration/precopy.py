@@ -89,7 +89,7 @@ def sync(run: Run, *, paused: bool = False) -> int:
     return dirty
 
 
-def precopy(run: Run, *, max_rounds: int, on_max_rounds: str, converge: bool = True) -> PrecopyEnd:
+def precopy(run: Run, *, max_rounds: int, on_max_rounds: str) -> PrecopyEnd:
     """Run the pre-copy loop; raises LinkDown on a link failure (nothing arrives after it)."""
     eng, g = run.eng, run.guest
     npages = run.npages
@@ -114,7 +114,7 @@ def precopy(run: Run, *, max_rounds: int, on_max_rounds: str, converge: bool = T
             rnd = _new_round(run, rounds - 1, dirty, t_sync)
             pending = eng.send_count(SOURCE) * PAGE_SIZE
             synced = True
-        if converge and pending <= threshold:
+        if pending <= threshold:
             return _end(run, rnd, "stop-and-copy", "converged", rounds, pending, meter)
         if synced and rounds >= max_rounds:
             return _end(run, rnd, on_max_rounds, "max_rounds", rounds, pending, meter)

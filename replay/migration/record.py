@@ -49,7 +49,6 @@ class Outcome:
     digests: dict = field(default_factory=lambda: dict.fromkeys(
         ("no_migration", "end_of_trace", "source_at_switchover", "target_at_switchover"), ""))
     guest_g_at_end: int = 0  # guest progress at the end of the migration window
-    guest_g_at_start: int = 0
     postcopy: object = None  # PostcopyStats
     vmsas_sent: int = 0
     detected_by: str = ""  # data mode: the check that stopped the migration
@@ -62,7 +61,7 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     times = out.times
     completed = out.status == "completed"
     window = max(0, (times["completion_ns"] or run.guest.v) - times["migration_start_ns"])
-    lost_common = window - (out.guest_g_at_end - out.guest_g_at_start)
+    lost_common = window - (out.guest_g_at_end - times["migration_start_ns"])
     pc = out.postcopy or PostcopyStats.empty(run.vcpus)
     lost = [lost_common + sum(pc.latencies(v)) for v in range(run.vcpus)]
     per_vcpu_ppm = [x * 1_000_000 // window if window else 0 for x in lost]

@@ -87,8 +87,8 @@ def agents_wanted(run: Run) -> int:
     c = run.s.costs
     link_ns = max(1, run.link.wire_ns(PAGE_SIZE + c.page_header_bytes))
     touch = c.mirror_npf_ns if run.strategy.agents_on_host_cpus else 0
-    src = c.page_pack_ns + c.vmgexit_ns // c.batch_pages + touch
-    dst = c.page_unpack_ns + c.pvalidate_ns + (c.rmpadjust_ns if run.s.guest.os_vmpl else 0) + touch
+    src = run.page_ns[0] + c.vmgexit_ns // c.batch_pages + touch
+    dst = run.target_page_ns + touch
     need = -(-max(src, dst) // link_ns)
     return min(run.strategy.agent_limit(), max(run.agents, need))
 

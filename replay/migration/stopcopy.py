@@ -62,7 +62,7 @@ def send_vmsas_and_devices(run: Run, rnd: Round) -> int:
     vmpls = vmpls_in_use(run)
     nvmsa = run.vcpus * len(vmpls)
     vmsa_bytes = nvmsa * (c.vmsa_bytes + c.page_header_bytes)
-    pack = nvmsa * c.page_pack_ns
+    pack = nvmsa * run.page_ns[0]
     t0 = g.v
     dur = max(link.wire_ns(vmsa_bytes + c.device_state_bytes), cpu.agent_work_ns(pack, run.agents, SOURCE, None))
     link.check(t0 + dur + link.latency_ns)
@@ -82,7 +82,7 @@ def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
     link failure before the resume aborts."""
     c, g, cpu, link = run.s.costs, run.guest, run.cpu, run.link
     g.pause(link.latency_ns)
-    unpack = nvmsa * c.page_unpack_ns
+    unpack = nvmsa * run.page_ns[1]
     cpu.charge(run.strategy.agent_owner, unpack)
     g.pause(cpu.agent_work_ns(unpack, run.agents, TARGET, None))
     for side in (SOURCE, TARGET):

@@ -13,10 +13,7 @@ from .context import Round, Run
 def begin(run: Run, guest_side: int | None, *, skip_present: bool = False) -> None:
     """Start a transfer at the guest's clocks; ``guest_side``: where the guest runs (None: paused)."""
     c, s = run.s.costs, run.strategy
-    pack, unpack = c.page_pack_ns, c.page_unpack_ns
-    if run.s.migration.data:  # measured: decrypt XTS + [zstd] + GCM seal, and the reverse
-        pack = c.data_page_pack_ns + (c.data_zstd_page_ns if run.s.migration.data_zstd_level else 0)
-        unpack = c.data_page_unpack_ns
+    pack, unpack = run.page_ns
     run.eng.begin_transfer(
         run.guest.v, run.guest.g,
         bandwidth_bytes_per_s=run.link.bandwidth_bytes_per_s, page_bytes=PAGE_SIZE, header_bytes=c.page_header_bytes,

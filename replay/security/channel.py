@@ -647,10 +647,9 @@ class Receiver:
             self.memory.install_zero(np.fromiter(zero, np.int64, len(zero)), np.fromiter(zero.values(), bool, len(zero)))
         if data:
             gfns = np.fromiter(data, dtype=np.int64, count=len(data))
-            # A writable buffer, so that the memory can encrypt the pages in place without another copy.
-            pages = np.frombuffer(bytearray().join(p for p, _ in data.values()), np.uint8).reshape(-1, PAGE_SIZE)
+            pages = np.frombuffer(b"".join(p for p, _ in data.values()), np.uint8).reshape(-1, PAGE_SIZE)
             private = np.fromiter((pr for _, pr in data.values()), bool, len(data))
-            self.memory.install_plain(gfns, pages, private, consume=True)
+            self.memory.install_plain(gfns, pages, private)
         return outcomes
 
     def _absorb(self, token: dict[int, list]) -> None:

@@ -28,6 +28,11 @@ except ImportError:  # built without OpenSSL's headers: `cryptography`, packet b
 TAG_BYTES = 16
 
 
+def _int64(*arrays) -> list[np.ndarray]:
+    """The index arrays as the C code takes them: contiguous int64."""
+    return [np.ascontiguousarray(a, np.int64) for a in arrays]
+
+
 def seal_many(key: bytes, nonces: np.ndarray, aad: np.ndarray, bodies: tuple, which: np.ndarray, offset: np.ndarray,
               length: np.ndarray, sealed: np.ndarray, wire: np.ndarray, at: np.ndarray) -> np.ndarray:
     """Write packet ``i`` into ``wire`` (a uint8 buffer) at ``at[i]``: ``aad[i]``, then the body
@@ -38,11 +43,8 @@ def seal_many(key: bytes, nonces: np.ndarray, aad: np.ndarray, bodies: tuple, wh
     pages are sealed where they lie, without gathering them first."""
     n, a = aad.shape
     bufs = tuple(np.frombuffer(b, np.uint8) if not isinstance(b, np.ndarray) else b.reshape(-1) for b in bodies)
-    which = np.ascontiguousarray(which, np.int8)
-    offset = np.ascontiguousarray(offset, np.int64)
-    length = np.ascontiguousarray(length, np.int64)
-    sealed = np.ascontiguousarray(sealed, np.uint8)
-    at = np.ascontiguousarray(at, np.int64)
+    which, sealed = np.ascontiguousarray(which, np.int8), np.ascontiguousarray(sealed, np.uint8)
+    offset, length, at = _int64(offset, length, at)
     records = np.zeros((n, a + TAG_BYTES), np.uint8)
     if gcm_seal is not None:
         halves(n, lambda lo, hi: gcm_seal(key, nonces[lo:hi], aad[lo:hi], bufs, which[lo:hi], offset[lo:hi],
@@ -70,9 +72,7 @@ def open_many(key: bytes, wire: np.ndarray, at: np.ndarray, size: np.ndarray, no
     last) under ``nonces[j]``, the plain text into ``out[offset[j]:]``; returns (tag right, per packet; the
     ``(m, a + 16)`` records)."""
     m = at.size
-    at = np.ascontiguousarray(at, np.int64)
-    size = np.ascontiguousarray(size, np.int64)
-    offset = np.ascontiguousarray(offset, np.int64)
+    at, size, offset = _int64(at, size, offset)
     ok = np.zeros(m, np.uint8)
     records = np.empty((m, a + TAG_BYTES), np.uint8)
     if gcm_open is not None:

@@ -95,12 +95,7 @@ def nonzero_pages(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarr
     """Which rows (all, or ``rows``) of a C-contiguous ``(n, 4096)`` uint8 array are not all zero. Almost
     every written page has a non-zero first word, so only the others are scanned whole."""
     words = pages.view(np.uint64)
-    if rows is None:
-        nz = words[:, 0] != 0
-        rest = ~nz
-        if rest.any():
-            nz[rest] = words[rest].any(axis=1)
-        return nz
+    rows = np.arange(words.shape[0]) if rows is None else rows
     nz = words[rows, 0] != 0
     rest = np.flatnonzero(~nz)
     if rest.size:
@@ -383,11 +378,10 @@ class HostMemory:
         rows[(slots >= 0) & ~self._clear[np.maximum(slots, 0)]] = -2
         return self._arena, rows
 
-    def install_plain(self, gfns, pages: np.ndarray, private, *, consume: bool = False) -> None:
+    def install_plain(self, gfns, pages: np.ndarray, private) -> None:
         """Put guest-visible contents into distinct ``gfns`` with the given attribute (what a migration
         agent does at the target: encrypt under this host's key and SPA, or store plain if shared). The
-        private pages enter the write-back cache; ``consume`` (``pages`` may be overwritten) is accepted
-        for callers that own their buffer, and needs no copy either way."""
+        private pages enter the write-back cache."""
         g = self._check_gfns(gfns)
         if not (g.size <= 1 or (g[1:] > g[:-1]).all() or np.unique(g).size == g.size):  # sorted: distinct
             raise ValueError("install_plain: gfns must be distinct")
