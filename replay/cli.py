@@ -60,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = next((a for a in argv if not a.startswith("-")), None)
     selected = selected if selected in COMMANDS else None
     try:
-        args = build_parser(selected).parse_args(argv)
+        args, extra = build_parser(selected).parse_known_args(argv)
+        if extra:  # named by the command they were given to (argparse would name only "replay")
+            where = f"replay {args.command}" if args.command else "replay"
+            raise UsageError(f"{where}: unrecognized arguments: {clip(' '.join(extra))}")
         if args.command is None:
             raise UsageError(f"no command given (one of {', '.join(COMMANDS)}; replay --help explains them)")
         module = importlib.import_module(COMMANDS[args.command][0])
@@ -68,10 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReplayError as exc:
         print(f"replay: error: {one_line(exc)}", file=sys.stderr)
         return int(exc.exit_code)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if not _missing_dependency(exc):
+            return _internal_error(exc)
         # A checkout run without its dependencies (or without the built engine): say what to install.
-        print(f"replay: error: {exc.name or one_line(exc)} is not installed (pip install . in the project)",
-              file=sys.stderr)
+        print(f"replay: error: {exc.name} is not installed (pip install . in the project)", file=sys.stderr)
         return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
         print("replay: interrupted", file=sys.stderr)
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # Missing files, permissions, a full disk: the user's environment, reported in one line.
         where = f" {short(exc.filename)}" if getattr(exc, "filename", None) else ""
-        print(f"replay: error:{where} {exc.strerror or short(one_line(exc), 200)}", file=sys.stderr)
+        print(f"replay: error:{where} {exc.strerror or clip(one_line(exc))}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     except MemoryError:
         # Estimates (replay.validate.check_memory) refuse what cannot fit before allocating; this is the
@@ -92,11 +96,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("replay: error: input nested too deeply", file=sys.stderr)
         return ExitCode.BAD_INPUT
     except Exception as exc:  # the last line of defence: a bug, reported in one line
-        if os.environ.get("SNP_REPLAY_TRACEBACK"):
-            raise
-        print(f"replay: internal error: {type(exc).__name__}: {short(one_line(exc), 200)} (a bug in snp-replay; "
-              "SNP_REPLAY_TRACEBACK=1 shows where)", file=sys.stderr)
-        return ExitCode.INTERNAL
+        return _internal_error(exc)
+
+
+def _missing_dependency(exc: ModuleNotFoundError) -> bool:
+    """A module that is not there: a dependency, or one of the project's compiled extensions (not built).
+    Any other module of the project missing is a bug in an import, not an installation problem."""
+    name = exc.name or ""
+    return bool(name) and (name.split(".")[0] != "replay" or name.split(".")[-1].startswith("_"))
+
+
+def _internal_error(exc: Exception) -> int:
+    if os.environ.get("SNP_REPLAY_TRACEBACK"):
+        raise exc
+    print(f"replay: internal error: {type(exc).__name__}: {clip(one_line(exc))} (a bug in snp-replay; "
+          "SNP_REPLAY_TRACEBACK=1 shows where)", file=sys.stderr)
+    return ExitCode.INTERNAL
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .errors import RunDirError, one_line
+from .paths import require_regular
 from .records import atomic_dir, canonical_json
 from .validate import check_summary, load_json, short
 
@@ -163,16 +163,11 @@ class Run:
 def read_record_file(path: Path, limit: int = MAX_RECORD_FILE) -> bytes:
     """A run-directory file's bytes: a regular file (never a FIFO or device, which could block or be
     endless), read whole into memory (never memory-mapped: the bytes checked are the bytes parsed)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise RunDirError(f"{path}: missing (not a complete run directory)") from None
-    except OSError as exc:
-        raise RunDirError(f"{path}: cannot read ({exc.strerror or one_line(exc, 200)})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise RunDirError(f"{path}: not a regular file")
-    if st.st_size > limit:
-        raise RunDirError(f"{path}: {st.st_size} bytes, larger than any run record ({limit})")
+    if not os.path.lexists(path):
+        raise RunDirError(f"{path}: missing (not a complete run directory)")
+    size = require_regular(path, RunDirError).stat().st_size
+    if size > limit:
+        raise RunDirError(f"{path}: {size} bytes, larger than any run record ({limit})")
     try:
         with open(path, "rb") as f:
             return f.read(limit + 1)

@@ -489,19 +489,25 @@ def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
     return _validate(Scenario(**kwargs), src)
 
 
+def read_input_text(path: str | Path, what: str = "scenario") -> str:
+    """The text of a scenario (or sweep) file, or one ScenarioError line: missing, not a regular file
+    (never wait on a FIFO), unreadable, not UTF-8."""
+    from .paths import require_regular
+
+    path = Path(path)
+    if not path.exists() and not str(path).startswith("\x00"):
+        raise ScenarioError(f"{path}: no such {what} file")
+    require_regular(path, ScenarioError)
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read ({short(str(exc), 120)})") from None
+
+
 def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
     """Parse a scenario file, apply ``--set section.key=value`` overrides, validate."""
     path = Path(path)
-    if not path.exists() and not str(path).startswith("\x00"):
-        raise ScenarioError(f"{path}: no such scenario file")
-    from .paths import require_regular
-
-    require_regular(path, ScenarioError)  # never wait on a FIFO
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"{path}: cannot read ({short(str(exc), 120)})") from None
-    return parse_scenario_text(text, str(path), str(path.parent), overrides)
+    return parse_scenario_text(read_input_text(path), str(path), str(path.parent), overrides)
 
 
 def parse_scenario_text(text: str, src: str = "<scenario>", base_dir: str = ".", overrides: Sequence[str] = ()) -> Scenario:

@@ -31,7 +31,6 @@ points) are rewritten, atomically, at the end of every invocation, also an inter
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import io
 import itertools
@@ -46,9 +45,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
-from .errors import ReplayError, ScenarioError, one_line
+from .errors import ReplayError, RunDirError, ScenarioError, one_line
 from .records import canonical_json, write_atomic
-from .scenario import Scenario, scenario_from_doc
+from .runrecord import check_run_dir, content_hash
+from .scenario import Scenario, _hint, read_input_text, scenario_from_doc
 
 SWEEP_FORMAT = "snp-replay-sweep"
 SWEEP_VERSION = 1
@@ -79,11 +79,6 @@ METRICS: dict[str, tuple[str, ...]] = {
     "postcopy_latency_p99_ns": ("postcopy", "latency_p99_ns"),
 }
 _METRIC_TYPES = {"downtime_limit_exceeded": pa.bool_()}
-
-
-def _hint(word: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # ------------------------------------------------------------------------------------------ the file
@@ -153,11 +148,7 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     src = str(path)
     try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError(f"{src}: no such sweep file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"{src}: cannot read ({exc})") from None
+        doc = tomllib.loads(read_input_text(path, "sweep"))
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{src}: invalid TOML ({exc})") from None
     for key in doc:
@@ -167,9 +158,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if isinstance(base, str):
         base_path = path.parent / base
         try:
-            base_doc = tomllib.loads(base_path.read_text())
-        except FileNotFoundError:
-            raise ScenarioError(f"{src}: scenario {base!r}: no such file (looked in {base_path})") from None
+            base_doc = tomllib.loads(read_input_text(base_path))
         except tomllib.TOMLDecodeError as exc:
             raise ScenarioError(f"{base_path}: invalid TOML ({exc})") from None
         base_src, base_dir = str(base_path), str(base_path.parent)
@@ -348,9 +337,11 @@ def build_table(sweep: Sweep, pts: Sequence[Point], keys: Mapping[int, str], out
 
 
 def _read_summary(run_dir: Path) -> dict | None:
+    """A point's run summary if its run directory is complete and intact (``runrecord.check_run_dir``),
+    else None: the point counts as not run, and running it again replaces whatever is there."""
     try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except FileNotFoundError:
+        return check_run_dir(run_dir)[0]
+    except RunDirError:
         return None
 
 
@@ -362,11 +353,7 @@ def write_table(table: pa.Table, path: Path) -> str:
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue()
     write_atomic(path, data)
-    return table_hash(data)
-
-
-def table_hash(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=32).hexdigest()
+    return content_hash(data)
 
 
 def _sweep_record(sweep: Sweep, pts: Sequence[Point], keys: Mapping[int, str]) -> dict:
@@ -413,25 +400,27 @@ def local_client(workers: int | None = None):
 
 def run_sweep(sweep: Sweep, out: str | Path, *, client=None, scheduler: str | None = None,
               workers: int | None = None, engine: str = "cython", show_progress: bool = False,
-              on_result: Callable[[Point, str], None] | None = None) -> SweepResult:
+              on_result: Callable[[Point, str], None] | None = None,
+              pts: Sequence[Point] | None = None) -> SweepResult:
     """Run every point of ``sweep`` not already run into ``out`` (see the module docstring) on ``client``,
     else on the cluster at ``scheduler``, else on a new local cluster. ``on_result(point, status)`` is
     called in this process as each point finishes (an exception from it stops the sweep: the table is
-    still written, with the points not finished as "pending")."""
-    pts = points(sweep)  # every point validated before anything runs
+    still written, with the points not finished as "pending"). ``pts``: ``points(sweep)`` if the caller
+    has them already."""
+    pts = points(sweep) if pts is None else pts  # every point validated before anything runs
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "errors").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "runs").glob(".*.tmp"):  # run directories a killed worker never finished
-        shutil.rmtree(stale, ignore_errors=True)
     own = None
-    if client is None:
+    if client is None:  # before anything is written: a cluster that cannot be reached leaves nothing
         if scheduler:
             from dask.distributed import Client
 
             client = own = Client(scheduler)
         else:
             client = own = local_client(workers)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "errors").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "runs").glob(".*.tmp"):  # run directories a killed worker never finished
+        shutil.rmtree(stale, ignore_errors=True)
     keys: dict[int, str] = {}
     trace_errors: dict[int, str] = {}
     ran = skipped = errors = 0
@@ -445,7 +434,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, client=None, scheduler: str | No
                 trace_errors[p.index] = prepared
                 continue
             key = keys[p.index] = point_key(p.scenario, prepared.meta)
-            if (out / "runs" / key / "summary.json").exists():
+            if _read_summary(out / "runs" / key) is not None:
                 skipped += 1
                 continue
             g = p.scenario.guest

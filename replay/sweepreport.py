@@ -15,15 +15,16 @@ report (``replay.report``): inline SVG from matplotlib with fixed hash salts and
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 from .diff import fmt
 from .errors import RunDirError
 from .records import write_atomic
+from .runrecord import MAX_SUMMARY, content_hash, read_record_file
 from .report import COLORS, CSS, _e, _svg, _swatch
-from .sweep import FIXED_COLUMNS, SWEEP_FORMAT, SWEEP_JSON, TABLE, table_hash
+from .sweep import FIXED_COLUMNS, SWEEP_FORMAT, SWEEP_JSON, TABLE
+from .validate import load_json
 
 # (table column, label, scale to the plotted unit, unit). Lower is better for every one of them.
 PLOTTED = (
@@ -45,17 +46,22 @@ def load_sweep_dir(path: str | Path):
     import polars as pl
 
     path = Path(path)
-    try:
-        record = json.loads((path / SWEEP_JSON).read_text())
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"{path / SWEEP_JSON}: cannot read ({exc})") from None
+    where = path / SWEEP_JSON
+    record = load_json(read_record_file(where, MAX_SUMMARY), str(where))
     if not isinstance(record, dict) or record.get("format") != SWEEP_FORMAT:
-        raise RunDirError(f"{path / SWEEP_JSON}: not a sweep record (format {SWEEP_FORMAT!r} expected)")
+        raise RunDirError(f"{where}: not a sweep record (format {SWEEP_FORMAT!r} expected)")
+    table = path / TABLE
     try:
-        data = (path / TABLE).read_bytes()
-        want = (record.get("tables") or {}).get(TABLE) if isinstance(record, dict) else None
-        if want != table_hash(data):
-            raise RunDirError(f"{path / TABLE}: content hash does not match {SWEEP_JSON} (tampered or truncated)")
+        data = read_record_file(table)
+    except RunDirError as exc:
+        raise RunDirError(f"{table}: cannot read the results table ({str(exc).removeprefix(f'{table}: ')})") from None
+    tables = record.get("tables")
+    if not isinstance(tables, dict) or tables.get(TABLE) != content_hash(data):
+        raise RunDirError(f"{table}: content hash does not match {SWEEP_JSON} (tampered or truncated)")
+    axes = record.get("axes")
+    if not isinstance(axes, list) or not all(isinstance(a, dict) and isinstance(a.get("keys"), list) for a in axes):
+        raise RunDirError(f"{where}: malformed sweep record (its axes)")
+    try:
         df = pl.read_parquet(io.BytesIO(data))
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise RunDirError(f"{path / TABLE}: cannot read the results table ({' '.join(str(exc).split())})") from None

@@ -137,3 +137,27 @@ def test_cli_errors_exit_2_one_line(tmp_path, capsys, monkeypatch, argv, text):
     cap = capsys.readouterr()
     assert cap.err.count("\n") == 1 and text in cap.err and "Traceback" not in cap.err
     assert not (tmp_path / "o.arrow").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_flag_is_named_with_its_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["inspect", "t.arrow", "--bogus"]) == 2
+    assert capsys.readouterr().err == "replay: error: replay inspect: unrecognized arguments: --bogus\n"
+    assert cli.main(["--bogus"]) == 2
+    assert capsys.readouterr().err == "replay: error: replay: unrecognized arguments: --bogus\n"
+
+
+def test_a_missing_dependency_is_bad_input_but_a_missing_module_of_ours_is_a_bug(capsys, monkeypatch):
+    """A dependency (or a compiled extension) not installed: one line saying what to install, exit 2.
+    A module of the project itself that an import names wrongly is a bug: exit 3, an internal error."""
+    def command(missing):
+        def run(args):
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return type("Cmd", (), {"configure": staticmethod(lambda p: None), "run": staticmethod(run)})
+
+    for missing, code, text in (("blake3", 2, "blake3 is not installed"), ("replay._gcm", 2, "replay._gcm is not installed"),
+                                ("replay.scenarios", 3, "internal error: ModuleNotFoundError")):
+        monkeypatch.setattr(cli.importlib, "import_module", lambda name, m=missing: command(m))
+        assert cli.main(["verify"]) == code
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and text in err

@@ -444,3 +444,62 @@ def test_workers_and_scheduler_are_exclusive(tmp_path, capsys):
     assert "--workers sizes the local cluster" in capsys.readouterr().err
     assert main(["sweep", str(p), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
     assert "--workers 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_a_sweep_or_base_scenario_that_is_not_a_text_file_is_one_line(tmp_path, capsys):
+    """A FIFO is refused, never waited on; a base scenario that is not UTF-8 or is a directory is one line
+    naming it (exit 2), never an internal error."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    (tmp_path / "latin1.toml").write_bytes(b'name = "caf\xe9"\n')
+    (tmp_path / "dir.toml").mkdir()
+    cases = [(fifo, "not a regular file")]
+    for base, text in (("fifo.toml", "not a regular file"), ("latin1.toml", "cannot read"),
+                       ("dir.toml", "is a directory")):
+        s = tmp_path / f"on-{base}"
+        s.write_text(f'scenario = "{base}"\nseeds = [1]\n')
+        cases.append((s, text))
+    for sweep_file, text in cases:
+        assert main(["sweep", str(sweep_file), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and text in err and "internal error" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_run_of_a_resumed_sweep_is_run_again(tmp_path, thread_client):
+    """A point whose run directory does not check out (here a truncated summary) counts as not run: the
+    next run of the sweep runs it again, and the table holds its new, intact record."""
+    p = write_sweep(tmp_path, 'strategies = ["mirror-vm", "shadow-vcpu"]\n')
+    out = tmp_path / "out"
+    first = run_sweep(load_sweep(p), out, client=thread_client)
+    run_dir = out / first.table["run_dir"][0].as_py()
+    summary = (run_dir / "summary.json").read_bytes()
+    (run_dir / "summary.json").write_bytes(summary[: len(summary) // 2])
+    again = run_sweep(load_sweep(p), out, client=thread_client)
+    assert (again.ran, again.skipped, again.errors) == (1, 1, 0)
+    assert (run_dir / "summary.json").read_bytes() == summary and again.table.equals(first.table)
+
+
+def test_a_sweep_record_without_its_axes_is_one_line(tmp_path, thread_client, capsys):
+    p = write_sweep(tmp_path, 'strategies = ["mirror-vm", "shadow-vcpu"]\n')
+    out = tmp_path / "out"
+    run_sweep(load_sweep(p), out, client=thread_client)
+    record = json.loads((out / "sweep.json").read_text())
+    del record["axes"]
+    (out / "sweep.json").write_text(json.dumps(record))
+    assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed sweep record" in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_cluster_that_cannot_be_reached_leaves_nothing(tmp_path, capsys):
+    import dask
+
+    p = write_sweep(tmp_path, 'strategies = ["mirror-vm"]\n')
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(["sweep", str(p), "--out", str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:1",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "1 points" in err[0] and "127.0.0.1:1" in err[1]  # the count, then the error
+    assert not (tmp_path / "out").exists()

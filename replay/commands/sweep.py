@@ -30,12 +30,13 @@ def run(args) -> int:
     from ..paths import check_output
 
     sweep = load_sweep(args.sweep)
-    n = len(points(sweep))  # validates every point before a cluster is started
+    pts = points(sweep)  # validates every point before a cluster is started
+    n = len(pts)
     check_output(args.out, [args.sweep])  # the sweep directory never is, holds or lies inside its input
     print(f"{sweep.name}: {n} points", file=sys.stderr)
     res = run_sweep(sweep, args.out, scheduler=args.scheduler, workers=args.workers, engine=args.engine,
-                    show_progress=not args.no_progress)
-    counts = ", ".join(f"{res.count(s)} {s}" for s in ("completed", "aborted", "failed", "error") if res.count(s))
+                    show_progress=not args.no_progress, pts=pts)
+    counts = ", ".join(f"{res.count(s)} {s}" for s in ("completed", "aborted", "cancelled", "failed", "error") if res.count(s))
     print(f"{sweep.name}: {n} points ({res.ran} run now, {res.skipped} already done): {counts or 'none'}; "
           f"table {res.out / TABLE}")
     if res.count("error"):
