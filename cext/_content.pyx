@@ -63,14 +63,14 @@ def write_spans(uint8_t[::1] flat, const int64_t[::1] start, const uint64_t[::1]
     if length.shape[0] != n or value.shape[0] != n or offset.shape[0] != n:
         raise ValueError("write_spans: start, length, value and offset must have the same length")
     for p in range(n):
-        if start[p] < 0 or <uint64_t>start[p] + length[p] > <uint64_t>size:
+        if start[p] < 0 or start[p] > size or length[p] > <uint64_t>(size - start[p]):  # no wrap-around
             raise IndexError(f"write_spans: piece {p} ({start[p]}+{length[p]}) outside the work area of {size} bytes")
     with nogil:
         for p in range(n):
             write_piece(&flat[start[p]], length[p], value[p], offset[p])
 
 
-cdef int64_t apply_writes_c(uint8_t *arena, const int32_t *slot, int64_t npages, const uint8_t *clear,
+cdef int64_t apply_writes_c(uint8_t *arena, int64_t nslots, const int32_t *slot, int64_t npages, const uint8_t *clear,
                             int64_t *stamp, int64_t tick, const uint64_t *gpa, const uint64_t *length,
                             const uint8_t *op, const uint64_t *value, Py_ssize_t n) noexcept nogil:
     """Rows ``0 .. n - 1`` in order, if every one is a READ (skipped) or a WRITE inside the guest whose pages
@@ -87,7 +87,7 @@ cdef int64_t apply_writes_c(uint8_t *arena, const int32_t *slot, int64_t npages,
             return -1
         for g in range(gpa[r] >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
             s = slot[g]
-            if s < 0 or not clear[s]:
+            if s < 0 or s >= nslots or not clear[s]:
                 return -1
     cdef int64_t fresh = 0
     for r in range(n):
@@ -121,7 +121,7 @@ def apply_writes(uint8_t[:, ::1] arena, const int32_t[::1] slot, const uint8_t[:
         return 0
     cdef int64_t fresh
     with nogil:
-        fresh = apply_writes_c(&arena[0, 0] if arena.shape[0] else NULL, &slot[0], slot.shape[0], &clear[0],
+        fresh = apply_writes_c(&arena[0, 0] if arena.shape[0] else NULL, arena.shape[0], &slot[0], slot.shape[0], &clear[0],
                                &stamp[0], tick, &gpa[0], &length[0], &op[0], &value[0], n)
     return fresh
 

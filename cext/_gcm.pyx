@@ -21,6 +21,8 @@ from _evp cimport *
 
 DEF TAG = 16
 DEF NONCE = 12
+DEF MAX_AAD = 1 << 16  # associated data per packet (a header), at most
+DEF MAX_BODY = 1 << 30  # bytes of one packet's body, at most (OpenSSL takes an int)
 
 
 cdef EVP_CIPHER_CTX *_context(bytes key, int enc) except NULL:
@@ -46,8 +48,8 @@ def gcm_seal(bytes key not None, const uint8_t[:, ::1] nonces, const uint8_t[:, 
     if (nonces.shape[1] != NONCE or aad.shape[0] != n or offset.shape[0] != n or length.shape[0] != n
             or which.shape[0] != n or sealed.shape[0] != n or at.shape[0] != n):
         raise ValueError("gcm_seal: nonces (n, 12), aad (n, A), which, offset, length, sealed and at (n,)")
-    if records.shape[0] != n or records.shape[1] != a + TAG:
-        raise ValueError("gcm_seal: records must be (n, A + 16)")
+    if records.shape[0] != n or records.shape[1] != a + TAG or a > MAX_AAD:
+        raise ValueError("gcm_seal: records must be (n, A + 16), A at most 65536")
     views = [memoryview(b).cast("B") for b in bodies]  # kept alive (and the buffers with them) for the call
     cdef const uint8_t[::1] view
     cdef const uint8_t **base = <const uint8_t **>malloc((nb if nb else 1) * sizeof(uint8_t *))
@@ -62,7 +64,7 @@ def gcm_seal(bytes key not None, const uint8_t[:, ::1] nonces, const uint8_t[:, 
         for i in range(n):
             if which[i] < 0 or which[i] >= nb:
                 raise ValueError(f"gcm_seal: body {i} names buffer {which[i]} of {nb}")
-            if offset[i] < 0 or length[i] < 0 or offset[i] + length[i] > size[which[i]] or length[i] > 1 << 30:
+            if offset[i] < 0 or length[i] < 0 or offset[i] + length[i] > size[which[i]] or length[i] > MAX_BODY:
                 raise ValueError(f"gcm_seal: body {i} ({offset[i]}+{length[i]}) outside its buffer of {size[which[i]]} bytes")
             if at[i] < 0 or at[i] + a + length[i] + (TAG if sealed[i] else 0) > wire.shape[0]:
                 raise ValueError(f"gcm_seal: packet {i} at {at[i]} does not fit the wire of {wire.shape[0]} bytes")
@@ -112,10 +114,10 @@ def gcm_open(bytes key not None, const uint8_t[::1] wire, const int64_t[::1] at,
     cdef Py_ssize_t m = at.shape[0], j
     if size.shape[0] != m or nonces.shape[0] != m or nonces.shape[1] != NONCE or offset.shape[0] != m or ok.shape[0] != m:
         raise ValueError("gcm_open: at, size, offset, ok (m,) and nonces (m, 12)")
-    if records.shape[0] != m or records.shape[1] != a + TAG:
-        raise ValueError("gcm_open: records must be (m, A + 16)")
+    if a < 0 or a > MAX_AAD or records.shape[0] != m or records.shape[1] != a + TAG:
+        raise ValueError("gcm_open: records must be (m, A + 16), A in 0..65536")
     for j in range(m):
-        if at[j] < 0 or size[j] < a + TAG or at[j] + size[j] > wire.shape[0]:
+        if at[j] < 0 or size[j] < a + TAG or size[j] - a - TAG > MAX_BODY or at[j] + size[j] > wire.shape[0]:
             raise ValueError(f"gcm_open: packet {j} ({at[j]}+{size[j]}) too short or outside the wire of {wire.shape[0]} bytes")
         if offset[j] < 0 or offset[j] + size[j] - a - TAG > out.shape[0]:
             raise ValueError(f"gcm_open: the plain text of packet {j} falls outside the output buffer")

@@ -42,8 +42,9 @@ SCHEMA = pa.schema([
 def default_action(kind: str, start_ns: int) -> AdversarySpec:
     """The matrix's action of ``kind``: the handshake's and the target RMP's act at their only moment,
     the others ``ACT_AFTER_NS`` after the migration starts."""
-    if kind in ("bad-measurement", "bad-signature", "bad-policy", "bad-tcb", "rmp-remap", "skip-pvalidate",
-                "double-pvalidate"):
+    from .migration.adversary import ATTESTATION, RMP_TARGET
+
+    if kind in ATTESTATION + RMP_TARGET:
         return AdversarySpec(kind=kind)
     return AdversarySpec(kind=kind, at_ns=start_ns + ACT_AFTER_NS)
 

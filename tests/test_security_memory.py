@@ -446,3 +446,14 @@ def test_the_one_call_paths_decline_and_change_nothing():
     assert not gather_pages(m._arena, m._slot, clear, np.array([2, 5]), out)  # page 5 not stored
     assert gather_pages(m._arena, m._slot, clear, np.array([3, 2]), out)
     assert out[0].tobytes() == m.read_plain(3) and out[1].tobytes() == m.read_plain(2)
+
+
+def test_the_cache_bound_holds_after_a_scan_that_evicts_nothing():
+    """90 pages in clear, 11 of them written again (the running count passes 100: a scan, but nothing to
+    evict), then 25 new ones: 115 would be in clear if the scan had lowered the count below the truth."""
+    m = host(npages=128, cache=100)
+    apply_rows(m, [(g * PAGE, 8, 0, g + 1) for g in range(90)])
+    apply_rows(m, [(g * PAGE, 8, 0, 7) for g in range(11)])
+    assert m.cached_pages == 90
+    apply_rows(m, [(g * PAGE, 8, 0, g + 1) for g in range(90, 115)])
+    assert m.cached_pages == 75  # over the bound (115): the least recent evicted down to 3/4 of it

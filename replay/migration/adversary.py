@@ -47,6 +47,7 @@ from ..security.channel import (
     HEADER,
     HEADER_BYTES,
     TAG_BYTES,
+    _SEALED,
     Flag,
     nonce,
     parse_header,
@@ -59,7 +60,6 @@ from .data import DataRefused
 WIRE = ADVERSARY_PACKET_KINDS
 ATTESTATION = ("bad-measurement", "bad-signature", "bad-policy", "bad-tcb")
 RMP_TARGET = ("rmp-remap", "skip-pvalidate", "double-pvalidate")
-_SEALED = int(Flag.PRIVATE | Flag.VMSA | Flag.TOKEN)
 
 
 def at_text(a: AdversarySpec) -> str:

@@ -21,9 +21,10 @@ import numpy as np
 from ..security.channel import Outcome, PageRefs
 from ..scenario import AttestationSpec, parse_tcb
 from ..security.attestation import DEFAULT_GUEST_POLICY, POLICY_DEBUG, POLICY_MIGRATE_MA, TcbVersion
+from ..security.memory import page_spans
 from ..security.session import AttestationSetup, DataPlane
 from ..security.token import TokenOutcome
-from ..snp import PAGE_SHIFT, PAGE_SIZE, Op
+from ..snp import PAGE_SIZE, Op
 from ..strategies import SOURCE, TARGET
 
 # Pages whose contents wait, captured, to be sent in one batch (64 MiB at most: a bigger transfer is sent
@@ -194,10 +195,8 @@ class DataMode:
         ln = batch.column(3).to_numpy(zero_copy_only=True)[a:b]
         op = batch.column(4).to_numpy(zero_copy_only=True)[a:b]
         keep = np.flatnonzero(op != Op.READ)
-        lo = (gpa[keep] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-        npg = ((gpa[keep] + ln[keep].astype(np.uint64) - np.uint64(1)) >> np.uint64(PAGE_SHIFT)).astype(np.int64) - lo + 1
-        row = np.repeat(keep.astype(np.int64) + a, npg)
-        page = np.repeat(lo, npg) + np.arange(row.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg)
+        i, page = page_spans(gpa[keep], ln[keep])
+        row = keep[i] + a
         # (page, row) pairs sorted: the first pair at or after (gfn, send row) is the next touch if same page.
         stride = np.int64(b + 1)
         key = np.sort(page * stride + row)

@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..snp import PAGE_SIZE, VMPLS
 from . import parallel
 from .attestation import Direction, SessionKeys
-from .gcm import open_many, seal_many
-from .memory import HostMemory, nonzero_pages
+from .gcm import TAG_BYTES, open_many, seal_many
+from .memory import HostMemory, all_distinct, nonzero_pages
 from .token import Token, TokenHasher, TokenOutcome, compare
 
 HEADER = struct.Struct("<QQQHHI")
@@ -52,7 +52,6 @@ HEADER_BYTES = HEADER.size
 HEADER_DTYPE = np.dtype([("gfn", "<u8"), ("sequence", "<u8"), ("version", "<u8"), ("stream", "<u2"),
                          ("flags", "<u2"), ("payload_len", "<u4")])
 NONCE_DTYPE = np.dtype([("stream", ">u4"), ("sequence", ">u8")])
-TAG_BYTES = 16
 MAX_SEQUENCE = (1 << 64) - 1
 
 
@@ -281,12 +280,11 @@ class Sender:
         threads = parallel.THREADS if parallel.THREADS > 1 and len(datas) >= parallel.SPLIT_MIN else 0  # 0: this one
         return [seg.tobytes() for seg in self._zstd.multi_compress_to_buffer(datas, threads=threads)]
 
-    def _body(self, data: bytes, c: bytes | None = None) -> tuple[bytes, int]:
+    def _body(self, data: bytes) -> tuple[bytes, int]:
         st = self.stats
         st.payload_bytes += len(data)
         if self._zstd is not None:
-            if c is None:
-                c = self._zstd.compress(data)
+            c = self._zstd.compress(data)
             if len(c) < len(data):
                 st.compressed_pages += 1
                 st.compressed_bytes += len(c)
@@ -294,24 +292,15 @@ class Sender:
         st.compressed_bytes += len(data)
         return data, 0
 
-    def _seal(self, gfn: int, version: int, stream: int, flags: int, body: bytes, token: list[bytes] | None = None) -> bytes:
-        """A sealed packet; its header + tag go to ``token`` (absorbed by the caller) or straight into the
-        token hasher."""
+    def _seal(self, gfn: int, version: int, stream: int, flags: int, body: bytes) -> bytes:
+        """One sealed packet; its header + tag go into the token unless it is the token itself."""
         seq = self._next(stream)
         header = HEADER.pack(gfn, seq, version, stream, flags, len(body) + TAG_BYTES)
         sealed = self._aead(stream).encrypt(nonce(stream, seq), body, header)
-        if token is None:
+        if not flags & _TOKEN:
             self.token_hasher.absorb(stream, header, sealed[-TAG_BYTES:], vmsa=bool(flags & _VMSA))
-        else:
-            token.append(header + sealed[-TAG_BYTES:])
         self.stats.wire_bytes += HEADER_BYTES + len(sealed)
         return header + sealed
-
-    def _plain(self, gfn: int, version: int, stream: int, flags: int, body: bytes) -> bytes:
-        seq = self._next(stream)
-        header = HEADER.pack(gfn, seq, version, stream, flags, len(body))
-        self.stats.wire_bytes += HEADER_BYTES + len(body)
-        return header + body
 
     def capture(self, gfns, out=None) -> tuple[np.ndarray, np.ndarray]:
         """The contents (into ``out`` if given) and attributes of ``gfns`` now, for a later
@@ -363,7 +352,7 @@ class Sender:
             refs = contents if isinstance(contents, PageRefs) else PageRefs.of(*contents)
             if len(refs) != n:
                 raise ValueError(f"send_pages: {n} gfns but contents for {len(refs)} pages")
-            self.memory.private_mask(g)  # the gfns must be in the guest all the same
+            self.memory.check_gfns(g)  # the gfns must be in the guest all the same
         else:
             if self._work.shape[0] < n:
                 self._work = np.empty((max(n, 2 * self._work.shape[0]), PAGE_SIZE), np.uint8)
@@ -428,11 +417,7 @@ class Sender:
 
     def send_token(self, stream: int) -> bytes:
         """The sealed end-of-migration token (itself not counted in the token)."""
-        seq = self._next(stream)
-        body = self.token().to_bytes()
-        header = HEADER.pack(0, seq, 0, stream, _TOKEN, len(body) + TAG_BYTES)
-        self.stats.wire_bytes += HEADER_BYTES + len(body) + TAG_BYTES
-        return header + self._aead(stream).encrypt(nonce(stream, seq), body, header)
+        return self._seal(0, 0, stream, _TOKEN, self.token().to_bytes())
 
 
 _TOKEN_BYTES = len(Token(0, 0, bytes(48)).to_bytes())
@@ -547,7 +532,7 @@ class Receiver:
                 or (plen != lens - HEADER_BYTES).any() or (body_len < 0).any() or (zero & (body_len != 0)).any()
                 or (~zero & ~comp & (body_len != PAGE_SIZE)).any()
                 or (h["gfn"] >= npages).any() or (h["version"] >= 1 << 63).any()
-                or not (n == 1 or (h["gfn"][1:] > h["gfn"][:-1]).all() or np.unique(h["gfn"]).size == n)):
+                or not all_distinct(h["gfn"])):
             return None
         sel = np.flatnonzero(private)
         sealed_off = np.cumsum(body_len[sel]) - body_len[sel]

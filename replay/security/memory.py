@@ -103,6 +103,11 @@ def nonzero_pages(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarr
     return nz
 
 
+def all_distinct(a: np.ndarray) -> bool:
+    """Whether no value of ``a`` repeats (a sorted batch, the usual case, is answered without sorting)."""
+    return a.size <= 1 or bool((a[1:] > a[:-1]).all()) or np.unique(a).size == a.size
+
+
 def _distinct(a: np.ndarray) -> np.ndarray:
     """The distinct values of ``a``, sorted (np.unique's hash table costs more on the small arrays here)."""
     u = np.sort(a)
@@ -130,16 +135,22 @@ def _dram(pages: int) -> np.ndarray:
     return np.frombuffer(region, dtype=np.uint8).reshape(pages, PAGE_SIZE)
 
 
+def page_spans(gpa: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every page each row ``(gpa, length)`` spans, in row order: (the row's index, the gfn), int64."""
+    first = (gpa >> _SHIFT).astype(np.int64)
+    npg = ((gpa + length.astype(np.uint64) - np.uint64(1)) >> _SHIFT).astype(np.int64) - first + 1
+    if npg.size == 0 or npg.max() == 1:
+        return np.arange(gpa.size, dtype=np.int64), first
+    row = np.repeat(np.arange(gpa.size, dtype=np.int64), npg)
+    return row, first[row] + np.arange(row.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg)
+
+
 def _by_page(gpa, length, op, value, offset):
     """Pieces -> one piece per page they span, in order: (gfn int64, byte in the page int64, length,
     op, value, offset in the row)."""
-    first = gpa >> _SHIFT
-    npg = (((gpa + length - np.uint64(1)) >> _SHIFT) - first + np.uint64(1)).astype(np.int64)
-    if npg.size == 0 or npg.max() == 1:
-        return first.astype(np.int64), (gpa & _PAGE_MASK).astype(np.int64), length, op, value, offset
-    row = np.repeat(np.arange(gpa.size), npg)
-    k = np.arange(row.size, dtype=np.int64) - np.repeat(np.cumsum(npg) - npg, npg)
-    gfn = first.astype(np.int64)[row] + k
+    row, gfn = page_spans(gpa, length)
+    if row.size == gpa.size:  # each piece within one page
+        return gfn, (gpa & _PAGE_MASK).astype(np.int64), length, op, value, offset
     page = gfn.astype(np.uint64) << _SHIFT
     lo = np.maximum(gpa[row], page)
     hi = np.minimum(gpa[row] + length[row], page + np.uint64(PAGE_SIZE))
@@ -200,7 +211,8 @@ class HostMemory:
         """System physical page of each gfn on this host (the XTS tweak is its byte address)."""
         return np.asarray(gfns, dtype=np.uint64) + np.uint64(self.spa_base)
 
-    def _check_gfns(self, gfns) -> np.ndarray:
+    def check_gfns(self, gfns) -> np.ndarray:
+        """``gfns`` as int64 (at least 1-d); IndexError for one outside the guest."""
         g = np.atleast_1d(np.asarray(gfns, dtype=np.int64))
         if g.size and (g.min() < 0 or g.max() >= self.npages):
             bad = int(g[(g < 0) | (g >= self.npages)][0])
@@ -208,10 +220,10 @@ class HostMemory:
         return g
 
     def is_private(self, gfn: int) -> bool:
-        return not bool(self._shared[self._check_gfns(gfn)[0]])
+        return not bool(self._shared[self.check_gfns(gfn)[0]])
 
     def private_mask(self, gfns) -> np.ndarray:
-        return ~self._shared[self._check_gfns(gfns)]
+        return ~self._shared[self.check_gfns(gfns)]
 
     @property
     def stored_pages(self) -> int:
@@ -292,7 +304,8 @@ class HostMemory:
                 k = cached.size - keep
                 old = cached[np.argpartition(self._stamp[cached], k - 1)[:k]] if k < cached.size else cached
                 self._crypt_slots(np.sort(old), encrypt=True)
-            self._maybe_cached = keep
+            # Exactly the pages now in clear: below the bound nothing was evicted, and the count stays.
+            self._maybe_cached = keep if cached.size > self.cache_pages else cached.size
 
     def _load_plain(self, gfns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Plain text of distinct ``gfns`` (a copy: the cache is not changed), decrypting the ones whose
@@ -318,7 +331,7 @@ class HostMemory:
         """The page as this host's DRAM holds it: ciphertext if private (a never-written private page is the
         encryption of zeros at its SPA), plain text if shared. A private page held in clear is written
         back first (a host reads DRAM, not the cache)."""
-        g = self._check_gfns(gfn)
+        g = self.check_gfns(gfn)
         s = self._slot[g[0]]
         if s < 0:
             page = np.zeros((1, PAGE_SIZE), np.uint8)
@@ -329,7 +342,7 @@ class HostMemory:
 
     def write_raw(self, gfn: int, data: bytes) -> None:
         """A host writing ``data`` into the page's DRAM as is (no encryption: the host has no key)."""
-        g = self._check_gfns(gfn)
+        g = self.check_gfns(gfn)
         if len(data) != PAGE_SIZE:
             raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(data)}")
         slot = self._slots_for(g)[0]
@@ -352,7 +365,7 @@ class HostMemory:
         """Plain text of each of ``gfns`` (any order, repeats allowed) as an ``(n, 4096)`` array (``out``:
         an array of at least n rows to fill and return a view of: a caller reading batch after batch
         reuses it instead of faulting in fresh memory every time)."""
-        g = self._check_gfns(gfns)
+        g = self.check_gfns(gfns)
         dest = None if out is None else out[: g.size]
         if dest is not None and gather_pages(self._arena, self._slot, self._clear.view(np.uint8), g, dest):
             return dest  # every page stored and in clear (the usual case): copied in one call
@@ -372,7 +385,7 @@ class HostMemory:
         ``(pages, rows)``, ``pages`` an ``(m, 4096)`` array and ``rows[i]`` the row of ``gfns[i]`` in it, or
         -1 for a page never stored (zero) and -2 for one whose DRAM holds ciphertext (``read_plain_many``
         decrypts it). Valid until the memory next changes."""
-        g = self._check_gfns(gfns)
+        g = self.check_gfns(gfns)
         slots = self._slot[g].astype(np.int64)
         rows = np.where(slots >= 0, slots, -1)
         rows[(slots >= 0) & ~self._clear[np.maximum(slots, 0)]] = -2
@@ -382,8 +395,8 @@ class HostMemory:
         """Put guest-visible contents into distinct ``gfns`` with the given attribute (what a migration
         agent does at the target: encrypt under this host's key and SPA, or store plain if shared). The
         private pages enter the write-back cache."""
-        g = self._check_gfns(gfns)
-        if not (g.size <= 1 or (g[1:] > g[:-1]).all() or np.unique(g).size == g.size):  # sorted: distinct
+        g = self.check_gfns(gfns)
+        if not all_distinct(g):
             raise ValueError("install_plain: gfns must be distinct")
         pages = np.ascontiguousarray(pages, dtype=np.uint8).reshape(g.size, PAGE_SIZE)
         priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape)
@@ -396,7 +409,7 @@ class HostMemory:
 
     def install_zero(self, gfns, private) -> None:
         """Make distinct ``gfns`` zero pages with the given attribute; pages not stored stay unstored."""
-        g = self._check_gfns(gfns)
+        g = self.check_gfns(gfns)
         priv = np.broadcast_to(np.asarray(private, dtype=bool), g.shape)
         self._shared[g] = ~priv
         slots = self._slot[g]
@@ -410,7 +423,7 @@ class HostMemory:
     def set_private(self, gfns, private: bool) -> None:
         """Page-state change of ``gfns`` keeping their contents (stored pages are re-encrypted or decrypted:
         in clear, and encrypted when written back)."""
-        g = np.unique(self._check_gfns(gfns))
+        g = np.unique(self.check_gfns(gfns))
         change = g[self._shared[g] == private]
         slots = self._slot[change]
         slots = slots[slots >= 0]
