@@ -39,7 +39,6 @@ def test_n2_contention_shapes():
     assert rates["uffd-shared"][64] * 10 < rates["kvm-exit"][64]  # the shared uffd collapses
 
 
-@pytest.mark.slow
 def test_n1_latency_histogram():
     r = run(load_scenario(CAL / "n1-remote-faults.toml"))
     pc = r.summary["metrics"]["postcopy"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -150,7 +151,6 @@ def test_digest_independent_of_batching_compression_name(tmp_path):
     c2["value"][5] ^= 1
     assert write(tmp_path / "c.arrow", c2).digest not in digests
     # The digest is blake2b-256 of the per-column blake2b-256 of little-endian bytes.
-    import hashlib
 
     outer = hashlib.blake2b(digest_size=32)
     for k in COLUMNS:
@@ -272,7 +272,10 @@ def test_meta_digest(tmp_path):
     with pa.memory_map(str(path)) as f:
         table = pa.ipc.open_file(f).read_all()
     md = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-    assert md[META_DIGEST_KEY] == meta_digest(md)
+    model = hashlib.blake2b(digest_size=32)  # the documented rule: key NUL value NUL, in METADATA_KEYS order
+    for key in METADATA_KEYS:
+        model.update(f"{key}\0{md[key]}\0".encode())
+    assert md[META_DIGEST_KEY] == model.hexdigest() == meta_digest(md)
     changed = dict(md, shared_ranges=md["shared_ranges"].replace("15", "16"))
     assert changed != md
 

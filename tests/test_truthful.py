@@ -123,6 +123,36 @@ def test_each_invariant_can_turn_false(tmp_path, faulty, broken, mode):
     assert {k for k, ok in bad.summary["invariants"].items() if not ok} == broken
 
 
+@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
+def test_the_plaintext_invariants_can_turn_false(tmp_path, monkeypatch, mode):
+    """Data mode's invariants over guest-visible contents: a target agent that installs gfn 5 with one byte
+    wrong (past the 8 bytes the trace ever writes there) leaves every version-level invariant true and
+    turns both plaintext ones false (pre-copy: the switchover one; both modes: the end of the trace)."""
+    import numpy as np
+
+    from replay.security.memory import HostMemory
+
+    rows = [(i, 0, i) for i in range(16)] + [(2000 + 500 * k, 0, (k * 3) % 16) for k in range(40)]
+    trace = write_trace(tmp_path / "t.arrow", sorted(rows), npages=16, vcpus=2)
+    s = scen(mode, data=True)
+    good = run(s, strategy="mirror-vm", trace_path=trace)
+    assert good.status == "completed" and all(good.summary["invariants"].values())
+    assert "plaintext_end_equals_no_migration" in good.summary["invariants"]
+    install = HostMemory.install_plain
+
+    def off_by_a_byte(self, gfns, pages, private):
+        pages = np.array(pages, dtype=np.uint8).reshape(-1, 4096)
+        pages[np.flatnonzero(np.atleast_1d(gfns) == 5), 100] ^= 1
+        install(self, gfns, pages, private)
+
+    monkeypatch.setattr(HostMemory, "install_plain", off_by_a_byte)
+    bad = run(s, strategy="mirror-vm", trace_path=trace)
+    assert bad.status == "completed"
+    broken = {k for k, ok in bad.summary["invariants"].items() if not ok}
+    assert broken == ({"plaintext_end_equals_no_migration", "plaintext_target_equals_source_at_switchover"}
+                      if mode == "precopy" else {"plaintext_end_equals_no_migration"})
+
+
 def test_on_max_rounds(trace):
     base = dict(downtime_limit_ns=1, bandwidth_period_ns=1, max_rounds=3)  # never converges
     cancel = run(scen(on_max_rounds="cancel", **base), strategy="mirror-vm", trace_path=trace)

@@ -7,6 +7,7 @@ integrity and no-partial-output guarantees, a test that injects the fault the ru
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -160,6 +161,8 @@ def test_memory_estimate_refuses_with_both_figures(workdir, capsys, monkeypatch)
     assert "needs about 256.0 MiB of memory but this machine has 256.0 MiB available (--allow-memory" in err
     assert not (workdir / "run").exists()
     assert main(["run", "s.toml", "--out", "run", "--no-progress", "--allow-memory"]) == 0
+    monkeypatch.setattr(validate, "available_memory_bytes", lambda: need)  # exactly enough: no refusal
+    assert main(["run", "s.toml", "--out", "run2", "--no-progress"]) == 0
 
 
 def test_inspect_memory_check(workdir, capsys, monkeypatch):
@@ -312,12 +315,17 @@ def test_tampered_run_dirs_are_refused_by_every_reader(workdir, capsys):
 def test_write_run_records_hashes(tmp_path):
     import runfixtures
 
-    from replay.runrecord import content_hash, load_run
+    from replay.runrecord import load_run
+
+    def blake(data: bytes) -> str:
+        return hashlib.blake2b(data, digest_size=32).hexdigest()
 
     run = runfixtures.make_run(tmp_path / "a")
     s = json.loads((run / "summary.json").read_text())
-    assert s["tables"] == {n: content_hash((run / n).read_bytes()) for n in ("events.arrow", "rounds.arrow")}
-    assert len(s["record_digest"]) == 64
+    assert s["tables"] == {n: blake((run / n).read_bytes()) for n in ("events.arrow", "rounds.arrow")}
+    # The summary's canonical JSON (sorted keys, 2-space indent, a final newline) without record_digest.
+    rest = {k: v for k, v in s.items() if k != "record_digest"}
+    assert s["record_digest"] == blake((json.dumps(rest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode())
     assert dataclasses.is_dataclass(load_run(run))
 
 
