@@ -243,6 +243,46 @@ def test_matrix_flags_a_corrupted_run(monkeypatch):
     assert table.to_pylist()[0]["corrupted"] is True
 
 
+def test_a_target_that_skips_the_tag_check_is_caught_as_corrupted(monkeypatch):
+    """The adversary's verdicts rest on the target's checks: a target that takes a packet whose GCM tag is
+    wrong (here: every tag counted right, the payload taken regardless) lets a flipped payload bit into its
+    memory, and the run completes undetected with a plaintext that differs: corrupted."""
+    import numpy as np
+    from cryptography.exceptions import InvalidTag
+
+    import replay.advmatrix as am
+    from replay.security import channel
+
+    opened = channel.open_many
+
+    def every_tag_right(*args, **kwargs):
+        ok, records = opened(*args, **kwargs)
+        return np.ones_like(ok), records
+
+    class Unchecked:
+        def __init__(self, aead):
+            self.aead = aead
+            self.encrypt = aead.encrypt  # the sender seals as ever
+
+        def decrypt(self, nonce, data, aad):
+            try:
+                return self.aead.decrypt(nonce, data, aad)
+            except InvalidTag:
+                return bytes(data[: len(data) - 16])  # not even decrypted: garbage in
+
+    flip = AdversarySpec(kind="flip", stream=1, sequence=100)  # a private page (gfn 100) of the downtime
+    honest = run_with(flip)
+    assert honest.status == "aborted" and honest.summary["adversary"][0]["detected_by"] == "channel.bad_tag"
+    keys = channel._Keys.__call__
+    monkeypatch.setattr(channel, "open_many", every_tag_right)
+    monkeypatch.setattr(channel._Keys, "__call__", lambda self, stream: Unchecked(keys(self, stream)))
+    r = run_with(flip)
+    p = r.summary["data"]["plaintext"]
+    assert r.status == "completed" and r.summary["adversary"][0]["outcome"] == "undetected"
+    assert p["end_of_trace"] != p["no_migration"] and not r.summary["invariants"]["plaintext_end_equals_no_migration"]
+    assert "flip" not in am.UNPROTECTED  # so the matrix counts this run as corrupted
+
+
 def test_matrix_cli_bad_kind(tmp_path):
     p = subprocess.run([sys.executable, "-m", "replay.cli", "adversary-matrix", str(BASE), "--out", str(tmp_path / "m"),
                         "--kinds", "flip,dorp"], check=False, capture_output=True, text=True, cwd=ROOT)

@@ -7,7 +7,7 @@ page costs the slowest of its link time and its agents' CPU at their capacity; t
 before any page whose slot starts after them. It shares no code with replay.migration: every sync time,
 dirty count, switchover, downtime and byte count of the driver must equal the model's, on both engines,
 for several links, limits, agent capacities (including agents slower than the link) and both CPU-sharing
-policies.
+policies; and the window, the guest's lost time, its slowdown and the CPU each owner paid.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def model(rows, npages, vcpus, *, start, latency, bw, pack, cap, charge, burst, 
                 bw_meas = mbytes * NS // (v - since)
                 thr = bw_meas * limit // NS
             since, mbytes = v, 0
-    switch = v
+    switch, g_switch = v, g  # the guest is paused from here to the resume
     expected = pending * NS // (bw_meas or bw)
     # stop-and-copy: final sync (paused), the rest, VMSAs + device state, latency, token, resume (0)
     syncs.append((v, len(dirty)))
@@ -119,7 +119,7 @@ def model(rows, npages, vcpus, *, start, latency, bw, pack, cap, charge, burst, 
     return {
         "syncs": syncs, "reason": reason, "switchover_ns": switch, "downtime_ns": v - switch, "rounds": rounds,
         "precopy_pages": len(sent), "downtime_pages": down_pages, "downtime_bytes": down_bytes,
-        "expected_downtime_ns": expected,
+        "expected_downtime_ns": expected, "completion_ns": v, "guest_g_at_switch": g_switch,
         "precopy_bytes": sum(HDR + (PAGE if ver else 0) for _, ver in sent),
     }
 
@@ -186,6 +186,16 @@ def test_driver_matches_the_model(tmp_path, engine, case):
     assert m["expected_downtime_ns"] == want["expected_downtime_ns"]
     assert (m["precopy_pages"], m["precopy_bytes"]) == (want["precopy_pages"], want["precopy_bytes"])
     assert (m["downtime_pages"], m["downtime_bytes"]) == (want["downtime_pages"], want["downtime_bytes"])
+    # What the comparison rests on: the window, the guest's lost time (each vCPU loses the window less the
+    # guest clock's advance; paused from the switchover on), the slowdown, and who paid the CPU (the agents
+    # ``pack`` per page and per VMSA, the host each sync, the guest the rest of its vCPUs' time).
+    window = want["completion_ns"] - 1000
+    lost = vcpus * (window - (want["guest_g_at_switch"] - 1000))
+    assert (m["completion_ns"], m["total_ns"]) == (want["completion_ns"], window)
+    assert (m["guest_lost_ns"], m["guest_slowdown_ppm"]) == (lost, lost * 1_000_000 // (vcpus * window))
+    agents_cpu = pack * (want["precopy_pages"] + want["downtime_pages"] + vcpus)
+    assert m["cpu_ns"] == {"guest": vcpus * window - lost, "host": 100 * len(want["syncs"]),
+                           "primary_vm_agents": agents_cpu if shadow else 0, "mirror_vm": 0 if shadow else agents_cpu}
     assert r.status == "completed" and all(r.summary["invariants"].values())
 
 
