@@ -26,6 +26,7 @@ import pyarrow.ipc as ipc
 from .errors import RunDirError, one_line
 from .paths import require_regular
 from .records import atomic_dir, canonical_json
+from .scenario import MODES, STRATEGIES
 from .validate import check_summary, load_json, short
 
 if TYPE_CHECKING:  # polars is for reading runs back: writing one (every `replay run`) does without it
@@ -258,7 +259,7 @@ def check_run_dir(path: str | Path, *, complete: bool = False) -> tuple[dict, di
         raise RunDirError(f"{summary_path}: holds a float (run records hold integers only)") from None
     if summary.get("record_digest") != digest:
         raise RunDirError(f"{summary_path}: record digest mismatch (the summary was changed after it was written)")
-    check_summary(summary, str(summary_path), statuses=STATUSES)
+    check_summary(summary, str(summary_path), strategies=STRATEGIES, modes=MODES, statuses=STATUSES)
     unknown = sorted(set(tables) - {f"{n}.arrow" for n in TABLES})
     if unknown or "rounds.arrow" not in tables or "events.arrow" not in tables:
         raise RunDirError(f"{summary_path}: tables must list rounds.arrow, events.arrow and optionally faults.arrow")

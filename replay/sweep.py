@@ -113,9 +113,6 @@ class Point:
     params: tuple[tuple[str, Any], ...]  # (axis key, value) in axis order
     scenario: Scenario
 
-    def label(self) -> str:
-        return _label(self.params)
-
 
 def _label(params: Sequence[tuple[str, Any]]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params) or "(base scenario)"

@@ -23,7 +23,7 @@ import resource
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import ReplayError, ResourceError, RunDirError, ScenarioError
 
@@ -180,10 +180,9 @@ def check_key(section: str, key: str, value: Any, default: Any, where: str) -> A
             raise ScenarioError(f"{where}: expected true or false, got {short(value)}")
         return value
     if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            lo, hi, unit = key_rule(section, key)
-            raise ScenarioError(f"{where}: expected an integer{' (' + unit + ')' if unit else ''}, got {short(value)}")
         lo, hi, unit = key_rule(section, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"{where}: expected an integer{' (' + unit + ')' if unit else ''}, got {short(value)}")
         if not lo <= value <= hi:
             u = f" {unit}" if unit else ""
             bound = f">= {lo}" if value < lo else f"<= {hi}"
@@ -242,7 +241,7 @@ BATCH_OVERHEAD = 256 << 20  # one decoded batch (1M rows x 31 B), its decompress
 TRACE_ROW_BYTES = 31  # uncompressed row: 8 + 2 + 8 + 4 + 1 + 8
 
 
-def run_memory_bytes(guest_bytes: int, vcpus: int, hosts: int = 2) -> int:
+def run_memory_bytes(guest_bytes: int, vcpus: int) -> int:
     pages = guest_bytes // PAGE_SIZE
     return pages * RUN_BYTES_PER_PAGE + vcpus * 64 + BATCH_OVERHEAD
 
@@ -347,9 +346,10 @@ def _check_metrics(obj: Any, where: str, path: str) -> None:
             _need(0 <= obj <= U64_MAX, where, f"{path} {short(obj)} is out of range 0..2^64-1")
 
 
-def check_summary(summary: Any, where: str, *, strategies=("mirror-vm", "shadow-vcpu"),
-                  modes=("precopy", "postcopy", "hybrid"), statuses=("completed", "aborted", "failed")) -> dict:
-    """A run record's summary, checked for the shape every reader relies on (RunDirError if not)."""
+def check_summary(summary: Any, where: str, *, strategies: Sequence[str], modes: Sequence[str],
+                  statuses: Sequence[str]) -> dict:
+    """A run record's summary, checked for the shape every reader relies on (RunDirError if not); the
+    values its strategy, mode and status may take come from the writer's modules."""
     _need(isinstance(summary, dict), where, "not a JSON object")
     _need(depth(summary) <= MAX_DEPTH, where, f"nested deeper than {MAX_DEPTH} levels")
     for key in REQUIRED:

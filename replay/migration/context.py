@@ -94,5 +94,13 @@ class Run:
     def vcpus(self) -> int:
         return self.meta.vcpus
 
+    def new_round(self, phase: str, sync_ns: int, dirty: int, start_ns: int | None = None) -> Round:
+        """The next row of rounds.arrow, starting now (or at ``start_ns``), appended to the tally."""
+        g = self.guest
+        rnd = Round(len(self.tally.rounds), phase, sync_ns, dirty, g.v if start_ns is None else start_ns,
+                    agents=self.agents, guest_start_ns=g.g)
+        self.tally.rounds.append(rnd)
+        return rnd
+
     def log(self, kind: str, detail: str = "", gfn: int = -1, vcpu: int = -1, t: int | None = None) -> None:
         self.events.append((self.guest.v if t is None else t, kind, gfn, vcpu, detail))

@@ -25,10 +25,9 @@ from ..scenario import FOREVER
 from ..snp import PAGE_SIZE, Fault
 from ..strategies import HOST, SOURCE, TARGET
 from . import transfer
-from .context import Round, Run
+from .context import Run
 from .faultpath import FaultPath
-from .precopy import sync
-from .stopcopy import resume_target, send_vmsas_and_devices
+from .stopcopy import pause_and_drain, resume_target, send_vmsas_and_devices
 
 
 
@@ -65,20 +64,14 @@ def switch_to_postcopy(run: Run, *, hybrid: bool) -> PostcopySwitch:
     """Pause; after hybrid pre-copy, discard what the target holds stale; VMSAs and device state cross; the
     target resumes with every page it lacks marked userfault."""
     g, eng = run.guest, run.eng
-    v_pause = g.v
-    run.log("pause", "guest paused (switch over to post-copy)")
-    dirty = 0
+    v_pause, rnd = pause_and_drain(run, final_sync=hybrid, note="guest paused (switch over to post-copy)")
     if hybrid:
-        dirty = sync(run, paused=True)
         stale = eng.discard_stale(SOURCE, TARGET)
         run.log("discard", f"stale_pages={stale}")
-    eng.set_dirty_logging(SOURCE, False)
     source_digest = eng.set_digest(SOURCE)
     if run.data is not None:
         run.data.snapshot("source_at_switchover", SOURCE)
     missing = run.npages - eng.count_present(TARGET)
-    rnd = Round(len(run.tally.rounds), "downtime", v_pause, dirty, v_pause, agents=run.agents)
-    run.tally.rounds.append(rnd)
     nvmsa = send_vmsas_and_devices(run, rnd)
     resume_target(run, rnd, nvmsa, token=False)
     g.host = TARGET
@@ -105,9 +98,7 @@ class _Postcopy:
         g.delays = np.zeros(run.vcpus, dtype=np.uint64)
         g.ready = np.zeros(n, dtype=np.uint64)
         g.on_userfault = self.userfault
-        self.rnd = Round(len(run.tally.rounds), "postcopy", g.v, sw.missing, g.v, agents=run.agents,
-                         guest_start_ns=g.g)
-        run.tally.rounds.append(self.rnd)
+        self.rnd = run.new_round("postcopy", g.v, sw.missing)
         self.folded: dict | None = None
         self.path = FaultPath(run)
 

@@ -97,7 +97,7 @@ def precopy(run: Run, *, max_rounds: int, on_max_rounds: str) -> PrecopyEnd:
     eng.set_dirty_logging(SOURCE, True)
     eng.mark_send_all(SOURCE)
     rounds = 1
-    rnd = _new_round(run, 0, npages, g.v)
+    rnd = _new_round(run, npages, g.v)
     g.elapse(sync_cost(run))
     run.cpu.charge(HOST, sync_cost(run))
     meter = _Meter(run)
@@ -111,7 +111,7 @@ def precopy(run: Run, *, max_rounds: int, on_max_rounds: str) -> PrecopyEnd:
             t_sync = g.v
             dirty = sync(run)
             rounds += 1
-            rnd = _new_round(run, rounds - 1, dirty, t_sync)
+            rnd = _new_round(run, dirty, t_sync)
             pending = eng.send_count(SOURCE) * PAGE_SIZE
             synced = True
         if pending <= threshold:
@@ -141,11 +141,9 @@ def _burst(run: Run, rnd: Round, cursor: int) -> tuple[int, int]:
     return cursor, st["bytes"]
 
 
-def _new_round(run: Run, number: int, dirty: int, sync_ns: int) -> Round:
-    g = run.guest
-    rnd = Round(number, "precopy", sync_ns, dirty, g.v, agents=run.agents, guest_start_ns=g.g)
-    run.tally.rounds.append(rnd)
-    run.log("round_start", f"round={number} dirty_pages={dirty} agents={run.agents}")
+def _new_round(run: Run, dirty: int, sync_ns: int) -> Round:
+    rnd = run.new_round("precopy", sync_ns, dirty)
+    run.log("round_start", f"round={rnd.round} dirty_pages={dirty} agents={run.agents}")
     return rnd
 
 

@@ -29,16 +29,14 @@ def vmpls_in_use(run: Run) -> list[int]:
     return [0, run.s.guest.os_vmpl] if run.s.guest.os_vmpl else [0]
 
 
-def pause_and_drain(run: Run) -> tuple[int, Round]:
-    """Pause, final sync; the pages left go while paused. Returns (pause time, the downtime round)."""
-    g, eng = run.guest, run.eng
-    v_pause = g.v
-    run.log("pause", "guest paused")
-    dirty = sync(run, paused=True)
-    eng.set_dirty_logging(SOURCE, False)
-    rnd = Round(len(run.tally.rounds), "downtime", v_pause, dirty, v_pause, agents=run.agents)
-    run.tally.rounds.append(rnd)
-    return v_pause, rnd
+def pause_and_drain(run: Run, *, final_sync: bool = True, note: str = "guest paused") -> tuple[int, Round]:
+    """Pause, final sync (unless there is no dirty log to read: plain post-copy), dirty logging off.
+    Returns (pause time, the downtime round)."""
+    v_pause = run.guest.v
+    run.log("pause", note)
+    dirty = sync(run, paused=True) if final_sync else 0
+    run.eng.set_dirty_logging(SOURCE, False)
+    return v_pause, run.new_round("downtime", v_pause, dirty, start_ns=v_pause)
 
 
 def send_paused(run: Run, rnd: Round) -> None:
