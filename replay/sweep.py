@@ -20,7 +20,7 @@ anything runs, so a misspelt axis key fails at once with the loader's did-you-me
 Execution (``run_sweep``): the distinct traces are generated first, one Dask task per distinct trace
 spec, into ``DIR/traces`` (so no two workers ever write the same trace, and a sweep directory on a shared
 filesystem is all a remote cluster needs); each such task also computes the no-migration reference digest
-of its trace (``replay.refdigest``). Then each point is keyed by a hash of its resolved scenario (canonical
+of its trace (``replay.refdigest``), and data mode's plain-text one if a point on it runs in data mode. Then each point is keyed by a hash of its resolved scenario (canonical
 JSON) and its trace's content digest, and runs as one Dask task writing ``DIR/runs/<key>/`` atomically. A
 point whose run directory exists is never run again, so an interrupted sweep resumes where it stopped. A
 point that raises, or whose worker dies, is recorded in ``DIR/errors/<key>.txt`` (one line) and the sweep
@@ -251,26 +251,30 @@ class PreparedTrace:
     path: str
     meta: Any  # replay.trace.TraceMeta
     no_migration: Mapping[tuple[int, int], str]  # (asid, os_vmpl) -> reference digest
+    plaintext: str  # data mode's plain-text reference ("" when no point on this trace is in data mode)
 
 
-def prepare_trace(scenario: Scenario, cache: str, guests: Sequence[tuple[int, int]], engine: str) -> PreparedTrace:
+def prepare_trace(scenario: Scenario, cache: str, guests: Sequence[tuple[int, int]], engine: str,
+                  data: bool = False) -> PreparedTrace:
     """(A Dask task.) Generate or find the trace of ``scenario`` in ``cache`` and compute its reference
-    digests for each (asid, os_vmpl) the sweep's points use."""
+    digests for each (asid, os_vmpl) the sweep's points use, and the plain-text one if ``data``."""
     from .migrate import trace_for
-    from .refdigest import no_migration_digest
+    from .refdigest import no_migration_digest, plaintext_digest
     from .trace import read_meta
 
     path = trace_for(scenario, Path(cache))
     meta = read_meta(path)
     refs = {g: no_migration_digest(path, meta, g[0], g[1], engine, cache=Path(cache)) for g in guests}
-    return PreparedTrace(str(path), meta, refs)
+    return PreparedTrace(str(path), meta, refs, plaintext_digest(path, meta, cache=Path(cache)) if data else "")
 
 
-def run_point(scenario: Scenario, trace_path: str, no_migration: str, engine: str, out_dir: str) -> dict:
+def run_point(scenario: Scenario, trace_path: str, no_migration: str, engine: str, out_dir: str,
+              plaintext: str = "") -> dict:
     """(A Dask task.) Run one point and write its run directory atomically; returns the summary."""
     from .migrate import Migration
 
-    result = Migration(scenario, trace_path, engine=engine, no_migration_digest=no_migration).run()
+    result = Migration(scenario, trace_path, engine=engine, no_migration_digest=no_migration,
+                       plaintext_reference=plaintext or None).run()
     result.write(out_dir)
     return result.summary
 
@@ -435,7 +439,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, client=None, scheduler: str | No
                 skipped += 1
                 continue
             g = p.scenario.guest
-            todo.append((p, key, prepared.path, prepared.no_migration[(g.asid, g.os_vmpl)]))
+            todo.append((p, key, prepared.path, prepared.no_migration[(g.asid, g.os_vmpl)], prepared.plaintext))
         ran, errors = _run_points(client, todo, out, engine, show_progress, on_result, errors)
     finally:
         table = build_table(sweep, pts, keys, out, trace_errors)
@@ -460,7 +464,8 @@ def _prepare_traces(client, pts: Sequence[Point], out: Path, engine: str, show_p
     futures = {}
     for spec, members in groups.items():
         guests = sorted({(m.scenario.guest.asid, m.scenario.guest.os_vmpl) for m in members})
-        fut = client.submit(prepare_trace, members[0].scenario, cache, guests, engine, pure=False)
+        data = any(m.scenario.migration.data for m in members)
+        fut = client.submit(prepare_trace, members[0].scenario, cache, guests, engine, data, pure=False)
         futures[fut] = spec
     result: dict[str, Any] = {}
     with _bar(len(futures), "trace", show_progress) as bar:
@@ -481,8 +486,9 @@ def _run_points(client, todo, out: Path, engine: str, show_progress: bool, on_re
     from dask.distributed import as_completed
 
     futures = {}
-    for p, key, trace_path, nomig in todo:
-        fut = client.submit(run_point, p.scenario, trace_path, nomig, engine, str(out / "runs" / key), pure=False)
+    for p, key, trace_path, nomig, plaintext in todo:
+        fut = client.submit(run_point, p.scenario, trace_path, nomig, engine, str(out / "runs" / key), plaintext,
+                            pure=False)
         futures[fut] = (p, key)
     ran = 0
     try:

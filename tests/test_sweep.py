@@ -225,21 +225,21 @@ def _fresh_log():
         v.clear()
 
 
-def _slow_run_point(scenario, trace_path, nomig, engine, out_dir):
+def _slow_run_point(scenario, trace_path, nomig, engine, out_dir, plaintext=""):
     _LOG["calls"].append(Path(out_dir).name)
     try:
         time.sleep(0.2)
-        return _REAL_RUN_POINT(scenario, trace_path, nomig, engine, out_dir)
+        return _REAL_RUN_POINT(scenario, trace_path, nomig, engine, out_dir, plaintext)
     finally:
         _LOG["finished"].append(out_dir)
 
 
-def _flaky_run_point(scenario, trace_path, nomig, engine, out_dir):
+def _flaky_run_point(scenario, trace_path, nomig, engine, out_dir, plaintext=""):
     """Fails the first attempt of the (shadow-vcpu, seed 1) point."""
     _LOG["calls"].append(Path(out_dir).name)
     if scenario.migration.strategy == "shadow-vcpu" and scenario.seed == 1 and len(_LOG["calls"]) <= 4:
         raise MemoryError("worker out of memory")
-    return _REAL_RUN_POINT(scenario, trace_path, nomig, engine, out_dir)
+    return _REAL_RUN_POINT(scenario, trace_path, nomig, engine, out_dir, plaintext)
 
 
 def _mtimes(out: Path) -> dict[str, int]:
@@ -355,10 +355,10 @@ def test_a_worker_that_dies_is_an_error_row(tmp_path, monkeypatch):
     p = write_sweep(tmp_path, 'seeds = [1, 2]\n')
     real = sweep_mod.run_point
 
-    def dies_on_seed_2(scenario, trace_path, nomig, engine, out_dir):
+    def dies_on_seed_2(scenario, trace_path, nomig, engine, out_dir, plaintext=""):
         if scenario.seed == 2:
             os._exit(1)
-        return real(scenario, trace_path, nomig, engine, out_dir)
+        return real(scenario, trace_path, nomig, engine, out_dir, plaintext)
 
     monkeypatch.setattr(sweep_mod, "run_point", dies_on_seed_2)
     # Dask reschedules a dead worker's task (3 times by default); once is enough here.
@@ -503,3 +503,18 @@ def test_a_cluster_that_cannot_be_reached_leaves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "1 points" in err[0] and "127.0.0.1:1" in err[1]  # the count, then the error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_mode_sweep_takes_its_plain_text_reference_from_its_own_cache(tmp_path, thread_client, monkeypatch):
+    """The plain-text reference of a data-mode sweep is computed once per trace, with the traces, into the
+    sweep's own cache, and handed to every point: nothing lands in the user's cache."""
+    monkeypatch.setenv("SNP_REPLAY_CACHE", str(tmp_path / "user-cache"))
+    p = write_sweep(tmp_path, 'strategies = ["mirror-vm", "shadow-vcpu"]\n[grid]\n"migration.data" = [true]\n')
+    res = run_sweep(load_sweep(p), tmp_path / "out", client=thread_client)
+    assert res.table["status"].to_pylist() == ["completed", "completed"]
+    refs = sorted((tmp_path / "out" / "traces" / "refdigest").iterdir())
+    assert len(refs) == 2  # the no-migration reference and the plain-text one
+    assert not (tmp_path / "user-cache").exists()
+    plain = {json.loads((tmp_path / "out" / r / "summary.json").read_text())["data"]["plaintext"]["no_migration"]
+             for r in res.table["run_dir"].to_pylist()}
+    assert plain & {r.read_text().strip() for r in refs} == plain and len(plain) == 1

@@ -124,12 +124,12 @@ def _progress(n: int) -> None:
         _QUEUE.put(n)
 
 
-def _run_strategy(scenario, strategy, engine, trace_path, no_migration_digest):
+def _run_strategy(scenario, strategy, engine, trace_path, no_migration_digest, plaintext_reference):
     """One strategy's run in a worker process; the record is returned, not written (see ``run``)."""
     from ..migrate import Migration
 
     return Migration(scenario.with_strategy(strategy), trace_path, engine=engine, progress=_progress,
-                     no_migration_digest=no_migration_digest).run()
+                     no_migration_digest=no_migration_digest, plaintext_reference=plaintext_reference).run()
 
 
 def _drain(queue, update) -> None:
@@ -160,8 +160,8 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
     ctx = multiprocessing.get_context("spawn")
     with progress_bar(passes * meta.events, "compare", show_progress) as update:
         nomig = known or no_migration_digest(trace_path, meta, g.asid, g.os_vmpl, engine, update)
-        if scenario.migration.data:  # data mode's reference too, once here rather than once per worker
-            plaintext_digest(trace_path, meta)
+        # data mode's reference too, once here rather than once per worker
+        plain = plaintext_digest(trace_path, meta) if scenario.migration.data else None
         stop, queue = ctx.Event(), ctx.Queue() if update else None
         drain = threading.Thread(target=_drain, args=(queue, update), daemon=True) if update else None
         if drain:
@@ -169,7 +169,7 @@ def run_parallel(scenario, *, engine: str, trace_path, show_progress: bool):
         pool = ProcessPoolExecutor(max_workers=len(STRATEGIES), mp_context=ctx, initializer=_init_worker,
                                    initargs=(stop, queue))
         try:
-            futures = [pool.submit(_run_strategy, scenario, s, engine, trace_path, nomig) for s in STRATEGIES]
+            futures = [pool.submit(_run_strategy, scenario, s, engine, trace_path, nomig, plain) for s in STRATEGIES]
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in futures if f.done() and f.exception() is not None]
             if failed:

@@ -43,11 +43,13 @@ class Migration:
     """One run: a scenario, a trace and a strategy. ``run()`` returns a RunResult.
 
     ``engine``: an engine kind, or a callable ``(**engine_args) -> engine`` (tests inject faulty engines).
-    ``no_migration_digest``: the reference digest if already known (another strategy's run of the same
-    scenario), saving a replay of the whole trace."""
+    ``no_migration_digest`` (and in data mode ``plaintext_reference``): the reference digests if already
+    known (another strategy's run of the same scenario, a sweep's prepared trace), saving a replay of the
+    whole trace; otherwise they come from the reference cache or are computed into it."""
 
     def __init__(self, scenario: Scenario, trace_path: str | Path, *, engine: str | Callable = "cython",
-                 progress: ProgressFn | None = None, no_migration_digest: str | None = None):
+                 progress: ProgressFn | None = None, no_migration_digest: str | None = None,
+                 plaintext_reference: str | None = None):
         self.trace_path = Path(trace_path)
         self.meta: TraceMeta = read_meta(self.trace_path)
         g = scenario.guest
@@ -61,6 +63,7 @@ class Migration:
         self.engine_kind = engine if isinstance(engine, str) else getattr(engine, "kind", "custom")
         self.progress = progress
         self._no_migration = no_migration_digest
+        self._plaintext = plaintext_reference
         # Everything that can be refused is refused before any replay work.
         self.strategy.check(self.meta.has_private, self.meta.vcpus)
         self.trace_last_ns = last_event_ns(self.trace_path)
@@ -86,7 +89,7 @@ class Migration:
             from ..refdigest import plaintext_digest
 
             data = DataMode(self.s.seed, eng, self.meta, self.s.migration.data_zstd_level, self.s.attestation)
-            data.plaintext["no_migration"] = plaintext_digest(self.trace_path, self.meta)
+            data.plaintext["no_migration"] = self._plaintext or plaintext_digest(self.trace_path, self.meta)
         adversary = None
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))
