@@ -544,7 +544,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
     cdef uint64_t t, d, a, end
     cdef uint32_t ln
     cdef uint16_t v
-    cdef uint8_t o, fl, k
+    cdef uint8_t o, fl
     cdef uint8_t dirty = PG_DIRTY if s.logging[host] else 0
     cdef uint8_t* flg = s.flg[host]
     cdef uint32_t* ver = s.ver[host]
@@ -601,12 +601,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
                 s.ls_row = r
                 return r
             if o == OP_WRITE:
-                # inline guest_check's fast case: shared over the zero entry, private over the canonical one
-                k = fl & (PG_PRIVATE | PG_RMP)
-                if SNP_LIKELY(k == 0 or k == (PG_PRIVATE | PG_RMP_PRIV)):
-                    f = F_NONE
-                else:
-                    f = check_c(s, host, first, s.os_vmpl, PERM_WRITE, (fl & PG_PRIVATE) != 0)
+                f = guest_check(s, host, first, fl, PERM_WRITE)  # inline: its fast case is two compares
                 if SNP_LIKELY(f == F_NONE):
                     ver[first] += 1
                     s.wp_faults[host] += (dirty & ~fl) >> 1
