@@ -19,7 +19,7 @@ import polars as pl
 
 from .errors import TraceError, UsageError
 from .snp import Op
-from .trace import PAGE_SIZE, TraceReader, open_trace
+from .trace import PAGE_SIZE, TraceReader, last_t_ns, open_trace
 from .validate import check_memory, inspect_memory_bytes
 
 DEFAULT_INTERVALS = 20
@@ -44,11 +44,7 @@ def _time_span(r: TraceReader) -> tuple[int, int] | None:
         if b.num_rows:
             first = int(b.column(0)[0].as_py())
             break
-    for i in reversed(range(r.num_batches)):
-        b = r.batch(i)
-        if b.num_rows:
-            last = int(b.column(0)[b.num_rows - 1].as_py())
-            break
+    last = last_t_ns(r)
     if first is not None and last < first:
         raise TraceError(f"{r.path}: t_ns of the last row {last} < first row's {first} (t_ns must be non-decreasing)")
     return None if first is None else (first, last)

@@ -227,6 +227,15 @@ def _metadata(meta: TraceMeta) -> dict[bytes, bytes]:
     return {k.encode(): v.encode() for k, v in md.items()}
 
 
+def last_t_ns(reader: "TraceReader") -> int | None:
+    """The t_ns of a trace's last row (read from its last non-empty record batch only), or None if empty."""
+    for i in range(reader.num_batches - 1, -1, -1):
+        b = reader.batch(i)
+        if b.num_rows:
+            return int(b.column("t_ns")[b.num_rows - 1].as_py())
+    return None
+
+
 def meta_digest(md: dict[str, str]) -> str:
     """blake2b-256 over the metadata keys of format v1 (name, NUL, value, NUL each, in METADATA_KEYS
     order): the rows have ``digest``, this covers what describes them (guest size, vCPUs, shared ranges,

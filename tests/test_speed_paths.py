@@ -193,8 +193,7 @@ cfp._ExecutorManagerThread.shutdown_workers = lambda self: None
 def kill_one():
     while True:
         kids = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
-        if len(kids) == 2:
-            time.sleep(0.2)
+        if len(kids) == 2:  # both started (they take far longer to import than this to notice)
             kids[0].kill()
             return
         time.sleep(0.01)

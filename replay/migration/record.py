@@ -63,7 +63,8 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     window = max(0, (times["completion_ns"] or run.guest.v) - times["migration_start_ns"])
     lost_common = window - (out.guest_g_at_end - times["migration_start_ns"])
     pc = out.postcopy or PostcopyStats.empty(run.vcpus)
-    lost = [lost_common + sum(pc.latencies(v)) for v in range(run.vcpus)]
+    vlat = [pc.latencies(v) for v in range(run.vcpus)]  # each vCPU's fault latencies
+    lost = [lost_common + sum(x) for x in vlat]
     per_vcpu_ppm = [x * 1_000_000 // window if window else 0 for x in lost]
     cpu = dict(run.cpu.ledger)
     cpu["guest"] = run.vcpus * window - sum(lost)
@@ -99,7 +100,7 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         "mirror_first_touch_npfs": t.first_touches,
         "rmp": {name: {k: int(by_host[h][k]) for k in RMP_OPS} for h, name in ((0, "source"), (1, "target"))},
         "faults": faults,
-        "postcopy": _postcopy_metrics(run, out),
+        "postcopy": _postcopy_metrics(run, out, pc, vlat),
     }
     data = None
     if run.data is not None:
@@ -150,10 +151,10 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     return RunResult(summary, rounds, events, faults_tbl)
 
 
-def _postcopy_metrics(run: Run, out: Outcome) -> dict:
-    """QEMU-style post-copy statistics: requests, bytes, blocktime, fault-latency percentiles and the
-    histogram with QEMU's buckets ([2^N us, 2^(N+1) us); below 2 us counts in bucket 0)."""
-    pc = out.postcopy or PostcopyStats.empty(run.vcpus)
+def _postcopy_metrics(run: Run, out: Outcome, pc: PostcopyStats, vlat: list[list[int]]) -> dict:
+    """QEMU-style post-copy statistics (``pc``, ``vlat``: the run's, per vCPU): requests, bytes, blocktime,
+    fault-latency percentiles and the histogram with QEMU's buckets ([2^N us, 2^(N+1) us); below 2 us
+    counts in bucket 0)."""
     lat = np.sort(np.array(pc.latencies(), dtype=np.int64))
     hist = [0] * HIST_BUCKETS
     for us in (lat // 1000).tolist():
@@ -162,10 +163,9 @@ def _postcopy_metrics(run: Run, out: Outcome) -> dict:
     def pct(ppm: int) -> int:  # nearest-rank percentile, integer arithmetic
         return int(lat[max(0, -(-len(lat) * ppm // 1_000_000) - 1)]) if len(lat) else 0
 
-    per_vcpu = [sum(pc.latencies(v)) for v in range(run.vcpus)]
+    per_vcpu = [sum(x) for x in vlat]
     times = out.times
     in_postcopy = out.postcopy is not None and out.status == "completed"
-    vlat = [pc.latencies(v) for v in range(run.vcpus)]
     overlapped = _all_blocked_ns(pc.blocked)
     # QEMU's query-migrate names (QEMU reports the blocktimes in ms; here every time is in ns)
     qemu = {

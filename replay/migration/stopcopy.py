@@ -17,7 +17,6 @@ from .setup import do_step
 
 @dataclass(frozen=True)
 class Switchover:
-    pause_ns: int
     resume_ns: int
     source_digest: str  # set digest of the source's memory at the pause
     target_digest: str  # the same over what the target received (pre-copy: at the resume)
@@ -110,4 +109,4 @@ def stop_and_copy(run: Run) -> Switchover:
             f"match={target_digest == source_digest}")
     run.guest.host = TARGET
     run.log("resume", f"target resumed; downtime_ns={run.guest.v - v_pause}")
-    return Switchover(v_pause, run.guest.v, source_digest, target_digest, nvmsa)
+    return Switchover(run.guest.v, source_digest, target_digest, nvmsa)

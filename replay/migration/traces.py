@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ScenarioError
 from ..scenario import Scenario
-from ..trace import open_trace
+from ..trace import last_t_ns, open_trace
 
 
 def cache_dir() -> Path:
@@ -51,8 +51,4 @@ def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
 def last_event_ns(path: Path) -> int:
     """Guest time of the trace's last event (read from the last non-empty record batch only)."""
     with open_trace(path) as reader:
-        for i in range(reader.num_batches - 1, -1, -1):
-            b = reader.batch(i)
-            if b.num_rows:
-                return int(b.column("t_ns")[b.num_rows - 1].as_py())
-    return 0
+        return last_t_ns(reader) or 0
