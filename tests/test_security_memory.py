@@ -459,3 +459,16 @@ def test_the_cache_bound_holds_after_a_scan_that_evicts_nothing():
     assert m.cached_pages == 90
     apply_rows(m, [(g * PAGE, 8, 0, g + 1) for g in range(90, 115)])
     assert m.cached_pages == 75  # over the bound (115): the least recent evicted down to 3/4 of it
+
+
+def test_rewriting_pages_held_in_clear_costs_no_scan_of_the_cache(monkeypatch):
+    """A guest that fits the cache is written again and again (the common case): those writes change no
+    page's clear state, so they never make the memory scan its slots for pages to write back."""
+    m = host(npages=64, cache=64)
+    apply_rows(m, [(g * PAGE, PAGE, 0, g + 1) for g in range(64)])
+    scans = []
+    real = memmod.np.flatnonzero
+    monkeypatch.setattr(memmod.np, "flatnonzero", lambda *a, **k: scans.append(1) or real(*a, **k))
+    for k in range(50):
+        apply_rows(m, [((k * 7 % 64) * PAGE + 8, 16, 0, k)])
+    assert scans == [] and m.cached_pages == 64

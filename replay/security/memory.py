@@ -451,11 +451,9 @@ class HostMemory:
         fresh = apply_writes(self._arena, self._slot, self._clear.view(np.uint8), self._stamp, self._tick + 1,
                              gpa, length, op, value)
         if fresh >= 0:
-            if fresh:
+            if fresh:  # pages already in clear written again: their recency changes, not how many are in clear
                 self._generation += 1
                 self._tick += 1
-                self._maybe_cached += fresh
-                self._bound_cache()
             return
         if gpa.size and (length.min() == 0 or int((gpa + length).max()) > self.npages << PAGE_SHIFT
                          or (gpa + length < gpa).any()):
