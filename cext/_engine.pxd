@@ -181,7 +181,26 @@ ctypedef struct Xfer:             # begin_transfer parameters and the transfer c
     int64_t dst_host_cpu_ns
     int64_t first_touches
     int64_t priv_in_batch
-    uint64_t wp0                  # write-protect faults counted when the transfer began
+    uint64_t wp0                  # write-protect faults counted when the demand segment began
+    # The guest's CPU demand, a step function of trace time (replay.demand): v0/g0, wp0 and the b_*
+    # totals are re-based where the guest's progress enters the next step, so that within a step the
+    # clock is the closed form of one constant demand.
+    int64_t b_bytes
+    int64_t b_agent
+    int64_t b_target
+    int64_t b_src_host
+    int64_t b_dst_host
+    int src_shared                # source agents' capacity is a share of the guest's quota (per step)
+    int dst_shared
+    int fair                      # that share is CFS's fair one (else agents first)
+    int64_t agents
+    int64_t quota                 # the guest's CPU quota, milli-CPUs
+    int64_t dem                   # demand of the current step, milli-CPUs (at most quota)
+    uint64_t seg_end              # trace time where the current step ends (UINT64 max: never)
+    int64_t seg
+    int64_t nseg
+    const uint64_t* dem_at        # step starts (dem_at[0] == 0), increasing
+    const int64_t* dem_mcpu       # each step's demand, milli-CPUs, already capped at quota
 
 ctypedef struct State:
     int64_t npages

@@ -680,6 +680,11 @@ cdef inline void recv_add(State* s, int host, int64_t gfn, int sign) noexcept no
         s.recv_sum[host][1] -= t[1]
 
 
+cdef inline int64_t cpu_time(int64_t cpu, int64_t num, int64_t den) noexcept nogil:
+    """Time ``cpu`` ns of work takes on num/den CPUs (rounded up; 128-bit: den can be large)."""
+    return <int64_t>(((<snp_u128>cpu) * <snp_u128>den + <snp_u128>(num - 1)) / <snp_u128>num)
+
+
 cdef inline int64_t xfer_elapsed(const Xfer* x, int64_t nbytes, int64_t src_cpu, int64_t dst_cpu,
                                  int64_t src_host, int64_t dst_host) noexcept nogil:
     """Virtual time the totals so far take: the slowest of the link, each side's agents (capacity
@@ -687,10 +692,10 @@ cdef inline int64_t xfer_elapsed(const Xfer* x, int64_t nbytes, int64_t src_cpu,
     pool of CPUs (mirror VM), that pool."""
     cdef int64_t t, c
     t = <int64_t>(((<snp_u128>nbytes) * 1000000000 + <snp_u128>(x.bandwidth - 1)) / <snp_u128>x.bandwidth)
-    c = ceil_div(src_cpu * x.src_den, x.src_num)
+    c = cpu_time(src_cpu, x.src_num, x.src_den)
     if c > t:
         t = c
-    c = ceil_div(dst_cpu * x.dst_den, x.dst_num)
+    c = cpu_time(dst_cpu, x.dst_num, x.dst_den)
     if c > t:
         t = c
     if src_host > t:
@@ -708,25 +713,72 @@ cdef inline int64_t xfer_elapsed(const Xfer* x, int64_t nbytes, int64_t src_cpu,
     return t
 
 
+cdef inline int64_t seg_elapsed(const Xfer* x, int64_t nbytes, int64_t src_cpu, int64_t dst_cpu,
+                                int64_t src_host, int64_t dst_host) noexcept nogil:
+    """xfer_elapsed of the totals since the current demand step began."""
+    return xfer_elapsed(x, nbytes - x.b_bytes, src_cpu - x.b_agent, dst_cpu - x.b_target,
+                        src_host - x.b_src_host, dst_host - x.b_dst_host)
+
+
+cdef inline void shared_capacity(const Xfer* x, int64_t* num, int64_t* den) noexcept nogil:
+    """Agents on the guest's own quota Q beside D busy vCPUs (milli-CPUs): fair (CFS): every runnable thread
+    gets min(1, Q/(D+A)) of a CPU; agents first: min(A, Q)."""
+    cdef int64_t a = 1000 * x.agents
+    if x.fair:
+        if x.dem + a <= x.quota:
+            num[0], den[0] = x.agents, 1
+        else:
+            num[0], den[0] = x.agents * x.quota, x.dem + a
+    else:
+        num[0], den[0] = (a if a < x.quota else x.quota), 1000
+
+
+cdef inline void demand_step(Xfer* x, uint64_t g) noexcept nogil:
+    """Enter the demand step holding guest time g: its demand, its end, and the shared capacities."""
+    while x.seg + 1 < x.nseg and x.dem_at[x.seg + 1] <= g:
+        x.seg += 1
+    x.dem = x.dem_mcpu[x.seg]
+    x.seg_end = x.dem_at[x.seg + 1] if x.seg + 1 < x.nseg else <uint64_t>0xFFFFFFFFFFFFFFFFULL
+    if x.src_shared:
+        shared_capacity(x, &x.src_num, &x.src_den)
+    if x.dst_shared:
+        shared_capacity(x, &x.dst_num, &x.dst_den)
+
+
 cdef inline void xfer_clock(State* s) noexcept nogil:
-    """v = v0 + the time the totals take; g follows v, less the guest CPU taken meanwhile: agents that run
-    on the guest's own quota (shadow vCPUs, on the side where the guest runs) and write-protect faults."""
+    """v = v0 + the time the totals take; g follows v, less the guest progress lost meanwhile. Within one
+    demand step D (milli-CPUs) under quota Q, agents on the guest's quota (shadow vCPUs, on the side where
+    the guest runs) take from its spare CPU first: the guest loses (max(0, 1000 x agent CPU - (Q - D) x
+    elapsed) + 1000 x write-protect fault time) / D of progress; an idle guest (D = 0) loses none."""
     cdef Xfer* x = &s.x
-    cdef int64_t elapsed, cand, lost
+    cdef int64_t elapsed, cand, agent = 0, direct
     cdef uint64_t wp = 0
+    cdef snp_u128 spare, take, lost
     cdef int h
-    elapsed = xfer_elapsed(x, x.bytes, x.agent_cpu_ns, x.target_cpu_ns, x.src_host_cpu_ns, x.dst_host_cpu_ns)
+    elapsed = seg_elapsed(x, x.bytes, x.agent_cpu_ns, x.target_cpu_ns, x.src_host_cpu_ns, x.dst_host_cpu_ns)
     x.v = x.v0 + elapsed
     for h in range(s.hosts):
         wp += s.wp_faults[h]
-    lost = <int64_t>(wp - x.wp0) * x.wp_fault_ns
+    direct = <int64_t>(wp - x.wp0) * x.wp_fault_ns
     if x.charge_src:
-        lost += x.agent_cpu_ns
+        agent += x.agent_cpu_ns - x.b_agent
     if x.charge_dst:
-        lost += x.target_cpu_ns
-    cand = x.g0 + elapsed - lost // s.vcpus
+        agent += x.target_cpu_ns - x.b_target
+    if x.dem > 0:
+        spare = (<snp_u128>(x.quota - x.dem)) * <snp_u128>elapsed
+        take = (<snp_u128>agent) * 1000
+        lost = ((take - spare) if take > spare else 0) + (<snp_u128>direct) * 1000
+        lost = lost / <snp_u128>x.dem
+        cand = x.g0 + elapsed - <int64_t>lost if lost <= <snp_u128>elapsed else x.g0
+    else:
+        cand = x.g0 + elapsed
     if cand > x.g:
         x.g = cand
+    if <uint64_t>x.g >= x.seg_end:  # the guest entered the next demand step: re-base there
+        x.v0, x.g0, x.wp0 = x.v, x.g, wp
+        x.b_bytes, x.b_agent, x.b_target = x.bytes, x.agent_cpu_ns, x.target_cpu_ns
+        x.b_src_host, x.b_dst_host = x.src_host_cpu_ns, x.dst_host_cpu_ns
+        demand_step(x, <uint64_t>x.g)
 
 
 cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan) noexcept nogil:
@@ -847,8 +899,8 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
         dst_cpu += n_pval * x.pvalidate_ns + n_adj * x.rmpadjust_ns
         dst_host += n_upd * x.rmpupdate_ns
         # 3. the clock; nothing arrives after the link's deadline
-        elapsed = xfer_elapsed(x, x.bytes + nbytes, x.agent_cpu_ns + src_cpu, x.target_cpu_ns + dst_cpu,
-                               x.src_host_cpu_ns + src_host, x.dst_host_cpu_ns + dst_host)
+        elapsed = seg_elapsed(x, x.bytes + nbytes, x.agent_cpu_ns + src_cpu, x.target_cpu_ns + dst_cpu,
+                              x.src_host_cpu_ns + src_host, x.dst_host_cpu_ns + dst_host)
         if x.v0 + elapsed > deadline_v:
             x.link_dead = 1
             return k
@@ -936,6 +988,8 @@ cdef class Engine:
 
     cdef State st
     cdef readonly tuple spa_base
+    cdef object _dem_at  # the current transfer's demand steps (st.x points into them)
+    cdef object _dem_mcpu
 
     def __cinit__(self):
         cdef int h
@@ -1289,10 +1343,12 @@ cdef class Engine:
         x.link_dead = 0
 
     def begin_transfer(self, v_ns, g_ns, **params):
-        p = check_transfer_params(v_ns, g_ns, params)
+        p = check_transfer_params(v_ns, g_ns, params, self.st.vcpus)
         self._xfer_zero()
         cdef Xfer* xs = &self.st.x
         cdef int h
+        cdef const uint64_t[::1] da
+        cdef const int64_t[::1] dm
         xs.active = 1
         xs.charge_src = p["charge_guest"]
         xs.charge_dst = p["charge_target_guest"]
@@ -1321,6 +1377,18 @@ cdef class Engine:
         xs.wp0 = 0
         for h in range(self.st.hosts):
             xs.wp0 += self.st.wp_faults[h]
+        xs.b_bytes = xs.b_agent = xs.b_target = xs.b_src_host = xs.b_dst_host = 0
+        # The demand arrays live as long as the transfer (the struct holds raw pointers into them).
+        self._dem_at, self._dem_mcpu = p["demand_at_ns"], p["demand_mcpu"]
+        da = self._dem_at
+        dm = self._dem_mcpu
+        xs.dem_at, xs.dem_mcpu, xs.nseg, xs.seg = &da[0], &dm[0], da.shape[0], 0
+        xs.quota = p["quota_mcpu"]
+        xs.agents = p["agents"]
+        xs.fair = p["fair"]
+        xs.src_shared = p["src_shared"]
+        xs.dst_shared = p["dst_shared"]
+        demand_step(xs, <uint64_t>xs.g)
 
     def transfer_state(self):
         cdef Xfer* x = &self.st.x

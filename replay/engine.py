@@ -157,8 +157,10 @@ _TRANSFER_DEFAULTS = {
     "agents": 1, "src_cpus": None, "dst_cpus": None, "src_pool_cpus": 0, "dst_pool_cpus": 0,
     "unpack_private_ns": 0, "rmpupdate_ns": 0, "pvalidate_ns": 0, "rmpadjust_ns": 0, "first_touch_ns": 0,
     "host_page_ns": 0, "wp_fault_ns": 0, "charge_target_guest": False, "target_rmp": True, "skip_present": False,
+    "demand_at_ns": None, "demand_mcpu": None, "quota_mcpu": 0, "fair": True, "src_shared": False, "dst_shared": False,
 }
-_TRANSFER_FLAGS = ("charge_guest", "charge_target_guest", "target_rmp", "skip_present")
+_TRANSFER_FLAGS = ("charge_guest", "charge_target_guest", "target_rmp", "skip_present", "fair", "src_shared", "dst_shared")
+_TRANSFER_ARRAYS = ("demand_at_ns", "demand_mcpu", "src_cpus", "dst_cpus")
 
 
 def _rational(name: str, value) -> tuple[int, int]:
@@ -168,12 +170,18 @@ def _rational(name: str, value) -> tuple[int, int]:
     return num, den
 
 
-def check_transfer_params(v_ns, g_ns, params: dict) -> dict:
+def check_transfer_params(v_ns, g_ns, params: dict, vcpus: int) -> dict:
     """begin_transfer()'s keyword arguments, validated, with defaults (both engines call this).
 
     CPU capacities are rationals ``(num, den)`` CPUs: ``src_cpus``/``dst_cpus`` for the agents on each side
     (default ``(agents, 1)``); ``*_pool_cpus`` > 0 when those agents share that many CPUs with the side's
-    host migration thread."""
+    host migration thread.
+
+    The guest's CPU demand (``replay.demand``): ``demand_at_ns`` (uint64, starting at 0, increasing) and
+    ``demand_mcpu`` (int64 milli-CPUs, each at most ``quota_mcpu``) are its steps over trace time; default:
+    every vCPU busy, quota one CPU per vCPU (the guest loses exactly the CPU taken from it). With
+    ``src_shared``/``dst_shared`` that side's agents get a share of the guest's quota, recomputed at each
+    demand step (``fair``: CFS's, else agents first) instead of ``src_cpus``/``dst_cpus``."""
     unknown = sorted(set(params) - set(_TRANSFER_REQUIRED) - set(_TRANSFER_DEFAULTS))
     if unknown:
         raise TypeError(f"begin_transfer: unknown argument(s) {', '.join(unknown)}")
@@ -184,7 +192,7 @@ def check_transfer_params(v_ns, g_ns, params: dict) -> dict:
     for k in list(p):
         if k in _TRANSFER_FLAGS:
             p[k] = bool(p[k])
-        elif k not in ("src_cpus", "dst_cpus"):
+        elif k not in _TRANSFER_ARRAYS:
             x = p[k] = int(p[k])
             if not 0 <= x < 1 << 62:
                 raise ValueError(f"begin_transfer: {k} must be in [0, 2**62), got {x}")
@@ -193,6 +201,20 @@ def check_transfer_params(v_ns, g_ns, params: dict) -> dict:
             raise ValueError(f"begin_transfer: {k} must be >= 1, got {p[k]}")
     for k in ("src_cpus", "dst_cpus"):
         p[k] = _rational(k, (p["agents"], 1) if p[k] is None else p[k])
+    if p["quota_mcpu"] == 0:
+        p["quota_mcpu"] = 1000 * vcpus
+    if (p["demand_at_ns"] is None) != (p["demand_mcpu"] is None):
+        raise ValueError("begin_transfer: demand_at_ns and demand_mcpu go together")
+    if p["demand_at_ns"] is None:
+        p["demand_at_ns"], p["demand_mcpu"] = np.zeros(1, np.uint64), np.array([min(1000 * vcpus, p["quota_mcpu"])], np.int64)
+    at = p["demand_at_ns"] = np.ascontiguousarray(p["demand_at_ns"], dtype=np.uint64)
+    mc = p["demand_mcpu"] = np.ascontiguousarray(p["demand_mcpu"], dtype=np.int64)
+    if at.ndim != 1 or mc.shape != at.shape or not len(at) or int(at[0]) != 0 or (len(at) > 1 and not (at[1:] > at[:-1]).all()):
+        raise ValueError("begin_transfer: demand_at_ns must start at 0 and increase, with one demand_mcpu per step")
+    if int(mc.min()) < 0 or int(mc.max()) > p["quota_mcpu"]:
+        raise ValueError(f"begin_transfer: demand_mcpu must be in [0, quota_mcpu={p['quota_mcpu']}]")
+    if p["quota_mcpu"] > 1000 * (1 << 20):
+        raise ValueError("begin_transfer: quota_mcpu must be at most 2^20 CPUs")
     return p
 
 

@@ -502,13 +502,36 @@ class Engine:
         self._v0 = self._g0 = 0
         self._priv_in_batch = 0
         self._wp0 = 0
+        self._base = (0, 0, 0, 0, 0)  # totals when the current demand step began
+        self._seg = 0
 
     def begin_transfer(self, v_ns, g_ns, **params):
-        p = check_transfer_params(v_ns, g_ns, params)
+        p = check_transfer_params(v_ns, g_ns, params, self.vcpus)
         self._xfer_reset(p)
         self._v0 = self._xs["v_ns"] = p["v_ns"]
         self._g0 = self._xs["g_ns"] = p["g_ns"]
         self._wp0 = sum(self._wp_faults)
+        p["demand_at_ns"], p["demand_mcpu"] = [int(x) for x in p["demand_at_ns"]], [int(x) for x in p["demand_mcpu"]]
+        self._demand_step(p["g_ns"])
+
+    def _demand_step(self, g):
+        """Enter the demand step holding guest time ``g``: its demand and end, and the shared capacities
+        (agents on the guest's quota Q beside D busy vCPUs: fair, each runnable thread min(1, Q/(D+A)) of a
+        CPU; agents first, min(A, Q))."""
+        p = self._xfer
+        at, mc = p["demand_at_ns"], p["demand_mcpu"]
+        while self._seg + 1 < len(at) and at[self._seg + 1] <= g:
+            self._seg += 1
+        self._dem = mc[self._seg]
+        self._seg_end = at[self._seg + 1] if self._seg + 1 < len(at) else U64_MASK
+        a, q = 1000 * p["agents"], p["quota_mcpu"]
+        if p["fair"]:
+            share = (p["agents"], 1) if self._dem + a <= q else (p["agents"] * q, self._dem + a)
+        else:
+            share = (min(a, q), 1000)
+        for side in ("src", "dst"):
+            if p[f"{side}_shared"]:
+                p[f"{side}_cpus"] = share
 
     def transfer_state(self):
         return dict(self._xs)
@@ -610,7 +633,7 @@ class Engine:
             # 3. the clock; nothing arrives after the link's deadline
             totals = (xs["bytes"] + nbytes, xs["agent_cpu_ns"] + src_cpu, xs["target_cpu_ns"] + dst_cpu,
                       xs["src_host_cpu_ns"] + src_host, xs["dst_host_cpu_ns"] + dst_host)
-            if self._v0 + self._elapsed(*totals) > deadline_v:
+            if self._v0 + self._elapsed(*(t - b for t, b in zip(totals, self._base))) > deadline_v:
                 xs["link_dead"] = True
                 return (row, k)
             (xs["bytes"], xs["agent_cpu_ns"], xs["target_cpu_ns"], xs["src_host_cpu_ns"],
@@ -644,7 +667,7 @@ class Engine:
     def _elapsed(self, nbytes, src_cpu, dst_cpu, src_host, dst_host):
         """The slowest of the link, each side's agents, each side's host thread and shared CPU pools."""
         p = self._xfer
-        (sn, sd), (dn, dd) = p["src_cpus"], p["dst_cpus"]
+        (sn, sd), (dn, dd) = p["src_cpus"], p["dst_cpus"]  # may change per demand step
         t = max(_ceil_div(nbytes * 10**9, p["bandwidth_bytes_per_s"]), _ceil_div(src_cpu * sd, sn),
                 _ceil_div(dst_cpu * dd, dn), src_host, dst_host)
         if p["src_pool_cpus"]:
@@ -654,16 +677,27 @@ class Engine:
         return t
 
     def _clock(self):
-        """v = v0 + the time the totals take; g follows v, less the guest CPU taken meanwhile (agents on the
-        guest's own quota, write-protect faults)."""
+        """v = v0 + the time the totals take; g follows v, less the guest progress lost meanwhile: within a
+        demand step D (milli-CPUs) under quota Q, agents on the guest's quota take its spare CPU first, so
+        it loses (max(0, 1000 x agent CPU - (Q - D) x elapsed) + 1000 x write-protect fault time) / D; an
+        idle guest (D = 0) loses nothing. Entering the next step re-bases v0, g0 and the totals there."""
         p, xs = self._xfer, self._xs
-        elapsed = self._elapsed(xs["bytes"], xs["agent_cpu_ns"], xs["target_cpu_ns"], xs["src_host_cpu_ns"],
-                                xs["dst_host_cpu_ns"])
+        totals = (xs["bytes"], xs["agent_cpu_ns"], xs["target_cpu_ns"], xs["src_host_cpu_ns"], xs["dst_host_cpu_ns"])
+        b = self._base
+        elapsed = self._elapsed(*(t - x for t, x in zip(totals, b)))
         xs["v_ns"] = self._v0 + elapsed
-        lost = (sum(self._wp_faults) - self._wp0) * p["wp_fault_ns"]
-        lost += xs["agent_cpu_ns"] if p["charge_guest"] else 0
-        lost += xs["target_cpu_ns"] if p["charge_target_guest"] else 0
-        xs["g_ns"] = max(xs["g_ns"], self._g0 + elapsed - lost // self.vcpus)
+        wp = sum(self._wp_faults)
+        direct = (wp - self._wp0) * p["wp_fault_ns"]
+        agent = (totals[1] - b[1] if p["charge_guest"] else 0) + (totals[2] - b[2] if p["charge_target_guest"] else 0)
+        if self._dem > 0:
+            lost = (max(0, 1000 * agent - (p["quota_mcpu"] - self._dem) * elapsed) + 1000 * direct) // self._dem
+            cand = self._g0 + elapsed - lost if lost <= elapsed else self._g0
+        else:
+            cand = self._g0 + elapsed
+        xs["g_ns"] = max(xs["g_ns"], cand)
+        if xs["g_ns"] >= self._seg_end:
+            self._v0, self._g0, self._wp0, self._base = xs["v_ns"], xs["g_ns"], wp, totals
+            self._demand_step(xs["g_ns"])
 
     def _deliver(self, src, dst, gfn, plan):
         private = bool(self._flags[src][gfn] & PRIVATE)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .demand import check_cpu_demand, check_cpu_quota
 from .errors import ScenarioError, UsageError
 from .kernel import PROFILES
 from .units import parse_duration_ns, parse_size
@@ -44,6 +45,11 @@ class GuestSpec:
     apic_id_last: int = -1  # -1: apic_id_first + vcpus - 1
     asid: int = 1
     memslots: int = 2  # guest_memfd memslots (below and above the 4 GiB hole): one gmem link each
+    # When the vCPUs want CPU (replay.demand): "trace" (its idle intervals, else busy to its last event),
+    # "busy" (always, the model of earlier versions) or a fraction of the vCPUs busy up to the last event.
+    cpu_demand: str = "trace"
+    # The VM's CPU quota in CPUs (a cgroup's cpu.max), a decimal; "": one CPU per vCPU.
+    cpu_quota: str = ""
 
 
 @dataclass(frozen=True)
@@ -351,7 +357,11 @@ def _build(cls, table: Mapping[str, Any], section: str, src: str, label: str | N
         if name not in names:
             raise ScenarioError(f"{src}: {label}.{clip(key, 40)}: unknown key{_hint(key, names)}")
         try:
-            if (section, name) in _SIZE_KEYS and isinstance(value, str):
+            if (section, name) == ("guest", "cpu_demand"):
+                value = check_cpu_demand(value, where)
+            elif (section, name) == ("guest", "cpu_quota"):
+                value = check_cpu_quota(value, where)
+            elif (section, name) in _SIZE_KEYS and isinstance(value, str):
                 value = parse_size(value, where)
             elif (section, name) in _DURATION_KEYS and isinstance(value, str):
                 value = FOREVER if value == "forever" and (section, name) in _NEGATIVE_OK else parse_duration_ns(value, where)

@@ -1,4 +1,4 @@
-"""Trace format v1 (SPEC section 2): writing, reading and validating workload traces.
+"""Trace format (versions 1 and 2): writing, reading and validating workload traces.
 
 A trace is an Arrow IPC *file* with one row per guest memory access (``SCHEMA``) and schema metadata
 describing the guest (``TraceMeta``). Everything that reads or writes a trace goes through this module:
@@ -41,7 +41,10 @@ from .records import canonical_json, publish_mode
 from .validate import load_json, short
 
 FORMAT = "snp-replay-trace"
-VERSION = 1
+# Version 2 = version 1 + the ``vcpu_idle`` metadata key (when each vCPU was halted); a trace without idle
+# intervals is still written as version 1, so traces that say nothing about activity keep their bytes.
+VERSION = 2
+VERSIONS = (1, 2)
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 MAX_VCPUS = 1 << 16  # the vcpu column is uint16
@@ -64,6 +67,9 @@ DTYPES = tuple(np.dtype(f.type.to_pandas_dtype()).newbyteorder("<") for f in SCH
 METADATA_KEYS = ("format", "version", "page_size", "guest_bytes", "vcpus", "shared_ranges", "source", "events", "digest")
 # Optional in format v1 (written since issue 14; traces written before lack it and are read as before).
 META_DIGEST_KEY = "meta_digest"
+# Version 2's key: per vCPU, the intervals of trace time during which it was idle (halted, demanding no CPU).
+IDLE_KEY = "vcpu_idle"
+MAX_IDLE_INTERVALS = 1 << 22  # over all vCPUs: the metadata stays a few tens of MiB at most
 MAX_OP = 3
 OP_NAMES = ("WRITE", "READ", "TO_SHARED", "TO_PRIVATE")
 
@@ -82,6 +88,13 @@ class TraceMeta:
     events: int
     digest: str
     page_size: int = PAGE_SIZE
+    # Per vCPU, a flat tuple (start0, end0, start1, end1, ...) of half-open idle intervals [start, end) in
+    # trace time, sorted and disjoint; None: the trace says nothing about activity (version 1).
+    vcpu_idle: tuple[tuple[int, ...], ...] | None = field(default=None, hash=False, compare=False)
+
+    @property
+    def version(self) -> int:
+        return 1 if self.vcpu_idle is None else 2
 
     @property
     def npages(self) -> int:
@@ -96,7 +109,7 @@ class TraceMeta:
         return {
             "path": self.path,
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
             "page_size": self.page_size,
             "guest_bytes": self.guest_bytes,
             "vcpus": self.vcpus,
@@ -104,6 +117,7 @@ class TraceMeta:
             "source": self.source,
             "events": self.events,
             "digest": self.digest,
+            **({} if self.vcpu_idle is None else {"idle_intervals": sum(len(x) // 2 for x in self.vcpu_idle)}),
         }
 
 
@@ -139,6 +153,54 @@ def _check_ranges(where: str, ranges: Any, npages: int) -> tuple[tuple[int, int]
             raise TraceError(f"{where}: shared_ranges must be sorted and disjoint ([{first}, {last}] after {list(out[-1])})")
         out.append((first, last))
     return tuple(out)
+
+
+def _check_idle(where: str, idle: Any, vcpus: int) -> tuple[tuple[int, ...], ...]:
+    """Per-vCPU idle intervals: a list of ``vcpus`` entries, each a flat list [start, end, ...] of sorted,
+    disjoint, non-empty half-open intervals in ns (0 <= start < end < 2^64; adjacent ones merged), or the
+    index of an earlier vCPU whose list it shares (so a periodic pattern common to every vCPU is written
+    once)."""
+    if not isinstance(idle, (list, tuple)) or len(idle) != vcpus:
+        raise TraceError(f"{where}: {IDLE_KEY} must be a list of {vcpus} entries (one per vCPU)")
+    out: list[tuple[int, ...]] = []
+    total = 0
+    for v, iv in enumerate(idle):
+        if isinstance(iv, int) and not isinstance(iv, bool):
+            if not 0 <= iv < v or isinstance(idle[iv], int):
+                raise TraceError(f"{where}: {IDLE_KEY}[{v}] refers to vCPU {iv}: only an earlier vCPU's own list")
+            out.append(out[iv])
+            continue
+        if not isinstance(iv, (list, tuple)) or len(iv) % 2:
+            raise TraceError(f"{where}: {IDLE_KEY}[{v}] must be a flat list [start, end, ...] of even length")
+        total += len(iv) // 2
+        if total > MAX_IDLE_INTERVALS:
+            raise TraceError(f"{where}: {IDLE_KEY} holds more than {MAX_IDLE_INTERVALS} intervals")
+        prev_end = -1
+        for i in range(0, len(iv), 2):
+            a, b = iv[i], iv[i + 1]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)):
+                raise TraceError(f"{where}: {IDLE_KEY}[{v}] interval {i // 2} is not two integers")
+            if not 0 <= a < b < 1 << 64:
+                raise TraceError(f"{where}: {IDLE_KEY}[{v}] interval {i // 2} [{a}, {b}) is empty or outside 0..2^64-1")
+            if a <= prev_end:
+                raise TraceError(f"{where}: {IDLE_KEY}[{v}] interval {i // 2} [{a}, {b}) overlaps or touches the one "
+                                 "before (intervals must be sorted, disjoint and merged)")
+            prev_end = b
+        out.append(tuple(iv))
+    return tuple(out)
+
+
+def _idle_json(idle: tuple[tuple[int, ...], ...]) -> str:
+    """Canonical text of ``vcpu_idle``: a vCPU whose list equals an earlier one's refers to it."""
+    first: dict[tuple[int, ...], int] = {}
+    items: list[Any] = []
+    for v, iv in enumerate(idle):
+        if iv in first:
+            items.append(first[iv])
+        else:
+            first[iv] = v
+            items.append(list(iv))
+    return json.dumps(items, separators=(",", ":"))
 
 
 def _find_violation(
@@ -223,6 +285,11 @@ def _metadata(meta: TraceMeta) -> dict[bytes, bytes]:
         "events": str(meta.events),
         "digest": meta.digest,
     }
+    if meta.vcpu_idle is not None:
+        md["version"] = "2"
+        md[IDLE_KEY] = _idle_json(meta.vcpu_idle)
+    else:
+        md["version"] = "1"
     md[META_DIGEST_KEY] = meta_digest(md)
     return {k.encode(): v.encode() for k, v in md.items()}
 
@@ -241,7 +308,7 @@ def meta_digest(md: dict[str, str]) -> str:
     order): the rows have ``digest``, this covers what describes them (guest size, vCPUs, shared ranges,
     source, events, digest), so that a changed digit there is an error too."""
     h = hashlib.blake2b(digest_size=32)
-    for key in METADATA_KEYS:
+    for key in METADATA_KEYS + ((IDLE_KEY,) if md.get("version") == "2" else ()):
         h.update(key.encode() + b"\0" + md[key].encode() + b"\0")
     return h.hexdigest()
 
@@ -269,6 +336,7 @@ class TraceWriter:
         source: dict,
         batch_rows: int = DEFAULT_BATCH_ROWS,
         compression: str | None = "zstd",
+        vcpu_idle: Sequence[Sequence[int]] | None = None,
     ):
         self.path = Path(path)
         self._name = str(path)
@@ -281,6 +349,9 @@ class TraceWriter:
         except (TypeError, ValueError) as exc:
             raise TraceError(f"{self._name}: source is not canonical JSON: {exc}") from None
         self.source = source
+        self.vcpu_idle: tuple[tuple[int, ...], ...] | None = None
+        if vcpu_idle is not None:
+            self.set_vcpu_idle(vcpu_idle)
         if compression == "none":
             compression = None
         if compression not in COMPRESSIONS:
@@ -308,6 +379,15 @@ class TraceWriter:
             self._sink = pa.OSFile(self._tmp1, "wb")
             self._writer = pa.ipc.new_file(self._sink, SCHEMA)
         except BaseException:
+            self.abort()
+            raise
+
+    def set_vcpu_idle(self, vcpu_idle: Sequence[Sequence[int]] | None) -> None:
+        """Per-vCPU idle intervals (see ``TraceMeta.vcpu_idle``), known to a recorder only at its end: any time
+        before ``close()``. A trace with them is written as version 2."""
+        try:
+            self.vcpu_idle = None if vcpu_idle is None else _check_idle(self._name, vcpu_idle, self.vcpus)
+        except TraceError:
             self.abort()
             raise
 
@@ -466,6 +546,7 @@ class TraceWriter:
                 source=self.source,
                 events=self.rows,
                 digest=_digest(self._hashers),
+                vcpu_idle=self.vcpu_idle,
             )
             fd, self._tmp2 = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent or ".")
             os.close(fd)
@@ -558,8 +639,13 @@ def _parse_meta(name: str, path: str, schema: pa.Schema) -> TraceMeta:
         raise TraceError(f"{name}: metadata: format {short(md['format'])} is not {FORMAT!r} (not a snp-replay trace)")
     if missing:
         raise TraceError(f"{name}: metadata: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-    if md["version"] != str(VERSION):
-        raise TraceError(f"{name}: metadata: unsupported trace version {short(md['version'])} (this tool reads version {VERSION})")
+    if md["version"] not in tuple(str(v) for v in VERSIONS):
+        raise TraceError(f"{name}: metadata: unsupported trace version {short(md['version'])} (this tool reads versions "
+                         f"{', '.join(str(v) for v in VERSIONS)})")
+    if md["version"] == "2" and IDLE_KEY not in md:
+        raise TraceError(f"{name}: metadata: version 2 without its key {IDLE_KEY}")
+    if md["version"] == "1" and IDLE_KEY in md:
+        raise TraceError(f"{name}: metadata: {IDLE_KEY} in a version 1 trace (it needs version 2)")
     if META_DIGEST_KEY in md and md[META_DIGEST_KEY] != meta_digest(md):
         raise TraceError(f"{name}: metadata: meta_digest does not match the metadata (it was changed after the "
                          "trace was written)")
@@ -583,9 +669,12 @@ def _parse_meta(name: str, path: str, schema: pa.Schema) -> TraceMeta:
     digest = md["digest"]
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise TraceError(f"{name}: metadata: digest {short(digest)} is not 64 lowercase hex digits")
+    idle = None
+    if IDLE_KEY in md:
+        idle = _check_idle(f"{name}: metadata", load_json(md[IDLE_KEY], f"{name}: metadata: {IDLE_KEY}", TraceError), vcpus)
     return TraceMeta(
         path=path, guest_bytes=guest_bytes, vcpus=vcpus, shared_ranges=shared, source=source,
-        events=events, digest=digest, page_size=page_size,
+        events=events, digest=digest, page_size=page_size, vcpu_idle=idle,
     )
 
 

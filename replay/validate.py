@@ -310,7 +310,7 @@ TRACE_KEYS = {"digest": _T_STR, "events": _T_INT, "guest_bytes": _T_INT, "vcpus"
 # Metric leaves with a type other than a non-negative int.
 METRIC_TYPES = {"switchover_reason": _T_STR, "downtime_limit_exceeded": _T_BOOL, "switchover_rule": _T_STR,
                 "action": _T_STR, "compress": _T_BOOL, "detected_by": _T_STR, "handshake_refused_by": _T_STR,
-                "handshake_verdict": _T_STR, "token": _T_STR}
+                "handshake_verdict": _T_STR, "token": _T_STR, "model": _T_STR}
 
 
 def _type_ok(value: Any, t: str) -> bool:

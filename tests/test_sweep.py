@@ -171,9 +171,12 @@ def test_ci_sweep_on_a_local_cluster_table_in_polars_and_duckdb(tmp_path, capsys
     want = [(s, 16, int(df.filter(pl.col("strategy") == s)["bytes_sent"].sum()), 2) for s in ("mirror-vm", "shadow-vcpu")]
     assert got == want
     # Both lose the downtime (and post-copy blocking); shadow vCPUs also take the guest's CPUs (the question
-    # the sweep answers), so they slow it more.
+    # the sweep answers), so they slow it more. On the slow link pre-copy outlasts the 200 ms trace: the guest
+    # catches up in its idle time after its last event, so neither design has slowed its work by then.
     slow = {s: df.filter(pl.col("strategy") == s)["guest_slowdown_ppm"] for s in ("mirror-vm", "shadow-vcpu")}
-    assert slow["mirror-vm"].min() > 0 and slow["mirror-vm"].median() < slow["shadow-vcpu"].median()
+    assert slow["mirror-vm"].median() < slow["shadow-vcpu"].median()
+    slow_link = df.filter((pl.col("mode") == "precopy") & (pl.col("migration.bandwidth_bytes_per_s") == 312_500_000))
+    assert slow_link["guest_slowdown_ppm"].max() == 0 and slow_link["total_ns"].min() > 200_000_000
 
     # The sweep report: deterministic, one plot per swept axis besides strategy and seed, a wins table.
     r1, r2 = tmp_path / "r1.html", tmp_path / "r2.html"

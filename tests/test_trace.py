@@ -304,7 +304,7 @@ def test_events_mismatch(tmp_path):
         ("wrong type", dict(schema=pa.schema([pa.field("gpa", pa.int64(), False) if f.name == "gpa" else f for f in SCHEMA])), "column gpa is int64"),
         ("wrong names", dict(schema=pa.schema([pa.field("addr" if f.name == "gpa" else f.name, f.type, False) for f in SCHEMA])), "schema: columns"),
         ("missing key", dict(drop=("digest",)), "missing key digest"),
-        ("wrong version", dict(meta_over={"version": "2"}), "unsupported trace version '2'"),
+        ("wrong version", dict(meta_over={"version": "3"}), "unsupported trace version '3'"),
         ("wrong format", dict(meta_over={"format": "parquet-ish"}), "not a snp-replay trace"),
         ("bad guest", dict(meta_over={"guest_bytes": "12345"}), "guest_bytes"),
         ("bad ranges", dict(meta_over={"shared_ranges": "[[3, 1]]"}), "shared_ranges"),

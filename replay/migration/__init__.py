@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from ..demand import build_demand
 from ..engine import U64_MAX, make_engine
 from ..errors import ScenarioError
 from ..scenario import Scenario
@@ -67,6 +68,8 @@ class Migration:
         # Everything that can be refused is refused before any replay work.
         self.strategy.check(self.meta.has_private, self.meta.vcpus)
         self.trace_last_ns = last_event_ns(self.trace_path)
+        self.demand = build_demand(g.cpu_demand, g.cpu_quota, self.meta.vcpus,
+                                   self.trace_last_ns if self.meta.events else None, self.meta.vcpu_idle)
 
     def _engine(self, hosts: int):
         g, kw = self.s.guest, dict(npages=self.meta.npages, vcpus=self.meta.vcpus, hosts=hosts)
@@ -94,7 +97,7 @@ class Migration:
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))
             eng.reset_counters()  # launch is not part of the migration
-            guest = Guest(eng, reader, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.progress)
+            guest = Guest(eng, reader, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.demand, self.progress)
             guest.data = data
             if self.s.adversary:  # the scenario turned data mode on for it
                 adversary = data.adversary = Adversary(self.s.adversary, data, eng, guest, self.s.seed)
@@ -102,7 +105,7 @@ class Migration:
             guest.run_to(start)
             guest.v = guest.g = start
             run = Run(self.s, self.meta, eng, self.strategy, guest, Link.of(self.s.migration, link_faults(self.s), start),
-                      Cpu(self.s, self.strategy, self.meta.vcpus), data=data)
+                      Cpu(self.s, self.strategy, self.meta.vcpus, self.demand), data=data)
             out.times["migration_start_ns"] = start
             run.log("migration_start", f"strategy={self.strategy.name} mode={self.s.migration.mode}")
             try:

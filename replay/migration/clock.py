@@ -52,8 +52,9 @@ class Guest:
     """The guest's replay and clocks. Phases move it with ``elapse`` (running) or ``pause``; transfers move it
     through the engine's transfer clock and hand the result back with ``adopt``."""
 
-    def __init__(self, eng, reader, vcpus: int, wp_fault_ns: int, progress: ProgressFn | None = None):
+    def __init__(self, eng, reader, vcpus: int, wp_fault_ns: int, demand, progress: ProgressFn | None = None):
         self.eng = eng
+        self.demand = demand  # replay.demand.Demand: when the vCPUs want CPU, and the VM's quota
         self.cur = Cursor(reader, progress)
         self.vcpus = vcpus
         self.wp_fault_ns = wp_fault_ns
@@ -91,11 +92,12 @@ class Guest:
         return debt
 
     def elapse(self, dv: int, lost_cpu_ns: int = 0) -> None:
-        """``dv`` of virtual time passes with the guest running; ``lost_cpu_ns`` of its CPU is taken meanwhile
-        (spread over its vCPUs), besides the write-protect faults it took since last charged."""
-        lost = lost_cpu_ns + self.wp_debt_ns()
+        """``dv`` of virtual time passes with the guest running; ``lost_cpu_ns`` of its quota goes to agents
+        meanwhile (it slows the guest only beyond its spare quota), besides the write-protect faults it took
+        since last charged (its own time)."""
+        direct = self.wp_debt_ns()
         self.v += dv
-        self.g += max(0, dv - lost // self.vcpus)
+        self.g = self.demand.advance(self.g, dv, lost_cpu_ns, direct)
         self.run_to(self.g)
 
     def pause(self, dv: int) -> None:

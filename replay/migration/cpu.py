@@ -8,26 +8,29 @@ Capacity, in CPUs, of ``A`` agents on one side (a rational, so that the clock st
 - mirror-vm: the agents run on the ``migration.host_cpus`` = H CPUs the host gives migration, shared with
   that side's migration thread: at most min(A, H) CPUs for the agents, and agents + host thread together
   at most H (a pool).
-- shadow-vcpu: the agents are vCPUs of the guest's VM, whose quota is its V vCPUs. Where the guest runs,
-  ``costs.cpu_sharing`` decides: ``fair`` gives each runnable thread Q/(V+A) of a CPU, so the agents get
-  A*V/(V+A); ``agents-first`` lets them take min(A, V) first. Where the guest does not run (the target
-  before it resumes, the source after), they get min(A, V). The guest loses exactly the CPU the agents
-  use on its side, spread over its vCPUs, under either policy: the policies differ in how fast the agents
-  go, hence in how long the guest is exposed.
+- shadow-vcpu: the agents are vCPUs of the guest's VM and share its CPU quota Q (``guest.cpu_quota``, by
+  default one CPU per vCPU) with the D vCPUs that are busy (``replay.demand``). Where the guest runs,
+  ``costs.cpu_sharing`` decides: ``fair`` (CFS) gives each runnable thread min(1, Q/(D+A)) of a CPU, so the
+  agents get A x min(1, Q/(D+A)); ``agents-first`` lets them take min(A, Q) first. Where the guest does not
+  run (the target before it resumes, the source after), they get min(A, Q). The guest loses only what the
+  agents take beyond its spare quota Q - D (replay.demand's progress rule): an idle guest loses nothing.
+  Both policies differ in how fast the agents go, hence in how long the guest is exposed.
 
 Waiting on the PSP or firmware is time, not CPU.
 """
 
 from __future__ import annotations
 
+from ..demand import Demand
 from ..scenario import Scenario
 from ..strategies import OWNERS, PRIMARY_VM, Step, Strategy
 
 
 class Cpu:
-    def __init__(self, scenario: Scenario, strategy: Strategy, vcpus: int):
+    def __init__(self, scenario: Scenario, strategy: Strategy, vcpus: int, demand: Demand):
         self.strategy = strategy
         self.vcpus = vcpus
+        self.demand = demand
         self.host_cpus = scenario.migration.host_cpus
         self.fair = scenario.costs.cpu_sharing == "fair"
         self.ledger = {o: 0 for o in OWNERS}
@@ -35,15 +38,18 @@ class Cpu:
     def charge(self, owner: str, ns: int) -> None:
         self.ledger[owner] += ns
 
-    def agent_capacity(self, agents: int, side: int, guest_side: int | None) -> tuple[int, int]:
+    def agent_capacity(self, agents: int, side: int, guest_side: int | None, g: int = 0) -> tuple[int, int]:
         """CPUs (num, den) that ``agents`` agents on ``side`` get; ``guest_side``: where the guest runs
-        (None: paused)."""
+        (None: paused); ``g``: the guest's trace time (its demand then)."""
         if self.strategy.agents_on_host_cpus:
             return min(agents, self.host_cpus), 1
-        v = self.vcpus
-        if side == guest_side and self.fair:
-            return agents * v, v + agents
-        return min(agents, v), 1
+        q, a = self.demand.quota_mcpu, 1000 * agents
+        if side == guest_side:
+            d = self.demand.at(g)
+            if not self.fair:
+                return min(a, q), 1000
+            return (agents, 1) if d + a <= q else (agents * q, d + a)
+        return min(a, q), 1000
 
     def pool(self) -> int:
         """CPUs the agents share with the host migration thread (0: separate)."""
@@ -52,22 +58,25 @@ class Cpu:
     def transfer_params(self, agents: int, guest_side: int | None) -> dict:
         """begin_transfer()'s capacity and charging arguments."""
         owner = self.strategy.agent_owner
+        shared = not self.strategy.agents_on_host_cpus
         return dict(
             src_cpus=self.agent_capacity(agents, 0, guest_side), dst_cpus=self.agent_capacity(agents, 1, guest_side),
             src_pool_cpus=self.pool(), dst_pool_cpus=self.pool(),
             charge_guest=self.takes_guest_cpu(owner, 0, guest_side),
             charge_target_guest=self.takes_guest_cpu(owner, 1, guest_side),
+            agents=agents, fair=self.fair, src_shared=shared and guest_side == 0, dst_shared=shared and guest_side == 1,
+            **self.demand.engine_args(),
         )
 
-    def agent_work_ns(self, cpu_ns: int, agents: int, side: int, guest_side: int | None) -> int:
-        """Time ``agents`` agents on ``side`` take for ``cpu_ns`` of work."""
-        num, den = self.agent_capacity(agents, side, guest_side)
+    def agent_work_ns(self, cpu_ns: int, agents: int, side: int, guest_side: int | None, g: int = 0) -> int:
+        """Time ``agents`` agents on ``side`` take for ``cpu_ns`` of work (the guest at trace time ``g``)."""
+        num, den = self.agent_capacity(agents, side, guest_side, g)
         return -(-cpu_ns * den // num)
 
-    def step_ns(self, step: Step, guest_side: int | None) -> int:
+    def step_ns(self, step: Step, guest_side: int | None, g: int = 0) -> int:
         """Time a setup/teardown step takes: its wait plus its CPU on one thread of its owner."""
         if step.owner == PRIMARY_VM:
-            return step.wait_ns + self.agent_work_ns(step.cpu_ns, 1, step.side, guest_side)
+            return step.wait_ns + self.agent_work_ns(step.cpu_ns, 1, step.side, guest_side, g)
         return step.wait_ns + step.cpu_ns
 
     @staticmethod

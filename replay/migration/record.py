@@ -10,7 +10,9 @@ import pyarrow as pa
 
 from .. import __version__
 from ..runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, ROUNDS_SCHEMA, RUN_FORMAT, RUN_VERSION, write_run
+from ..errors import InvariantError
 from ..snp import FAULT_KINDS
+from ..strategies import HOST, MIRROR_VM
 from .context import Run
 from .postcopy import PostcopyStats
 from .precopy import SWITCHOVER_RULE
@@ -61,13 +63,23 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     times = out.times
     completed = out.status == "completed"
     window = max(0, (times["completion_ns"] or run.guest.v) - times["migration_start_ns"])
-    lost_common = window - (out.guest_g_at_end - times["migration_start_ns"])
     pc = out.postcopy or PostcopyStats.empty(run.vcpus)
     vlat = [pc.latencies(v) for v in range(run.vcpus)]  # each vCPU's fault latencies
-    lost = [lost_common + sum(x) for x in vlat]
-    per_vcpu_ppm = [x * 1_000_000 // window if window else 0 for x in lost]
     cpu = dict(run.cpu.ledger)
-    cpu["guest"] = run.vcpus * window - sum(lost)
+    # The guest's slowdown is the CPU work it demanded over the window (what it would have run with no
+    # migration, replay.demand) that it did not run. Each vCPU got as far as the guest's progress less
+    # the time it sat blocked on post-copy faults; it ran its share of the demand up to there. An idle
+    # guest demands nothing and loses nothing.
+    demand = run.guest.demand
+    start = times["migration_start_ns"]
+    demanded = demand.integral_ns(start, start + window)
+    v = run.vcpus
+    ran = [demand.integral_ns(start, max(start, out.guest_g_at_end - sum(x))) // v for x in vlat]
+    lost = [max(0, demanded // v - r) for r in ran]
+    cpu["guest"] = sum(ran)
+    per_vcpu_demand = demanded // v
+    per_vcpu_ppm = [x * 1_000_000 // per_vcpu_demand if per_vcpu_demand else 0 for x in lost]
+    lost_total = sum(lost)
     by_host = counters["rmp_by_host"]
     metrics = {
         "total_ns": window if times["completion_ns"] else 0,
@@ -93,9 +105,17 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         "device_state_bytes": s.costs.device_state_bytes if out.vmsas_sent else 0,
         "agents_max": run.agents, "agents_created": run.agents,
         "cpu_ns": cpu,
-        "guest_slowdown_ppm": sum(lost) * 1_000_000 // (run.vcpus * window) if window else 0,
+        "cpu_demand": {
+            **demand.to_json(),
+            # What the guest would have run over the window without migration, and what it ran.
+            "demanded_ns": demanded,
+            "ran_ns": cpu["guest"],
+            # Mean CPUs the migration took from the hosts' spare CPUs (mirror VM and host threads), milli-CPUs.
+            "host_cpus_taken_milli": (cpu[MIRROR_VM] + cpu[HOST]) * 1000 // window if window else 0,
+        },
+        "guest_slowdown_ppm": lost_total * 1_000_000 // (per_vcpu_demand * v) if per_vcpu_demand else 0,
         "guest_slowdown_ppm_per_vcpu": per_vcpu_ppm,
-        "guest_lost_ns": sum(lost),
+        "guest_lost_ns": lost_total,
         "wp_faults": int(sum(eng.wp_faults(h) for h in range(eng.hosts))),
         "mirror_first_touch_npfs": t.first_touches,
         "rmp": {name: {k: int(by_host[h][k]) for k in RMP_OPS} for h, name in ((0, "source"), (1, "target"))},
@@ -136,6 +156,7 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     }
     if data is not None:
         summary["data"] = data
+    _no_negative(metrics, "metrics")
     adversary = getattr(run.data, "adversary", None)
     if adversary is not None:
         summary["adversary"], summary["adversary_effects"] = adversary.finish(
@@ -149,6 +170,19 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         rows = pc.faults_rows
         faults_tbl = pa.Table.from_pylist([dict(zip(FAULTS_SCHEMA.names, r)) for r in rows], schema=FAULTS_SCHEMA)
     return RunResult(summary, rounds, events, faults_tbl)
+
+
+def _no_negative(obj, path: str) -> None:
+    """Every count, time and size a run records is >= 0: a negative one is the driver's own inconsistency
+    (an internal error, never the user's input)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _no_negative(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _no_negative(v, f"{path}[{i}]")
+    elif isinstance(obj, int) and not isinstance(obj, bool) and obj < 0:
+        raise InvariantError(f"run record: {path} is {obj} (negative): the driver's accounting is inconsistent")
 
 
 def _postcopy_metrics(run: Run, out: Outcome, pc: PostcopyStats, vlat: list[list[int]]) -> dict:

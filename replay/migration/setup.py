@@ -14,7 +14,7 @@ def do_step(run: Run, step: Step, *, paused: bool = False) -> None:
     in the downtime)."""
     cpu = run.cpu
     guest_side = None if paused else SOURCE
-    dur = cpu.step_ns(step, guest_side)
+    dur = cpu.step_ns(step, guest_side, run.guest.g)
     cpu.charge(step.owner, step.cpu_ns)
     if paused:
         run.log("teardown_step", f"{step.name} ({dur} ns)")
@@ -69,7 +69,7 @@ def handshake(run: Run) -> None:
     parallel; nothing moves before both accept. Needs the link for its whole length."""
     g, cpu = run.guest, run.cpu
     steps = [run.strategy.attestation_step(side) for side in (SOURCE, TARGET)]
-    dur = max(cpu.step_ns(st, SOURCE) for st in steps) + 2 * run.link.latency_ns  # reports cross both ways
+    dur = max(cpu.step_ns(st, SOURCE, g.g) for st in steps) + 2 * run.link.latency_ns  # reports cross both ways
     run.link.check(g.v + dur)
     if run.data is not None:
         run.data.handshake()  # nothing moves before both sides accept
