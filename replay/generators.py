@@ -25,7 +25,10 @@ Common parameters: ``guest_bytes``, ``vcpus``, ``events`` (not counting fill), `
 ``fill`` (first write every page once, whole-page writes in address order, *in addition to* ``events``;
 a migration starting after them sees no zero pages), ``read_ppm`` (millionths of the non-fill accesses
 that are READs rather than WRITEs) and ``access_bytes`` (size of each access, a power of two <= 4096,
-naturally aligned; default 8, 4096 for stress, 1 for ab). vCPUs take rows in turn (row i is vCPU
+naturally aligned; default 8, 4096 for stress, 1 for ab), ``utilization_ppm`` (millionths of the time the
+vCPUs run: each ``period_ns`` cycle, default 10 ms, they run first and then halt; the rows are laid out in
+run time and the halts are the trace's idle intervals, format version 2; default: always running) and
+``period_ns``. vCPUs take rows in turn (row i is vCPU
 ``i % vcpus``) except in stress (each vCPU its slice) and ab (vCPU 0). ``value`` is a random 64-bit
 word per row.
 
@@ -47,7 +50,7 @@ import numpy as np
 
 from .errors import UsageError
 from .snp import Op
-from .trace import MAX_VCPUS, PAGE_SHIFT, PAGE_SIZE, TraceMeta, TraceWriter
+from .trace import MAX_IDLE_INTERVALS, MAX_VCPUS, PAGE_SHIFT, PAGE_SIZE, TraceMeta, TraceWriter
 
 DEFAULT_RATE = 10_000_000  # accesses per guest second: 100 ns apart
 PIECE = 1 << 16  # rows per workload piece: part of the definition of the streams, do not change
@@ -368,7 +371,8 @@ GENERATORS: dict[str, Workload] = {
         ),
     )
 }
-COMMON_OPTIONS = ("read_ppm", "access_bytes")
+COMMON_OPTIONS = ("read_ppm", "access_bytes", "utilization_ppm", "period_ns")
+DEFAULT_PERIOD_NS = 10_000_000  # a utilization's run/idle cycle: busy first, then idle, 10 ms a cycle
 
 
 def _unknown(kind: str, key: str, valid: list[str]) -> UsageError:
@@ -422,6 +426,9 @@ def generate(
     _need(ab & (ab - 1) == 0, f"{kind}: access_bytes {ab} must be a power of two <= {PAGE_SIZE}")
     _need(not (kind == "ab" and access_given and ab != 1), "ab: writes exactly one byte per page (access_bytes 1)")
     _intp("chunk_rows", chunk_rows, 1, 1 << 30)
+    util = _intp("utilization_ppm", opts.get("utilization_ppm", PPM), 1, PPM)
+    period = _intp("period_ns", opts.get("period_ns", DEFAULT_PERIOD_NS), 1000, 10**12)
+    busy_ns = max(1, util * period // PPM)  # of each period; the rest idle
 
     p = Params(guest_bytes, vcpus, events, seed, rate, fill, read_ppm, ab)
     npages = p.npages
@@ -429,6 +436,13 @@ def generate(
     total = fill_rows + events
     _need(total == 0 or (total - 1) * 10**9 // rate < 1 << 64, f"{kind}: t_ns of {total} rows at rate {rate}/s overflows 64 bits")
     _need(total * 1024 < 1 << 64, f"{kind}: too many events")
+    last_busy = (total - 1) * 10**9 // rate if total else 0
+    cycles = last_busy // busy_ns  # whole busy parts before the last row's
+    if util < PPM:
+        _need(cycles * period + last_busy % busy_ns < 1 << 64,
+              f"{kind}: t_ns of {total} rows at rate {rate}/s and utilization {util} ppm overflows 64 bits")
+        _need(cycles <= MAX_IDLE_INTERVALS, f"{kind}: {cycles} idle periods at utilization {util} ppm and period "
+                                            f"{period} ns: at most {MAX_IDLE_INTERVALS} (a longer period_ns)")
 
     s = Streams(seed)
     kopts = {k: opts.get(k, d) for k, d in w.options.items()}
@@ -445,6 +459,15 @@ def generate(
         "access_bytes": ab,
         **eff,
     }
+    idle = None
+    if util < PPM:  # recorded only when set, so that busy traces keep their metadata
+        source.update(utilization_ppm=util, period_ns=period)
+        # Every vCPU runs the first busy_ns of each period and halts for the rest; the trace's rows are laid
+        # out in busy time (row i at i / rate of it) and mapped onto that cycle.
+        shared = []
+        for k in range(cycles):
+            shared += [k * period + busy_ns, (k + 1) * period]
+        idle = [shared] + [0] * (vcpus - 1)
 
     def rows() -> Iterator[tuple]:
         """(gpa, len, op, vcpu, is_access) pieces of the whole trace: fill first, then the workload."""
@@ -457,7 +480,7 @@ def generate(
 
     with TraceWriter(
         out, guest_bytes=guest_bytes, vcpus=vcpus, shared_ranges=shared_ranges, source=source,
-        batch_rows=batch_rows, compression=compression,
+        batch_rows=batch_rows, compression=compression, vcpu_idle=idle,
     ) as tw:
         row = 0
         buf: list[tuple] = []
@@ -497,6 +520,8 @@ def generate(
                 t_ns = idx * np.uint64(10**9) // np.uint64(rate)
             else:
                 t_ns = _t_big(row, n, rate)
+            if util < PPM:  # busy time -> trace time on the run/idle cycle
+                t_ns = (t_ns // np.uint64(busy_ns)) * np.uint64(period) + t_ns % np.uint64(busy_ns)
             value = s.value.bit_generator.random_raw(n)
             tw.write(t_ns, vcpu, gpa, ln, op, value)
             row += n

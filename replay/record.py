@@ -19,7 +19,11 @@ and with the debugging option ``--trace-sched=yes`` it logs ``SCHED[tid]:  acqui
 thread takes the CPU; every access after that line belongs to thread ``tid``. With ``--vcpus-from
 threads`` (the default) valgrind thread ``tid`` (1-based, slots are reused after a thread exits) becomes
 vCPU ``tid - 1``; with ``single`` everything is vCPU 0. Time is one clock for all threads because valgrind
-serialises them: ``t_ns = ns_per_instr * instructions executed before the accessing one``.
+serialises them: ``t_ns = ns_per_instr * instructions executed before the accessing one``. A vCPU is busy
+while its thread holds valgrind's lock and idle otherwise: those idle intervals go into the trace (format
+version 2) for the guest's CPU-demand model. A single-threaded program keeps its one vCPU busy throughout
+(a version 1 trace, as before). Valgrind serialises threads, so a recording never shows two vCPUs busy at
+once: the demand it records is that of the program under valgrind, not of the program on real cores.
 
 Determinism: the content seed ``value`` of a WRITE is its row index in the trace (0 for other ops), so
 the same lackey output always gives the same trace. Valgrind places the client (stack, ld.so, mmaps)
@@ -170,6 +174,9 @@ class LackeyParser:
         self._tid = 1
         self._switch_lines: list[int] = []
         self._switch_tids: list[int] = []
+        # Every thread switch as (instructions executed before it, thread that takes the CPU): valgrind runs
+        # one thread at a time, so these are the threads' run intervals on the instruction clock.
+        self.switches: list[tuple[int, int]] = []
 
     def feed(self, data: bytes) -> ParsedChunk:
         buf = self._rest + data if self._rest else data
@@ -237,6 +244,7 @@ class LackeyParser:
 
         # Instruction clock: cumulative count of I lines up to each line, carried across chunks.
         cum = np.cumsum(line_instr, dtype=np.int64) + self.stats.instructions
+        self.switches += [(int(cum[i]), t) for i, t in zip(self._switch_lines, self._switch_tids)]
         acc_idx = cand[acc_ok]
         instr = np.maximum(cum[acc_idx] - 1, 0).astype(np.uint64)
         self.stats.instructions = int(cum[-1]) if n else self.stats.instructions
@@ -295,6 +303,35 @@ class LackeyParser:
             m = _BANNER_PID.match(buf, int(starts[i]), int(ends[i]))
             if m:
                 self.stats.pids.add(int(m.group(1)))
+
+
+def idle_intervals(switches: list[tuple[int, int]], end: int, vcpus: int, ns_per_instr: int) -> list[list[int]] | None:
+    """Per-vCPU idle intervals (trace ns) from valgrind's thread switches: thread ``tid`` (vCPU tid - 1) runs
+    from a switch to it until the next switch (thread 1 from the start), on the instruction clock that
+    ends at ``end`` instructions; every other stretch is idle for it. None when nothing is ever idle."""
+    busy: list[list[int]] = [[] for _ in range(vcpus)]
+    cur, since = 1, 0
+    for at, tid in switches + [(end, 0)]:
+        if tid == cur and at < end:
+            continue
+        if at > since and 1 <= cur <= vcpus:
+            b = busy[cur - 1]
+            if b and b[-1] == since:
+                b[-1] = at
+            else:
+                b += [since, at]
+        cur, since = tid, at
+    idle: list[list[int]] = []
+    for b in busy:
+        iv, t = [], 0
+        for i in range(0, len(b), 2):
+            if b[i] > t:
+                iv += [t * ns_per_instr, b[i] * ns_per_instr]
+            t = b[i + 1]
+        if end > t:
+            iv += [t * ns_per_instr, end * ns_per_instr]
+        idle.append(iv)
+    return idle if any(idle) else None
 
 
 def _decode(ap, stop, length, ok, table, radix, dtype) -> np.ndarray:
@@ -644,9 +681,12 @@ def record(out: str | os.PathLike, opts: RecordOptions, *, stream: Callable | No
             "value": "row index (WRITE), 0 otherwise",
         }
         ns = np.uint64(opts.ns_per_instr)
+        # Busy time from the instruction counts: a vCPU runs while its thread holds valgrind's lock.
+        idle = (idle_intervals(parser.switches, parser.stats.instructions, vcpus, opts.ns_per_instr)
+                if opts.vcpus_from == "threads" else None)
         bar = _progress(opts.progress, desc="write", unit=" rows", unit_scale=True, total=spool.rows)
         try:
-            with TraceWriter(out, guest_bytes=guest_bytes, vcpus=vcpus, source=source) as writer:
+            with TraceWriter(out, guest_bytes=guest_bytes, vcpus=vcpus, source=source, vcpu_idle=idle) as writer:
                 for start, cols in spool.batches(1 << 20):
                     vcpu = (cols["tid"] - 1 if opts.vcpus_from == "threads" else np.zeros(len(cols["tid"]))).astype(np.uint16)
                     writer.write(cols["instr"] * ns, vcpu, amap.gpa(cols["vaddr"]), cols["size"], cols["op"],

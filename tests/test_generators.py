@@ -168,3 +168,31 @@ def test_unknown_options_hint(tmp_path):
     with pytest.raises(UsageError, match="too small"):
         gen(tmp_path, "stress", guest_bytes=8192, vcpus=4)
     assert not any(p.suffix == ".tmp" for p in tmp_path.iterdir())
+
+
+def test_utilization_lays_rows_out_on_a_run_idle_cycle(tmp_path):
+    # 1 event per ms of run time, running 25% of each 40 ms: 10 ms busy then 30 ms halted. Row i is at busy
+    # time i ms; trace time (i // 10) * 40 + i % 10 ms. 100 rows: the last busy part starts at 360 ms; nine
+    # idle intervals [40k + 10, 40k + 40) ms before it, the same for every vCPU.
+    from replay.trace import open_trace, read_meta
+
+    meta = generate("uniform", tmp_path / "u.arrow", guest_bytes=1 << 20, vcpus=3, events=100, seed=1, rate=1000,
+                    utilization_ppm=250_000, period_ns=40_000_000)
+    ms = 1_000_000
+    want_idle = tuple(x for k in range(9) for x in ((40 * k + 10) * ms, (40 * k + 40) * ms))
+    assert meta.version == 2 and meta.vcpu_idle == (want_idle,) * 3
+    assert read_meta(tmp_path / "u.arrow").vcpu_idle == (want_idle,) * 3
+    with open_trace(tmp_path / "u.arrow") as r:
+        t = [x for _, b in r for x in b.column("t_ns").to_pylist()]
+    assert t == [((i // 10) * 40 + i % 10) * ms for i in range(100)]
+    # Full utilization is the old trace: same rows, version 1, no idle key, no extra source keys.
+    full = generate("uniform", tmp_path / "f.arrow", guest_bytes=1 << 20, vcpus=3, events=100, seed=1, rate=1000)
+    assert full.version == 1 and full.vcpu_idle is None and "utilization_ppm" not in full.source
+
+
+def test_utilization_refusals(tmp_path):
+    with pytest.raises(UsageError, match="utilization_ppm 0 out of range 1..1000000"):
+        generate("uniform", tmp_path / "u.arrow", guest_bytes=1 << 20, vcpus=1, events=10, seed=1, utilization_ppm=0)
+    with pytest.raises(UsageError, match="period_ns 10 out of range"):
+        generate("uniform", tmp_path / "u.arrow", guest_bytes=1 << 20, vcpus=1, events=10, seed=1, period_ns=10)
+    assert not (tmp_path / "u.arrow").exists()

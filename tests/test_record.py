@@ -273,3 +273,24 @@ def test_shipped_traces_match_manifest(entry):
     assert meta.events == entry["events"] and meta.guest_bytes == entry["guest_bytes"]
     assert meta.source["recorder"] == "lackey" and meta.source["argv"] == entry["argv"]
     assert path.stat().st_size < 2_500_000
+
+
+def test_thread_switches_become_idle_intervals():
+    from replay.record import idle_intervals
+
+    # Thread 1 runs instructions [0, 10), [30, 50), [70, 100); thread 2 [10, 30), [50, 70) (a switch to the
+    # thread already running changes nothing). 3 ns an instruction.
+    got = idle_intervals([(10, 2), (30, 1), (50, 2), (60, 2), (70, 1)], 100, 2, 3)
+    assert got == [[30, 90, 150, 210], [0, 30, 90, 150, 210, 300]]
+    assert idle_intervals([], 100, 1, 1) is None  # one thread, always running: no idle time, a v1 trace
+    assert idle_intervals([(0, 2)], 100, 2, 1) == [[0, 100], []]  # thread 1 never ran
+
+
+def test_lackey_parser_records_switches_on_the_instruction_clock():
+    from replay.record import LackeyParser
+
+    p = LackeyParser()
+    p.feed(b"I  1000,3\nI  1003,3\n--1-- SCHED[2]:  acquired lock\nI  2000,2\n S 5000,8\n"
+           b"I  2002,2\n--1-- SCHED[1]:  acquired lock\nI  1006,1\n")
+    p.finish()
+    assert p.switches == [(2, 2), (4, 1)]

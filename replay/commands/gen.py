@@ -8,7 +8,7 @@ import sys
 from fractions import Fraction
 
 from ..errors import UsageError
-from ..units import parse_size
+from ..units import parse_duration_ns, parse_size
 
 KIND_OPTIONS = {
     # flag: (keyword, parser, help, kinds)
@@ -26,6 +26,9 @@ KIND_OPTIONS = {
     "--burst-pages": ("burst_pages", "int", "psc: window of pages a burst converts (default 64)", ("psc",)),
     "--read-fraction": ("read_ppm", "ppm", "fraction of accesses that are READs (default 0)", None),
     "--access-bytes": ("access_bytes", "size", "bytes per access, power of two <= 4096 (default 8; stress 4096; ab 1)", None),
+    "--utilization": ("utilization_ppm", "ppm", "fraction of the time the vCPUs run, e.g. 0.3 (default 1: always); "
+                      "they halt for the rest of each --period", None),
+    "--period": ("period_ns", "duration", "run/idle cycle of --utilization, e.g. 10ms (default)", None),
 }
 
 
@@ -103,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
             opts[dest] = parse_ppm(text, flag)
         elif kind_of == "size":
             opts[dest] = parse_size(text, flag)
+        elif kind_of == "duration":
+            opts[dest] = parse_duration_ns(text, flag)
         else:
             opts[dest] = _int(text, flag)
     guest = parse_size(args.guest_size, "--guest-size")
