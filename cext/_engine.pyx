@@ -1265,6 +1265,32 @@ cdef class Engine:
                 n += (flg[i] & PG_PRESENT) != 0
         return n
 
+    def missing_bytes(self, src, dst, page_bytes, header_bytes):
+        """Bytes the pages ``dst`` lacks take on the wire as ``src`` holds them: a header each, plus a page
+        unless it is a zero page (version 0)."""
+        cdef int s = self._host(src)
+        cdef int d = self._host(dst)
+        cdef int64_t pb = int(page_bytes), hb = int(header_bytes)
+        cdef const uint8_t* df = self.st.flg[d]
+        cdef const uint32_t* sv = self.st.ver[s]
+        cdef int64_t i, n = 0, nz = 0
+        with nogil:
+            for i in range(self.st.npages):
+                if not (df[i] & PG_PRESENT):
+                    n += 1
+                    nz += sv[i] != 0
+        return n * hb + nz * pb
+
+    def first_touch(self, host, gfn):
+        """Whether ``host``'s mirror agents had not mapped ``gfn`` yet (a first-touch NPF); maps it."""
+        cdef int h = self._host(host)
+        cdef int64_t g = self._gfn(gfn)
+        cdef uint8_t* f = &self.st.flg[h][g]
+        if f[0] & PG_MAPPED:
+            return False
+        f[0] |= PG_MAPPED
+        return True
+
     def digest(self, host):
         """blake2b-256 over the little-endian uint32 versions of all gfns, then one byte (PRIVATE bit) each."""
         cdef int h = self._host(host)

@@ -391,6 +391,24 @@ class Engine:
         host = self._host(host)
         return sum(1 for gfn in range(self.npages) if self._flags[host][gfn] & PRESENT)
 
+    def missing_bytes(self, src, dst, page_bytes, header_bytes):
+        """Bytes the pages ``dst`` lacks take on the wire as ``src`` holds them: a header each, plus a page
+        unless it is a zero page (version 0)."""
+        src, dst = self._host(src), self._host(dst)
+        total = 0
+        for gfn in range(self.npages):
+            if not self._flags[dst][gfn] & PRESENT:
+                total += int(header_bytes) + (int(page_bytes) if self._version[src][gfn] else 0)
+        return total
+
+    def first_touch(self, host, gfn):
+        """Whether ``host``'s mirror agents had not mapped ``gfn`` yet (a first-touch NPF); maps it."""
+        host, gfn = self._host(host), self._gfn(gfn)
+        if self._flags[host][gfn] & MAPPED:
+            return False
+        self._flags[host][gfn] |= MAPPED
+        return True
+
     def digest(self, host):
         """blake2b-256 over the little-endian uint32 versions of all gfns, then one byte (PRIVATE bit) each."""
         host = self._host(host)

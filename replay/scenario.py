@@ -29,6 +29,7 @@ ON_MAX_ROUNDS = ("cancel", "stop-and-copy", "postcopy")
 FAULT_DELIVERY = ("kvm-exit", "uffd-shared", "uffd-per-vcpu")
 PAGE_INSTALL = ("gmem-write", "uffd-copy", "uffd-continue")
 CPU_SHARING = ("fair", "agents-first")
+LATENCY_JITTER = ("none", "uniform", "exponential")
 KERNEL_PROFILES = tuple(PROFILES)  # replay.kernel: the profiles it knows
 FAULT_KINDS = ("link_down",)
 FOREVER = -1  # duration_ns of a link that never comes back
@@ -99,6 +100,11 @@ class MigrationSpec:
     # false: no background push while the guest runs; faults alone bring pages (KVM's demand_paging_test);
     # the rest is pushed after the trace's last event so that the migration completes
     postcopy_background_push: bool = True
+    # Variation of the one-way latency each post-copy request and reply sees (network queueing, interrupt
+    # coalescing): "none", "uniform" (0..latency_jitter_ns) or "exponential" (mean latency_jitter_ns),
+    # drawn from the scenario's seed.
+    latency_jitter: str = "none"
+    latency_jitter_ns: int = 0
     # Data mode: real page contents (encrypted per host), moved through the attested, sealed channel.
     data: bool = False
     data_zstd_level: int = 0  # 0: no compression; else the zstd level of the packets' payloads
@@ -148,16 +154,19 @@ class Costs:
     device_state_bytes: int = 1_048_576  # QEMU device state (virtio, APIC, timers...)
     resume_ns: int = 5_000_000  # target resumes vCPUs after the validation token is accepted
     postcopy_fault_exit_ns: int = 2_000  # vCPU exit to userspace (or uffd wake-up) + userfault bookkeeping
-    # Serialized sections of the fault path, calibrated on KVM's demand_paging_test (64 MiB per vCPU):
-    # KVM userfault exits reach 160,326 / 128,247 / 39,913 faults/s at 2 / 8 / 64 vCPUs: the install
-    # path's lock is held (install + fault_lock_ns + fault_lock_per_waiter_ns x blocked vCPUs) per fault;
-    # one shared userfaultfd reaches 86,840 / 37,912 / 1,664: its single handler takes (install +
-    # uffd_handler_ns + per_waiter x w + per_waiter_sq x w^2) per fault, w = vCPUs blocked on it.
+    # Serialized sections of the fault path (replay.migration.faultpath), calibrated on KVM's
+    # demand_paging_test (64 MiB per vCPU): each parameter pair is fitted on the published rates at 2 and 64
+    # vCPUs and predicts the one at 8 (docs/how-it-works.md "Calibration" gives both).
+    # KVM userfault exits (160,326 / 128,247 / 39,913 faults/s at 2 / 8 / 64 vCPUs): the install path's lock
+    # is held install + fault_lock_ns + fault_lock_per_waiter_ns x w per fault, w = vCPUs blocked (cache-line
+    # and lock hand-off costs that grow with the contenders).
     fault_lock_ns: int = 3_820
     fault_lock_per_waiter_ns: int = 303
-    uffd_handler_ns: int = 6_760
-    uffd_handler_per_waiter_ns: int = 1_222
-    uffd_handler_per_waiter_sq_ns: int = 126
+    # One shared userfaultfd (86,840 / 37,912 / 1,664 faults/s): its single handler holds install +
+    # uffd_handler_ns + per_waiter_sq x w^2 per fault: each wake-up of the shared wait queue wakes all w
+    # blocked vCPUs (a thundering herd), each of which retries under the lock the w others contend for.
+    uffd_handler_ns: int = 9_129
+    uffd_handler_per_waiter_sq_ns: int = 144
     # Installing a 4 KiB page (Firecracker: write() 202 ms vs UFFDIO_COPY 237 ms per 512 MiB);
     # UFFDIO_CONTINUE maps a page already in the page cache: no copy.
     install_gmem_write_ns: int = 1_540
@@ -319,7 +328,8 @@ _SECTIONS = {"guest": GuestSpec, "trace": TraceSpec, "migration": MigrationSpec,
 _TOP_KEYS = {"name", "description", "seed", "fault", "adversary", *_SECTIONS}
 # Keys that accept human units ("16GiB", "500ms") besides integers.
 _SIZE_KEYS = {("guest", "guest_bytes")}
-_DURATION_KEYS = {("migration", "start_ns"), ("migration", "latency_ns"), ("migration", "downtime_limit_ns"),
+_DURATION_KEYS = {("migration", "start_ns"), ("migration", "latency_ns"), ("migration", "latency_jitter_ns"),
+                  ("migration", "downtime_limit_ns"),
                   ("migration", "burst_ns"), ("migration", "bandwidth_period_ns"),
                   ("fault", "at_ns"), ("fault", "duration_ns"), ("adversary", "at_ns"), ("adversary", "duration_ns")}
 # Friendly aliases users reach for first.
@@ -388,6 +398,7 @@ def _validate(s: Scenario, src: str) -> Scenario:
     _one_of(f"{src}: migration.fault_delivery", m.fault_delivery, FAULT_DELIVERY)
     _one_of(f"{src}: migration.page_install", m.page_install, PAGE_INSTALL)
     _one_of(f"{src}: costs.cpu_sharing", c.cpu_sharing, CPU_SHARING)
+    _one_of(f"{src}: migration.latency_jitter", m.latency_jitter, LATENCY_JITTER)
     _one_of(f"{src}: kernel.profile", s.kernel.profile, KERNEL_PROFILES)
     for key in ("burst_ns", "bandwidth_period_ns", "host_cpus"):
         if getattr(m, key) < 1:

@@ -130,6 +130,7 @@ KEY_RULES: dict[tuple[str, str], tuple[int, int, str]] = {
     ("trace", "seed"): (-1, U64_MAX, ""),  # -1: the scenario's
     ("migration", "bandwidth_bytes_per_s"): (1, ENGINE_MAX, "bytes per second"),
     ("migration", "latency_ns"): (0, COST_MAX, "ns"),
+    ("migration", "latency_jitter_ns"): (0, COST_MAX, "ns"),
     ("migration", "max_rounds"): (1, MAX_ROUNDS, "rounds"),
     ("migration", "precopy_rounds"): (0, MAX_ROUNDS, "rounds"),
     ("migration", "agents_initial"): (1, 1 << 16, "agents"),

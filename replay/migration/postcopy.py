@@ -101,6 +101,13 @@ class _Postcopy:
         self.rnd = run.new_round("postcopy", g.v, sw.missing)
         self.folded: dict | None = None
         self.path = FaultPath(run)
+        # What the push has to send, zero pages as headers, and the fault replies added to its totals.
+        c = run.s.costs
+        self.push_bytes = run.eng.missing_bytes(SOURCE, TARGET, PAGE_SIZE, c.page_header_bytes)
+        self.reply_bytes = 0
+        self.last_served_v = 0  # the latest moment a fault's page became usable (virtual time)
+        self.last_arrive_v = 0  # the latest moment a fault's reply reached the target
+        self.replies: list[tuple[int, int]] = []  # (arrival, gfn) of each fault's reply: lost if the link dies first
 
     # -- the push
     def begin(self) -> None:
@@ -152,7 +159,29 @@ class _Postcopy:
         self.fold()
         self.pushing = False
         st = eng.transfer_state()
-        return g.adopt(st["v_ns"], st["g_ns"])
+        if not g.adopt(st["v_ns"], st["g_ns"]):
+            return False
+        # Every page is on the target once the last fault's reply is in too: the migration (and the source's
+        # part in it) ends then, never with a fault still being served. A reply still on the wire when the
+        # link dies is lost: for good, post-copy fails; else it comes again once the link is back.
+        down = link.down_at(max(self.link_from, g.v))
+        if down is not None and down < self.last_arrive_v:
+            f = link.outage(down)
+            run.log("link_down", "migration link lost during post-copy (a fault's reply in flight)", t=down)
+            if f is None or f.duration_ns == FOREVER:
+                self.dead_at = down
+                return False
+            c = run.s.costs
+            up = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns
+            run.log("link_up", "recovered; re-keyed; the lost replies come again", t=up)
+            again = up + 2 * link.latency_ns + (self.last_served_v - self.last_arrive_v)
+            self.last_served_v = max(self.last_served_v, again)
+        # The link was needed until the last byte (push or reply) was in.
+        run.log("postcopy_data_in", "the last page's bytes reached the target",
+                t=max(st["v_ns"] + link.latency_ns, self.last_arrive_v))
+        if self.last_served_v > g.v:
+            g.elapse(self.last_served_v - g.v)
+        return True
 
     def outage(self, down: int) -> bool:
         """The link died at ``down`` during the push: recover (stall, re-handshake) or give up."""
@@ -179,14 +208,36 @@ class _Postcopy:
         return True
 
     # -- faults
-    def queued_ahead(self) -> int:
-        """Push bytes on the link ahead of a reply now: at most the push's in-flight window, never more than
-        the push still has to send; nothing when it is not running."""
+    def push_bound(self, g: int) -> tuple[int, int, int]:
+        """Per full page of the push: (link time, source agent time, target agent time), the agents at their
+        capacity now (the guest runs on the target, at trace time ``g``)."""
+        run, c = self.run, self.run.s.costs
+        link = run.link.wire_ns(PAGE_SIZE + c.page_header_bytes)
+        src = run.cpu.agent_work_ns(run.page_ns[0], run.agents, SOURCE, TARGET, g)
+        dst = run.cpu.agent_work_ns(run.target_page_ns, run.agents, TARGET, TARGET, g)
+        return link, src, dst
+
+    def queued_ahead(self, g: int) -> int:
+        """Push bytes on the channel ahead of a reply now: the whole in-flight window when the link is the
+        push's bottleneck, one packet when its agents are (the link drains faster than they fill it); never
+        more than the push still has to send (zero pages as headers); nothing when it is not running."""
         if not self.pushing:
             return 0
         c = self.run.s.costs
-        left = max(0, self.sw.missing - self.run.eng.transfer_state()["pages"] - self.stats.requests)
-        return min(c.postcopy_queue_bytes, left * (PAGE_SIZE + c.page_header_bytes))
+        sent = self.run.eng.transfer_state()["bytes"] - self.reply_bytes
+        left = max(0, self.push_bytes - sent)
+        link, src, dst = self.push_bound(g)
+        window = c.postcopy_queue_bytes if link >= max(src, dst) else PAGE_SIZE + c.page_header_bytes
+        return min(window, left)
+
+    def agents_busy(self, g: int) -> tuple[int, int]:
+        """What a request waits for on each side when the push keeps that side's agents busy: the page an
+        agent is working on (on average half of one; here one, the worst case a request can meet)."""
+        if not self.pushing:
+            return 0, 0
+        link, src, dst = self.push_bound(g)
+        per_agent = max(1, self.run.agents)
+        return (src * per_agent if src > link else 0, dst * per_agent if dst > link else 0)
 
     def userfault(self) -> bool:
         """Serve the userfault the engine stopped on: block that vCPU until the page is usable. False if the
@@ -202,7 +253,9 @@ class _Postcopy:
         src = eng.page(SOURCE, gfn)
         private = src.private
         v_req = e + voff
-        if gfn in self.requested:
+        already = gfn in self.requested
+        arrive = 0
+        if already:
             # In flight already: no second request; this vCPU waits for that arrival.
             served = max(e, int(g.ready[gfn]))
             pc.duplicates += 1
@@ -213,8 +266,23 @@ class _Postcopy:
                 return False
             # No later fault can be raised before this row's own time: older bookings cannot matter.
             self.path.prune(int(cur.batch.column("t_ns")[row].as_py()) + voff)
-            sv = self.path.serve(vcpu, v_req, private, src.version == 0, self.queued_ahead())
+            sv = self.path.serve(vcpu, gfn, v_req, private, src.version == 0, self.queued_ahead(e), e,
+                                 self.agents_busy(e))
+            if not self.pushing and self.outage_backlog is None:
+                # After the push, nobody else watches the link: a reply still on its way when the link
+                # dies is lost; the request goes again once the link is back (re-keyed), or never.
+                while (down := run.link.down_at(v_req)) is not None and down < sv.arrive_ns:
+                    f = run.link.outage(down)
+                    if f is None or f.duration_ns == FOREVER:
+                        self.dead_at = down
+                        run.log("link_down", "migration link lost during post-copy", t=down)
+                        return False
+                    c = run.s.costs
+                    v_req = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns
+                    run.log("link_up", f"recovered; re-keyed; fault on gfn {gfn} requested again", t=v_req)
+                    sv = self.path.serve(vcpu, gfn, v_req, private, src.version == 0, 0, e, (0, 0))
             served = sv.done_ns - voff
+            arrive = sv.arrive_ns
             if eng.page(TARGET, gfn).present:
                 served = min(served, int(g.ready[gfn]))  # already on its way in the push
             else:
@@ -223,6 +291,7 @@ class _Postcopy:
                     run.data.send([gfn], [src.version], "fault")
                 if self.pushing:  # the page shares the link and the agents with the push
                     eng.transfer_add(sv.reply_bytes, sv.pack_ns, sv.unpack_ns)
+                    self.reply_bytes += sv.reply_bytes
                 elif self.outage_backlog is not None:  # crosses once the link is back
                     self.outage_backlog[0] += sv.reply_bytes
                     self.outage_backlog[1] += sv.pack_ns
@@ -242,6 +311,10 @@ class _Postcopy:
                 self.prepage_next = np.arange(gfn + 1, min(run.npages, gfn + 1 + run.s.migration.prepage_pages),
                                               dtype=np.uint32)
         served = max(served, e)
+        self.last_served_v = max(self.last_served_v, served + voff)
+        if not already:
+            self.last_arrive_v = max(self.last_arrive_v, arrive)
+            self.replies.append((arrive, gfn))
         self.path.block(vcpu, e + voff, served + voff)
         g.delays[vcpu] += served - e
         pc.blocked[vcpu].append((e, served))
@@ -264,7 +337,9 @@ def postcopy(run: Run, sw: PostcopySwitch) -> PostcopyEnd:
     pc.rnd.end_ns, pc.rnd.guest_progress_ns = g.v, g.g - pc.rnd.guest_start_ns
     if not ok:
         pc.stats.failed = True
-        pc.stats.source_only_pages = run.npages - run.eng.count_present(TARGET)
+        # Pages still to come, and fault replies that were on the wire when the link died.
+        lost = {gfn for arrive, gfn in pc.replies if pc.dead_at is not None and arrive > pc.dead_at}
+        pc.stats.source_only_pages = run.npages - run.eng.count_present(TARGET) + len(lost)
         return PostcopyEnd(False, g.v, "", pc.stats)
     target_digest = run.eng.received_digest(TARGET)
     if run.data is not None:

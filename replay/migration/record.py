@@ -162,9 +162,12 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
         summary["adversary"], summary["adversary_effects"] = adversary.finish(
             out.status, pc.failed, times["completion_ns"], invariants)
     rounds = pa.Table.from_pylist([{k: getattr(r, k) for k in ROUNDS_SCHEMA.names} for r in t.rounds], schema=ROUNDS_SCHEMA)
+    # Phases log some events at the moment they happened, found out later (a link's death seen by the
+    # transfer that hit it): the log is in time order, ties in the order they were logged.
+    ordered = sorted(run.events, key=lambda e: e[0])
     events = pa.Table.from_pylist(
         [{"seq": i, "t_ns": e[0], "kind": e[1], "gfn": e[2], "vcpu": e[3], "detail": e[4]}
-         for i, e in enumerate(run.events)], schema=EVENTS_SCHEMA)
+         for i, e in enumerate(ordered)], schema=EVENTS_SCHEMA)
     faults_tbl = None
     if s.migration.mode != "precopy":
         rows = pc.faults_rows
