@@ -122,9 +122,11 @@ class Costs:
     # -- setup, mirror-vm
     mirror_vm_create_ns: int = 2_000_000  # KVM_CREATE_VM + KVM_CAP_VM_COPY_ENC_CONTEXT_FROM (ms scale)
     gmem_link_ns: int = 500_000  # KVM_LINK_GUEST_MEMFD: a new file on the same inode, memslot setup
-    vcpu_create_ns: int = 1_000_000  # KVM_CREATE_VCPU + LAUNCH_UPDATE of its VMSA (per mirror agent)
+    # -- every agent, both designs: the host creates its vCPU (a mirror VM's, or a VMPL0 plane vCPU of the
+    # guest's VM) and the SVSM builds its VMSA (then PVALIDATE, RMPADJUST vmsa=1; the host's RMPUPDATE)
+    vcpu_create_ns: int = 1_000_000  # KVM_CREATE_VCPU and its setup (ms scale, per agent)
     # -- setup, shadow-vcpu
-    ap_create_ns: int = 600_000  # SVSM builds a VMSA, RMPADJUST vmsa=1, AP Creation NAE (per shadow agent)
+    ap_create_ns: int = 600_000  # the SVSM builds an agent's VMSA and starts it (AP Creation NAE)
     # -- both
     # Attested handshake, split: waiting on the PSP for the reports is not CPU; verifying the VCEK chains
     # and reports, ECDH P-384 and HKDF are agent CPU (ms scale for P-384 in software).
@@ -132,8 +134,11 @@ class Costs:
     attestation_cpu_ns: int = 5_000_000
     # -- work only one design does
     mirror_npf_ns: int = 2_000  # mirror VM: NPF exit + gmem lookup + map on an agent's first touch of a page
-    ap_destroy_ns: int = 200_000  # shadow: hide/tear one shadow AP (AP destroy NAE, RMPADJUST vmsa=0)
-    target_vmpl0_boot_ns: int = 5_000_000  # shadow: the target's SVSM runs at VMPL0 before it can create APs
+    # Both: tear one agent vCPU down (shadow: AP destroy NAE; mirror: vCPU destroy), RMPADJUST vmsa=0.
+    ap_destroy_ns: int = 200_000
+    mirror_vm_destroy_ns: int = 1_000_000  # mirror VM: KVM VM destroy, gmem unlink (the order of its creation)
+    # Both: the incoming VM's SVSM runs at VMPL0 on the target before any agent there can work.
+    target_vmpl0_boot_ns: int = 5_000_000
     # -- dirty tracking and the host's own work
     dirty_wp_fault_ns: int = 260  # guest write-protect fault on its first write after a sync (Cloud Hypervisor)
     dirty_log_start_ns_per_gib: int = 4_500_000  # start dirty logging: 4-5 ms/GiB (Cloud Hypervisor)

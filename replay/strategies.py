@@ -5,12 +5,17 @@ how its agents are created and limited, where they run, and whose CPU their work
   guest_memfd, one link per memslot) whose vCPUs run the SVSM at VMPL0 as migration agents. The agents
   run on the host's CPUs given to migration (``migration.host_cpus``), shared with QEMU's migration
   thread, and are charged to the mirror VM. Its own nested page tables start empty: an agent's first touch
-  of each page is an NPF + map (``costs.mirror_npf_ns``).
+  of each page is an NPF + map (``costs.mirror_npf_ns``). Each mirror vCPU has a VMSA page the SVSM
+  builds like any AP's (RMPUPDATE, PVALIDATE, RMPADJUST vmsa=1), and is torn down (RMPADJUST vmsa=0)
+  with the mirror VM once the migration is over.
 - shadow-vcpu: extra VMPL0 vCPUs of the primary VM, created by AP creation with a dynamic VMSA (a VMSA
   page per agent: RMPUPDATE, PVALIDATE and RMPADJUST(vmsa=1) on the RMP), with APIC IDs from a reserved
-  range. Their CPU time is the primary VM's: where the guest runs, it loses what they use. On the target
-  the SVSM must be running at VMPL0 before it can create its APs; before the guest resumes, the shadow
-  APs are torn down on both sides (in the downtime).
+  range. Their CPU time is the primary VM's: where the guest runs, they take its spare quota first. The
+  target's shadow APs stay while the migration needs them (post-copy: until the last page is in) and are
+  torn down then, the guest running beside them.
+
+Both designs need the incoming VM's SVSM running at VMPL0 on the target before any agent there can
+work (``target_vmpl0_boot_ns``), and tear their agents down after the migration, off the downtime.
 
 The driver (``replay.migration``) is strategy-agnostic; everything that differs lives here.
 """
@@ -97,8 +102,13 @@ class Strategy:
         raise NotImplementedError
 
     def teardown_steps(self, side: int, agents: int) -> list[Step]:
-        """What must happen to the agents of ``side`` before the guest resumes on the target (downtime)."""
-        return []
+        """Tearing ``side``'s agents down once the migration no longer needs them (after the target resumed
+        in pre-copy, after the last page in post-copy): their VMSAs retired (RMPADJUST vmsa=0)."""
+        raise NotImplementedError
+
+    def target_boot_step(self) -> Step:
+        """The incoming VM's SVSM boots at VMPL0 on the target: no agent works there before (both designs)."""
+        return Step("target: launch the incoming VM's VMPL0 (SVSM)", TARGET, HOST, wait_ns=self.s.costs.target_vmpl0_boot_ns)
 
     def attestation_step(self, side: int) -> Step:
         c = self.s.costs
@@ -115,7 +125,13 @@ class MirrorVM(Strategy):
         return self.s.migration.agents_max
 
     def agent_steps(self, side: int) -> list[Step]:
-        return [Step(f"{SIDES[side]}: mirror vCPU + VMSA", side, MIRROR_VM, cpu_ns=self.s.costs.vcpu_create_ns)]
+        c = self.s.costs
+        return [
+            Step(f"{SIDES[side]}: mirror vCPU: SVSM builds its VMSA (PVALIDATE, RMPADJUST vmsa=1)", side, MIRROR_VM,
+                 cpu_ns=c.ap_create_ns + c.pvalidate_ns + c.rmpadjust_ns, vmsa_pages=1),
+            Step(f"{SIDES[side]}: mirror vCPU: KVM_CREATE_VCPU, host RMPUPDATE (VMGEXIT via the GHCB)", side, HOST,
+                 cpu_ns=c.vcpu_create_ns + c.vmgexit_ns + c.rmpupdate_ns),
+        ]
 
     def setup_steps(self) -> list[Step]:
         c = self.s.costs
@@ -124,9 +140,17 @@ class MirrorVM(Strategy):
             steps.append(Step(f"{SIDES[side]}: create mirror VM (shared ASID)", side, HOST, cpu_ns=c.mirror_vm_create_ns))
             steps += [Step(f"{SIDES[side]}: link guest_memfd (memslot {i})", side, HOST, cpu_ns=c.gmem_link_ns)
                       for i in range(self.s.guest.memslots)]
+            if side == TARGET:
+                steps.append(self.target_boot_step())
             for _ in range(self.s.migration.agents_initial):
                 steps += self.agent_steps(side)
         return steps
+
+    def teardown_steps(self, side: int, agents: int) -> list[Step]:
+        c = self.s.costs
+        return [Step(f"{SIDES[side]}: tear down mirror vCPU (RMPADJUST vmsa=0)", side, MIRROR_VM,
+                     cpu_ns=c.ap_destroy_ns, vmsa_pages=-1) for _ in range(agents)] + [
+            Step(f"{SIDES[side]}: destroy the mirror VM", side, HOST, cpu_ns=c.mirror_vm_destroy_ns)]
 
 
 class ShadowVCPU(Strategy):
@@ -158,15 +182,15 @@ class ShadowVCPU(Strategy):
         return [
             Step(f"{SIDES[side]}: shadow vCPU: SVSM builds a VMSA (RMPUPDATE, PVALIDATE, RMPADJUST vmsa=1)", side,
                  PRIMARY_VM, cpu_ns=c.ap_create_ns + c.pvalidate_ns + c.rmpadjust_ns, vmsa_pages=1),
-            Step(f"{SIDES[side]}: AP creation NAE (VMGEXIT via the GHCB; host RMPUPDATE)", side, HOST,
-                 cpu_ns=c.vmgexit_ns + c.rmpupdate_ns),
+            Step(f"{SIDES[side]}: shadow vCPU: KVM_CREATE_VCPU (VMPL0 plane), host RMPUPDATE (AP creation NAE)",
+                 side, HOST, cpu_ns=c.vcpu_create_ns + c.vmgexit_ns + c.rmpupdate_ns),
         ]
 
     def setup_steps(self) -> list[Step]:
         c, n = self.s.costs, self.s.migration.agents_initial
         steps = [s for _ in range(n) for s in self.agent_steps(SOURCE)]
         # The target's SVSM must be running at VMPL0 before it can create APs.
-        steps.append(Step("target: launch the incoming VM's VMPL0 (SVSM)", TARGET, HOST, wait_ns=c.target_vmpl0_boot_ns))
+        steps.append(self.target_boot_step())
         steps += [s for _ in range(n) for s in self.agent_steps(TARGET)]
         return steps
 

@@ -26,7 +26,7 @@ COSTS = {
     "zero_page_ns": 0, "page_unpack_ns": 0, "vmgexit_ns": 0, "batch_pages": 64, "rmpupdate_ns": 0,
     "pvalidate_ns": 0, "page_header_bytes": 904, "vmsa_bytes": 4096, "device_state_bytes": 5000,
     "resume_ns": 0, "mirror_npf_ns": 0, "ap_destroy_ns": 0, "target_vmpl0_boot_ns": 0, "dirty_wp_fault_ns": 0,
-    "dirty_log_start_ns_per_gib": 0, "host_page_ns": 0, "rmpadjust_ns": 0,
+    "dirty_log_start_ns_per_gib": 0, "host_page_ns": 0, "rmpadjust_ns": 0, "mirror_vm_destroy_ns": 0,
 }
 
 
@@ -68,15 +68,33 @@ def test_strategies_differ_where_spec_says(trace):
 
 
 def test_agents_on_demand_and_apic_limit(tmp_path):
-    # Packaging (4000 ns/page) is 4x slower than the link (1000 ns/page): mirror-vm grows to agents_max;
-    # shadow-vcpu stops at the reserved APIC ID range (2 IDs).
+    # Post-copy sizes the agents before the switchover. Packaging (4000 ns/page) is 4x slower than the link
+    # (1000 ns/page): mirror-vm grows to 4 agents; shadow-vcpu stops at the reserved APIC ID range (2 IDs).
     trace = tiny_trace(tmp_path / "t.arrow")
-    s = tiny_scenario(costs={"page_pack_ns": 4000}, agents_max=8, shadow_apic_ids=2)
+    s = tiny_scenario(costs={"page_pack_ns": 4000}, agents_max=8, shadow_apic_ids=2, mode="postcopy")
     mirror = run(s, strategy="mirror-vm", trace_path=trace)
     shadow = run(s, strategy="shadow-vcpu", trace_path=trace)
-    assert mirror.summary["metrics"]["agents_max"] == 4
+    assert mirror.summary["metrics"]["agents_max"] == 4 == mirror.summary["metrics"]["agents_created"]
     assert shadow.summary["metrics"]["agents_max"] == 2
     assert [e for e in mirror.events.to_pylist() if e["kind"] == "agent_added"][-1]["detail"] == "agents=4"
+
+
+def test_precopy_adds_an_agent_after_each_burst_its_agents_paced(tmp_path):
+    # 64 filled pages, 4000 ns of packaging a page for 1000 ns on the link, bursts of 20 us: the first burst
+    # (one agent: 5 pages) is agent-bound, so one agent is added after it; the second (two agents) likewise;
+    # then a third: 4 agents keep pace with the link and no burst asks for more. Each creation is on the
+    # clock after its burst: three agent_added events at increasing times, every one after a burst's end.
+    rows = [(i, 0, i) for i in range(64)] + [(10**9, 0, 0)]
+    trace = write_trace(tmp_path / "t.arrow", rows, npages=64, vcpus=1)
+    s = tiny_scenario(costs={"page_pack_ns": 4000}, agents_max=8, burst_ns=20_000, max_rounds=30,
+                      downtime_limit_ns=10**6)
+    r = run(s, strategy="mirror-vm", trace_path=trace)
+    added = [e for e in r.events.to_pylist() if e["kind"] == "agent_added"]
+    assert [e["detail"] for e in added] == ["agents=2", "agents=3", "agents=4"]
+    assert [e["t_ns"] for e in added] == sorted({e["t_ns"] for e in added})
+    assert r.summary["metrics"]["agents_created"] == r.summary["metrics"]["agents_max"] == 4
+    rounds = r.rounds.to_pylist()
+    assert [x["agents"] for x in rounds][0] == 4  # round 0 ends with every agent
 
 
 @pytest.mark.parametrize(

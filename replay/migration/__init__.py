@@ -33,7 +33,7 @@ from .link import Link, LinkDown
 from .postcopy import postcopy, switch_to_postcopy
 from .precopy import precopy
 from .record import Outcome, RunResult, build
-from .setup import agents_wanted, grow_agents, setup
+from .setup import agents_wanted, grow_agents, setup, teardown
 from .stopcopy import stop_and_copy
 from .traces import cache_dir, last_event_ns, trace_for
 
@@ -126,7 +126,10 @@ class Migration:
     def _migrate(self, run: Run, out: Outcome) -> None:
         m, g = self.s.migration, run.guest
         out.times["setup_ns"] = setup(run, dirty_logging=m.mode != "postcopy")
-        grow_agents(run, agents_wanted(run))
+        if m.mode == "postcopy":
+            # Post-copy's push cannot wait for agents: they are sized before the switchover. Pre-copy adds
+            # them on demand, one per burst its agents paced (precopy._burst).
+            grow_agents(run, agents_wanted(run))
         action = "postcopy"
         if m.mode != "postcopy":
             hybrid = m.mode == "hybrid"
@@ -149,7 +152,9 @@ class Migration:
             sw = stop_and_copy(run)
             out.vmsas_sent = sw.vmsas
             out.digests["source_at_switchover"], out.digests["target_at_switchover"] = sw.source_digest, sw.target_digest
-            out.times["completion_ns"] = out.times["resume_ns"] = sw.resume_ns
+            out.times["resume_ns"] = sw.resume_ns
+            teardown(run)
+            out.times["completion_ns"] = g.v
         else:
             if m.mode != "precopy":  # pre-copy reaches post-copy only through on_max_rounds: reason max_rounds
                 out.switchover_reason = "postcopy"
@@ -159,7 +164,9 @@ class Migration:
             out.digests["source_at_switchover"] = sw.source_digest
             pe2 = postcopy(run, sw)
             out.postcopy = pe2.stats
-            out.times["completion_ns"] = pe2.completion_ns
+            if pe2.completed:
+                teardown(run)
+            out.times["completion_ns"] = g.v
             out.digests["target_at_switchover"] = pe2.target_digest
             if not pe2.completed:
                 out.status = "failed"

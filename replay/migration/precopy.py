@@ -29,6 +29,7 @@ from ..strategies import HOST, SOURCE
 from . import transfer
 from .context import Round, Run
 from .link import NS_PER_S, LinkDown
+from .setup import agents_wanted, grow_agents
 
 SWITCHOVER_RULE = "qemu-10.1: pending <= threshold; threshold = measured bandwidth x downtime_limit"
 
@@ -135,9 +136,14 @@ def _burst(run: Run, rnd: Round, cursor: int) -> tuple[int, int]:
         if st["link_dead"] or st["v_ns"] >= until or eng.send_count(SOURCE) == 0 or (batch is None):
             break
     transfer.account(run, rnd, st)
+    v0 = until - run.s.migration.burst_ns
     g.adopt(st["v_ns"], st["g_ns"])
     if st["link_dead"]:
         raise LinkDown(down)
+    # Agents on demand: a burst the agents (not the link) paced asks for one more, up to what keeps pace;
+    # creating it takes the migration's clock (the sender waits for it).
+    if st["v_ns"] - v0 > run.link.wire_ns(st["bytes"]) and run.agents < agents_wanted(run):
+        grow_agents(run, run.agents + 1)
     return cursor, st["bytes"]
 
 

@@ -9,23 +9,27 @@ from ..snp import PAGE_SIZE, Rc
 from ..strategies import SIDES, SOURCE, TARGET, Step
 from .context import Run
 
-def do_step(run: Run, step: Step, *, paused: bool = False) -> None:
-    """One step on the clock: with the guest running on the source (setup, agents), or paused (teardown
-    in the downtime)."""
+def do_step(run: Run, step: Step, *, guest_side: int | None = SOURCE, kind: str = "setup_step") -> None:
+    """One step on the clock, the guest running on ``guest_side`` (None: paused): it loses the step's CPU
+    beyond its spare quota if the step runs on its quota on that side."""
     cpu = run.cpu
-    guest_side = None if paused else SOURCE
     dur = cpu.step_ns(step, guest_side, run.guest.g)
     cpu.charge(step.owner, step.cpu_ns)
-    if paused:
-        run.log("teardown_step", f"{step.name} ({dur} ns)")
-    else:
-        run.log("setup_step", f"{step.name} ({dur} ns; cpu {step.cpu_ns} ns {step.owner}; wait {step.wait_ns} ns)")
+    run.log(kind, f"{step.name} ({dur} ns; cpu {step.cpu_ns} ns {step.owner}; wait {step.wait_ns} ns)")
     if step.vmsa_pages:
         _vmsa_rmp(run, step.side, step.vmsa_pages)
-    if paused:
+    if guest_side is None:
         run.guest.pause(dur)
     else:
         run.guest.elapse(dur, step.cpu_ns if cpu.takes_guest_cpu(step.owner, step.side, guest_side) else 0)
+
+
+def teardown(run: Run) -> None:
+    """Both designs tear their agents down once the migration no longer needs them, the guest running on
+    the target: off the downtime, inside the migration's window."""
+    for side in (SOURCE, TARGET):
+        for step in run.strategy.teardown_steps(side, run.agents):
+            do_step(run, step, guest_side=TARGET, kind="teardown_step")
 
 
 def _vmsa_rmp(run: Run, side: int, delta: int) -> None:

@@ -12,7 +12,6 @@ from . import transfer
 from .context import Round, Run
 from .link import LinkDown
 from .precopy import sync
-from .setup import do_step
 
 
 @dataclass(frozen=True)
@@ -74,17 +73,14 @@ def send_vmsas_and_devices(run: Run, rnd: Round) -> int:
 
 
 def resume_target(run: Run, rnd: Round, nvmsa: int, *, token: bool) -> None:
-    """The last byte lands one latency later; the target unpacks the VMSAs, tears down shadow APs, checks
-    the end-of-migration token (stop-and-copy; post-copy checks it when the last page is in), resumes. Any
-    link failure before the resume aborts."""
+    """The last byte lands one latency later; the target unpacks the VMSAs, checks the end-of-migration
+    token (stop-and-copy; post-copy checks it when the last page is in), resumes. Any link failure before
+    the resume aborts. (The agents are torn down after the migration, off the downtime: setup.teardown.)"""
     c, g, cpu, link = run.s.costs, run.guest, run.cpu, run.link
     g.pause(link.latency_ns)
     unpack = nvmsa * run.page_ns[1]
     cpu.charge(run.strategy.agent_owner, unpack)
     g.pause(cpu.agent_work_ns(unpack, run.agents, TARGET, None))
-    for side in (SOURCE, TARGET):
-        for step in run.strategy.teardown_steps(side, run.agents):
-            do_step(run, step, paused=True)
     if token:
         g.pause(link.latency_ns)  # the validation token crosses
         if run.data is not None:
