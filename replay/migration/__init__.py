@@ -125,7 +125,7 @@ class Migration:
 
     def _migrate(self, run: Run, out: Outcome) -> None:
         m, g = self.s.migration, run.guest
-        out.times["setup_ns"] = setup(run, dirty_logging=m.mode != "postcopy")
+        out.times["setup_ns"], synced = setup(run, dirty_logging=m.mode != "postcopy")
         if m.mode == "postcopy":
             # Post-copy's push cannot wait for agents: they are sized before the switchover. Pre-copy adds
             # them on demand, one per burst its agents paced (precopy._burst).
@@ -134,12 +134,15 @@ class Migration:
         if m.mode != "postcopy":
             hybrid = m.mode == "hybrid"
             pe = precopy(run, max_rounds=m.precopy_rounds + 1 if hybrid else m.max_rounds,
-                         on_max_rounds="postcopy" if hybrid else m.on_max_rounds)
+                         on_max_rounds="postcopy" if hybrid else m.on_max_rounds, initial_sync_ns=synced)
             action = pe.action
             out.switchover_reason = pe.reason
             out.times["expected_downtime_ns"] = pe.expected_downtime_ns
-            out.precopy = {"rounds": pe.rounds, "pending_bytes": pe.pending_bytes, "threshold_bytes": pe.threshold_bytes,
-                           "bandwidth_bytes_per_s": pe.bandwidth_bytes_per_s, "action": pe.action}
+            # QEMU's dirty-sync-count: the completion's final sync counts too (not a cancel's: it has none).
+            final = 0 if pe.action == "cancel" else 1
+            out.precopy = {"rounds": pe.rounds + final, "pending_bytes": pe.pending_bytes,
+                           "threshold_bytes": pe.threshold_bytes, "bandwidth_bytes_per_s": pe.bandwidth_bytes_per_s,
+                           "action": pe.action}
             out.downtime_limit_exceeded = pe.reason == "max_rounds" and pe.pending_bytes > pe.threshold_bytes
         if action == "cancel":
             run.eng.set_dirty_logging(SOURCE, False)

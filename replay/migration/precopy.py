@@ -4,14 +4,17 @@ The migration keeps its own bitmap of pages still to send (all of them at the st
 
 1. estimate: pending = pages in the bitmap x page size (no headers; a dirty zero page counts in full);
 2. if pending < threshold, sync the dirty log into the bitmap (this is a round: QEMU's dirty-sync-count,
-   which the initial sync at setup starts at 1) and take the exact pending;
+   which the initial sync at setup, ram_init_bitmaps, starts at 1) and take the exact pending;
 3. complete (switch over) when pending <= threshold (QEMU 10.1's rule; earlier versions used <);
 4. otherwise send one burst: pages in bitmap order, walking on cyclically from where the last burst
    stopped, for at most ``burst_ns`` (QEMU's ~50 ms MAX_WAIT), then update the bandwidth estimate once
    ``bandwidth_period_ns`` (100 ms) have passed since the last update.
 
 threshold = bandwidth x downtime_limit, with bandwidth the rate measured over the last period (bytes
-delivered / time), or ``avail_switchover_bandwidth`` if set; it is 0 until the first period ends. So a run
+delivered / time), or ``avail_switchover_bandwidth`` if set; it is 0 until the first period ends (QEMU
+updates it only then, whichever bandwidth it uses). The run's ``rounds`` is QEMU's dirty-sync-count: the
+initial sync, every sync of the loop and the completion's final sync (stop-and-copy, or the discard sync
+of a switch to post-copy). So a run
 whose agents (or the target's unpacking) cannot keep up with the link gets a lower measured bandwidth and
 a lower threshold, never a switchover promised at link speed.
 
@@ -56,7 +59,9 @@ class _Meter:
         self.limit_ns = m.downtime_limit_ns
         self.period_ns = m.bandwidth_period_ns
         self.fixed = m.avail_switchover_bandwidth_bytes_per_s
-        self.bandwidth = self.fixed
+        # QEMU's migration_update_counters returns early until BUFFER_DELAY has passed: the threshold is 0
+        # until the first period ends, even with avail-switchover-bandwidth set.
+        self.bandwidth = 0
         self.since_v = run.guest.v
         self.bytes = 0
 
@@ -67,8 +72,7 @@ class _Meter:
     def add(self, nbytes: int, now_v: int) -> None:
         self.bytes += nbytes
         if now_v - self.since_v >= self.period_ns:
-            if not self.fixed:
-                self.bandwidth = self.bytes * NS_PER_S // (now_v - self.since_v)
+            self.bandwidth = self.fixed or self.bytes * NS_PER_S // (now_v - self.since_v)
             self.since_v, self.bytes = now_v, 0
 
 
@@ -90,17 +94,25 @@ def sync(run: Run, *, paused: bool = False) -> int:
     return dirty
 
 
-def precopy(run: Run, *, max_rounds: int, on_max_rounds: str) -> PrecopyEnd:
-    """Run the pre-copy loop; raises LinkDown on a link failure (nothing arrives after it)."""
+def initial_sync(run: Run) -> int:
+    """Setup's initial sync (QEMU's ram_init_bitmaps, dirty-sync-count 1): logging starts clean and the send
+    bitmap holds every page. Returns its time."""
+    t = run.guest.v
+    run.eng.set_dirty_logging(SOURCE, True)
+    run.eng.mark_send_all(SOURCE)
+    run.log("dirty_sync", f"initial bitmap sync (setup): dirty_pages={run.npages}")
+    run.guest.elapse(sync_cost(run))
+    run.cpu.charge(HOST, sync_cost(run))
+    return t
+
+
+def precopy(run: Run, *, max_rounds: int, on_max_rounds: str, initial_sync_ns: int) -> PrecopyEnd:
+    """Run the pre-copy loop after setup's initial sync (at ``initial_sync_ns``); raises LinkDown on a link
+    failure (nothing arrives after it)."""
     eng, g = run.eng, run.guest
     npages = run.npages
-    # Setup's initial sync: logging starts clean and the bitmap holds every page.
-    eng.set_dirty_logging(SOURCE, True)
-    eng.mark_send_all(SOURCE)
     rounds = 1
-    rnd = _new_round(run, npages, g.v)
-    g.elapse(sync_cost(run))
-    run.cpu.charge(HOST, sync_cost(run))
+    rnd = _new_round(run, npages, initial_sync_ns)
     meter = _Meter(run)
     cursor = 0
     while True:

@@ -53,19 +53,24 @@ def _vmsa_rmp(run: Run, side: int, delta: int) -> None:
         raise InvariantError(f"{SIDES[side]}: VMSA page RMP operation failed: {[Rc(r).name for r in rcs]}")
 
 
-def setup(run: Run, *, dirty_logging: bool) -> int:
-    """Strategy setup, dirty-log start (pre-copy) and the handshake; returns the setup time."""
+def setup(run: Run, *, dirty_logging: bool) -> tuple[int, int | None]:
+    """Strategy setup, dirty-log start and the initial bitmap sync (pre-copy), and the handshake; returns
+    the setup time and when the initial sync began (None without dirty logging)."""
+    from .precopy import initial_sync
+
     g, s = run.guest, run.strategy
     v0 = g.v
     run.agents = run.s.migration.agents_initial
     for step in s.setup_steps():
         do_step(run, step)
+    synced = None
     if dirty_logging:
         ns = run.s.costs.dirty_log_start_ns_per_gib * run.meta.guest_bytes // (1 << 30)
         do_step(run, Step("source: start dirty logging (write-protect guest memory)", SOURCE, "host", cpu_ns=ns))
+        synced = initial_sync(run)
     handshake(run)
     run.log("setup_done", f"setup_ns={g.v - v0} agents={run.agents}")
-    return g.v - v0
+    return g.v - v0, synced
 
 
 def handshake(run: Run) -> None:
