@@ -129,6 +129,12 @@ def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None, allow
     ]
     span_ns = t1 - t0
     total_writes = int(ops[Op.WRITE])
+    # Activity: the share of vCPU time busy up to the last event, as the CPU-demand model reads the trace.
+    from .demand import build_demand
+
+    demand = build_demand("trace", "", meta.vcpus, t1 if span else None, meta.vcpu_idle)
+    whole = meta.vcpus * (t1 + 1) if span else 0
+    busy_ppm = demand.integral_ns(0, t1 + 1) * 1_000_000 // whole if whole else 0
     return {
         "path": str(path),
         "meta": meta.to_json(),
@@ -144,4 +150,6 @@ def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None, allow
         "guest_pages": npages,
         "bytes_written": bytes_written,
         "max_working_set_pages": int(working.max()) if nbuckets else 0,
+        "idle_intervals": sum(len(iv) // 2 for iv in meta.vcpu_idle) if meta.vcpu_idle is not None else None,
+        "busy_ppm": busy_ppm,
     }

@@ -200,8 +200,19 @@ def _summary_table(runs, names) -> str:
         cells += [f'<td class="num">{_e(fmt(run.metrics.get(k, "")))}</td>' for k, _ in keys[1:]]
         kernel = s.get("kernel", {}) or {}
         cells.append(f"<td>{_e(kernel.get('verdict', ''))}</td>")
+        cells.append(f"<td>{_e(_demand(s))}</td>")
         rows.append(f"<tr><td>{_swatch(i)}{_e(name)}</td>{''.join(cells)}</tr>")
-    return f"<table><tr><th>run</th>{head}<th>kernel</th></tr>{''.join(rows)}</table>"
+    return f"<table><tr><th>run</th>{head}<th>kernel</th><th>guest CPU demand</th></tr>{''.join(rows)}</table>"
+
+
+def _demand(summary: dict) -> str:
+    """The demand model a run's slowdown rests on (records before it: every vCPU always busy)."""
+    from .commands.compare import DEMAND_MODELS
+
+    d = (summary.get("metrics") or {}).get("cpu_demand") or {}
+    if not d:
+        return "every vCPU busy at all times (older record)"
+    return f"{DEMAND_MODELS.get(d.get('model', ''), d.get('model', ''))}; quota {d.get('quota_cpus_milli', 0) / 1000:g} CPUs"
 
 
 def _metrics_table(runs, names) -> str:

@@ -197,13 +197,13 @@ class KernelCaps:
     them (``replay/kernel.py``)."""
 
     profile: str = "custom"
-    gmem_link: bool = True  # KVM_LINK_GUEST_MEMFD (RFC): mirror VM shares private memory
-    kvm_userfault: bool = True  # KVM_MEM_USERFAULT + bitmap (RFC): post-copy of private memory
+    gmem_link: bool = True  # KVM_LINK_GUEST_MEMFD (posted, RFC v2): mirror VM shares private memory
+    kvm_userfault: bool = True  # KVM_MEM_USERFAULT + bitmap (posted, v3): post-copy of private memory
     gmem_link_userfault: bool = True  # userfault on a linked guest_memfd (mirror post-copy)
     gmem_dirty_log: bool = True  # dirty logging on guest_memfd slots (upstream refuses it today)
     kvm_planes: bool = True  # multi-VMPL vCPUs (SVSM at VMPL0 beside the OS): out of tree on 7.1
     gmem_write: bool = True  # write() population of guest_memfd (v6 series): installs a private page
-    uffd_gmem: bool = True  # userfaultfd on guest_memfd (RFC): uffd delivery or install for private pages
+    uffd_gmem: bool = True  # userfaultfd on guest_memfd (queued in mm): uffd delivery or install for private pages
 
 
 @dataclass(frozen=True)

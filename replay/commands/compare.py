@@ -34,6 +34,8 @@ ROWS = [
     ("CPU: primary-VM agents", ("metrics", "cpu_ns", "primary_vm_agents"), format_ns),
     ("CPU: mirror VM", ("metrics", "cpu_ns", "mirror_vm"), format_ns),
     ("CPU: host", ("metrics", "cpu_ns", "host"), format_ns),
+    ("guest CPU demanded (window)", ("metrics", "cpu_demand", "demanded_ns"), format_ns),
+    ("host CPUs taken by migration", ("metrics", "cpu_demand", "host_cpus_taken_milli"), lambda v: f"{v / 1000:.2f}"),
     ("RMPUPDATE (target)", ("metrics", "rmp", "target", "rmpupdate"), str),
     ("PVALIDATE (target)", ("metrics", "rmp", "target", "pvalidate"), str),
     ("page-state changes (source)", ("metrics", "rmp", "source", "psc"), str),
@@ -75,6 +77,22 @@ def _invariants(s: dict) -> str:
     return "yes" if all(ok or k in explained for k, ok in s["invariants"].items()) else "NO"
 
 
+DEMAND_MODELS = {
+    "trace-idle": "the trace's idle intervals",
+    "trace-span": "every vCPU busy until the trace's last event, idle after (the trace records no idle time)",
+    "busy": "every vCPU busy at all times",
+    "fraction": "a constant fraction of the vCPUs busy until the trace's last event",
+}
+
+
+def demand_line(summary: dict) -> str:
+    """What the guest's CPU demand was taken to be: every slowdown figure rests on it."""
+    d = summary["metrics"].get("cpu_demand") or {}
+    what = DEMAND_MODELS.get(d.get("model", ""), d.get("model", "?"))
+    return (f"guest CPU demand: {what}; quota {d.get('quota_cpus_milli', 0) / 1000:g} CPUs "
+            f"(guest.cpu_demand = {summary['scenario']['guest'].get('cpu_demand', 'trace')!r})")
+
+
 def table(summaries: list[dict]) -> str:
     rows = ROWS + (POSTCOPY_ROWS if summaries[0]["mode"] != "precopy" else [])
     rows += DATA_ROWS if all("data" in s for s in summaries) else []
@@ -89,6 +107,7 @@ def table(summaries: list[dict]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     for s in summaries:
         lines.append(f"kernel ({s['strategy']}, profile {s['kernel']['profile']}): {s['kernel']['verdict']}")
+    lines.append(demand_line(summaries[0]))
     if "" in ends:
         lines.append("end of trace not reached by every run (a failed migration stops the guest)")
     else:

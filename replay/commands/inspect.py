@@ -36,6 +36,9 @@ def render(s: dict) -> str:
         f"span        {format_ns(s['span_ns'])} ({s['t_first_ns']}..{s['t_last_ns']} ns)",
         f"written     {s['pages_written']} distinct pages ({format_bytes(s['pages_written'] * 4096)}), {s['bytes_written']} bytes",
         f"write rate  {s['writes_per_s']} writes/s",
+        "activity    " + (f"vCPUs busy {s['busy_ppm'] / 10_000:.1f}% of the time up to the last event "
+                          f"({s['idle_intervals']} idle intervals recorded)" if s["idle_intervals"] is not None
+                          else "no idle intervals recorded: read as every vCPU busy up to the last event"),
         "",
     ]
     out += _table(["op", "events"], [[k, str(v)] for k, v in s["ops"].items()])

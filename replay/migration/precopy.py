@@ -152,10 +152,12 @@ def _burst(run: Run, rnd: Round, cursor: int) -> tuple[int, int]:
     g.adopt(st["v_ns"], st["g_ns"])
     if st["link_dead"]:
         raise LinkDown(down)
-    # Agents on demand: a burst the agents (not the link) paced asks for one more, up to what keeps pace;
-    # creating it takes the migration's clock (the sender waits for it).
-    if st["v_ns"] - v0 > run.link.wire_ns(st["bytes"]) and run.agents < agents_wanted(run):
-        grow_agents(run, run.agents + 1)
+    # Agents on demand: a burst the agents (not the link) paced asks for as many more as its pace says
+    # the link could take (agents x burst time / link time), up to what keeps pace with the link and the
+    # design's limit; creating them takes the migration's clock (the sender waits for them).
+    link_ns = run.link.wire_ns(st["bytes"])
+    if st["v_ns"] - v0 > link_ns and run.agents < agents_wanted(run):
+        grow_agents(run, min(agents_wanted(run), -(-run.agents * (st["v_ns"] - v0) // max(1, link_ns))))
     return cursor, st["bytes"]
 
 
