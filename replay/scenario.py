@@ -125,7 +125,6 @@ class Costs:
     # -- every agent, both designs: the host creates its vCPU (a mirror VM's, or a VMPL0 plane vCPU of the
     # guest's VM) and the SVSM builds its VMSA (then PVALIDATE, RMPADJUST vmsa=1; the host's RMPUPDATE)
     vcpu_create_ns: int = 1_000_000  # KVM_CREATE_VCPU and its setup (ms scale, per agent)
-    # -- setup, shadow-vcpu
     ap_create_ns: int = 600_000  # the SVSM builds an agent's VMSA and starts it (AP Creation NAE)
     # -- both
     # Attested handshake, split: waiting on the PSP for the reports is not CPU; verifying the VCEK chains

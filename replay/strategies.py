@@ -180,7 +180,7 @@ class ShadowVCPU(Strategy):
     def agent_steps(self, side: int) -> list[Step]:
         c = self.s.costs
         return [
-            Step(f"{SIDES[side]}: shadow vCPU: SVSM builds a VMSA (RMPUPDATE, PVALIDATE, RMPADJUST vmsa=1)", side,
+            Step(f"{SIDES[side]}: shadow vCPU: SVSM builds its VMSA (PVALIDATE, RMPADJUST vmsa=1)", side,
                  PRIMARY_VM, cpu_ns=c.ap_create_ns + c.pvalidate_ns + c.rmpadjust_ns, vmsa_pages=1),
             Step(f"{SIDES[side]}: shadow vCPU: KVM_CREATE_VCPU (VMPL0 plane), host RMPUPDATE (AP creation NAE)",
                  side, HOST, cpu_ns=c.vcpu_create_ns + c.vmgexit_ns + c.rmpupdate_ns),

@@ -71,10 +71,14 @@ def test_agents_on_demand_and_apic_limit(tmp_path):
     # Post-copy sizes the agents before the switchover. Packaging (4000 ns/page) is 4x slower than the link
     # (1000 ns/page): mirror-vm grows to 4 agents; shadow-vcpu stops at the reserved APIC ID range (2 IDs).
     trace = tiny_trace(tmp_path / "t.arrow")
-    s = tiny_scenario(costs={"page_pack_ns": 4000}, agents_max=8, shadow_apic_ids=2, mode="postcopy")
+    s = tiny_scenario(costs={"page_pack_ns": 4000}, agents_max=8, shadow_apic_ids=2, mode="postcopy", host_cpus=8)
     mirror = run(s, strategy="mirror-vm", trace_path=trace)
     shadow = run(s, strategy="shadow-vcpu", trace_path=trace)
     assert mirror.summary["metrics"]["agents_max"] == 4 == mirror.summary["metrics"]["agents_created"]
+    # Mirror agents share the host CPUs given to migration: beyond them a new agent adds nothing.
+    two = run(tiny_scenario(costs={"page_pack_ns": 4000}, agents_max=8, mode="postcopy", host_cpus=2),
+              strategy="mirror-vm", trace_path=trace)
+    assert two.summary["metrics"]["agents_max"] == 2
     assert shadow.summary["metrics"]["agents_max"] == 2
     assert [e for e in mirror.events.to_pylist() if e["kind"] == "agent_added"][-1]["detail"] == "agents=4"
 
@@ -86,7 +90,7 @@ def test_precopy_adds_the_agents_a_burst_shows_it_needs(tmp_path):
     rows = [(i, 0, i) for i in range(64)] + [(10**9, 0, 0)]
     trace = write_trace(tmp_path / "t.arrow", rows, npages=64, vcpus=1)
     s = tiny_scenario(costs={"page_pack_ns": 4000}, agents_max=8, burst_ns=20_000, max_rounds=30,
-                      downtime_limit_ns=10**6)
+                      downtime_limit_ns=10**6, host_cpus=8)
     r = run(s, strategy="mirror-vm", trace_path=trace)
     added = [e for e in r.events.to_pylist() if e["kind"] == "agent_added"]
     assert [e["detail"] for e in added] == ["agents=2", "agents=3", "agents=4"]

@@ -92,14 +92,18 @@ def handshake(run: Run) -> None:
 
 def agents_wanted(run: Run) -> int:
     """On demand: enough agents (one CPU each) that a private page's packaging and unpacking keep pace with
-    its time on the link, within the strategy's limit."""
+    its time on the link, within the strategy's limit; mirror agents beyond the host CPUs given to
+    migration would add no capacity (they share those CPUs), so no more are made."""
     c = run.s.costs
     link_ns = max(1, run.link.wire_ns(PAGE_SIZE + c.page_header_bytes))
     touch = c.mirror_npf_ns if run.strategy.agents_on_host_cpus else 0
     src = run.page_ns[0] + c.vmgexit_ns // c.batch_pages + touch
     dst = run.target_page_ns + touch
     need = -(-max(src, dst) // link_ns)
-    return min(run.strategy.agent_limit(), max(run.agents, need))
+    limit = run.strategy.agent_limit()
+    if run.strategy.agents_on_host_cpus:
+        limit = min(limit, run.s.migration.host_cpus)
+    return min(limit, max(run.agents, need))
 
 
 def grow_agents(run: Run, want: int) -> None:
