@@ -49,9 +49,6 @@ from .errors import RecordError, UsageError
 from .snp import Op
 
 PAGE = 4096
-PLUGIN_DIR = Path(__file__).resolve().parent / "qemu_plugin"
-PLUGIN_SRC = PLUGIN_DIR / "snp_record.c"
-MARK_SRC = PLUGIN_DIR / "mark.c"
 QEMU_HINT = "install it with `apt-get install qemu-system-x86` (Debian/Ubuntu)"
 KERNEL_HINT = "install a kernel with `apt-get install linux-image-cloud-amd64` or give --kernel"
 BUSYBOX_HINT = "install it with `apt-get install busybox-static`"
@@ -187,63 +184,37 @@ def find_busybox(busybox: str | None) -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "snp-replay"
+    """Where builds made on first use go: the project's cache (as replay.migration.traces uses it)."""
+    return Path(os.environ.get("SNP_REPLAY_CACHE", Path.home() / ".cache" / "snp-replay")) / "vm"
 
 
-def _build(src: Path, name: str, flags: Sequence[str]) -> Path:
-    """The compiled ``src`` (``name``): next to the source if the install built it, else in the user's
-    cache under a name carrying the source's hash, compiled now if missing."""
-    text = src.read_bytes()
-    tag = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
-    prebuilt = src.parent / name
-    stamp = src.parent / f"{name}.sha"
-    if prebuilt.is_file() and stamp.is_file() and stamp.read_text().strip() == tag:
-        return prebuilt
-    out = _cache_dir() / f"{name}-{tag}"
+def _build(name: str) -> Path:
+    """The compiled target ``name`` (see replay.qemu_plugin): beside the source if the install built it,
+    else in the cache under a name carrying the source's hash, compiled now if missing."""
+    from .qemu_plugin import HERE, compile_one, compiler, tag
+
+    want = tag(name)
+    stamp = HERE / f"{name}.sha"
+    if (HERE / name).is_file() and stamp.is_file() and stamp.read_text().strip() == want:
+        return HERE / name
+    out = _cache_dir() / f"{name}-{want}"
     if out.is_file():
         return out
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        raise RecordError(f"record --vm: cannot build {src.name}: no C compiler; {CC_HINT}")
+    if compiler() is None:
+        raise RecordError(f"record --vm: cannot build the QEMU plugin ({name}): no C compiler; {CC_HINT}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    proc = subprocess.run([cc, *flags, "-o", str(tmp), str(src)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
-        raise RecordError(f"record --vm: building {src.name} with {cc} failed: {first}")
-    os.replace(tmp, out)
+    problem = compile_one(name, out)
+    if problem is not None:
+        raise RecordError(f"record --vm: building {name} failed: {problem}")
     return out
 
 
-PLUGIN_FLAGS = ("-O2", "-shared", "-fPIC", "-Wall")
-PLUGIN_LIBS = ("-ldl",)
-MARK_FLAGS = ("-O2", "-static", "-nostdlib", "-fno-stack-protector", "-fno-pie", "-no-pie")
-
-
 def build_plugin() -> Path:
-    return _build(PLUGIN_SRC, "snp_record.so", PLUGIN_FLAGS + PLUGIN_LIBS)
+    return _build("snp_record.so")
 
 
 def build_mark() -> Path:
-    return _build(MARK_SRC, "replay-mark", MARK_FLAGS)
-
-
-def prebuild(dest: Path) -> list[str]:
-    """Compile the plugin and the marker into ``dest`` (setup.py calls this at install); returns what
-    was built. Silently nothing when there is no compiler: record --vm then builds on first use."""
-    built = []
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        return built
-    for src, name, flags in ((PLUGIN_SRC, "snp_record.so", PLUGIN_FLAGS + PLUGIN_LIBS), (MARK_SRC, "replay-mark", MARK_FLAGS)):
-        tag = hashlib.sha256(src.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-        if subprocess.run([cc, *flags, "-o", str(dest / name), str(src)], capture_output=True, check=False).returncode == 0:
-            (dest / f"{name}.sha").write_text(tag + "\n")
-            built.append(name)
-    return built
+    return _build("replay-mark")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,10 +428,13 @@ def _merge(iv: list[int]) -> list[int]:
     return out
 
 
-def _tail(text: str, n: int = 6) -> str:
-    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
-    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", ln) for ln in lines]
-    return " | ".join(lines[-n:]) or "(empty)"
+def _tail(text: str, n: int = 5) -> str:
+    """The console's last lines on one line; a kernel panic's reason first (a backtrace follows it)."""
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", ln).strip() for ln in text.replace("\r", "\n").splitlines()]
+    lines = [ln for ln in lines if ln]
+    panic = [ln for ln in lines if "Kernel panic" in ln][:1]
+    tail = lines[-n:]
+    return " | ".join(panic + ["..."] + tail if panic and panic[0] not in tail else tail) or "(empty)"
 
 
 def _progress(enabled: bool | None):
