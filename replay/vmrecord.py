@@ -446,13 +446,20 @@ def _progress(enabled: bool | None):
                 bar_format="{desc} [{elapsed}]")
 
 
+def kernel_args(opts: VmOptions) -> str:
+    """The guest kernel's command line. --shared-swiotlb: a guest below 4 GiB sets up no swiotlb unless
+    told to (iommu=soft), and swiotlb=force bounces all DMA through it, as an SNP guest does."""
+    return (BASE_APPEND + (" iommu=soft swiotlb=force" if opts.shared_swiotlb else "")
+            + (f" {opts.append}" if opts.append else ""))
+
+
 def qemu_argv(opts: VmOptions, qemu: str, kernel: str, initrd: str, plugin: Path, fd: int, console: str,
               bias: tuple[int, int] | None) -> list[str]:
     plug = f"{plugin},fd={fd},shift={opts.shift}"
     plug += f",bias={bias[0]},shiftoff={bias[1]}" if bias else ",bias=-1"
     if opts.start == "boot":
         plug += ",start=boot"
-    append = BASE_APPEND + (" swiotlb=force" if opts.shared_swiotlb else "") + (f" {opts.append}" if opts.append else "")
+    append = kernel_args(opts)
     argv = [qemu, "-machine", "pc", "-cpu", "qemu64", "-m", f"{opts.memory >> 20}M", "-smp", str(opts.vcpus),
             "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot",
             "-chardev", f"file,id=con,path={console}", "-serial", "chardev:con",
@@ -633,7 +640,7 @@ class _Stream:
                 if m is None:
                     raise RecordError("record --vm: --shared-swiotlb: the guest reported no swiotlb region "
                                       f"(console: {_tail(text.decode('utf-8', 'replace'))})")
-                lo, hi = int(m.group(1), 16), int(m.group(2), 16) + 1
+                lo, hi = int(m.group(1), 16), int(m.group(2), 16)  # the kernel prints [start, start + size]
                 ranges.append((lo, min(hi, self.opts.memory)))
                 self.shared_from = "swiotlb" + (" and --shared" if self.opts.shared else "")
             gfns = sorted((a // PAGE, (b - 1) // PAGE) for a, b in ranges)
@@ -751,7 +758,7 @@ class _Stream:
             "argv": list(o.argv),
             "kernel": os.path.basename(kernel),
             "kernel_sha256": hashlib.sha256(Path(kernel).read_bytes()).hexdigest(),
-            "append": BASE_APPEND + (" swiotlb=force" if o.shared_swiotlb else "") + (f" {o.append}" if o.append else ""),
+            "append": kernel_args(o),
             "initrd": {"user": os.path.basename(o.initrd) if o.initrd else None, **initrd_meta},
             "disk": os.path.basename(o.disk) if o.disk else None,
             "memory_bytes": o.memory,

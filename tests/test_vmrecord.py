@@ -50,8 +50,9 @@ def vm_writer(tmp_path_factory):
 def writer_trace(vm_writer, tmp_path_factory):
     d = tmp_path_factory.mktemp("vmrec")
     out, con = d / "w.arrow", d / "console.txt"
+    # --shared-swiotlb with a small (8 MiB) bounce buffer: its pages are classed shared.
     rc = main(["record", "--vm", "--out", str(out), "--no-progress", "--start", "marker", "--memory", "128MiB",
-               "--add", str(vm_writer), "--console", str(con), "--", "vm_writer", "24", "500000"])
+               "--shared-swiotlb", "--append", "swiotlb=4096", "--add", str(vm_writer), "--console", str(con), "--", "vm_writer", "24", "500000"])
     assert rc == 0
     return out, con.read_text(errors="replace")
 
@@ -71,6 +72,7 @@ def test_known_buffer_pages_at_known_times(writer_trace):
     page = c["gpa"] >> 12
     assert (c["op"] == 0).all() and (c["vcpu"] == 0).all()
     for i, pfn in enumerate(pfns):
+        assert not any(a <= pfn <= b for a, b in read_meta(out).shared_ranges)  # the buffer is private
         on = page == pfn
         t = c["t_ns"][on]
         assert on.any(), f"page {i} (pfn {pfn}) never written"
@@ -91,7 +93,11 @@ def test_vm_trace_passes_verify(writer_trace, capsys):
     meta = read_meta(out)
     assert meta.version == 2 and meta.vcpus == 1 and meta.guest_bytes == 128 << 20
     assert meta.source["recorder"] == "qemu-tcg" and meta.source["deterministic"] is True
-    assert meta.source["pages"]["default"] == "private" and meta.shared_ranges == ()
+    pages = meta.source["pages"]
+    assert pages["default"] == "private" and pages["shared_from"] == "swiotlb"
+    assert len(meta.shared_ranges) == 1
+    first, last = meta.shared_ranges[0]
+    assert last - first + 1 == (8 << 20) // 4096 and pages["shared_ranges"] == [[first, last]]
 
 
 @pytest.mark.slow
