@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def main(names: list[str]) -> int:
         entry.update(digest=meta.digest, events=meta.events, guest_bytes=meta.guest_bytes, vcpus=meta.vcpus,
                      file_bytes=(ROOT / entry["file"]).stat().st_size, **tool,
                      command="replay record --out {} {} -- {} > /dev/null".format(
-                         entry["file"], " ".join(entry["record_args"]), " ".join(entry["argv"])))
+                         entry["file"], shlex.join(entry["record_args"]), shlex.join(entry["argv"])))
     write_atomic(MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     os.chmod(MANIFEST, 0o644)
     return 0
