@@ -38,10 +38,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -114,6 +112,10 @@ class VmOptions:
             raise UsageError(f"record --vm: --start must be one of {', '.join(START_MODES)}")
         if not 0 <= self.shift <= 10:
             raise UsageError(f"record --vm: --icount-shift must be 0..10, not {self.shift}")
+        if self.max_stores is not None and self.max_stores < 1:
+            raise UsageError("record --vm: --max-stores must be at least 1")
+        if self.max_time_ns is not None and self.max_time_ns < 1:
+            raise UsageError("record --vm: --max-time must be positive")
         if self.epoch_ns < 0:
             raise UsageError("record --vm: --epoch must not be negative")
         if self.shared_swiotlb and self.start == "boot":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 
@@ -81,14 +80,13 @@ def run(args, cmd: list[str]) -> int:
         progress=False if args.no_progress else None,
         console=args.console,
     )
-    if args.max_stores is not None and args.max_stores < 1:
-        raise UsageError("--max-stores must be at least 1")
     res = record_vm(args.out, opts)
     c = res.counts
     print(
-        f"recorded {res.meta.path}: {res.meta.events} writes over {res.meta.events and res.source['counts']['ram_bytes']} "
-        f"bytes, guest {format_bytes(opts.memory)}, {opts.vcpus} vcpu(s), stopped: {res.stop}; not RAM: {c.io} MMIO, "
-        f"{c.vga} VGA, {c.rom} ROM stores; {c.dropped_epoch} dropped by --epoch; digest {res.meta.digest}",
+        f"recorded {res.meta.path}: {res.meta.events} writes over {c.ram_bytes} bytes, "
+        f" guest {format_bytes(opts.memory)}, {opts.vcpus} vcpu(s), stopped: {res.stop}; not RAM: {c.io} MMIO, "
+        f"{c.vga} VGA, {c.rom} ROM, {c.beyond_ram} above RAM stores; {c.dropped_epoch} dropped by --epoch; "
+        f"digest {res.meta.digest}",
         file=sys.stderr,
     )
     if not opts.deterministic:
