@@ -84,7 +84,7 @@ def run(args, cmd: list[str]) -> int:
     c = res.counts
     print(
         f"recorded {res.meta.path}: {res.meta.events} writes over {c.ram_bytes} bytes, "
-        f" guest {format_bytes(opts.memory)}, {opts.vcpus} vcpu(s), stopped: {res.stop}; not RAM: {c.io} MMIO, "
+        f"guest {format_bytes(opts.memory)}, {opts.vcpus} vcpu(s), stopped: {res.stop}; not RAM: {c.io} MMIO, "
         f"{c.vga} VGA, {c.rom} ROM, {c.beyond_ram} above RAM stores; {c.dropped_epoch} dropped by --epoch; "
         f"digest {res.meta.digest}",
         file=sys.stderr,
