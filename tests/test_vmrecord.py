@@ -285,3 +285,15 @@ def test_disk_image_is_the_commands_root(tmp_path):
     assert "hello from the disk" in con.read_text(errors="replace")
     assert img.read_bytes() == before
     assert read_meta(out).source["disk"] == "disk.img"
+
+
+def test_no_compiler_says_what_to_install(tmp_path, monkeypatch):
+    """Without a prebuilt plugin and without a C compiler, one line says what to install."""
+    import replay.qemu_plugin as qp
+    import replay.vmrecord as vr
+
+    monkeypatch.setenv("SNP_REPLAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(qp, "tag", lambda name: "0" * 16)  # matches no prebuilt stamp, no cached build
+    monkeypatch.setattr(qp, "compiler", lambda: None)
+    with pytest.raises(RecordError, match=r"no C compiler; install a C compiler with `apt-get install gcc`"):
+        vr.build_plugin()
