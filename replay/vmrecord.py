@@ -575,7 +575,8 @@ def record_vm(out: str | os.PathLike, opts: VmOptions) -> VmResult:
                     if status != 0 and qerr.strip():
                         raise RecordError(f"record --vm: {opts.qemu} failed (exit status {status}): {_tail(qerr, 2)}")
                     raise RecordError(f"record --vm: the guest did not boot; console: {_tail(ctext)}")
-                m = STATUS_RE.search(text)
+                # The init's line comes last (the command may print anything before it).
+                m = ([None] + list(STATUS_RE.finditer(text)))[-1]
                 if m is None:
                     raise RecordError(f"record --vm: the guest stopped before the command finished; console: {_tail(ctext)}")
                 if int(m.group(1)) != 0:
