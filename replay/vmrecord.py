@@ -125,8 +125,15 @@ class VmOptions:
                 raise UsageError(f"record --vm: --shared range {a:#x}-{b - 1:#x} is outside the guest's {self.memory} bytes")
 
     @property
-    def deterministic(self) -> bool:
+    def icount(self) -> bool:
+        """Deterministic time (icount): one vCPU only on QEMU 7.2."""
         return self.vcpus == 1
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether recording again gives the same trace: icount, and no disk (its I/O completes on host
+        threads, at host-dependent guest times: two recordings with --disk were seen to differ)."""
+        return self.icount and self.disk is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,7 +474,7 @@ def qemu_argv(opts: VmOptions, qemu: str, kernel: str, initrd: str, plugin: Path
             "-chardev", f"file,id=con,path={console}", "-serial", "chardev:con",
             "-rtc", "base=2020-01-01T00:00:00,clock=vm",
             "-kernel", kernel, "-initrd", initrd, "-append", append, "-plugin", plug]
-    if opts.deterministic:
+    if opts.icount:
         argv += ["-accel", "tcg", "-icount", f"shift={opts.shift},sleep=off"]
     else:
         # icount livelocks with several vCPUs on QEMU 7.2; one TCG thread keeps the plugin's single
@@ -496,7 +503,7 @@ def record_vm(out: str | os.PathLike, opts: VmOptions) -> VmResult:
     busybox = find_busybox(opts.busybox)
     plugin = build_plugin()
     mark = build_mark()
-    bias = BIAS_LAYOUT.get(vtuple) if opts.deterministic else None
+    bias = BIAS_LAYOUT.get(vtuple) if opts.icount else None
     overlay, initrd_meta = build_initrd(opts, busybox, mark)
     pages = opts.memory // PAGE
 
@@ -768,7 +775,7 @@ class _Stream:
             "vcpus": o.vcpus,
             "deterministic": o.deterministic,
             "time": (f"guest ns: instructions << {o.shift} + icount bias (time skipped while halted)"
-                     if o.deterministic and "bias=-1" not in " ".join(argv) else
+                     if o.icount and "bias=-1" not in " ".join(argv) else
                      f"instructions << {o.shift} (all vCPUs, one TCG thread; idle time not counted)"),
             "icount_shift": o.shift,
             "start": o.start,

@@ -89,7 +89,10 @@ def run(args, cmd: list[str]) -> int:
         f"digest {res.meta.digest}",
         file=sys.stderr,
     )
-    if not opts.deterministic:
+    if not opts.icount:
         print("replay record: warning: several vCPUs run without deterministic time on QEMU 7.2; "
               "a second recording will differ", file=sys.stderr)
+    elif opts.disk:
+        print("replay record: warning: the disk's I/O completes at host-dependent times; "
+              "a second recording may differ", file=sys.stderr)
     return 0
