@@ -3,11 +3,13 @@
 Compiler directives are set here, once, for every extension. ``SNP_REPLAY_DEBUG=1`` at build time turns
 bounds and wraparound checks back on (and keeps asserts) for debugging a crash in the engine.
 """
+import importlib.util
 import os
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("SNP_REPLAY_DEBUG", "") not in ("", "0")
 
@@ -55,4 +57,21 @@ if _OPENSSL:
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     ))
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["cext"]))
+
+
+class build_ext_and_qemu_plugin(build_ext):
+    """Also compile `replay record --vm`'s QEMU plugin and guest helper (replay/qemu_plugin/): not Python
+    extensions, and optional: without a compiler they are skipped, and record --vm builds them on first use."""
+
+    def run(self):
+        super().run()
+        spec = importlib.util.spec_from_file_location("qemu_plugin", os.path.join("replay", "qemu_plugin", "__init__.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        dest = os.path.join("replay", "qemu_plugin") if self.inplace else os.path.join(self.build_lib, "replay", "qemu_plugin")
+        os.makedirs(dest, exist_ok=True)
+        mod.prebuild(dest)
+
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["cext"]),
+      cmdclass={"build_ext": build_ext_and_qemu_plugin})

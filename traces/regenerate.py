@@ -2,14 +2,16 @@
 
 Run from the repository root: ``PYTHONPATH=. python traces/regenerate.py [NAME...]``. Each entry's
 ``record_args`` are passed to ``replay record`` and ``argv`` is the program; its stdout goes to
-/dev/null. The digests depend on valgrind's version and on the environment's size (argv and environ sit
-on the program's initial stack), so a re-recording elsewhere may differ: the manifest pins the files.
+/dev/null. The digests of lackey recordings depend on valgrind's version and on the environment's size
+(argv and environ sit on the program's initial stack); those of whole-VM recordings (``--vm``) on QEMU's
+version, the guest kernel and busybox. A re-recording elsewhere may differ: the manifest pins the files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +35,13 @@ def main(names: list[str]) -> int:
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=True)
         os.chmod(ROOT / entry["file"], 0o644)  # the writer's temporary file was private
         meta = read_meta(ROOT / entry["file"])
+        # What recorded it: valgrind's version (lackey), or QEMU's and the guest kernel's (record --vm).
+        tool = ({"valgrind": meta.source["valgrind"]} if "valgrind" in meta.source else
+                {"qemu": meta.source["qemu"], "kernel": meta.source["kernel"]})
         entry.update(digest=meta.digest, events=meta.events, guest_bytes=meta.guest_bytes, vcpus=meta.vcpus,
-                     file_bytes=(ROOT / entry["file"]).stat().st_size, valgrind=meta.source["valgrind"],
+                     file_bytes=(ROOT / entry["file"]).stat().st_size, **tool,
                      command="replay record --out {} {} -- {} > /dev/null".format(
-                         entry["file"], " ".join(entry["record_args"]), " ".join(entry["argv"])))
+                         entry["file"], shlex.join(entry["record_args"]), shlex.join(entry["argv"])))
     write_atomic(MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     os.chmod(MANIFEST, 0o644)
     return 0

@@ -29,6 +29,9 @@ def configure(p) -> None:
                         "trace does not depend on the calling shell's environment (it shifts stack addresses)")
     p.add_argument("--valgrind", default="valgrind", metavar="PATH", help="valgrind executable (default: from PATH)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    from . import record_vm  # --vm and its options (replay.vmrecord)
+
+    record_vm.configure(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the program to record")
 
 
@@ -40,6 +43,10 @@ def run(args) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("record: no command given (usage: replay record --out FILE -- CMD [ARGS...])")
+    if args.vm:
+        from . import record_vm
+
+        return record_vm.run(args, cmd)
     import os
 
     from ..paths import check_output
