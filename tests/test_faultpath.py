@@ -128,3 +128,50 @@ def test_no_fault_is_served_later_than_its_path_and_queue(tmp_path, data):
         else:
             first[f["gfn"]] = f
             assert f["served_ns"] - f["raised_ns"] <= bound
+
+
+# shadow-vcpu: no NPF, but its target agent shares the 1-CPU quota with the busy vCPU: half a CPU, so the
+# unpack + PVALIDATE (410 ns) take 820.
+@pytest.mark.parametrize("strategy, extra", [("mirror-vm", 5000 + 2 * 2000), ("shadow-vcpu", 5000 + 410)])
+def test_a_fault_pays_its_vmgexit_and_the_mirrors_first_touch(tmp_path, strategy, extra):
+    # The same fault as test_fault_without_a_push_pays_its_path_and_nothing_else (4490 ns), plus a VMGEXIT
+    # (5000: the agent takes the request and hands back one page) and, for the mirror VM, its agents'
+    # first-touch NPF on each side (2 x 2000): they have never mapped gfn 2. (Each side's agent creation
+    # pays a VMGEXIT too: the switchover comes 10000 ns later, so the row does too.)
+    trace = pc_trace(tmp_path / "t.arrow", rows=FILL + [(13500, 0, 2)], vcpus=1)
+    costs = {"postcopy_fault_exit_ns": 1234, "postcopy_request_bytes": 64, "page_unpack_ns": 333,
+             "pvalidate_ns": 77, "install_gmem_write_ns": 1111, "fault_lock_ns": 17, "fault_lock_per_waiter_ns": 5,
+             "vmgexit_ns": 5000, "mirror_npf_ns": 2000}
+    r = run(pc_scenario(costs=costs, postcopy_background_push=False), strategy=strategy, trace_path=trace)
+    assert faults(r) == [(0, 2, 4490 + extra)]
+
+
+def test_a_reply_behind_an_agent_bound_push_waits_one_packet_not_the_window(tmp_path):
+    # Packaging 5000 ns a page against 1000 ns on the link: the push is agent-bound, so the channel holds at
+    # most the packet being sent (5000 bytes: 1000 ns), not the 20000-byte window the link-bound case waits
+    # behind. And the request waits for the page the agent is packaging (5000 ns) before its own (5000).
+    # gfn 3 at g 5500: 100 (request) + 5000 (the push's page on the agent) + 5000 (its packaging) + 1000
+    # (one packet ahead) + 1000 (its page) + 100 = 12200.
+    trace = pc_trace(tmp_path / "t.arrow", rows=FILL + [(5500, 0, 3)], vcpus=1)
+    r = run(pc_scenario(costs={"postcopy_queue_bytes": 20000, "page_pack_ns": 5000}), strategy="mirror-vm",
+            trace_path=trace)
+    assert faults(r) == [(0, 3, 12200)]
+
+
+def test_latency_jitter_is_seeded_and_only_adds(tmp_path):
+    # Uniform jitter of up to 10 us on each crossing: every fault's latency is its jitter-free latency plus
+    # 0..20 us; the same seed draws the same values, another seed others.
+    rows = FILL + [(3500 + 4000 * k, 0, k % 4) for k in range(1, 12)]
+    trace = pc_trace(tmp_path / "t.arrow", rows=sorted(rows), vcpus=1)
+    base = dict(postcopy_background_push=False)
+    plain = faults(run(pc_scenario(**base), strategy="mirror-vm", trace_path=trace))
+    jit = dict(base, latency_jitter="uniform", latency_jitter_ns=10_000)
+    a = faults(run(pc_scenario(**jit), strategy="mirror-vm", trace_path=trace))
+    b = faults(run(pc_scenario(**jit), strategy="mirror-vm", trace_path=trace))
+    import dataclasses
+
+    other = dataclasses.replace(pc_scenario(**jit), seed=7)
+    c = faults(run(other, strategy="mirror-vm", trace_path=trace))
+    assert a == b != c
+    assert [f[:2] for f in a] == [f[:2] for f in plain]
+    assert all(0 <= x[2] - y[2] <= 20_000 for x, y in zip(a, plain)) and a != plain

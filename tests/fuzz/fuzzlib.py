@@ -660,7 +660,11 @@ def _summary_mutate(summary: dict, rng: random.Random) -> str:
     elif how == "long":
         parent[path[-1]] = "x" * 100_000
     else:
-        parent[path[-1]] = rng.choice([None, "1", 1, -1, 2**64, 2**70, True, [], {}, "nan", [1, 2], {"a": 1}, 1e308])
+        # A different value, never the one already there (retyping `version: 1` to 1 changes nothing).
+        old = parent[path[-1]]
+        choices = [c for c in (None, "1", 1, -1, 2**64, 2**70, True, [], {}, "nan", [1, 2], {"a": 1}, 1e308)
+                   if not (type(c) is type(old) and c == old)]
+        parent[path[-1]] = rng.choice(choices)
     return f"{how} {'.'.join(map(str, path))[:60]}"
 
 
