@@ -681,7 +681,12 @@ cdef inline void recv_add(State* s, int host, int64_t gfn, int sign) noexcept no
 
 
 cdef inline int64_t cpu_time(int64_t cpu, int64_t num, int64_t den) noexcept nogil:
-    """Time ``cpu`` ns of work takes on num/den CPUs (rounded up; 128-bit: den can be large)."""
+    """Time ``cpu`` ns of work takes on num/den CPUs (rounded up). den can be large (a share of a quota in
+    milli-CPUs): 128-bit arithmetic then, 64-bit in the common case (a division per page matters here)."""
+    if SNP_LIKELY(den == 1):
+        return ceil_div(cpu, num)
+    if SNP_LIKELY(cpu < (<int64_t>1 << 40) and den < (<int64_t>1 << 22)):
+        return ceil_div(cpu * den, num)
     return <int64_t>(((<snp_u128>cpu) * <snp_u128>den + <snp_u128>(num - 1)) / <snp_u128>num)
 
 
@@ -746,16 +751,22 @@ cdef inline void demand_step(Xfer* x, uint64_t g) noexcept nogil:
 
 
 cdef inline void xfer_clock(State* s) noexcept nogil:
-    """v = v0 + the time the totals take; g follows v, less the guest progress lost meanwhile. Within one
-    demand step D (milli-CPUs) under quota Q, agents on the guest's quota (shadow vCPUs, on the side where
-    the guest runs) take from its spare CPU first: the guest loses (max(0, 1000 x agent CPU - (Q - D) x
-    elapsed) + 1000 x write-protect fault time) / D of progress; an idle guest (D = 0) loses none."""
+    """The clock after the totals changed outside a page (transfer_add)."""
     cdef Xfer* x = &s.x
-    cdef int64_t elapsed, cand, agent = 0, direct
+    xfer_clock_at(s, seg_elapsed(x, x.bytes, x.agent_cpu_ns, x.target_cpu_ns, x.src_host_cpu_ns, x.dst_host_cpu_ns))
+
+
+cdef inline void xfer_clock_at(State* s, int64_t elapsed) noexcept nogil:
+    """v = v0 + ``elapsed``, the time the totals take; g follows v, less the guest progress lost
+    meanwhile. Within one demand step D (milli-CPUs) under quota Q, agents on the guest's quota (shadow
+    vCPUs, on the side where the guest runs) take from its spare CPU first: the guest loses (max(0, 1000 x
+    agent CPU - (Q - D) x elapsed) + 1000 x write-protect fault time) / D of progress; an idle guest (D = 0)
+    loses none."""
+    cdef Xfer* x = &s.x
+    cdef int64_t cand, agent = 0, direct
     cdef uint64_t wp = 0
     cdef snp_u128 spare, take, lost
     cdef int h
-    elapsed = seg_elapsed(x, x.bytes, x.agent_cpu_ns, x.target_cpu_ns, x.src_host_cpu_ns, x.dst_host_cpu_ns)
     x.v = x.v0 + elapsed
     for h in range(s.hosts):
         wp += s.wp_faults[h]
@@ -764,7 +775,9 @@ cdef inline void xfer_clock(State* s) noexcept nogil:
         agent += x.agent_cpu_ns - x.b_agent
     if x.charge_dst:
         agent += x.target_cpu_ns - x.b_target
-    if x.dem > 0:
+    if agent == 0 and direct == 0:
+        cand = x.g0 + elapsed  # nothing taken from the guest (the common mirror-VM case)
+    elif x.dem > 0:
         spare = (<snp_u128>(x.quota - x.dem)) * <snp_u128>elapsed
         take = (<snp_u128>agent) * 1000
         lost = ((take - spare) if take > spare else 0) + (<snp_u128>direct) * 1000
@@ -915,7 +928,7 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
             if touch_src:
                 ps[0] |= PG_MAPPED
             x.first_touches += touch_src + touch_dst
-        xfer_clock(s)
+        xfer_clock_at(s, elapsed)  # the totals are the candidate's: its time is the clock's
         # 4. delivery; with ready, the page is usable on the target from the end of its slot
         if s.slog_on:
             slog_add(s, gfn, base_index + row[0], version)
