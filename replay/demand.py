@@ -154,10 +154,9 @@ class Demand:
             if end is None:
                 return g + rem - (rem * x // full if x else 0)
             need = end - g
-            # The virtual time that covers the rest of the step: smallest t with t - floor(t x / full) >= need.
+            # The virtual time that covers the rest of the step: t = ceil(need x full / (full - x)) gives
+            # t - floor(t x / full) >= t - t x / full >= need.
             t = need if not x else -(-need * full // (full - x))
-            while x and t - t * x // full < need:
-                t += 1
             if t > rem:
                 return g + rem - (rem * x // full if x else 0)
             g, rem, i = end, rem - t, i + 1

@@ -29,6 +29,14 @@ def test_idle_intervals_become_busy_counts():
     assert d.mcpu.tolist() == [2000, 1000, 0, 1000, 2000, 0]
 
 
+def test_several_idle_intervals_per_vcpu():
+    # vCPU 0 idle [10, 20) and [40, 50); vCPU 1 [30, 60): 2 CPUs busy but where one or both are idle.
+    d = build_demand("trace", "", 2, 100, ((10, 20, 40, 50), (30, 60)))
+    assert d.at_ns.tolist() == [0, 10, 20, 30, 40, 50, 60, 101]
+    assert d.mcpu.tolist() == [2000, 1000, 2000, 1000, 0, 1000, 2000, 0]
+    assert d.integral_ns(0, 101) == 2 * 101 - 20 - 30
+
+
 def test_a_trace_without_activity_is_busy_to_its_last_event_then_idle():
     d = build_demand("trace", "", 4, 999, None)
     assert (d.model, d.at_ns.tolist(), d.mcpu.tolist()) == ("trace-span", [0, 1000], [4000, 0])
@@ -60,12 +68,13 @@ def test_cpu_demand_refused(value):
         check_cpu_demand(value, "x")
 
 
-@pytest.mark.parametrize("value,want", [(0, ""), ("", ""), (2, "2"), (2.5, "2.5"), ("0.001", "0.001")])
+@pytest.mark.parametrize("value,want", [(0, ""), ("", ""), (2, "2"), (2.5, "2.5"), ("0.001", "0.001"),
+                                        (2**20, str(2**20))])
 def test_cpu_quota_values(value, want):
     assert check_cpu_quota(value, "x") == want
 
 
-@pytest.mark.parametrize("value", [-1, "two", 2**21, "0.0000001", False])
+@pytest.mark.parametrize("value", [-1, "two", 2**21, "1048576.000001", "0.0000001", False])
 def test_cpu_quota_refused(value):
     with pytest.raises(ScenarioError, match="number of CPUs"):
         check_cpu_quota(value, "x")
