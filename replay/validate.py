@@ -37,6 +37,7 @@ PAGE_SIZE = 4096
 MAX_GUEST_PAGES = 1 << 32  # the engines index pages with uint32 gfns
 MAX_GUEST_BYTES = MAX_GUEST_PAGES * PAGE_SIZE - PAGE_SIZE  # 16 TiB - 4 KiB
 MAX_VCPUS = 1 << 16  # the trace's vcpu column is uint16
+RUN_TRACE_END_MAX = I64_MAX  # the last t_ns of a trace a run replays: the run's clock needs room after it
 MAX_ROUNDS = 100_000  # pre-copy rounds: far beyond any convergence (QEMU's guestperf uses 30)
 
 

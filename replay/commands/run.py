@@ -74,9 +74,10 @@ def prepare(scenario, *, trace, allow_memory=False, out_check=None):
     ``out_check``: the output the user named, checked again against the trace once it is known."""
     from ..errors import TraceError
     from ..migrate import cache_dir, trace_for
-    from ..trace import read_meta
+    from ..trace import last_t_ns, open_trace, read_meta
     from ..validate import (
         MAX_GUEST_BYTES,
+        RUN_TRACE_END_MAX,
         TRACE_ROW_BYTES,
         check_disk,
         check_memory,
@@ -95,6 +96,13 @@ def prepare(scenario, *, trace, allow_memory=False, out_check=None):
     if out_check is not None:
         check_output(out_check, [path])
     meta = read_meta(path)
+    with open_trace(path, verify_digest=False) as reader:  # the last batch only; the run's read verifies all
+        last = last_t_ns(reader)
+    if last is not None and last > RUN_TRACE_END_MAX:
+        # The run's clock goes on past the trace (the migration finishes, the records hold its times in
+        # 64 bits): a trace ending in the last half of the clock's range leaves it no room.
+        raise TraceError(f"{meta.path}: the trace ends at t_ns {last}: a run replays traces ending by 2^63-1 ns "
+                         f"(292 years), so that the migration after it still fits the run's 64-bit clock")
     if meta.guest_bytes > MAX_GUEST_BYTES:
         raise TraceError(f"{meta.path}: guest of {meta.guest_bytes} bytes is beyond what the page engines hold "
                          f"({MAX_GUEST_BYTES} bytes, 2^32 - 1 pages)")
