@@ -30,7 +30,8 @@ def add_common(p) -> None:
 def scenario_of(args):
     """The scenario of a run/compare command line, with its overrides (``--data`` is one) and one-off
     adversary actions (``--adversary``)."""
-    from ..scenario import parse_adversary, with_adversary
+    from ..advspec import parse_adversary
+    from ..scenario import with_adversary
 
     s = load_scenario(args.scenario, [*args.overrides, *(["migration.data=true"] if args.data else [])])
     return with_adversary(s, [parse_adversary(a) for a in getattr(args, "adversary", None) or []])
@@ -52,8 +53,9 @@ def configure(p) -> None:
     add_common(p)
     p.add_argument("--strategy", choices=STRATEGIES, help="override migration.strategy")
     p.add_argument("--adversary", action="append", default=[], metavar="KIND@WHEN",
-                   help="one adversary action (turns data mode on): KIND@30ms or KIND@stream:sequence, optional "
-                        ",key=value of [[adversary]] (flip@30ms,where=header); repeatable")
+                   help="one adversary action (turns data mode on): KIND, KIND@30ms or KIND@stream:sequence, then "
+                        "optional ,key=value of [[adversary]] other than kind and the time, each once "
+                        "(flip@30ms,where=header); repeatable")
 
 
 @contextmanager
