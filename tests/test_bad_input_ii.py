@@ -1,0 +1,324 @@
+"""Issue 19, "Bad input, part II": every finding on the surfaces added after the first bad-input work, as
+a test of the behaviour the issue asks for.
+
+Internal errors that become one-line exit 2 (or success for the valid trace): a null t_ns peeked at by
+``inspect``, a trace ending at t_ns 2^64-1 (valid: ``inspect`` and ``verify`` accept it; ``run`` and
+``compare`` refuse it up front), ``inspect --interval`` beyond 2^64-1 ns, a CSV header that is not UTF-8,
+a 5,000-digit time in ``--adversary``, ``sweep --scheduler bogus``. Sweeps: outputs never overwrite or sit
+among inputs, bounded grids and worker counts (refused with the figure, from the axes' lengths alone),
+``--scheduler`` validated and reached within a few seconds, one line on stderr for every error, worker
+logs in the sweep directory, nothing left behind by a failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from replay.cli import main
+from replay.errors import ScenarioError
+from replay.trace import TraceWriter
+
+REPO = Path(__file__).resolve().parent.parent
+U64_MAX = (1 << 64) - 1
+
+
+def one_line_error(capsys, rc: int, expect: int = 2) -> str:
+    assert rc == expect
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("replay: error: "), err
+    assert len(err) <= 400 and "Traceback" not in err and "internal error" not in err
+    return err.strip()
+
+
+def write_trace(path: Path, times, guest_bytes: int = 1 << 24) -> Path:
+    n = len(times)
+    with TraceWriter(path, guest_bytes=guest_bytes, vcpus=2, source={"test": "issue19"}) as w:
+        i = np.arange(n, dtype=np.uint64)
+        w.write(np.array(times, dtype=np.uint64), (i % 2).astype(np.uint16), (i % 64) * 4096, 8, 0, i + 1)
+    return path
+
+
+def with_null_t_ns(src: Path, dst: Path, row: int) -> Path:
+    """``src`` rewritten with t_ns declared nullable and null at ``row`` (metadata kept)."""
+    with pa.memory_map(str(src)) as f:
+        t = pa.ipc.open_file(f).read_all()
+    col = t.column("t_ns").to_pylist()
+    col[row] = None
+    t = t.set_column(0, pa.field("t_ns", pa.uint64(), nullable=True), pa.array(col, pa.uint64()))
+    t = t.replace_schema_metadata(t.schema.metadata)
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+        w.write_table(t)
+    return dst
+
+
+# ------------------------------------------------------------------------------- internal errors
+
+
+@pytest.mark.parametrize("row", [0, 99])  # the first row (inspect's peek at the span) and the last
+def test_a_null_t_ns_is_one_line_in_inspect_and_verify(tmp_path, capsys, row):
+    bad = with_null_t_ns(write_trace(tmp_path / "t.arrow", range(0, 100_000, 1000)), tmp_path / "n.arrow", row)
+    for cmd in ("inspect", "verify"):
+        err = one_line_error(capsys, main([cmd, str(bad)]))
+        assert "null in column t_ns" in err and "n.arrow" in err
+
+
+def test_a_trace_ending_at_2_64_minus_1_is_valid_and_runs_refuse_it_up_front(tmp_path, capsys):
+    trace = write_trace(tmp_path / "t.arrow", [0, 5, U64_MAX])
+    assert main(["verify", str(trace)]) == 0
+    assert main(["inspect", str(trace), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert f'"t_last_ns": {U64_MAX}' in out
+    (tmp_path / "s.toml").write_text('name = "end"\n[trace]\nfile = "t.arrow"\n[migration]\nstart_ns = 1\n')
+    for cmd in ("run", "compare"):
+        err = one_line_error(capsys, main([cmd, str(tmp_path / "s.toml"), "--out", str(tmp_path / cmd),
+                                           "--no-progress"]))
+        assert f"the trace ends at t_ns {U64_MAX}" in err and "2^63-1" in err
+        assert not (tmp_path / cmd).exists()
+
+
+def test_the_last_trace_end_a_run_accepts(tmp_path, capsys):
+    """The boundary: a trace ending at 2^63-1 ns runs; 2^63 is refused."""
+    (tmp_path / "s.toml").write_text('name = "end"\n[trace]\nfile = "t.arrow"\n[migration]\nstart_ns = 1\n')
+    write_trace(tmp_path / "t.arrow", [0, 5, (1 << 63) - 1])
+    assert main(["run", str(tmp_path / "s.toml"), "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
+    write_trace(tmp_path / "t.arrow", [0, 5, 1 << 63])
+    capsys.readouterr()
+    assert "the trace ends at t_ns 9223372036854775808" in one_line_error(
+        capsys, main(["run", str(tmp_path / "s.toml"), "--out", str(tmp_path / "no"), "--no-progress"]))
+
+
+def test_inspect_intervals_up_to_2_64_minus_1_ns(tmp_path, capsys):
+    trace = write_trace(tmp_path / "t.arrow", range(0, 100_000, 1000))
+    err = one_line_error(capsys, main(["inspect", str(trace), "--interval", "99999999999999999999s"]))
+    assert "longer than any trace (at most 2^64-1 ns)" in err
+    # The longest interval accepted: the whole trace in one interval, with its exact counts.
+    assert main(["inspect", str(trace), "--json", "--interval", f"{U64_MAX}ns"]) == 0
+    out = capsys.readouterr().out
+    assert f'"interval_ns": {U64_MAX}' in out and '"writes": 100' in out and '"pages_written": 64' in out
+
+
+@pytest.mark.parametrize("header", [b"\xff\xfe,gpa\n", b"t_ns,gpa\xe9\n"])
+def test_a_csv_header_that_is_not_utf8_is_one_line(tmp_path, capsys, header):
+    (tmp_path / "a.csv").write_bytes(header + b"1,4096\n")
+    err = one_line_error(capsys, main(["import", "csv", str(tmp_path / "a.csv"), "--out", str(tmp_path / "t.arrow")]))
+    assert "column names are not UTF-8" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv"]
+
+
+@pytest.mark.parametrize("text", ["5000", "1." + "5" * 5000, "9" * 41])
+def test_huge_numbers_with_units_are_one_line(tmp_path, capsys, text):
+    err = one_line_error(capsys, main(["run", str(REPO / "scenarios" / "quickstart.toml"), "--out",
+                                       str(tmp_path / "r"), "--adversary", f"flip@{'9' * 5000 if text == '5000' else text}ms"]))
+    assert "number too long (at most 40 digits each side of the point)" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_forty_digits_still_parse():
+    from replay.units import parse_duration_ns, parse_size
+
+    assert parse_size("9" * 40) == int("9" * 40)  # range checks (64 bits) come after, with the key's name
+    assert parse_duration_ns("1." + "0" * 39 + "s") == 10**9
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+TINY = """\
+[scenario]
+name = "tiny"
+seed = 3
+[scenario.guest]
+size = "4MiB"
+vcpus = 2
+[scenario.trace]
+generator = "hotcold"
+events = 20_000
+rate = 1_000_000
+fill = true
+[scenario.migration]
+start_ns = "5ms"
+"""
+
+
+def sweep_file(tmp_path: Path, head: str, name: str = "s.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(head) + TINY)
+    return p
+
+
+@pytest.mark.parametrize("address, message", [
+    ("", "--scheduler: empty address"),
+    ("bogus", "expected SCHEME://HOST:PORT"),
+    ("host:8786", "did you mean tcp://host:8786?"),
+    ("tcp://", "expected SCHEME://HOST:PORT"),
+    ("tcp://h:abc", "expected SCHEME://HOST:PORT"),
+    ("tcp://h:1/x", "expected SCHEME://HOST:PORT"),
+    ("udp://h:1", "unknown scheme 'udp'"),
+    ("tcp://h:99999", "port 99999 is not in 1..65535"),
+    ("tcp://h:0", "port 0 is not in 1..65535"),
+])
+def test_a_malformed_scheduler_is_one_line_before_anything(tmp_path, capsys, address, message):
+    p = sweep_file(tmp_path, "seeds = [1]\n")
+    t0 = time.monotonic()
+    err = one_line_error(capsys, main(["sweep", str(p), "--out", str(tmp_path / "o"), "--scheduler", address]))
+    assert message in err and time.monotonic() - t0 < 5
+    assert not (tmp_path / "o").exists()
+
+
+def test_something_that_is_not_a_dask_scheduler_is_one_line(tmp_path, capsys):
+    """A server that answers with bytes that are not Dask's protocol (here: a frame length of exabytes)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def answer():
+        conn, _ = srv.accept()
+        conn.sendall(b"\xff" * 64)
+        time.sleep(2)
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    p = sweep_file(tmp_path, "seeds = [1]\n")
+    try:
+        err = one_line_error(capsys, main(["sweep", str(p), "--out", str(tmp_path / "o"), "--scheduler",
+                                           f"tcp://127.0.0.1:{port}"]))
+    finally:
+        srv.close()
+    assert f"tcp://127.0.0.1:{port}" in err and ("not a Dask scheduler" in err or "cannot reach" in err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_huge_grid_is_refused_at_once_with_its_size(tmp_path, capsys):
+    axes = "\n".join(f'"costs.c{i}" = [{", ".join(str(v) for v in range(10))}]' for i in range(12))
+    p = sweep_file(tmp_path, f"[grid]\n{axes}\n")
+    t0 = time.monotonic()
+    err = one_line_error(capsys, main(["sweep", str(p), "--out", str(tmp_path / "o")]))
+    assert time.monotonic() - t0 < 5
+    assert "1000000000000 points (10 x 10 x 10 x 10 x 10 x 10 x 10 x 10 x 10 x 10 x 10 x 10)" in err
+    assert "at most 10000 points" in err
+
+
+def test_the_largest_grid_accepted(tmp_path):
+    from replay.sweep import MAX_POINTS, check_grid_size, load_sweep
+
+    p = sweep_file(tmp_path, f'seeds = [{", ".join(str(i) for i in range(MAX_POINTS))}]\n')
+    assert check_grid_size(load_sweep(p)) == MAX_POINTS
+    p = sweep_file(tmp_path, f'seeds = [{", ".join(str(i) for i in range(MAX_POINTS + 1))}]\n')
+    with pytest.raises(ScenarioError, match="10001 points"):
+        check_grid_size(load_sweep(p))
+
+
+def test_workers_are_bounded_per_core(tmp_path, capsys):
+    from replay.sweep import WORKERS_PER_CORE
+
+    p = sweep_file(tmp_path, "seeds = [1]\n")
+    limit = WORKERS_PER_CORE * (os.cpu_count() or 1)
+    err = one_line_error(capsys, main(["sweep", str(p), "--out", str(tmp_path / "o"), "--workers", "100000"]))
+    assert f"--workers 100000: at most {limit}" in err
+    err = one_line_error(capsys, main(["sweep", str(p), "--out", str(tmp_path / "o"), "--workers", str(limit + 1)]))
+    assert f"at most {limit}" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_existing_directory_that_is_not_a_sweep_is_refused_not_merged_into(tmp_path, capsys):
+    p = sweep_file(tmp_path, "seeds = [1]\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.parquet").write_bytes(b"someone's table")
+    err = one_line_error(capsys, main(["sweep", str(p), "--out", str(other)]))
+    assert "exists and is not a sweep directory" in err
+    assert (other / "results.parquet").read_bytes() == b"someone's table" and len(list(other.iterdir())) == 1
+    # A sweep.json of something else is not a sweep's record either.
+    (other / "sweep.json").write_text('{"format": "not-a-sweep"}')
+    assert "is not a sweep directory" in one_line_error(capsys, main(["sweep", str(p), "--out", str(other)]))
+
+
+def test_out_holding_or_being_an_input_is_refused_up_front(tmp_path, capsys):
+    """The base scenario and its trace in a directory: --out that directory, --out the trace, --out the
+    sweep file are refused before anything is written, and nothing changes."""
+    from tests.test_validate import snapshot
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_trace(inputs / "t.arrow", range(0, 2_000_000, 1000))
+    (inputs / "base.toml").write_text('name = "b"\n[trace]\nfile = "t.arrow"\n[migration]\nstart_ns = "100us"\n')
+    (inputs / "s.toml").write_text('scenario = "base.toml"\nseeds = [1]\n')
+    before = snapshot(tmp_path)
+    for out, message in ((inputs, "contains the input"), (inputs / "t.arrow", "is the input"),
+                         (inputs / "s.toml", "is the input"), (inputs / "base.toml", "is the input")):
+        err = one_line_error(capsys, main(["sweep", str(inputs / "s.toml"), "--out", str(out)]))
+        assert message in err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "digest"])
+def test_a_bad_trace_file_is_one_line_before_anything_runs(tmp_path, capsys, damage):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    trace = write_trace(inputs / "t.arrow", range(0, 2_000_000, 1000))
+    (inputs / "base.toml").write_text('name = "b"\n[trace]\nfile = "t.arrow"\n[migration]\nstart_ns = "100us"\n')
+    (inputs / "s.toml").write_text('scenario = "base.toml"\nseeds = [1]\n')
+    data = trace.read_bytes()
+    if damage == "missing":
+        trace.unlink()
+    elif damage == "truncated":
+        trace.write_bytes(data[: len(data) // 2])
+    else:
+        with pa.memory_map(str(trace)) as f:
+            t = pa.ipc.open_file(f).read_all()
+        vals = t.column("value").to_pylist()
+        vals[7] ^= 1
+        t = t.set_column(5, t.schema.field(5), pa.array(vals, pa.uint64()))
+        with pa.OSFile(str(trace), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+            w.write_table(t)
+    err = one_line_error(capsys, main(["sweep", str(inputs / "s.toml"), "--out", str(tmp_path / "o")]))
+    assert {"missing": "no such file", "truncated": "truncated", "digest": "does not match"}[damage] in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_leaves_nothing_and_is_one_line(tmp_path, capsys, monkeypatch):
+    """The table cannot be written (ENOSPC, injected): exit 2, one line, and the sweep directory this
+    invocation made is gone."""
+    import replay.sweep as sweep_mod
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(sweep_mod, "write_atomic", full)
+    p = sweep_file(tmp_path, "seeds = [1]\n")
+    err = one_line_error(capsys, main(["sweep", str(p), "--out", str(tmp_path / "o"), "--workers", "1",
+                                       "--no-progress"]))
+    assert "No space left on device" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_worker_errors_reach_the_terminal_as_one_line_and_the_log_file(tmp_path):
+    """A point failing inside a Dask worker process (a capability refused when it runs): stderr holds only
+    the one-line summary, never Dask's "Compute Failed ... Traceback"; the worker's log is in the sweep
+    directory and says what failed. Run as the user would: a real process, real workers."""
+    p = sweep_file(tmp_path, '[grid]\n"kernel.gmem_link" = [true, false]\n')
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "replay.cli", "sweep", str(p), "--out", str(tmp_path / "o"),
+                        "--workers", "1", "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == ["replay: 1 point(s) errored (see the 'error' column); rerun the same "
+                                     "command to retry only those"]
+    log = (tmp_path / "o" / "worker.log").read_text()
+    assert "Compute Failed" in log and "needs kernel capability" in log and "gmem_link" in log
+    assert "2 points (1 run now, 0 already done): 1 completed, 1 error" in r.stdout
+    # The directory is a sweep's, so the same command resumes into it.
+    r2 = subprocess.run(r.args, capture_output=True, text=True, env=env, timeout=300)
+    assert r2.returncode == 1 and "(0 run now, 1 already done)" in r2.stdout
