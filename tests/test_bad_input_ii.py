@@ -322,3 +322,59 @@ def test_worker_errors_reach_the_terminal_as_one_line_and_the_log_file(tmp_path)
     # The directory is a sweep's, so the same command resumes into it.
     r2 = subprocess.run(r.args, capture_output=True, text=True, env=env, timeout=300)
     assert r2.returncode == 1 and "(0 run now, 1 already done)" in r2.stdout
+
+
+# ------------------------------------------------------------------------------------ compare's memory
+
+Q64 = (REPO / "scenarios" / "quickstart.toml").read_text().replace('size = "256MiB"', 'size = "64MiB"').replace(
+    "events = 2_000_000", "events = 200_000")
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_a_64_mib_guest_compares_under_a_4_gib_address_space_limit(tmp_path, data):
+    """The issue's case: each compare worker reserved over 2 GiB of address space (mimalloc's 1 GiB arenas,
+    glibc's 64 MiB per-thread heaps) and the parent asked read() for a buffer the size of the record limit,
+    so `ulimit -v` refused what `run` did in far less. Now the whole compare fits 4 GiB per process."""
+    import resource
+
+    assert "64MiB" in Q64 and "200_000" in Q64
+    (tmp_path / "q.toml").write_text(Q64)
+    limit = 4 << 30
+    argv = [sys.executable, "-m", "replay.cli", "compare", "q.toml", "--out", "out", "--no-progress"]
+    r = subprocess.run(argv + (["--data"] if data else []), cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mirror-vm", "report.html", "shadow-vcpu"]
+
+
+def test_reservations_are_limited_for_workers(monkeypatch):
+    from replay import procmem
+
+    for key in procmem.ENV:
+        monkeypatch.delenv(key, raising=False)
+    procmem.limit_reservations()
+    assert {k: os.environ[k] for k in procmem.ENV} == {"MIMALLOC_ARENA_RESERVE": "65536", "MALLOC_ARENA_MAX": "2"}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the user's own setting wins
+    procmem.limit_reservations()
+    assert os.environ["MALLOC_ARENA_MAX"] == "8"
+
+
+def test_compare_memory_check_counts_both_workers(tmp_path, capsys, monkeypatch):
+    """Each worker needs a run's memory at the same time: the machine must have twice that; the
+    address-space limit (per process) must hold one."""
+    from replay import validate
+
+    (tmp_path / "q.toml").write_text(Q64)
+    monkeypatch.chdir(tmp_path)
+    need = validate.run_memory_bytes(64 << 20, 4)
+    monkeypatch.setattr(validate, "available_memory_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(validate, "machine_available_bytes", lambda: 2 * need - 1)
+    err = one_line_error(capsys, main(["compare", "q.toml", "--out", "out", "--no-progress"]))
+    assert f"({2} processes of {validate._gib(need)})" in err and "--allow-memory" in err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(validate, "machine_available_bytes", lambda: 2 * need)  # exactly enough
+    monkeypatch.setattr(validate, "available_memory_bytes", lambda: need - 1)  # but one worker's limit is not
+    assert "needs about" in one_line_error(capsys, main(["compare", "q.toml", "--out", "out", "--no-progress"]))
+    monkeypatch.setattr(validate, "available_memory_bytes", lambda: need)
+    assert main(["compare", "q.toml", "--out", "out", "--no-progress"]) == 0

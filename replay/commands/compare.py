@@ -198,7 +198,8 @@ def run(args) -> int:
     out = Path(args.out)
     check_output(out, scenario_inputs(scenario, args))
     check_replaceable_dir(out, (*STRATEGIES, "report.html"), "compare directory")
-    trace_path, _ = prepare(scenario, trace=args.trace, allow_memory=args.allow_memory, out_check=out)
+    trace_path, _ = prepare(scenario, trace=args.trace, allow_memory=args.allow_memory, out_check=out,
+                            processes=len(STRATEGIES))  # both workers run at once
     results = run_parallel(scenario, engine=args.engine, trace_path=trace_path, show_progress=not args.no_progress)
     # Both runs and the report are built in a temporary directory that replaces ``out`` only when all
     # three are complete: a failure of either strategy (or Ctrl-C, or a full disk) leaves nothing.

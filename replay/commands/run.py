@@ -70,10 +70,11 @@ def progress_bar(total: int, desc: str, enabled: bool):
         yield bar.update
 
 
-def prepare(scenario, *, trace, allow_memory=False, out_check=None):
+def prepare(scenario, *, trace, allow_memory=False, out_check=None, processes=1):
     """Everything refused before a run replays anything: memory and disk for the guest and its generated
     trace, the trace itself, the round budget. Returns (trace path, its metadata).
-    ``out_check``: the output the user named, checked again against the trace once it is known."""
+    ``out_check``: the output the user named, checked again against the trace once it is known.
+    ``processes``: runs at the same time (compare's workers), each needing a run's memory."""
     from ..errors import TraceError
     from ..migrate import cache_dir, trace_for
     from ..trace import last_t_ns, open_trace, read_meta
@@ -91,7 +92,7 @@ def prepare(scenario, *, trace, allow_memory=False, out_check=None):
     if trace is None and t.generator:
         # Refuse before generating: a generated trace costs time and disk in proportion to its size.
         check_memory(run_memory_bytes(g.guest_bytes, g.vcpus),
-                     f"a run of a {g.guest_bytes}-byte guest with {g.vcpus} vCPUs", allow_memory)
+                     f"a run of a {g.guest_bytes}-byte guest with {g.vcpus} vCPUs", allow_memory, processes)
         total = t.events + (g.guest_bytes // 4096 if t.fill else 0)
         check_disk(total * TRACE_ROW_BYTES, cache_dir(), f"generating the scenario's trace ({total} events)")
     path = trace if trace is not None else trace_for(scenario)  # --trace '' is an error, not "absent"
@@ -110,7 +111,8 @@ def prepare(scenario, *, trace, allow_memory=False, out_check=None):
                          f"({MAX_GUEST_BYTES} bytes, 2^32 - 1 pages)")
     check_round_budget(scenario.migration, meta.npages)
     check_memory(run_memory_bytes(meta.guest_bytes, meta.vcpus),
-                 f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory)
+                 f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory,
+                 processes)
     return path, meta
 
 
