@@ -378,3 +378,17 @@ def test_compare_memory_check_counts_both_workers(tmp_path, capsys, monkeypatch)
     assert "needs about" in one_line_error(capsys, main(["compare", "q.toml", "--out", "out", "--no-progress"]))
     monkeypatch.setattr(validate, "available_memory_bytes", lambda: need)
     assert main(["compare", "q.toml", "--out", "out", "--no-progress"]) == 0
+
+
+def test_compare_of_runs_refused_at_the_handshake_prints_its_table(tmp_path, capsys):
+    """Found by the new fuzz family "data": a data-mode compare whose handshake is refused (the target's
+    VCEK chains to an untrusted root) has no per-host traffic; the table says "-" there instead of an
+    internal error (KeyError 'payload_bytes')."""
+    (tmp_path / "q.toml").write_text(Q64)
+    rc = main(["compare", str(tmp_path / "q.toml"), "--out", str(tmp_path / "out"), "--no-progress", "--data",
+               "--set", "attestation.target_root=evil"])
+    cap = capsys.readouterr()
+    assert rc == 1, cap.err
+    row = next(line for line in cap.out.splitlines() if line.startswith("page bytes before compression"))
+    assert row.split()[-2:] == ["-", "-"]
+    assert "internal error" not in cap.err

@@ -284,7 +284,7 @@ def run_session(doc: str, tmp: Path) -> int:
                 ran += 1
                 continue
             r = subprocess.run(["bash", "-c", line], cwd=tmp, env=env, capture_output=True, text=True,
-                               timeout=1800)
+                               errors="backslashreplace", timeout=1800)  # gzip -c writes binary to stdout
             assert r.returncode == how.rc, f"{doc}: {line}: exit {r.returncode}, docs say {how.rc}\n{r.stderr[-2000:]}"
             assert "Traceback" not in r.stderr, f"{doc}: {line}\n{r.stderr[-2000:]}"
             ran += 1

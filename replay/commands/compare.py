@@ -61,8 +61,15 @@ DATA_ROWS = [
 ]
 
 
+MISSING = object()
+
+
 def _get(summary: dict, path: tuple[str, ...]):
+    """The value at ``path``, or MISSING: a run refused before any page moved (a failed handshake) has no
+    per-host traffic to report."""
     for key in path:
+        if not isinstance(summary, dict) or key not in summary:
+            return MISSING
         summary = summary[key]
     return summary
 
@@ -79,7 +86,8 @@ def table(summaries: list[dict]) -> str:
     rows = ROWS + (POSTCOPY_ROWS if summaries[0]["mode"] != "precopy" else [])
     rows += DATA_ROWS if all("data" in s for s in summaries) else []
     head = ["metric"] + [s["strategy"] for s in summaries]
-    body = [[label] + [fmt(_get(s, path)) for s in summaries] for label, path, fmt in rows]
+    body = [[label] + ["-" if (v := _get(s, path)) is MISSING else fmt(v) for s in summaries]
+            for label, path, fmt in rows]
     faults = [sum(s["metrics"]["faults"].values()) for s in summaries]
     body.append(["RMP faults"] + [str(f) for f in faults])
     body.append(["invariants hold"] + [_invariants(s) for s in summaries])
