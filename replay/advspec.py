@@ -31,7 +31,7 @@ def parse_adversary(text: str):
     line naming the value and the part that is wrong, otherwise."""
     from dataclasses import fields
 
-    from .scenario import AdversarySpec, _build, _hint, _parse_value, check_adversary
+    from .scenario import ADVERSARY_KINDS, AdversarySpec, _build, _hint, _parse_value, check_adversary
 
     where = f"--adversary {short(text)}"
     if not isinstance(text, str) or text.strip() == "":
@@ -41,6 +41,9 @@ def parse_adversary(text: str):
     kind = kind.strip()
     if not kind:
         raise ScenarioError(f"{where}: no kind before {'@' if at else 'the options'} (expected KIND[@WHEN])")
+    if kind not in ADVERSARY_KINDS:  # named here, shortly: the whole value and the list of kinds fit one line
+        raise ScenarioError(f"--adversary {short(text, 40)}: unknown kind {short(kind, 40)} (one of "
+                            f"{', '.join(ADVERSARY_KINDS)}){_hint(kind, ADVERSARY_KINDS)}")
     table: dict[str, Any] = {"kind": kind}
     if at:
         when = when.strip()

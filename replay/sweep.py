@@ -143,7 +143,7 @@ def _flatten_axes(table: Mapping[str, Any], where: str, prefix: str = "") -> dic
         elif isinstance(value, list) and value:
             out[full] = value
         else:
-            raise ScenarioError(f"{where}: axis {full!r}: expected a non-empty array of values, got {value!r}")
+            raise ScenarioError(f"{where}: axis {short(full, 80)}: expected a non-empty array of values, got {short(value)}")
     return out
 
 
@@ -151,7 +151,7 @@ def _check_value(where: str, key: str, value: Any) -> Any:
     # Records hold integers; a float parameter would also be rejected by the scenario loader's types.
     if isinstance(value, (bool, int, str)):
         return value
-    raise ScenarioError(f"{where}: axis {key!r}: value {value!r} is not an integer, string or boolean")
+    raise ScenarioError(f"{where}: axis {short(key, 80)}: value {short(value)} is not an integer, string or boolean")
 
 
 def load_sweep(path: str | Path) -> Sweep:
