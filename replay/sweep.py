@@ -26,7 +26,12 @@ point whose run directory exists is never run again, so an interrupted sweep res
 point that raises, or whose worker dies, is recorded in ``DIR/errors/<key>.txt`` (one line) and the sweep
 goes on; the next invocation retries exactly those. ``DIR/results.parquet`` (one row per point: the
 parameters, status, error text and key metrics; see ``METRICS``) and ``DIR/sweep.json`` (the axes and
-points) are rewritten, atomically, at the end of every invocation, also an interrupted one.
+points) are rewritten, atomically, at the end of every invocation, also an interrupted one. A sweep
+directory an invocation created is removed if it fails (not if it is interrupted: that one resumes).
+
+Limits, refused before anything runs with the figure: ``MAX_POINTS`` points (from the axes' lengths,
+never by enumerating), ``WORKERS_PER_CORE`` local workers per core, a ``--scheduler`` of the form
+SCHEME://HOST:PORT reached within ``CONNECT_TIMEOUT_S``. The local workers log into ``DIR/worker.log``.
 """
 
 from __future__ import annotations
