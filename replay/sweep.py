@@ -563,6 +563,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, client=None, scheduler: str | No
         client = own = connect(scheduler, workers)
     local = own is not None and getattr(own, "cluster", None) is not None
     created = not out.exists()
+    failed = False
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
         (out / "errors").mkdir(parents=True, exist_ok=True)
@@ -571,15 +572,16 @@ def run_sweep(sweep: Sweep, out: str | Path, *, client=None, scheduler: str | No
     except KeyboardInterrupt:
         raise  # an interrupted sweep keeps what it did (its table says what is pending): it resumes
     except BaseException:
-        if created:  # nothing partial: a sweep directory this invocation made goes with its failure
-            shutil.rmtree(out, ignore_errors=True)
+        failed = True
         raise
     finally:
-        if own is not None:
+        if own is not None:  # first: no worker writes into the directory once it is removed
             cluster = own.cluster
             own.close()
             if cluster is not None:
                 cluster.close()
+        if failed and created:  # nothing partial: a sweep directory this invocation made goes with its failure
+            shutil.rmtree(out, ignore_errors=True)
     return result
 
 
