@@ -951,7 +951,7 @@ def _section_case(rng: random.Random, d: Path, index: int, family: str, section:
     base = rng.choice(["precopy", "postcopy"])
     scenario = (d / f"{base}.toml").read_text().replace("[kernel]\ngmem_link = true\n", "")
     (d / "s.toml").write_text(scenario + text, errors="surrogateescape")
-    argv = ["run", "s.toml", "--out", "out", "--no-progress"]
+    argv = ["run", "s.toml", "--out", "out", "--no-progress", "--strategy", rng.choice(["mirror-vm", "shadow-vcpu"])]
     if rng.random() < 0.3:
         argv.append("--data")
     return Case(family, index, argv, "any", ["out"], text.replace("\n", " ")[:120], _complete_run("out"))
