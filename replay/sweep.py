@@ -209,6 +209,14 @@ def load_sweep(path: str | Path) -> Sweep:
             keys = tuple(flat)
             axes.append(Axis(keys, tuple(tuple(_check_value(src, k, flat[k][j]) for k in keys)
                                          for j in range(len(flat[keys[0]])))))
+    for a in axes:
+        # Two equal settings make two equal points (one run directory, run twice): a typo, refused.
+        settings = [json.dumps(v) for v in a.values]
+        dup = next((v for i, v in enumerate(a.values) if settings.index(settings[i]) != i), None)
+        if dup is not None:
+            what = "axis " + short(a.keys[0], 80) if len(a.keys) == 1 else "zip group " + short(", ".join(a.keys), 80)
+            raise ScenarioError(f"{src}: {what}: setting {short(dup if len(dup) > 1 else dup[0])} is given twice "
+                                f"(each point is run once)")
     seen: set[str] = set()
     for a in axes:
         for k in a.keys:
