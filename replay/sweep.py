@@ -209,14 +209,6 @@ def load_sweep(path: str | Path) -> Sweep:
             keys = tuple(flat)
             axes.append(Axis(keys, tuple(tuple(_check_value(src, k, flat[k][j]) for k in keys)
                                          for j in range(len(flat[keys[0]])))))
-    for a in axes:
-        # Two equal settings make two equal points (one run directory, run twice): a typo, refused.
-        settings = [json.dumps(v) for v in a.values]
-        dup = next((v for i, v in enumerate(a.values) if settings.index(settings[i]) != i), None)
-        if dup is not None:
-            what = "axis " + short(a.keys[0], 80) if len(a.keys) == 1 else "zip group " + short(", ".join(a.keys), 80)
-            raise ScenarioError(f"{src}: {what}: setting {short(dup if len(dup) > 1 else dup[0])} is given twice "
-                                f"(each point is run once)")
     seen: set[str] = set()
     for a in axes:
         for k in a.keys:
@@ -603,6 +595,7 @@ def _run(sweep: Sweep, pts: Sequence[Point], client, out: Path, engine: str, sho
     try:
         traces = _prepare_traces(client, pts, out, engine, show_progress)
         todo = []
+        scheduled: set[str] = set()
         for p in pts:
             prepared = traces[_trace_spec(p.scenario)]
             if isinstance(prepared, str):  # the trace itself could not be made: every point on it errors
@@ -613,6 +606,9 @@ def _run(sweep: Sweep, pts: Sequence[Point], client, out: Path, engine: str, sho
             if _read_summary(out / "runs" / key) is not None:
                 skipped += 1
                 continue
+            if key in scheduled:  # an equal point (a value repeated on an axis): one run serves both rows
+                continue
+            scheduled.add(key)
             g = p.scenario.guest
             todo.append((p, key, prepared.path, prepared.no_migration[(g.asid, g.os_vmpl)], prepared.plaintext))
         ran, errors = _run_points(client, todo, out, engine, show_progress, on_result, errors)
