@@ -408,3 +408,66 @@ def test_equal_points_run_once(tmp_path, capsys):
 
     table = pl.read_parquet(tmp_path / "o" / "results.parquet")
     assert table.height == 3000 and table["key"].n_unique() == 1 and len(list((tmp_path / "o" / "runs").iterdir())) == 1
+
+
+# ------------------------------------------------------------------ no documented value reaches an exception
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(text=st.one_of(st.text(max_size=80),
+                      st.from_regex(r"\s*[0-9]{1,60}(\.[0-9]{1,60})?\s*(ns|us|ms|s|b|KiB|MiB|GiB|TiB|kb|x)?\s*",
+                                    fullmatch=True)))
+def test_units_raise_only_usage_errors(text):
+    from replay.errors import UsageError
+    from replay.units import MAX_DIGITS, parse_duration_ns, parse_size
+
+    for parse in (parse_size, parse_duration_ns):
+        try:
+            value = parse(text)
+        except UsageError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 300
+        else:
+            assert isinstance(value, int) and value >= 0
+            assert all(len(p) <= MAX_DIGITS for p in text.strip().rstrip("nsumkKMGTiBbx").split("."))
+
+
+@settings(max_examples=600, deadline=None, derandomize=True)
+@given(text=st.one_of(
+    st.text(max_size=60),
+    st.builds(lambda k, w, o: k + w + o,
+              st.sampled_from(["flip", "drop", "link-loss", "bad-tcb", "host-write-private", "flp", ""]),
+              st.sampled_from(["", "@", "@1ms", "@0:1", "@1ms@2ms", "@" + "9" * 50 + "ms", "@x", "@1:2:3"]),
+              st.lists(st.sampled_from([",where=header", ",where=", ",kind=drop", ",at_ns=1", ",host=target",
+                                        ",duration_ns=1ms", ",duration_ns=0", ",", ",x=1", ",where"]),
+                       max_size=3).map("".join))))
+def test_adversary_specs_raise_only_one_line_scenario_errors(text):
+    """Any --adversary value: an AdversarySpec, or a ScenarioError of one line under 400 characters."""
+    from replay.advspec import parse_adversary
+
+    try:
+        parse_adversary(text)
+    except ScenarioError as exc:
+        msg = f"replay: error: {exc}"
+        assert "\n" not in msg and len(msg) <= 400, msg
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(interval=st.integers(1, U64_MAX))
+def test_every_documented_inspect_interval_is_accepted_or_refused_in_one_line(tmp_path_factory, interval):
+    """Any interval from 1 ns to 2^64-1 ns: the summary, or (too many intervals) a one-line UsageError."""
+    from replay.errors import UsageError
+    from replay.inspect import MAX_INTERVALS, inspect_trace
+
+    trace = tmp_path_factory.getbasetemp() / "interval-trace.arrow"
+    if not trace.exists():
+        write_trace(trace, [0, 5, 1 << 40, U64_MAX])
+    try:
+        s = inspect_trace(trace, interval_ns=interval)
+    except UsageError as exc:
+        assert f"(at most {MAX_INTERVALS})" in str(exc)
+        assert U64_MAX // interval + 1 > MAX_INTERVALS
+    else:
+        assert s["interval_ns"] == interval and len(s["intervals"]) == U64_MAX // interval + 1
+        assert sum(iv["writes"] for iv in s["intervals"]) == 4
