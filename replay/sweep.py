@@ -37,6 +37,7 @@ SCHEME://HOST:PORT reached within ``CONNECT_TIMEOUT_S``. The local workers log i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import itertools
@@ -51,7 +52,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
-from .errors import ReplayError, RunDirError, ScenarioError, TraceError, UsageError, one_line
+from .errors import ReplayError, ResourceError, RunDirError, ScenarioError, TraceError, UsageError, one_line
 from .records import canonical_json, write_atomic
 from .runrecord import check_run_dir, content_hash
 from .scenario import Scenario, _hint, read_input_text, scenario_from_doc
@@ -592,6 +593,7 @@ def _run(sweep: Sweep, pts: Sequence[Point], client, out: Path, engine: str, sho
     keys: dict[int, str] = {}
     trace_errors: dict[int, str] = {}
     ran = skipped = errors = 0
+    _DISK_FULL.clear()
     try:
         traces = _prepare_traces(client, pts, out, engine, show_progress)
         todo = []
@@ -612,6 +614,11 @@ def _run(sweep: Sweep, pts: Sequence[Point], client, out: Path, engine: str, sho
             g = p.scenario.guest
             todo.append((p, key, prepared.path, prepared.no_migration[(g.asid, g.os_vmpl)], prepared.plaintext))
         ran, errors = _run_points(client, todo, out, engine, show_progress, on_result, errors)
+        if _DISK_FULL:
+            # Not the points' fault: the machine's. One line and exit 2 (a new sweep directory goes, a
+            # resumed one keeps its table: the points that failed for it are retried next time).
+            raise ResourceError(f"{out}: the disk filled up while the sweep ran ({_DISK_FULL[0]}); "
+                                f"free space and rerun the same command")
     finally:
         table = build_table(sweep, pts, keys, out, trace_errors)
         digest = write_table(table, out / TABLE)
@@ -696,9 +703,35 @@ def _prepare_traces(client, pts: Sequence[Point], out: Path, engine: str, show_p
             try:
                 result[futures[fut]] = fut.result()
             except Exception as exc:  # noqa: BLE001 - recorded against the points, the sweep goes on
+                _note_disk_full(exc)
                 result[futures[fut]] = f"trace: {one_line(exc)}"
             bar.update(1)
     return result
+
+
+_DISK_FULL: list[str] = []  # set by _note_disk_full during one _run
+
+
+def _note_disk_full(exc: BaseException) -> None:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        _DISK_FULL.append(os.strerror(exc.errno))
+
+
+def check_sweep_disk(pts: Sequence[Point], out: str | Path) -> None:
+    """Refuse (ResourceError, with the figure) a sweep whose generated traces cannot fit the free space
+    where ``out`` will be: each distinct generated trace is written once into ``out/traces``."""
+    from .validate import TRACE_ROW_BYTES, check_disk
+
+    rows = {}
+    for p in pts:
+        t, g = p.scenario.trace, p.scenario.guest
+        if t.generator:
+            rows[_trace_spec(p.scenario)] = t.events + (g.guest_bytes // 4096 if t.fill else 0)
+    where = Path(out).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    check_disk(sum(rows.values()) * TRACE_ROW_BYTES, where,
+               f"generating the sweep's {len(rows)} trace(s) ({sum(rows.values())} events)")
 
 
 def _record_error(out: Path, key: str, text: str) -> None:
@@ -724,6 +757,7 @@ def _run_points(client, todo, out: Path, engine: str, show_progress: bool, on_re
                     ran += 1
                     (out / "errors" / f"{key}.txt").unlink(missing_ok=True)
                 except Exception as exc:  # noqa: BLE001 - a point's error (or its worker's death) is data
+                    _note_disk_full(exc)
                     status = "error"
                     errors += 1
                     _record_error(out, key, f"{type(exc).__name__}: {one_line(exc)}"

@@ -471,3 +471,40 @@ def test_every_documented_inspect_interval_is_accepted_or_refused_in_one_line(tm
     else:
         assert s["interval_ns"] == interval and len(s["intervals"]) == U64_MAX // interval + 1
         assert sum(iv["writes"] for iv in s["intervals"]) == 4
+
+
+def test_a_sweep_whose_traces_cannot_fit_the_disk_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    import shutil as shutil_mod
+
+    from replay import validate
+
+    real = shutil_mod.disk_usage
+    monkeypatch.setattr(validate.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=(20_000 + 1024) * validate.TRACE_ROW_BYTES - 1))
+    p = sweep_file(tmp_path, "seeds = [1]\n")  # 20,000 events + 1,024 pages filled: one byte short
+    err = one_line_error(capsys, main(["sweep", str(p), "--out", str(tmp_path / "o")]))
+    assert "generating the sweep's 1 trace(s) (21024 events) needs about" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_disk_that_fills_while_points_run_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch):
+    """The workers' ENOSPC (here injected into every point) is the machine's, not the points': the sweep
+    stops with one ResourceError (exit 2) and the directory it made is gone. (By hand on a 3 MiB tmpfs,
+    a sweep whose runs fill it ends the same way.)"""
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    import replay.sweep as sweep_mod
+    from replay.errors import ResourceError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(sweep_mod, "run_point", full)
+    p = sweep_file(tmp_path, "seeds = [1, 2]\n")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        with pytest.raises(ResourceError, match="the disk filled up while the sweep ran"):
+            sweep_mod.run_sweep(sweep_mod.load_sweep(p), tmp_path / "o", client=client, own_client=False)
+    assert not (tmp_path / "o").exists()

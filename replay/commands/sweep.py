@@ -28,6 +28,7 @@ def run(args) -> int:
         check_grid_size,
         check_scheduler,
         check_sweep_dir,
+        check_sweep_disk,
         check_trace_files,
         check_workers,
         connect,
@@ -50,6 +51,7 @@ def run(args) -> int:
     check_output(args.out, sweep_inputs(sweep, pts))  # the sweep directory never is, holds or lies inside an input
     check_sweep_dir(args.out)  # and is new, empty or a previous sweep's: never merged into another directory
     check_trace_files(pts)
+    check_sweep_disk(pts, args.out)  # the traces it generates must fit where it writes them
     client = connect(args.scheduler, args.workers)  # one line if unreachable, before anything is written
     print(f"{sweep.name}: {n} points", flush=True)  # stdout: stderr holds errors only, one line each
     res = run_sweep(sweep, args.out, client=client, engine=args.engine, show_progress=not args.no_progress,
