@@ -56,6 +56,9 @@ def build_parser(selected: str | None) -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .procmem import limit_reservations
+
+    limit_reservations()  # before pyarrow allocates: workers then fit an address-space limit (ulimit -v)
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     selected = selected if selected in COMMANDS else None

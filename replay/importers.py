@@ -128,6 +128,9 @@ class _Input:
                 return list(pq.ParquetFile(self.path).schema_arrow.names)
             with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=1 << 16)) as r:
                 return list(r.schema.names)
+        except UnicodeDecodeError as exc:  # pyarrow decodes column names as UTF-8 when it hands them over
+            raise TraceError(f"{self.path}: the {'header' if self.kind == 'csv' else 'schema'}'s column names are "
+                             f"not UTF-8 (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})") from None
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"{self.path}: cannot read as {self.kind}: {one_line(exc, 300)}") from None
 
@@ -155,6 +158,8 @@ class _Input:
             for batch in source:
                 yield row, {c: batch.column(c) for c in columns}
                 row += batch.num_rows
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{self.where(row)}: cannot read {self.kind}: text is not UTF-8 (offset {exc.start})") from None
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"{self.where(row)}: cannot read {self.kind}: {one_line(exc, 300)}") from None
 

@@ -20,7 +20,7 @@ import polars as pl
 from .errors import TraceError, UsageError
 from .snp import Op
 from .trace import PAGE_SIZE, TraceReader, last_t_ns, open_trace
-from .validate import check_memory, inspect_memory_bytes
+from .validate import U64_MAX, check_memory, inspect_memory_bytes
 
 DEFAULT_INTERVALS = 20
 MAX_INTERVALS = 100_000
@@ -42,7 +42,10 @@ def _time_span(r: TraceReader) -> tuple[int, int] | None:
     for i in range(r.num_batches):
         b = r.batch(i)
         if b.num_rows:
-            first = int(b.column(0)[0].as_py())
+            first = b.column(0)[0].as_py()
+            if first is None:  # the full read names it too; this peek must not turn it into a TypeError
+                raise TraceError(f"{r.path}: batch {i}, row 0: null in column t_ns")
+            first = int(first)
             break
     last = last_t_ns(r)
     if first is not None and last < first:
@@ -61,6 +64,8 @@ def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None, allow
         else:
             if interval_ns < 1:
                 raise UsageError(f"interval must be at least 1 ns, not {interval_ns}")
+            if interval_ns > U64_MAX:
+                raise UsageError(f"interval {interval_ns} ns is longer than any trace (at most 2^64-1 ns)")
             interval = interval_ns
         nbuckets = (t1 - t0) // interval + 1 if span else 0
         if nbuckets > MAX_INTERVALS:
@@ -68,6 +73,9 @@ def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None, allow
         check_memory(inspect_memory_bytes(meta.guest_bytes, nbuckets),
                      f"inspecting {path} ({meta.guest_bytes} bytes of guest)", allow_memory)
 
+        # Bucket with an interval no longer than the span: the same buckets (an interval past the span puts
+        # every row in the first), and polars' integer division stays within 64 bits.
+        step = min(interval, t1 - t0 + 1)
         ops = np.zeros(4, dtype=np.int64)
         writes = np.zeros(nbuckets, dtype=np.int64)
         working = np.zeros(nbuckets, dtype=np.int64)
@@ -83,7 +91,7 @@ def inspect_trace(path: str | os.PathLike, interval_ns: int | None = None, allow
             for op, n in df.group_by("op").len().iter_rows():
                 ops[op] += n
             w = df.lazy().filter(pl.col("op") == int(Op.WRITE)).select(
-                ((pl.col("t_ns") - t0) // interval).cast(pl.Int64).alias("bucket"),
+                ((pl.col("t_ns") - t0) // step).cast(pl.Int64).alias("bucket"),
                 (pl.col("gpa") // PAGE_SIZE).alias("first"),
                 ((pl.col("gpa") + pl.col("len").cast(pl.UInt64) - 1) // PAGE_SIZE).alias("last"),
                 pl.col("len").cast(pl.UInt64),

@@ -171,7 +171,9 @@ def read_record_file(path: Path, limit: int = MAX_RECORD_FILE) -> bytes:
         raise RunDirError(f"{path}: {size} bytes, larger than any run record ({limit})")
     try:
         with open(path, "rb") as f:
-            return f.read(limit + 1)
+            # The size read, not the limit: read(n) allocates n bytes first, and the limit is far above
+            # any real record (a file grown since the stat is caught by its content hash).
+            return f.read(size + 1)
     except OSError as exc:
         raise RunDirError(f"{path}: cannot read ({exc.strerror or one_line(exc, 200)})") from None
 

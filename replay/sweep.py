@@ -26,11 +26,18 @@ point whose run directory exists is never run again, so an interrupted sweep res
 point that raises, or whose worker dies, is recorded in ``DIR/errors/<key>.txt`` (one line) and the sweep
 goes on; the next invocation retries exactly those. ``DIR/results.parquet`` (one row per point: the
 parameters, status, error text and key metrics; see ``METRICS``) and ``DIR/sweep.json`` (the axes and
-points) are rewritten, atomically, at the end of every invocation, also an interrupted one.
+points) are rewritten, atomically, at the end of every invocation, also an interrupted one. A sweep
+directory an invocation created is removed if it fails (not if it is interrupted: that one resumes).
+
+Limits, refused before anything runs with the figure: ``MAX_POINTS`` points (from the axes' lengths,
+never by enumerating), ``WORKERS_PER_CORE`` local workers per core, a ``--scheduler`` of the form
+SCHEME://HOST:PORT reached within ``CONNECT_TIMEOUT_S``. The local workers log into ``DIR/worker.log``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import itertools
@@ -45,10 +52,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
-from .errors import ReplayError, RunDirError, ScenarioError, one_line
+from .errors import ReplayError, ResourceError, RunDirError, ScenarioError, TraceError, UsageError, one_line
 from .records import canonical_json, write_atomic
 from .runrecord import check_run_dir, content_hash
 from .scenario import Scenario, _hint, read_input_text, scenario_from_doc
+from .validate import short
 
 SWEEP_FORMAT = "snp-replay-sweep"
 SWEEP_VERSION = 1
@@ -79,6 +87,18 @@ METRICS: dict[str, tuple[str, ...]] = {
     "postcopy_latency_p99_ns": ("postcopy", "latency_p99_ns"),
 }
 _METRIC_TYPES = {"downtime_limit_exceeded": pa.bool_()}
+
+# Limits, refused before anything is validated or started (the figure is in the message): the points of
+# one sweep (each is validated, keyed and tabled in this process: 10,000 take a few seconds), the worker
+# processes of a local cluster per core (each holds a guest's engine; more only queue for the cores), and
+# how long reaching a --scheduler may take.
+MAX_POINTS = 10_000
+WORKERS_PER_CORE = 4
+CONNECT_TIMEOUT_S = 5
+SCHEDULER_SCHEMES = ("tcp", "tls", "ws", "wss")
+WORKER_LOG = "worker.log"
+# What a sweep directory holds; an existing --out must hold sweep.json and nothing else than these.
+SWEEP_DIR_ENTRIES = (TABLE, SWEEP_JSON, "runs", "errors", "traces", WORKER_LOG)
 
 
 # ------------------------------------------------------------------------------------------ the file
@@ -129,7 +149,7 @@ def _flatten_axes(table: Mapping[str, Any], where: str, prefix: str = "") -> dic
         elif isinstance(value, list) and value:
             out[full] = value
         else:
-            raise ScenarioError(f"{where}: axis {full!r}: expected a non-empty array of values, got {value!r}")
+            raise ScenarioError(f"{where}: axis {short(full, 80)}: expected a non-empty array of values, got {short(value)}")
     return out
 
 
@@ -137,7 +157,7 @@ def _check_value(where: str, key: str, value: Any) -> Any:
     # Records hold integers; a float parameter would also be rejected by the scenario loader's types.
     if isinstance(value, (bool, int, str)):
         return value
-    raise ScenarioError(f"{where}: axis {key!r}: value {value!r} is not an integer, string or boolean")
+    raise ScenarioError(f"{where}: axis {short(key, 80)}: value {short(value)} is not an integer, string or boolean")
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -165,9 +185,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ScenarioError(f"{src}: 'scenario' must be a scenario file path or a [scenario] table")
 
     axes: list[Axis] = []
-    for short, key in SHORTHANDS.items():
-        if short in doc:
-            values = _flatten_axes({key: doc[short]}, src)[key]
+    for word, key in SHORTHANDS.items():
+        if word in doc:
+            values = _flatten_axes({key: doc[word]}, src)[key]
             axes.append(Axis((key,), tuple((_check_value(src, key, v),) for v in values)))
     grid = doc.get("grid", {})
     if not isinstance(grid, Mapping):
@@ -200,6 +220,133 @@ def load_sweep(path: str | Path) -> Sweep:
     return Sweep(str(name), str(doc.get("description", "")), src, base_doc, base_src, base_dir, tuple(axes))
 
 
+def grid_size(sweep: Sweep) -> int:
+    """The number of points, from the axes' lengths alone (nothing is enumerated)."""
+    n = 1
+    for a in sweep.axes:
+        n *= len(a.values)
+    return n
+
+
+def check_grid_size(sweep: Sweep) -> int:
+    n = grid_size(sweep)
+    if n > MAX_POINTS:
+        sizes = " x ".join(str(len(a.values)) for a in sweep.axes)
+        raise ScenarioError(f"{sweep.src}: {n} points ({sizes}): a sweep has at most {MAX_POINTS} points; "
+                            f"split it into several sweeps")
+    return n
+
+
+def max_workers() -> int:
+    return WORKERS_PER_CORE * (os.cpu_count() or 1)
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is None:
+        return
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: must be >= 1")
+    if workers > max_workers():
+        raise UsageError(f"--workers {workers}: at most {max_workers()} ({WORKERS_PER_CORE} per core on this "
+                         f"machine's {os.cpu_count() or 1}); use --scheduler for a bigger cluster")
+
+
+def check_scheduler(address: str) -> str:
+    """A Dask scheduler address as ``SCHEME://HOST:PORT`` (tcp, tls, ws, wss); UsageError otherwise."""
+    import re
+
+    what = f"--scheduler {short(address)}"
+    if address.strip() == "":
+        raise UsageError("--scheduler: empty address (expected tcp://HOST:PORT)")
+    m = re.fullmatch(r"([a-z]+)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})", address)
+    if m is None:
+        hint = f" (did you mean tcp://{address}?)" if re.fullmatch(r"[A-Za-z0-9._-]+:[0-9]{1,5}", address) else ""
+        raise UsageError(f"{what}: expected SCHEME://HOST:PORT, e.g. tcp://10.0.0.1:8786{hint}")
+    if m.group(1) not in SCHEDULER_SCHEMES:
+        raise UsageError(f"{what}: unknown scheme {m.group(1)!r} (one of {', '.join(SCHEDULER_SCHEMES)})")
+    if not 1 <= int(m.group(3)) <= 65535:
+        raise UsageError(f"{what}: port {m.group(3)} is not in 1..65535")
+    return address
+
+
+def check_sweep_dir(out: str | Path) -> None:
+    """An existing ``--out`` must be empty or a previous sweep's directory (its sweep.json says so, and it
+    holds nothing else than a sweep writes): anything else is refused, never merged into."""
+    from .paths import show
+
+    p = Path(out)
+    if not p.exists() and not p.is_symlink():
+        return
+    if p.is_symlink() or not p.is_dir():
+        raise UsageError(f"--out {show(out)} exists and is not a directory: refusing to replace it")
+    entries = sorted(e.name for e in p.iterdir() if not (e.name.startswith(".") and e.name.endswith(".tmp")))
+    if not entries:
+        return
+    record = p / SWEEP_JSON
+    try:
+        fmt = json.loads(record.read_bytes()).get("format") if record.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != SWEEP_FORMAT:
+        raise UsageError(f"--out {show(out)} exists and is not a sweep directory (no {SWEEP_JSON} of a sweep; it "
+                         f"holds {short(entries[0], 40)}): refusing to write into it; choose a new directory")
+    extra = [e for e in entries if e not in SWEEP_DIR_ENTRIES]
+    if extra:
+        raise UsageError(f"--out {show(out)} is a sweep directory that also holds {short(extra[0], 40)}: refusing "
+                         f"to write among other files; move it out or choose a new directory")
+
+
+def sweep_inputs(sweep: Sweep, pts: Sequence[Point]) -> list[str]:
+    """The files a sweep reads: the sweep file, its base scenario file, every point's trace file."""
+    inputs = [sweep.src]
+    if not sweep.base_src.endswith(" [scenario]"):
+        inputs.append(sweep.base_src)
+    inputs += sorted({str(Path(p.scenario.base_dir) / p.scenario.trace.file) for p in pts if p.scenario.trace.file})
+    return inputs
+
+
+def check_trace_files(pts: Sequence[Point]) -> None:
+    """Every trace file the points replay, read and checked completely (a missing, truncated or altered
+    trace is the user's input: one line before anything runs, not an error per point)."""
+    from .paths import require_regular
+    from .trace import open_trace
+
+    for path in sorted({str(Path(p.scenario.base_dir) / p.scenario.trace.file) for p in pts if p.scenario.trace.file}):
+        require_regular(path, TraceError, "trace")
+        with open_trace(path) as r:
+            for _ in r:
+                pass
+
+
+def connect(scheduler: str | None = None, workers: int | None = None):
+    """A Dask client: of the cluster at ``scheduler`` (reached within CONNECT_TIMEOUT_S, else a one-line
+    UsageError), else of a new local cluster."""
+    import logging
+
+    if not scheduler:
+        check_workers(workers)
+        return local_client(workers)
+    check_scheduler(scheduler)
+    import dask
+    from dask.distributed import Client
+
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the failure is reported once, below, not also by Dask's loggers
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT_S}s"}):
+            return Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(f"--scheduler {short(scheduler)}: cannot reach a Dask scheduler within "
+                         f"{CONNECT_TIMEOUT_S} s ({one_line(exc, 160)})") from None
+    except (MemoryError, ValueError, TypeError, EOFError) as exc:
+        # Something answered, but not Dask's protocol (e.g. a frame length of exabytes from another server).
+        raise UsageError(f"--scheduler {short(scheduler)}: what answers there is not a Dask scheduler "
+                         f"({type(exc).__name__}: {one_line(exc, 120)})") from None
+    finally:
+        quiet.setLevel(level)
+
+
 def toml_value(value: Any) -> str:
     """A Python value in TOML value syntax (the form ``--set`` overrides take)."""
     if isinstance(value, bool):
@@ -214,6 +361,7 @@ def toml_value(value: Any) -> str:
 def points(sweep: Sweep) -> list[Point]:
     """Every point of the sweep as a validated scenario; the first invalid one raises ScenarioError
     naming the sweep, the point and (from the scenario loader) the key, with a did-you-mean hint."""
+    check_grid_size(sweep)
     out = []
     for index, combo in enumerate(itertools.product(*(a.values for a in sweep.axes))):
         params = tuple((k, v) for a, setting in zip(sweep.axes, combo) for k, v in zip(a.keys, setting))
@@ -402,32 +550,54 @@ def local_client(workers: int | None = None):
 def run_sweep(sweep: Sweep, out: str | Path, *, client=None, scheduler: str | None = None,
               workers: int | None = None, engine: str = "cython", show_progress: bool = False,
               on_result: Callable[[Point, str], None] | None = None,
-              pts: Sequence[Point] | None = None) -> SweepResult:
+              pts: Sequence[Point] | None = None, own_client: bool = False) -> SweepResult:
     """Run every point of ``sweep`` not already run into ``out`` (see the module docstring) on ``client``,
     else on the cluster at ``scheduler``, else on a new local cluster. ``on_result(point, status)`` is
     called in this process as each point finishes (an exception from it stops the sweep: the table is
     still written, with the points not finished as "pending"). ``pts``: ``points(sweep)`` if the caller
-    has them already."""
+    has them already. ``own_client``: ``client`` was made for this sweep (``connect``): closed at the end,
+    and its local workers log into the sweep directory."""
     pts = points(sweep) if pts is None else pts  # every point validated before anything runs
     out = Path(out)
-    own = None
+    own = client if own_client else None
     if client is None:  # before anything is written: a cluster that cannot be reached leaves nothing
-        if scheduler:
-            from dask.distributed import Client
+        client = own = connect(scheduler, workers)
+    local = own is not None and getattr(own, "cluster", None) is not None
+    created = not out.exists()
+    failed = False
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        (out / "errors").mkdir(parents=True, exist_ok=True)
+        with _worker_logs(client, out / WORKER_LOG, local):
+            result = _run(sweep, pts, client, out, engine, show_progress, on_result)
+    except KeyboardInterrupt:
+        raise  # an interrupted sweep keeps what it did (its table says what is pending): it resumes
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if own is not None:  # first: no worker writes into the directory once it is removed
+            cluster = own.cluster
+            own.close()
+            if cluster is not None:
+                cluster.close()
+        if failed and created:  # nothing partial: a sweep directory this invocation made goes with its failure
+            shutil.rmtree(out, ignore_errors=True)
+    return result
 
-            client = own = Client(scheduler)
-        else:
-            client = own = local_client(workers)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "errors").mkdir(parents=True, exist_ok=True)
+
+def _run(sweep: Sweep, pts: Sequence[Point], client, out: Path, engine: str, show_progress: bool,
+         on_result) -> SweepResult:
     for stale in (out / "runs").glob(".*.tmp"):  # run directories a killed worker never finished
         shutil.rmtree(stale, ignore_errors=True)
     keys: dict[int, str] = {}
     trace_errors: dict[int, str] = {}
     ran = skipped = errors = 0
+    _DISK_FULL.clear()
     try:
         traces = _prepare_traces(client, pts, out, engine, show_progress)
         todo = []
+        scheduled: set[str] = set()
         for p in pts:
             prepared = traces[_trace_spec(p.scenario)]
             if isinstance(prepared, str):  # the trace itself could not be made: every point on it errors
@@ -438,19 +608,79 @@ def run_sweep(sweep: Sweep, out: str | Path, *, client=None, scheduler: str | No
             if _read_summary(out / "runs" / key) is not None:
                 skipped += 1
                 continue
+            if key in scheduled:  # an equal point (a value repeated on an axis): one run serves both rows
+                continue
+            scheduled.add(key)
             g = p.scenario.guest
             todo.append((p, key, prepared.path, prepared.no_migration[(g.asid, g.os_vmpl)], prepared.plaintext))
         ran, errors = _run_points(client, todo, out, engine, show_progress, on_result, errors)
+        if _DISK_FULL:
+            # Not the points' fault: the machine's. One line and exit 2 (a new sweep directory goes, a
+            # resumed one keeps its table: the points that failed for it are retried next time).
+            raise ResourceError(f"{out}: the disk filled up while the sweep ran ({_DISK_FULL[0]}); "
+                                f"free space and rerun the same command")
     finally:
         table = build_table(sweep, pts, keys, out, trace_errors)
         digest = write_table(table, out / TABLE)
         write_atomic(out / SWEEP_JSON, canonical_json({**_sweep_record(sweep, pts, keys), "tables": {TABLE: digest}}))
-        if own is not None:
-            cluster = own.cluster
-            own.close()
-            if cluster is not None:
-                cluster.close()
     return SweepResult(out, table, ran, skipped, errors)
+
+
+def _log_to(path: str) -> None:
+    """(Run on each worker.) Send the worker's logs and its stderr to ``path``: Dask logs a failed task
+    with its traceback ("Compute Failed"), which belongs in the sweep directory, not on the terminal; the
+    point's error is recorded (one line) in its errors/ file and the table anyway."""
+    import logging
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    handler = logging.StreamHandler(open(path, "a", buffering=1))  # noqa: SIM115 - lives as long as the worker
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("distributed", "dask"):
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@contextlib.contextmanager
+def _worker_logs(client, path: Path, own_workers: bool):
+    """Workers' logs into ``path`` while the sweep runs (``own_workers``: the worker processes of the
+    local cluster this sweep started), and this process's Dask loggers too (another cluster's workers log
+    where their own configuration says)."""
+    import logging
+
+    if own_workers:
+        # A plugin, not a one-off call: a worker that dies is restarted by its nanny, and logs there too.
+        client.register_plugin(_log_plugin(str(path.resolve())), name="snp-replay-sweep-log")
+    handler = logging.FileHandler(path, delay=True)
+    loggers = [logging.getLogger(n) for n in ("distributed", "dask", "tornado", "asyncio")]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.handlers[:] = [handler]
+        lg.propagate = False
+    try:
+        yield
+    finally:
+        for lg, (handlers, propagate, level) in zip(loggers, saved):
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+            lg.setLevel(level)
+        handler.close()
+
+
+def _log_plugin(path: str):
+    """A Dask worker plugin: ``_log_to(path)`` in every worker process, also those started later."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class LogPlugin(WorkerPlugin):
+        def setup(self, worker) -> None:
+            _log_to(path)
+
+    return LogPlugin()
 
 
 def _prepare_traces(client, pts: Sequence[Point], out: Path, engine: str, show_progress: bool) -> dict:
@@ -473,9 +703,35 @@ def _prepare_traces(client, pts: Sequence[Point], out: Path, engine: str, show_p
             try:
                 result[futures[fut]] = fut.result()
             except Exception as exc:  # noqa: BLE001 - recorded against the points, the sweep goes on
+                _note_disk_full(exc)
                 result[futures[fut]] = f"trace: {one_line(exc)}"
             bar.update(1)
     return result
+
+
+_DISK_FULL: list[str] = []  # set by _note_disk_full during one _run
+
+
+def _note_disk_full(exc: BaseException) -> None:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        _DISK_FULL.append(os.strerror(exc.errno))
+
+
+def check_sweep_disk(pts: Sequence[Point], out: str | Path) -> None:
+    """Refuse (ResourceError, with the figure) a sweep whose generated traces cannot fit the free space
+    where ``out`` will be: each distinct generated trace is written once into ``out/traces``."""
+    from .validate import TRACE_ROW_BYTES, check_disk
+
+    rows = {}
+    for p in pts:
+        t, g = p.scenario.trace, p.scenario.guest
+        if t.generator:
+            rows[_trace_spec(p.scenario)] = t.events + (g.guest_bytes // 4096 if t.fill else 0)
+    where = Path(out).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    check_disk(sum(rows.values()) * TRACE_ROW_BYTES, where,
+               f"generating the sweep's {len(rows)} trace(s) ({sum(rows.values())} events)")
 
 
 def _record_error(out: Path, key: str, text: str) -> None:
@@ -501,6 +757,7 @@ def _run_points(client, todo, out: Path, engine: str, show_progress: bool, on_re
                     ran += 1
                     (out / "errors" / f"{key}.txt").unlink(missing_ok=True)
                 except Exception as exc:  # noqa: BLE001 - a point's error (or its worker's death) is data
+                    _note_disk_full(exc)
                     status = "error"
                     errors += 1
                     _record_error(out, key, f"{type(exc).__name__}: {one_line(exc)}"

@@ -299,7 +299,10 @@ def last_t_ns(reader: "TraceReader") -> int | None:
     for i in range(reader.num_batches - 1, -1, -1):
         b = reader.batch(i)
         if b.num_rows:
-            return int(b.column("t_ns")[b.num_rows - 1].as_py())
+            t = b.column("t_ns")[b.num_rows - 1].as_py()
+            if t is None:  # a nullable column holding a null: the trace is bad, whoever peeks first says so
+                raise TraceError(f"{reader.path}: batch {i}, row {b.num_rows - 1} of the batch: null in column t_ns")
+            return int(t)
     return None
 
 

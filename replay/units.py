@@ -16,10 +16,17 @@ _TIME_UNITS = {"ns": 1, "us": 1000, "ms": 1000**2, "s": 1000**3}
 _NUM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
+# Digits a number may have (each side of the point): every quantity fits in 64 bits (20 digits), and a
+# longer literal would only reach Python's int-conversion limit (4,300 digits) or waste time.
+MAX_DIGITS = 40
+
+
 def _split(text: str, what: str) -> tuple[str, str]:
     m = _NUM.match(str(text))
     if not m:
         raise UsageError(f"{what}: cannot parse {short(text)}")
+    if any(len(part) > MAX_DIGITS for part in m.group(1).split(".")):
+        raise UsageError(f"{what}: {short(text)}: number too long (at most {MAX_DIGITS} digits each side of the point)")
     return m.group(1), m.group(2).lower()
 
 

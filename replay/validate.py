@@ -37,6 +37,7 @@ PAGE_SIZE = 4096
 MAX_GUEST_PAGES = 1 << 32  # the engines index pages with uint32 gfns
 MAX_GUEST_BYTES = MAX_GUEST_PAGES * PAGE_SIZE - PAGE_SIZE  # 16 TiB - 4 KiB
 MAX_VCPUS = 1 << 16  # the trace's vcpu column is uint16
+RUN_TRACE_END_MAX = I64_MAX  # the last t_ns of a trace a run replays: the run's clock needs room after it
 MAX_ROUNDS = 100_000  # pre-copy rounds: far beyond any convergence (QEMU's guestperf uses 30)
 
 
@@ -253,6 +254,15 @@ def inspect_memory_bytes(guest_bytes: int, intervals: int = 0) -> int:
 
 def available_memory_bytes() -> int:
     """Memory this process may still allocate: MemAvailable, capped by an address-space limit."""
+    avail = machine_available_bytes()
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        avail = min(avail, soft)
+    return avail
+
+
+def machine_available_bytes() -> int:
+    """The machine's available memory (MemAvailable), whatever this process's limits."""
     avail = None
     try:
         with open("/proc/meminfo", "rb") as f:
@@ -267,9 +277,6 @@ def available_memory_bytes() -> int:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             avail = 1 << 62
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
-        avail = min(avail, soft)
     return avail
 
 
@@ -277,10 +284,20 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
-def check_memory(need: int, what: str, allow: bool = False) -> None:
-    """Refuse (ResourceError) when ``need`` bytes exceed what the machine has, unless ``allow``."""
+def check_memory(need: int, what: str, allow: bool = False, processes: int = 1) -> None:
+    """Refuse (ResourceError) when ``need`` bytes exceed what the machine has, unless ``allow``.
+    ``processes``: that many processes each need ``need`` at the same time (compare's workers): together
+    against the machine's available memory, each against the address-space limit (a per-process one)."""
+    if allow:
+        return
     have = available_memory_bytes()
-    if need > have and not allow:
+    if processes > 1:
+        total, machine = need * processes, machine_available_bytes()
+        if total > machine:
+            raise ResourceError(f"{what} needs about {_gib(total)} of memory ({processes} processes of "
+                                f"{_gib(need)}) but this machine has {_gib(machine)} available "
+                                f"(--allow-memory to try anyway)")
+    if need > have:
         raise ResourceError(f"{what} needs about {_gib(need)} of memory but this machine has {_gib(have)} available "
                             f"(--allow-memory to try anyway)")
 

@@ -17,13 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replay.advmatrix import UNPROTECTED, default_action, run_matrix, write_matrix
-from replay.errors import ScenarioError
+from replay.advspec import parse_adversary, parse_kinds
+from replay.errors import ScenarioError, UsageError
 from replay.migration import Migration, trace_for
 from replay.scenario import (
     ADVERSARY_KINDS,
     AdversarySpec,
     load_scenario,
-    parse_adversary,
     parse_scenario_text,
     with_adversary,
 )
@@ -65,6 +65,59 @@ def test_parse_one_off_forms():
 def test_parse_one_off_errors(text, message):
     with pytest.raises(ScenarioError, match=message):
         parse_adversary(text)
+
+
+@pytest.mark.parametrize("text, message", [
+    # Issue 19: one kind, one time, known keys once each; nothing in the options overrides the head.
+    ("flip@30ms,kind=drop", "'kind' is not an option: the kind and the time"),
+    ("flip@30ms,at_ns=5ms", "'at_ns' is not an option"),
+    ("drop@0:1,sequence=2", "'sequence' is not an option"),
+    ("flip,stream=0,sequence=1", "'stream' is not an option"),
+    ("flip@", "nothing after '@'"),
+    ("flip@ ", "nothing after '@'"),
+    ("flip@1ms@2ms", r"one time per action \(one '@'\)"),
+    ("flip@1ms,where=header,where=payload", "option 'where' given twice"),
+    ("flip,,where=header", "empty option"),
+    ("@30ms", "no kind before @"),
+    ("", "empty"),
+    ("flip@1ms,where=", "where: empty value"),
+    ("flip@" + "9" * 5000 + "ms", "number too long"),
+    ("drop@" + "1" * 21 + ":1", "two integers of at most 20 digits"),
+])
+def test_parse_one_off_is_strict(text, message):
+    with pytest.raises(ScenarioError, match=message) as e:
+        parse_adversary(text)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_parse_one_off_accepts_each_option_once():
+    assert parse_adversary("link-loss@2ms,duration_ns=5ms") == AdversarySpec(kind="link-loss", at_ns=2_000_000,
+                                                                               duration_ns=5_000_000)
+    assert parse_adversary(" flip @ 30ms , where = header ") == AdversarySpec(kind="flip", at_ns=30_000_000,
+                                                                              where="header")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("flip,,drop", "empty item at position 2"), (",flip", "empty item at position 1"), ("flip,", "empty item"),
+    ("flip,flip", "'flip' given twice"), ("", "empty list"), (" , ", "empty list"), ("flip,dorp", "did you mean 'drop'"),
+])
+def test_kinds_lists_are_strict(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_kinds(text, ADVERSARY_KINDS, "kinds")
+    assert parse_kinds("flip, drop", ADVERSARY_KINDS, "kinds") == ["flip", "drop"]
+
+
+def test_cli_refuses_bad_kinds_and_specs_in_one_line(tmp_path, capsys):
+    from replay.cli import main
+
+    scen = ROOT / "scenarios" / "quickstart.toml"
+    for argv in (["run", str(scen), "--out", str(tmp_path / "r"), "--adversary", "flip@30ms,kind=drop"],
+                 ["adversary-matrix", str(ROOT / "scenarios" / "adversary" / "base.toml"), "--out",
+                  str(tmp_path / "m"), "--kinds", "flip,,drop"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("replay: error: ") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_scenario_entries_turn_data_mode_on_and_are_checked():

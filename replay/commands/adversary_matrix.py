@@ -19,25 +19,16 @@ def configure(p) -> None:
     p.add_argument("--engine", choices=ENGINE_KINDS, default="cython", help="page engine")
 
 
-def _list(text: str, choices, what: str) -> list[str]:
-    from ..errors import UsageError
-    from ..scenario import _hint
-
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    for x in items:
-        if x not in choices:
-            raise UsageError(f"--{what}: {x!r} is not one of {', '.join(choices)}{_hint(x, choices)}")
-    if not items:
-        raise UsageError(f"--{what}: empty list")
-    return items
-
-
 def run(args) -> int:
     from ..advmatrix import run_matrix, write_matrix
 
-    kinds = _list(args.kinds, ADVERSARY_KINDS, "kinds")
-    modes = _list(args.modes, MODES, "modes")
+    from ..advspec import parse_kinds
+    from ..paths import check_output
+
+    kinds = parse_kinds(args.kinds, ADVERSARY_KINDS, "kinds")
+    modes = parse_kinds(args.modes, MODES, "modes")
     scenario = load_scenario(args.scenario, args.overrides)
+    check_output(args.out, [args.scenario])
     check_replaceable_dir(args.out, {"matrix.arrow", "matrix.md", "report.html"}, "adversary matrix directory")
     table = run_matrix(scenario, kinds=kinds, modes=modes, engine=args.engine)
     write_matrix(table, args.out, scenario.name)

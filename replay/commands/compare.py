@@ -63,8 +63,15 @@ DATA_ROWS = [
 ]
 
 
+MISSING = object()
+
+
 def _get(summary: dict, path: tuple[str, ...]):
+    """The value at ``path``, or MISSING: a run refused before any page moved (a failed handshake) has no
+    per-host traffic to report."""
     for key in path:
+        if not isinstance(summary, dict) or key not in summary:
+            return MISSING
         summary = summary[key]
     return summary
 
@@ -97,7 +104,8 @@ def table(summaries: list[dict]) -> str:
     rows = ROWS + (POSTCOPY_ROWS if summaries[0]["mode"] != "precopy" else [])
     rows += DATA_ROWS if all("data" in s for s in summaries) else []
     head = ["metric"] + [s["strategy"] for s in summaries]
-    body = [[label] + [fmt(_get(s, path)) for s in summaries] for label, path, fmt in rows]
+    body = [[label] + ["-" if (v := _get(s, path)) is MISSING else fmt(v) for s in summaries]
+            for label, path, fmt in rows]
     faults = [sum(s["metrics"]["faults"].values()) for s in summaries]
     body.append(["RMP faults"] + [str(f) for f in faults])
     body.append(["invariants hold"] + [_invariants(s) for s in summaries])
@@ -217,7 +225,8 @@ def run(args) -> int:
     out = Path(args.out)
     check_output(out, scenario_inputs(scenario, args))
     check_replaceable_dir(out, (*STRATEGIES, "report.html"), "compare directory")
-    trace_path, _ = prepare(scenario, trace=args.trace, allow_memory=args.allow_memory, out_check=out)
+    trace_path, _ = prepare(scenario, trace=args.trace, allow_memory=args.allow_memory, out_check=out,
+                            processes=len(STRATEGIES))  # both workers run at once
     results = run_parallel(scenario, engine=args.engine, trace_path=trace_path, show_progress=not args.no_progress)
     # Both runs and the report are built in a temporary directory that replaces ``out`` only when all
     # three are complete: a failure of either strategy (or Ctrl-C, or a full disk) leaves nothing.

@@ -30,7 +30,8 @@ def add_common(p) -> None:
 def scenario_of(args):
     """The scenario of a run/compare command line, with its overrides (``--data`` is one) and one-off
     adversary actions (``--adversary``)."""
-    from ..scenario import parse_adversary, with_adversary
+    from ..advspec import parse_adversary
+    from ..scenario import with_adversary
 
     s = load_scenario(args.scenario, [*args.overrides, *(["migration.data=true"] if args.data else [])])
     return with_adversary(s, [parse_adversary(a) for a in getattr(args, "adversary", None) or []])
@@ -52,8 +53,9 @@ def configure(p) -> None:
     add_common(p)
     p.add_argument("--strategy", choices=STRATEGIES, help="override migration.strategy")
     p.add_argument("--adversary", action="append", default=[], metavar="KIND@WHEN",
-                   help="one adversary action (turns data mode on): KIND@30ms or KIND@stream:sequence, optional "
-                        ",key=value of [[adversary]] (flip@30ms,where=header); repeatable")
+                   help="one adversary action (turns data mode on): KIND, KIND@30ms or KIND@stream:sequence, then "
+                        "optional ,key=value of [[adversary]] other than kind and the time, each once "
+                        "(flip@30ms,where=header); repeatable")
 
 
 @contextmanager
@@ -68,15 +70,17 @@ def progress_bar(total: int, desc: str, enabled: bool):
         yield bar.update
 
 
-def prepare(scenario, *, trace, allow_memory=False, out_check=None):
+def prepare(scenario, *, trace, allow_memory=False, out_check=None, processes=1):
     """Everything refused before a run replays anything: memory and disk for the guest and its generated
     trace, the trace itself, the round budget. Returns (trace path, its metadata).
-    ``out_check``: the output the user named, checked again against the trace once it is known."""
+    ``out_check``: the output the user named, checked again against the trace once it is known.
+    ``processes``: runs at the same time (compare's workers), each needing a run's memory."""
     from ..errors import TraceError
     from ..migrate import cache_dir, trace_for
-    from ..trace import read_meta
+    from ..trace import last_t_ns, open_trace, read_meta
     from ..validate import (
         MAX_GUEST_BYTES,
+        RUN_TRACE_END_MAX,
         TRACE_ROW_BYTES,
         check_disk,
         check_memory,
@@ -88,19 +92,27 @@ def prepare(scenario, *, trace, allow_memory=False, out_check=None):
     if trace is None and t.generator:
         # Refuse before generating: a generated trace costs time and disk in proportion to its size.
         check_memory(run_memory_bytes(g.guest_bytes, g.vcpus),
-                     f"a run of a {g.guest_bytes}-byte guest with {g.vcpus} vCPUs", allow_memory)
+                     f"a run of a {g.guest_bytes}-byte guest with {g.vcpus} vCPUs", allow_memory, processes)
         total = t.events + (g.guest_bytes // 4096 if t.fill else 0)
         check_disk(total * TRACE_ROW_BYTES, cache_dir(), f"generating the scenario's trace ({total} events)")
     path = trace if trace is not None else trace_for(scenario)  # --trace '' is an error, not "absent"
     if out_check is not None:
         check_output(out_check, [path])
     meta = read_meta(path)
+    with open_trace(path, verify_digest=False) as reader:  # the last batch only; the run's read verifies all
+        last = last_t_ns(reader)
+    if last is not None and last > RUN_TRACE_END_MAX:
+        # The run's clock goes on past the trace (the migration finishes, the records hold its times in
+        # 64 bits): a trace ending in the last half of the clock's range leaves it no room.
+        raise TraceError(f"{meta.path}: the trace ends at t_ns {last}: a run replays traces ending by 2^63-1 ns "
+                         f"(292 years), so that the migration after it still fits the run's 64-bit clock")
     if meta.guest_bytes > MAX_GUEST_BYTES:
         raise TraceError(f"{meta.path}: guest of {meta.guest_bytes} bytes is beyond what the page engines hold "
                          f"({MAX_GUEST_BYTES} bytes, 2^32 - 1 pages)")
     check_round_budget(scenario.migration, meta.npages)
     check_memory(run_memory_bytes(meta.guest_bytes, meta.vcpus),
-                 f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory)
+                 f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory,
+                 processes)
     return path, meta
 
 
