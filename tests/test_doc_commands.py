@@ -147,6 +147,8 @@ SESSIONS: dict[str, list[tuple[str, How]]] = {
         ("replay gen hotcold --out t.arrow --guest-size 4GiB --vcpus 4 --events 10000000 --seed 1 --fill", RUN()),
         ("replay inspect t.arrow", RUN()),
         ("replay record --out prog.arrow -- gzip -c somefile", RUN()),
+        ("replay record --vm --out vm.arrow --epoch 1ms -- sh -c 'gzip -9 -c /snp-replay/bin/busybox | md5sum'", RUN()),
+        ("replay compare scenarios/vm-busybox.toml --out runs/vm", RUN()),
         ("replay import csv accesses.csv --out t.arrow --columns t_ns=ts,gpa=addr", RUN()),
         ("replay run scenarios/webserver-16g.toml --out runs/web --strategy shadow-vcpu --set migration.mode=postcopy",
          RUN()),
@@ -160,10 +162,12 @@ SESSIONS: dict[str, list[tuple[str, How]]] = {
         ("tools/bench", RUN()),
         ("tools/bench --data", RUN()),
         ("tools/fuzz -n 50000 --seed 7 --save", RUN_AS("tools/fuzz -n 200 --seed 7 --save", FUZZ_WHY)),
+        ("replay record --vm", SYNOPSIS),
     ],
     "docs/how-it-works.md": [
         ("replay gen hotcold --out t.arrow --guest-size 4GiB --vcpus 4 --events 10000000 --seed 1", RUN()),
         ("replay record --out t.arrow -- gzip -c file", RUN()),
+        ("replay record --vm --out t.arrow --epoch 1ms -- sh -c 'seq 1 100000 > /tmp/n; sort -r /tmp/n > /tmp/s'", RUN()),
         ("replay import csv accesses.csv --out t.arrow --columns t_ns=ts,gpa=addr", RUN()),
         ("replay inspect t.arrow", RUN()),
         ("replay run scenarios/quickstart.toml --out runs/q1 --strategy shadow-vcpu", RUN()),
@@ -183,8 +187,11 @@ SESSIONS: dict[str, list[tuple[str, How]]] = {
         ("replay report DIR", SYNOPSIS),
     ],
     "docs/recording.md": [
+        ("replay record --vm", SYNOPSIS),
         ("replay record --out t.arrow [--no-reads] [--vcpus-from threads|single] [--rate-ns-per-instr N]", SYNOPSIS),
         ("replay record --out t.arrow -- gzip -c f > f.gz", RUN()),
+        ("replay record --vm", SYNOPSIS),
+        ("replay record --vm --out t.arrow [--memory 256MiB] [--vcpus 1] [--kernel FILE] [--initrd FILE]", SYNOPSIS),
         ("replay import csv|parquet IN --out t.arrow [--columns t_ns=ts,gpa=addr,...] [--guest-size SIZE]", SYNOPSIS),
         ("replay import dirtylog IN --out t.arrow [--columns ...] [--interval-ns 100ms] [--sort]", SYNOPSIS),
     ],
@@ -192,6 +199,21 @@ SESSIONS: dict[str, list[tuple[str, How]]] = {
         ("replay run --adversary KIND@WHEN", SYNOPSIS),
         ("replay adversary-matrix scenarios/adversary/base.toml --out DIR",
          RUN_AS("replay adversary-matrix scenarios/adversary/base.toml --out runs/mx", "DIR is a placeholder")),
+    ],
+    "docs/costs.md": [
+        ("tools/bench --data", RUN_AS("tools/bench --data --pages 1024",
+                                      "the same measurement on fewer pages; the README's session runs it in full")),
+        ("replay compare scenarios/quickstart.toml --out runs/rmp4k --set costs.rmpupdate_ns=4000 "
+         "--set costs.pvalidate_ns=4000", RUN()),
+        ("replay sweep scenarios/sweeps/snp-costs.toml --out runs/snp-costs", RUN()),
+        ("replay report runs/snp-costs --out snp-costs.html", RUN()),
+    ],
+    "scenarios/sweeps/snp-costs.toml": [
+        ("replay sweep scenarios/sweeps/snp-costs.toml --out runs/snp-costs", RUN()),
+        ("replay report runs/snp-costs --out snp-costs.html", RUN()),
+    ],
+    "scenarios/vm-busybox.toml": [
+        ("replay record --vm", SYNOPSIS),
     ],
     "scenarios/sweeps/mirror-vs-shadow-ci.toml": [
         ("replay sweep scenarios/sweeps/mirror-vs-shadow-ci.toml --out sweep-ci", RUN()),
@@ -209,7 +231,8 @@ SESSIONS: dict[str, list[tuple[str, How]]] = {
          RUN_AS("replay report shared/sweep --out shared/sweep.html", "/shared is this test's directory")),
     ],
 }
-SLOW = {"README.md", "docs/how-it-works.md", "docs/recording.md", "scenarios/sweeps/mirror-vs-shadow-cluster.toml"}
+SLOW = {"README.md", "docs/how-it-works.md", "docs/recording.md", "docs/costs.md", "scenarios/sweeps/snp-costs.toml",
+        "scenarios/sweeps/mirror-vs-shadow-cluster.toml"}
 
 
 def test_every_doc_command_has_an_entry():
