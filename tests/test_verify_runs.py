@@ -14,14 +14,13 @@ from replay.migrate import run
 from test_truthful import scen, trace  # noqa: F401 - the module's tiny trace fixture and scenario
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
-DRIVER_BUG = "driver: post-copy link failure event ordering (fixed on main)"
-# Found by the property test on this branch (the driver was being rewritten on main at the time): with
-# the link down before or at the migration's start, pre-copy and hybrid runs (aborted) write events.arrow
-# going back in time; post-copy also when the failure falls in the push; and a post-copy run whose link
-# recovers before the migration starts completes with metrics.cpu_ns.guest negative (-7,726 ns here).
+# Found by this test while the driver was being rewritten: with the link down before or at the migration's
+# start, aborted pre-copy and hybrid runs wrote events.arrow going back in time, post-copy too when the
+# failure fell in the push, and a post-copy run whose link recovered before the start recorded
+# metrics.cpu_ns.guest = -7,726 ns. The driver now logs events in time order and measures the guest's CPU
+# as the work it ran (never negative; a negative metric would be an internal error).
 
 
-@pytest.mark.xfail(strict=True, reason=DRIVER_BUG)
 @settings(max_examples=80, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(strategy=st.sampled_from(["mirror-vm", "shadow-vcpu"]), mode=st.sampled_from(["precopy", "postcopy", "hybrid"]),
@@ -39,7 +38,6 @@ def test_verify_accepts_every_run_with_a_link_failure_in_any_phase(trace, tmp_pa
     verify_path(str(out))  # raises RunDirError, one line, if any table is out of order or negative
 
 
-@pytest.mark.xfail(strict=True, reason=DRIVER_BUG)
 def test_verify_accepts_the_issues_postcopy_link_failure_at_30ms(tmp_path, capsys):
     """The issue's case: the shipped post-copy link-failure scenario with the link down at 30 ms, written
     by `replay run` itself, then verified."""
