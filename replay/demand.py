@@ -173,7 +173,8 @@ def build_demand(cpu_demand: str, cpu_quota: str, vcpus: int, last_t_ns: int | N
     """The demand steps of a guest of ``vcpus`` vCPUs whose trace ends at ``last_t_ns`` (None: empty)."""
     q = quota_mcpu(cpu_quota, vcpus)
     busy = MILLI * vcpus
-    end = 0 if last_t_ns is None else last_t_ns + 1  # the trace's work ends after its last event
+    # The trace's work ends after its last event (a trace may end at 2^64 - 1: the step times are uint64).
+    end = 0 if last_t_ns is None else min(last_t_ns + 1, (1 << 64) - 1)
     if cpu_demand == "busy":
         return _steps("busy", [0], [busy], q, vcpus)
     if cpu_demand != "trace":

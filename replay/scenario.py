@@ -432,31 +432,6 @@ def _validate(s: Scenario, src: str) -> Scenario:
     return s
 
 
-def parse_adversary(text: str) -> AdversarySpec:
-    """``--adversary KIND[@WHEN][,key=value...]``: WHEN is a virtual time ("30ms") or a packet
-    ("stream:sequence"); the keys are those of [[adversary]] (``flip@30ms,where=header``)."""
-    where = f"--adversary {short(text)}"
-    head, *rest = text.split(",")
-    kind, _, when = head.partition("@")
-    table: dict[str, Any] = {"kind": kind.strip()}
-    when = when.strip()
-    if ":" in when:
-        stream, _, seq = when.partition(":")
-        if not (stream.isdigit() and seq.isdigit()):
-            raise ScenarioError(f"{where}: a packet is stream:sequence, two integers")
-        table["stream"], table["sequence"] = int(stream), int(seq)
-    elif when:
-        table["at_ns"] = when
-    for item in rest:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ScenarioError(f"{where}: expected key=value after the comma, got {short(item)}")
-        table[key.strip()] = _parse_value(value)
-    a = _build(AdversarySpec, table, "adversary", "--adversary", short(text))
-    check_adversary(a, where)
-    return a
-
-
 def with_adversary(s: Scenario, actions: Sequence[AdversarySpec]) -> Scenario:
     """``s`` with more adversary actions (data mode on)."""
     return _validate(dataclasses.replace(s, adversary=s.adversary + tuple(actions)), "--adversary") if actions else s

@@ -234,3 +234,9 @@ def test_mirror_agents_never_touch_the_guest_and_report_what_they_take(tmp_path)
     assert m["guest_lost_ns"] == 2 * m["downtime_ns"]  # the pause alone, on both busy vCPUs
     window = m["total_ns"]
     assert m["cpu_demand"]["host_cpus_taken_milli"] == (m["cpu_ns"]["mirror_vm"] + m["cpu_ns"]["host"]) * 1000 // window
+
+
+def test_a_trace_ending_at_the_last_representable_time():
+    # Its work ends "after" 2^64 - 1: the steps stay uint64 (idle from 2^64 - 1 itself).
+    d = build_demand("trace", "", 2, (1 << 64) - 1, None)
+    assert (d.at_ns.tolist(), d.mcpu.tolist()) == ([0, (1 << 64) - 1], [2000, 0])
