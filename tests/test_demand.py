@@ -240,3 +240,24 @@ def test_a_trace_ending_at_the_last_representable_time():
     # Its work ends "after" 2^64 - 1: the steps stay uint64 (idle from 2^64 - 1 itself).
     d = build_demand("trace", "", 2, (1 << 64) - 1, None)
     assert (d.at_ns.tolist(), d.mcpu.tolist()) == ([0, (1 << 64) - 1], [2000, 0])
+
+
+def test_advance_edges():
+    d = build_demand("trace", "", 2, 99, None)  # busy [0, 100), idle after
+    assert d.advance(5, 3) == 8  # nothing taken: the guest runs
+    assert d.advance(200, 50, agent_ns=10_000, direct_ns=7) == 250  # idle: agents and faults take nothing
+    assert d.advance(7, 0, agent_ns=10) == 7
+    # Busy, 2 CPUs under a quota of 2: agents taking 1 CPU of 100 ns cost 50 ns of progress; a fault's
+    # 10 ns costs 5 more (its vCPU's own time, one of the two busy ones).
+    assert d.advance(0, 100, agent_ns=100) == 50
+    assert d.advance(0, 100, agent_ns=100, direct_ns=10) == 45
+    assert d.advance(0, 100, direct_ns=1) == 100  # 0.5 ns lost rounds down
+    assert d.advance(0, 100, direct_ns=2) == 99
+
+
+def test_quota_floor():
+    from replay.demand import quota_mcpu
+
+    assert quota_mcpu("0.001", 4) == 1 and quota_mcpu("0.0005", 4) == 1 and quota_mcpu("", 3) == 3000
+    with pytest.raises(ScenarioError, match=r"at most 1048576 \(at most 6 decimals\)"):
+        check_cpu_quota(2**21, "x")
