@@ -145,18 +145,25 @@ class Adversary:
         self.blame: list[tuple[Action, ...]] = []  # per packet of the latest delivery: the actions it carries
         self.now: int | None = None  # the acting phase's clock (None: the guest's)
         self.phase = "handshake"
+        self.gate: int | None = None
         self.stale: dict[int, tuple[Action, int, list[int], list[bytes]]] = {}  # stale-ciphertext records
 
     # -- when
-    def at(self, now: int | None, phase: str) -> None:
-        """The phase about to send (or act) and its clock."""
-        self.now, self.phase = now, phase
+    def at(self, now: int | None, phase: str, gate: int | None = None) -> None:
+        """The phase about to send (or act) and its clock. ``gate``: a fault reply sent while the push
+        runs is sent at ``now``, but push packets the run has not sent yet may come before it: an action
+        falls due on it only once the push's clock (``gate``) has reached the action's time too."""
+        self.now, self.phase, self.gate = now, phase, gate
 
     def clock(self) -> int:
         return self.guest.v if self.now is None else self.now
 
+    def _reached(self, at_ns: int) -> bool:
+        t = max(at_ns, 0)
+        return self.clock() >= t and (self.gate is None or self.gate >= t)
+
     def _due(self, a: Action) -> bool:
-        return a.applied_ns < 0 and a.spec.stream == UNSET and self.clock() >= max(a.spec.at_ns, 0)
+        return a.applied_ns < 0 and a.spec.stream == UNSET and self._reached(a.spec.at_ns)
 
     def next_due(self, after: int) -> int | None:
         """The earliest time later than ``after`` at which a timed action not yet applied falls due: the
@@ -306,7 +313,7 @@ class Adversary:
                              and h.stream == s.stream and h.sequence >= s.sequence), None)
             return next((i for i, h in enumerate(heads)
                          if h is not None and h.stream == s.stream and h.sequence == s.sequence), None)
-        if self.clock() < max(s.at_ns, 0):
+        if not self._reached(s.at_ns):
             return None
         return next((i for i, h in enumerate(heads) if h is not None and i not in taken
                      and (h.flags & Flag.SHARED if shared else h.flags & _SEALED)), None)

@@ -101,13 +101,14 @@ class DataMode:
                 adv = self.adversary
                 raise DataRefused(f"the target rejected a packet ({o.value})", by, adv.saw(i, by) if adv else None)
 
-    def send(self, gfns, versions, stream: str, at_ns: int | None = None) -> None:
+    def send(self, gfns, versions, stream: str, at_ns: int | None = None, gate_ns: int | None = None) -> None:
         """Send ``gfns`` on ``stream`` (a phase's traffic) at virtual time ``at_ns`` (the phase's clock;
         None: the guest's). In post-copy the target's agent checks the RMP entry of every private page
-        it installs, as it does before a pre-copy resume."""
+        it installs, as it does before a pre-copy resume. ``gate_ns``: a fault reply's, the push's clock
+        (replay.migration.adversary.Adversary.at)."""
         adv = self.adversary
         if adv is not None:
-            adv.at(at_ns, stream)
+            adv.at(at_ns, stream, gate_ns)
             adv.tick()
         if len(gfns):
             self._check(self.dp.send(gfns, versions, STREAM[stream], adv.wire(STREAM[stream]) if adv else None))

@@ -139,6 +139,8 @@ class _Postcopy:
                 b, r = g.cur.batch, g.cur.row
                 t = int(b.column("t_ns")[r].as_py()) + int(g.delays[int(b.column("vcpu")[r].as_py())])
                 g.elapse(max(1, t + 1 - g.g))
+                if self.dead_at is not None:  # a fault could not be served: the link is gone for good
+                    return False
         self.begin()
         base_k = 0
         window, wk = None, 0
@@ -303,7 +305,8 @@ class _Postcopy:
             else:
                 eng.deliver(SOURCE, TARGET, gfn)
                 if run.data is not None:
-                    run.data.send([gfn], [src.version], "fault", sv.sent_ns)  # on the link then
+                    run.data.send([gfn], [src.version], "fault", sv.sent_ns,  # on the link then
+                                  eng.transfer_state()["v_ns"] if self.pushing else None)
                 if self.pushing:  # the page shares the link and the agents with the push
                     eng.transfer_add(sv.reply_bytes, sv.pack_ns, sv.unpack_ns)
                     self.reply_bytes += sv.reply_bytes
