@@ -22,8 +22,9 @@ nothing here decides that an action was detected):
 - **What if the RMP failed** (``RMP_BYPASS``, on a host, ``tick``): the host's write reaches a private
   page's DRAM, so memory encryption alone decides: ``rmp-bypass-copy`` copies one private page's
   ciphertext over another's (decrypted with the other SPA as XTS tweak: garbage), ``stale-ciphertext``
-  records private pages' ciphertext and writes one back at the same SPA once the guest changed it (it
-  decrypts to the old data: a stale page, which XTS cannot tell), ``raw-copy`` copies a private page's
+  records private pages' ciphertext at the migration's setup and, at its time, writes one back at the
+  same SPA over a page that changed since (it decrypts to the old data: a stale page, which XTS cannot
+  tell), ``raw-copy`` copies a private page's
   ciphertext from the source straight into the target's DRAM, without the channel (another key and SPA:
   garbage). Nothing in SNP's memory encryption checks integrity, so each is undetected and changes what
   the guest reads; what stops them on real hardware is the RMP (docs/threat-model.md).
@@ -89,7 +90,7 @@ FAILS = {"flip": ("channel.bad_tag",), "forge": ("channel.bad_tag",), "truncate"
          "replay-old-version": ("channel.bad_sequence", "channel.stale_version")}
 VERDICT_OF = {"bad-measurement": "attestation.measurement", "bad-signature": "attestation.signature",
               "bad-policy": "attestation.policy", "bad-tcb": "attestation.tcb"}
-STALE_PAGES = 64  # stale-ciphertext: how many private pages' ciphertext the host records
+STALE_PAGES = 4096  # stale-ciphertext: how many private pages' ciphertext the host records (16 MiB at most)
 
 
 def at_text(a: AdversarySpec) -> str:
@@ -171,7 +172,6 @@ class Adversary:
         times = [a.spec.at_ns for a in self.actions
                  if a.applied_ns < 0 and a.spec.stream == UNSET and a.spec.at_ns > after
                  and a.spec.kind not in ATTESTATION + ("link-loss",)]
-        times += [t for _, t, _, _ in self.stale.values() if t > after]
         return min(times) if times else None
 
     def _of(self, kinds) -> list[Action]:
@@ -180,6 +180,7 @@ class Adversary:
     # -- the handshake
     def evidence(self) -> Callable[[Evidence], Evidence] | None:
         """Change the target's platform (its setup) or rewrite its evidence, for the attestation actions."""
+        self.record_ciphertext()
         acts = [a for a in self._of(ATTESTATION) if self._due(a)]
         dp = self.data.dp
         sig = False
@@ -260,26 +261,35 @@ class Adversary:
         a.changed.add(gfn)
         a.effect = f"gfn {gfn} on the target: the source's ciphertext under the target's key and SPA, garbage"
 
+    def record_ciphertext(self) -> None:
+        """At the migration's setup (the target: once it holds private pages) the host reads (it owns
+        DRAM) the ciphertext of the lowest ``STALE_PAGES`` private pages, for stale-ciphertext."""
+        for a in self._of(("stale-ciphertext",)):
+            host = SOURCE if a.spec.host == "source" else TARGET
+            held = self._held_private(host)[:STALE_PAGES] if id(a) not in self.stale else []
+            if held:  # the target holds nothing at setup: it records once it holds pages
+                mem = self.data.dp.memory[host]
+                self.stale[id(a)] = (a, self.clock(), held, [mem.read_raw(g) for g in held])
+
     def _stale(self, a: Action) -> None:
-        """Record private pages' ciphertext when due; write one back once the guest (or the migration)
-        changed it: the same SPA, so it decrypts to the old data."""
+        """When due, write a recorded ciphertext back at the same SPA over a page that changed since: it
+        decrypts to the old data (XTS has no freshness). Not due yet, or no recorded page changed yet:
+        the next chance."""
+        rec = self.stale.get(id(a))
+        if rec is None and a.applied_ns < 0:
+            self.record_ciphertext()
+            return
+        if rec is None or not self._due(a):
+            return
         host = SOURCE if a.spec.host == "source" else TARGET
         mem = self.data.dp.memory[host]
-        rec = self.stale.get(id(a))
-        if rec is None:
-            if a.applied_ns >= 0 or not self._due(a):
-                return
-            held = self._held_private(host)[:STALE_PAGES]
-            if held:
-                self.stale[id(a)] = (a, self.clock(), held, [mem.read_raw(g) for g in held])
-            return
-        _, _, gfns, old = rec
+        _, t, gfns, old = rec
         for g, c in zip(gfns, old):
             if mem.read_raw(g) != c:
                 a.applied(self.clock(), self.phase, g)
                 mem.write_raw(g, c)
                 a.changed.add(g)
-                a.effect = f"gfn {g}: ciphertext recorded at {rec[1]} ns written back: the old data"
+                a.effect = f"gfn {g}: its ciphertext of {t} ns written back: the old data"
                 del self.stale[id(a)]
                 return
 

@@ -109,9 +109,11 @@ class DataMode:
         adv = self.adversary
         if adv is not None:
             adv.at(at_ns, stream, gate_ns)
-            adv.tick()
         if len(gfns):
             self._check(self.dp.send(gfns, versions, STREAM[stream], adv.wire(STREAM[stream]) if adv else None))
+        if adv is not None:
+            adv.tick()  # the host's actions now, on what both hosts hold once these pages landed
+        if len(gfns):
             if stream in ("postcopy", "fault"):
                 g = np.asarray(gfns, dtype=np.uint32)
                 self.agent_check(g[(self.eng.flags(TARGET, g) & PRIVATE) != 0])
