@@ -479,12 +479,12 @@ class Adversary:
         return None
 
     # -- the link
-    def link_event(self, down_ns: int, recovered: bool, fault_at_ns: int, stalled_ns: int = 0) -> None:
+    def link_event(self, down_ns: int, recovered: bool, fault_at_ns: int, phase: str, stalled_ns: int = 0) -> None:
         """The link went down at ``down_ns`` (its fault starting at ``fault_at_ns``): the link-loss action
         that made that fault acted then; a recovered loss is recorded with its effect."""
         for a in self._of(("link-loss",)):
             if a.applied_ns < 0 and link_loss_ns(a.spec, self.start_ns) == fault_at_ns:
-                a.applied(down_ns, self.phase if self.phase else "link")
+                a.applied(down_ns, phase)
                 a.detect("link")
                 if recovered:
                     a.effect = f"recovered: re-keyed, stalled {stalled_ns} ns"

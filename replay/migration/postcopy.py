@@ -51,12 +51,13 @@ class PostcopyStats:
         return [b - a for iv in ivs for a, b in iv]
 
 
-def _link_event(run: Run, down: int, f, up: int = 0) -> None:
-    """Tell the adversary (if any) the link went down at ``down``: a link-loss it made acted then."""
+def _link_event(run: Run, down: int, f, phase: str, up: int = 0) -> None:
+    """Tell the adversary (if any) the link went down at ``down`` in ``phase`` (the push's, or a fault
+    reply's): a link-loss it made acted then."""
     adv = run.data.adversary if run.data is not None else None
     if adv is not None and f is not None:
         recovered = f.duration_ns != FOREVER
-        adv.link_event(down, recovered, f.at_ns, up - down if recovered else 0)
+        adv.link_event(down, recovered, f.at_ns, phase, up - down if recovered else 0)
 
 
 @dataclass(frozen=True)
@@ -180,12 +181,12 @@ class _Postcopy:
             f = link.outage(down)
             run.log("link_down", "migration link lost during post-copy (a fault's reply in flight)", t=down)
             if f is None or f.duration_ns == FOREVER:
-                _link_event(run, down, f)
+                _link_event(run, down, f, "fault")
                 self.dead_at = down
                 return False
             c = run.s.costs
             up = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns
-            _link_event(run, down, f, up)
+            _link_event(run, down, f, "fault", up)
             run.log("link_up", "recovered; re-keyed; the lost replies come again", t=up)
             again = up + 2 * link.latency_ns + (self.last_served_v - self.last_arrive_v)
             self.last_served_v = max(self.last_served_v, again)
@@ -205,11 +206,11 @@ class _Postcopy:
         run.log("link_down", "migration link lost during post-copy", t=down)
         f = link.outage(down)
         if f is None or f.duration_ns == FOREVER:
-            _link_event(run, down, f)
+            _link_event(run, down, f, "postcopy")
             self.dead_at = down
             return False
         up = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns  # re-keyed before pages move
-        _link_event(run, down, f, up)
+        _link_event(run, down, f, "postcopy", up)
         self.link_up_ns = up
         self.link_from = f.at_ns + f.duration_ns
         run.log("link_up", f"recovered; re-keyed; stalled_ns={up - down}", t=up)
@@ -289,13 +290,13 @@ class _Postcopy:
                 while (down := run.link.down_at(v_req)) is not None and down < sv.arrive_ns:
                     f = run.link.outage(down)
                     if f is None or f.duration_ns == FOREVER:
-                        _link_event(run, down, f)
+                        _link_event(run, down, f, "fault")
                         self.dead_at = down
                         run.log("link_down", "migration link lost during post-copy", t=down)
                         return False
                     c = run.s.costs
                     v_req = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns
-                    _link_event(run, down, f, v_req)
+                    _link_event(run, down, f, "fault", v_req)
                     run.log("link_up", f"recovered; re-keyed; fault on gfn {gfn} requested again", t=v_req)
                     sv = self.path.serve(vcpu, gfn, v_req, private, src.version == 0, 0, e, (0, 0))
             served = sv.done_ns - voff
