@@ -531,3 +531,47 @@ def test_run_report_shows_the_actions_and_expected_differences(tmp_path):
     page = render_html([load_run(tmp_path / "run")])
     assert "<th>adversary action</th>" in page and "<td>tamper-shared</td>" in page
     assert "plaintext_end_equals_no_migration</td><td class=\"ok\">false (the adversary&#x27;s, expected)" in page
+
+
+@pytest.mark.parametrize("kind", ["rmp-bypass-copy", "stale-ciphertext", "raw-copy"])
+def test_past_a_failed_rmp_memory_encryption_decides(kind, monkeypatch):
+    """What if the RMP failed: the host's copy lands, and only AES-XTS (per-host key, SPA tweak) decides
+    what the guest reads. A ciphertext at another SPA or on another host decrypts to something other
+    than the page it came from; an old ciphertext at its own SPA decrypts to the old data. No check
+    notices: undetected, and the differing plaintext is explained only by that action."""
+    from replay.migration import adversary as adv
+    from replay.strategies import TARGET
+
+    seen = {}
+    tick, record = adv.Adversary.tick, adv.Adversary.record_ciphertext
+
+    def record_plain(self):
+        record(self)
+        for _, _, gfns, _ in self.stale.values():
+            seen.setdefault("old", {g: self.data.dp.memory[SOURCE].read_plain(g) for g in gfns})
+
+    def tick_and_look(self):
+        a = self.actions[0]
+        before = a.applied_ns
+        tick(self)
+        if before < 0 <= a.applied_ns:
+            src, tgt = self.data.dp.memory[SOURCE], self.data.dp.memory[TARGET]
+            g = a.gfn
+            if kind == "rmp-bypass-copy":
+                other = g - 1 if g - 1 in self._held_private(SOURCE) else self._held_private(SOURCE)[0]
+                seen["ok"] = src.read_raw(g) == src.read_raw(other) and src.read_plain(g) != src.read_plain(other)
+            elif kind == "raw-copy":
+                seen["ok"] = tgt.read_raw(g) == src.read_raw(g) and tgt.read_plain(g) != src.read_plain(g)
+            else:
+                seen["ok"] = src.read_plain(g) == seen["old"][g]  # the old data is back
+
+    monkeypatch.setattr(adv.Adversary, "tick", tick_and_look)
+    monkeypatch.setattr(adv.Adversary, "record_ciphertext", record_plain)
+    r = run_with(AdversarySpec(kind=kind, at_ns=50_000_000))
+    (a,) = r.summary["adversary"]
+    assert seen["ok"] is True
+    assert r.status == "completed" and (a["outcome"], a["detected_by"], a["phase"]) == ("undetected", "", "precopy")
+    assert a["applied_ns"] >= 50_000_000 and a["effect"].startswith(f"gfn {a['gfn']}")
+    inv = r.summary["invariants"]["plaintext_end_equals_no_migration"]
+    assert r.summary["adversary_effects"]["plaintext_end_differs"] is (not inv)
+    assert ("plaintext_end_equals_no_migration" in r.summary["adversary_effects"]["explains"]) is (not inv)
