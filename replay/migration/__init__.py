@@ -117,9 +117,7 @@ class Migration:
                     f = run.link.outage(down.at_ns)  # the fault that cut it: a link-loss action's, or not
                     adversary.link_down(down.at_ns, f.at_ns if f is not None else None)
             except DataRefused as refused:
-                self._refused(run, out, refused)
-                if adversary is not None:
-                    adversary.refused(refused.detected_by)
+                self._refused(run, out, refused)  # the action it saw was named where the check ran
             out.guest_g_at_end = guest.g  # the end of the migration window: the guest has not run past it
             if out.status != "failed":
                 self._finish_trace(run, out)

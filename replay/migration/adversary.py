@@ -491,10 +491,6 @@ class Adversary:
                 return
 
     # -- the record
-    def refused(self, detected_by: str) -> None:
-        """The migration stopped at a check. Attribution happened where the check ran; a link-loss that
-        stopped it is recorded here."""
-
     def link_down(self, at_ns: int, fault_at_ns: int | None = None) -> None:
         for a in self._of(("link-loss",)):
             if a.applied_ns < 0 and (fault_at_ns is None or link_loss_ns(a.spec, self.start_ns) == fault_at_ns):
