@@ -530,6 +530,8 @@ def test_run_report_shows_the_actions_and_expected_differences(tmp_path):
     r.write(tmp_path / "run")
     page = render_html([load_run(tmp_path / "run")])
     assert "<th>adversary action</th>" in page and "<td>tamper-shared</td>" in page
+    a = r.summary["adversary"][0]
+    assert f"<td>{a['phase']} @ {a['applied_ns']} ns</td>" in page and a["phase"] == "precopy"
     assert "plaintext_end_equals_no_migration</td><td class=\"ok\">false (the adversary&#x27;s, expected)" in page
 
 
