@@ -459,12 +459,14 @@ def test_the_targets_rmp_check_runs_on_every_run(monkeypatch):
     _intact(r)
 
 
-@pytest.mark.parametrize("phase_at, phase", [(50_000_000, "postcopy"), (70_000_000, "postcopy")])
-def test_recovered_link_loss_is_recorded_as_applied(phase_at, phase):
-    """A link loss during the post-copy push that comes back: the push stalls, re-keys and goes on; the
-    action is recorded at the moment the link went down, with the stall as its effect."""
+@pytest.mark.parametrize("phase_at, phase, push", [(50_000_000, "postcopy", True), (70_000_000, "postcopy", True),
+                                                   (92_000_000, "fault", False)])
+def test_recovered_link_loss_is_recorded_as_applied(phase_at, phase, push):
+    """A link loss during the post-copy push (or, without a push, under the fault replies) that comes
+    back: the migration stalls, re-keys and goes on; the action is recorded at the moment the link went
+    down, in that phase, with the stall as its effect."""
     r = run_with(AdversarySpec(kind="link-loss", at_ns=phase_at, duration_ns=2_000_000),
-                 overrides=["migration.mode=postcopy"])
+                 overrides=["migration.mode=postcopy", f"migration.postcopy_background_push={str(push).lower()}"])
     (a,) = r.summary["adversary"]
     assert r.status == "completed"
     assert (a["outcome"], a["detected_by"], a["phase"]) == ("detected", "link", phase)
