@@ -65,11 +65,16 @@ def _phase_scenario(s: Scenario, mode: str, phase: str) -> Scenario:
     return dataclasses.replace(s, migration=m)
 
 
-def phase_times(result, phase: str) -> int:
+def phase_times(result, phase: str) -> int | None:
     """A time inside ``phase`` of a run without adversary (its record): the middle of the pre-copy
     rounds (setup done to switchover), of the stop-and-copy transfer (pause to the VMSAs), of the
-    post-copy push (resume to completion), or the median private fault's raise (its reply goes after)."""
+    post-copy push (resume to completion), or the median private fault's raise (its reply goes after).
+    None if the run had no such phase (a hybrid that converged before its switch to post-copy)."""
     m = result.summary["metrics"]
+    kinds = {e["kind"] for e in result.events.to_pylist()}
+    postcopy = "postcopy_complete" in kinds
+    if (phase in ("push", "fault-reply")) != postcopy or (phase == "round" and "round_start" not in kinds):
+        return None
     start, sw = m["migration_start_ns"] + m["setup_ns"], m["switchover_ns"]
     if phase == "round":
         return (start + sw) // 2
@@ -79,7 +84,7 @@ def phase_times(result, phase: str) -> int:
     if phase == "push":
         return (sw + m["downtime_ns"] + m["completion_ns"]) // 2
     raised = sorted(r["raised_ns"] for r in result.faults.to_pylist() if r["private"])
-    return raised[len(raised) // 2]
+    return raised[len(raised) // 2] if raised else None
 
 
 def run_matrix(scenario: Scenario, *, kinds: Sequence[str] = ADVERSARY_KINDS, modes: Sequence[str] = DEFAULT_MODES,
@@ -88,7 +93,8 @@ def run_matrix(scenario: Scenario, *, kinds: Sequence[str] = ADVERSARY_KINDS, mo
     middle of that phase (times from a run of the same strategy and phase without adversary): pre-copy's
     rounds and stop-and-copy, post-copy's push and fault replies, hybrid's rounds and push. The
     handshake's kinds act at the handshake, once per mode; the target RMP's before a pre-copy resume
-    (once per mode) and on the pages of a post-copy phase."""
+    (once per mode) and on the pages of a post-copy phase. A phase the mode's run never reaches (a
+    hybrid that converged before its switch to post-copy has no push) has no row."""
     from .migration import Migration, trace_for
     from .migration.adversary import ATTESTATION, RMP_TARGET
 
@@ -118,6 +124,8 @@ def run_matrix(scenario: Scenario, *, kinds: Sequence[str] = ADVERSARY_KINDS, mo
                         key = (strategy, mode, phase)
                         if key not in times:
                             times[key] = phase_times(run(s), phase)
+                        if times[key] is None:
+                            continue  # that mode's run never reaches the phase: nothing to aim at
                         action = AdversarySpec(kind=kind, at_ns=times[key])
                     r = run(with_adversary(s, [action]))
                     act, eff = r.summary["adversary"][0], r.summary["adversary_effects"]
