@@ -579,3 +579,31 @@ def test_past_a_failed_rmp_memory_encryption_decides(kind, monkeypatch):
     inv = r.summary["invariants"]["plaintext_end_equals_no_migration"]
     assert r.summary["adversary_effects"]["plaintext_end_differs"] is (not inv)
     assert ("plaintext_end_equals_no_migration" in r.summary["adversary_effects"]["explains"]) is (not inv)
+
+
+def test_only_the_action_that_changed_the_pages_explains_a_plaintext_difference(monkeypatch):
+    """An undetected shared-page tampering explains the plaintext difference it caused; a difference in a
+    page no action changed (here the test's own write into a private page of the target) is not
+    excused by it, and shows as an unexplained invariant failure."""
+    from replay.migration import adversary as adv
+    from replay.strategies import TARGET
+
+    tamper = AdversarySpec(kind="tamper-shared", at_ns=50_000_000)
+    r = run_with(tamper)
+    assert r.summary["adversary_effects"]["explains"] == ["plaintext_end_equals_no_migration",
+                                                          "plaintext_target_equals_source_at_switchover"]
+    tick = adv.Adversary.tick
+
+    def tick_and_corrupt(self):
+        tick(self)
+        held = self._held_private(TARGET)
+        if held and self.phase == "vmsa" and not getattr(self, "_corrupted", False):  # a change no action made
+            self._corrupted = True
+            self.data.dp.memory[TARGET].write_raw(held[-1], bytes(4096))
+
+    monkeypatch.setattr(adv.Adversary, "tick", tick_and_corrupt)
+    r = run_with(tamper)
+    s = r.summary
+    assert s["status"] == "completed" and s["adversary"][0]["outcome"] == "undetected"
+    assert not s["invariants"]["plaintext_end_equals_no_migration"]
+    assert "plaintext_end_equals_no_migration" not in s["adversary_effects"]["explains"]

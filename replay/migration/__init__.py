@@ -101,7 +101,7 @@ class Migration:
             guest.data = data
             if self.s.adversary:  # the scenario turned data mode on for it
                 adversary = data.adversary = Adversary(self.s.adversary, data, eng, guest, self.s.seed,
-                                                       self.s.migration.start_ns)
+                                                       self.s.migration.start_ns, self.trace_path)
             start = self.s.migration.start_ns
             guest.run_to(start)
             guest.v = guest.g = start

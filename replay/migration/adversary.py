@@ -137,9 +137,12 @@ class Adversary:
 
     ``data``: the run's ``DataMode``; ``guest``: the run's guest (its clock ``v`` and the ``host`` it runs on)."""
 
-    def __init__(self, specs: tuple[AdversarySpec, ...], data, eng, guest, seed: int, start_ns: int = 0):
+    def __init__(self, specs: tuple[AdversarySpec, ...], data, eng, guest, seed: int, start_ns: int = 0,
+                 trace_path=None):
         self.actions = [Action(a) for a in specs]
         self.data, self.eng, self.guest, self.seed, self.start_ns = data, eng, guest, seed, start_ns
+        self.trace_path = trace_path  # to tell which pages an end plaintext differs in (finish)
+        self.switchover_diff: set[int] | None = None  # pages the target's plain text differed in, if any
         self.pending: dict[int, list[tuple[Action, bytes]]] = {}  # stream -> packets the host sends later
         self.recorded: dict[int, list[tuple[Action, bytes]]] = {}  # replay-old-version: stream -> packets
         self.gaps: dict[int, Action] = {}  # stream -> a drop whose gap no later packet has shown yet
@@ -497,6 +500,22 @@ class Adversary:
                 a.applied(at_ns, self.phase or "link")
                 a.detect("link")
 
+    def _end_diff(self) -> set[int]:
+        """The pages whose end-of-trace plain text differs from the trace replayed without migration
+        (replayed again here, into a memory of its own: only for a run whose digest differs and that an
+        undetected action changed)."""
+        from ..security.memory import HostMemory
+        from ..trace import open_trace
+        from .data import differing_pages
+
+        if self.trace_path is None:
+            return set()
+        with open_trace(self.trace_path) as tr:
+            ref = HostMemory.for_host(0, 0, npages=tr.meta.npages, spa_base=1024, shared_ranges=tr.meta.shared_ranges)
+            for _, batch in tr:
+                ref.apply_batch(batch)
+        return differing_pages(ref, self.data.dp.memory[self.guest.host])
+
     def record(self) -> list[dict]:
         return [{"kind": a.spec.kind, "at": at_text(a.spec), "outcome": a.outcome, "detected_by": a.detected_by,
                  "applied_ns": max(a.applied_ns, 0), "gfn": max(a.gfn, 0), "phase": a.phase, "effect": a.effect}
@@ -508,9 +527,9 @@ class Adversary:
         the target wrote after it resumed, which the source never saw), whether the guest's end plaintext
         differs from the no-migration one, and which invariants the actions explain (so that they are
         reported, not taken for a bug). Only the action that caused a difference explains it: RMP #PFs
-        are the detected host writes' (and no other fault), a plaintext difference is an undetected
-        action's that changed a page the guest reads (tampered shared pages, pages written past a failed
-        RMP)."""
+        are the detected host writes' (and no other fault); a plaintext difference is explained only if
+        every page that differs is one an undetected action changed (tampered shared pages, pages
+        written past a failed RMP)."""
         if postcopy_failed:
             self.link_down(at_ns)
         stopped = status != "completed"
@@ -529,9 +548,12 @@ class Adversary:
             explains.append("no_faults")
         elif writes and faults is None:
             explains.append("no_faults")
-        if any(a.outcome == "undetected" and a.changed for a in self.actions):
-            explains += ["plaintext_end_equals_no_migration", "plaintext_target_equals_source_at_switchover"]
+        changed = set().union(*(a.changed for a in self.actions if a.outcome == "undetected"))
         p = self.data.plaintext
+        if changed and p["end_of_trace"] not in ("", p["no_migration"]) and self._end_diff() <= changed:
+            explains.append("plaintext_end_equals_no_migration")
+        if changed and self.switchover_diff is not None and self.switchover_diff <= changed:
+            explains.append("plaintext_target_equals_source_at_switchover")
         differs = p["end_of_trace"] != "" and p["end_of_trace"] != p["no_migration"]
         explains = [k for k in explains if k in invariants and not invariants[k]]
         return self.record(), {"pages_lost": lost, "plaintext_end_differs": differs, "explains": explains}

@@ -48,6 +48,16 @@ def attestation_setup(a: AttestationSpec) -> AttestationSetup:
         source_tcb=tcb(a.source_tcb), target_tcb=tcb(a.target_tcb), target_policy=policy, target_root=a.target_root)
 
 
+def differing_pages(a, b) -> set[int]:
+    """The gfns whose plain text differs between two ``HostMemory`` of one guest."""
+    out: set[int] = set()
+    n = a.npages
+    for lo in range(0, n, 4096):
+        g = np.arange(lo, min(n, lo + 4096))
+        out.update((lo + np.flatnonzero((a.read_plain_many(g) != b.read_plain_many(g)).any(axis=1))).tolist())
+    return out
+
+
 class DataRefused(Exception):
     """The channel refused to go on (handshake, packet, token or the target agent's RMP check): ``reason``
     says which check; ``action``: the adversary's action it saw, if any."""
@@ -275,6 +285,10 @@ class DataMode:
     # -- digests and facts
     def snapshot(self, key: str, host: int) -> None:
         self.plaintext[key] = self.dp.memory[host].plaintext_digest()
+        if key == "target_at_switchover" and self.adversary is not None and (
+                self.plaintext[key] != self.plaintext["source_at_switchover"]):
+            # Which pages differ, so that only the action that changed them explains the difference.
+            self.adversary.switchover_diff = differing_pages(self.dp.memory[SOURCE], self.dp.memory[TARGET])
 
     def facts(self) -> tuple[dict, dict]:
         """(metrics.security: numbers and verdicts, for diff and report; data: the handshake transcript)."""
