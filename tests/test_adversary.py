@@ -607,3 +607,17 @@ def test_only_the_action_that_changed_the_pages_explains_a_plaintext_difference(
     assert s["status"] == "completed" and s["adversary"][0]["outcome"] == "undetected"
     assert not s["invariants"]["plaintext_end_equals_no_migration"]
     assert "plaintext_end_equals_no_migration" not in s["adversary_effects"]["explains"]
+
+
+@pytest.mark.parametrize("mode, at", [("precopy", 50_000_000), ("precopy", 90_000_000), ("postcopy", 68_000_000)])
+def test_ending_transfer_steps_at_due_times_changes_nothing_else(mode, at):
+    """The phases end a transfer step at each action's due time; that moves no page and no clock: a run
+    whose action changes nothing the migration sees (a host write the RMP refuses) has the same timing
+    and traffic as one whose action never falls due."""
+    quiet = run_with(AdversarySpec(kind="host-write-private", at_ns=10**13), overrides=[f"migration.mode={mode}"])
+    split = run_with(AdversarySpec(kind="host-write-private", at_ns=at), overrides=[f"migration.mode={mode}"])
+    assert split.summary["adversary"][0]["applied_ns"] >= at and quiet.summary["adversary"][0]["outcome"] == "not_reached"
+    for key in ("switchover_ns", "completion_ns", "downtime_ns", "pages_sent", "bytes_sent", "rounds", "precopy_pages",
+                "downtime_pages", "postcopy_pages", "guest_lost_ns"):
+        assert split.summary["metrics"][key] == quiet.summary["metrics"][key], key
+    assert split.summary["metrics"]["postcopy"]["latency_p99_ns"] == quiet.summary["metrics"]["postcopy"]["latency_p99_ns"]
