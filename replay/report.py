@@ -296,11 +296,16 @@ def _adversary_table(s: dict) -> str:
     acts = s.get("adversary") or []
     if not acts:
         return ""
+    def acted(a: dict) -> str:  # records before the phase was recorded have none: nothing to show
+        return f'{a.get("phase", "")} @ {a["applied_ns"]} ns' if a["outcome"] != "not_reached" and a.get("phase") else ""
+
     rows = "".join(
-        f'<tr><td>{_e(a["kind"])}</td><td>{_e(a["at"])}</td><td class="{"ok" if a["outcome"] == "detected" else ""}">'
-        f'{_e(a["outcome"])}</td><td>{_e(a["detected_by"])}</td></tr>' for a in acts)
+        f'<tr><td>{_e(a["kind"])}</td><td>{_e(a["at"])}</td><td>{_e(acted(a))}</td>'
+        f'<td class="{"ok" if a["outcome"] == "detected" else ""}">'
+        f'{_e(a["outcome"])}</td><td>{_e(a["detected_by"])}</td><td>{_e(a.get("effect", ""))}</td></tr>' for a in acts)
     eff = s.get("adversary_effects") or {}
-    return (f'<table><tr><th>adversary action</th><th>at</th><th>outcome</th><th>detected by</th></tr>{rows}</table>'
+    return (f'<table><tr><th>adversary action</th><th>at</th><th>acted</th><th>outcome</th><th>detected by</th>'
+            f'<th>effect</th></tr>{rows}</table>'
             f'<p class="sub">pages lost {_e(eff.get("pages_lost", 0))} · end plaintext differs from no migration: '
             f'{_e(fmt(eff.get("plaintext_end_differs", False)))}</p>')
 

@@ -231,7 +231,9 @@ class LinkFault:
 # What an untrusted host can do to a migration ([[adversary]]; replay.migration.adversary carries them out).
 ADVERSARY_KINDS = ("flip", "drop", "replay", "reorder", "forge", "truncate", "bad-measurement", "bad-signature",
                    "bad-policy", "bad-tcb", "host-write-private", "rmp-remap", "skip-pvalidate", "double-pvalidate",
-                   "replay-old-version", "tamper-shared", "link-loss")
+                   "replay-old-version", "tamper-shared", "link-loss",
+                   # what if the RMP failed: memory encryption alone decides (replay.migration.adversary)
+                   "rmp-bypass-copy", "stale-ciphertext", "raw-copy")
 # The kinds that act on one packet, so may name it (stream + sequence) instead of a time.
 ADVERSARY_PACKET_KINDS = ("flip", "drop", "replay", "reorder", "forge", "truncate", "replay-old-version",
                           "tamper-shared")
@@ -250,7 +252,7 @@ class AdversarySpec:
     stream: int = UNSET
     sequence: int = UNSET
     where: str = "payload"  # flip: the header or the payload of the packet
-    host: str = "source"  # host-write-private: whose host process writes
+    host: str = "source"  # host-write-private, rmp-bypass-copy, stale-ciphertext: whose host acts
     duration_ns: int = FOREVER  # link-loss: how long the link stays down
 
 

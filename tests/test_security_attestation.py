@@ -123,3 +123,31 @@ def test_handshake_directly_with_different_policies_per_side():
     strict = dataclasses.replace(policy, min_tcb=TcbVersion(snp=24))  # the source wants a newer target
     hs = handshake(src, tgt, strict, policy)
     assert hs.refusal == ("source", Verdict.TCB) and hs.target_verdict is Verdict.ACCEPTED
+
+
+def _signed_by(vcek_host: int, vcek_tcb: TcbVersion, *, report_host: int = 1, report_tcb: TcbVersion = TcbVersion()):
+    """Evidence whose report claims ``report_host``'s chip and ``report_tcb``, signed by the VCEK of
+    ``vcek_host`` at ``vcek_tcb`` (the host's own key, so the chain and the signature verify)."""
+    from replay.security.attestation import _ECDSA, chip_id_of
+
+    root = AmdRoot(SEED)
+    ev = Agent(root, SEED, report_host, measurement=measurement_of("svsm"), tcb=report_tcb).evidence
+    key, cert = root.vcek(vcek_host, vcek_tcb)
+    report = dataclasses.replace(ev.report, chip_id=chip_id_of(SEED, report_host), tcb=report_tcb)
+    report = dataclasses.replace(report, signature=key.sign(report.body(), _ECDSA))
+    return dataclasses.replace(ev, report=report, vcek_cert=cert)
+
+
+def test_vcek_tcb_and_chip_id_must_be_the_reports():
+    """A report claiming a patched TCB signed with an unpatched TCB's VCEK, or naming another chip than
+    the VCEK's, is refused though chain and signature verify; the same report with its own VCEK passes."""
+    policy = VerifierPolicy(AmdRoot(SEED).ark_public, frozenset({measurement_of("svsm")}), TcbVersion())
+    patched, old = TcbVersion(microcode=80), TcbVersion(microcode=60)
+    assert verify(_signed_by(1, patched, report_tcb=patched), policy) is Verdict.ACCEPTED  # the oracle: consistent
+    assert verify(_signed_by(1, old, report_tcb=patched), policy) is Verdict.VCEK_TCB_MISMATCH
+    assert verify(_signed_by(0, patched, report_tcb=patched), policy) is Verdict.CHIP_ID_MISMATCH
+    assert Verdict.VCEK_TCB_MISMATCH.value == "vcek_tcb_mismatch" and Verdict.CHIP_ID_MISMATCH.value == "chip_id_mismatch"
+    # The VCEK's chip id and TCB are signed with it: rewriting them breaks the chain.
+    ev = _signed_by(1, old, report_tcb=patched)
+    forged = dataclasses.replace(ev, vcek_cert=dataclasses.replace(ev.vcek_cert, tcb=patched))
+    assert verify(forged, policy) is Verdict.CHAIN

@@ -100,7 +100,8 @@ class Migration:
             guest = Guest(eng, reader, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.demand, self.progress)
             guest.data = data
             if self.s.adversary:  # the scenario turned data mode on for it
-                adversary = data.adversary = Adversary(self.s.adversary, data, eng, guest, self.s.seed)
+                adversary = data.adversary = Adversary(self.s.adversary, data, eng, guest, self.s.seed,
+                                                       self.s.migration.start_ns, self.trace_path)
             start = self.s.migration.start_ns
             guest.run_to(start)
             guest.v = guest.g = start
@@ -113,11 +114,10 @@ class Migration:
             except LinkDown as down:
                 self._aborted(run, out, down.at_ns)
                 if adversary is not None:
-                    adversary.link_down(down.at_ns)
+                    f = run.link.outage(down.at_ns)  # the fault that cut it: a link-loss action's, or not
+                    adversary.link_down(down.at_ns, f.at_ns if f is not None else None)
             except DataRefused as refused:
-                self._refused(run, out, refused)
-                if adversary is not None:
-                    adversary.refused(refused.detected_by)
+                self._refused(run, out, refused)  # the action it saw was named where the check ran
             out.guest_g_at_end = guest.g  # the end of the migration window: the guest has not run past it
             if out.status != "failed":
                 self._finish_trace(run, out)

@@ -24,7 +24,8 @@ from ..security.attestation import DEFAULT_GUEST_POLICY, POLICY_DEBUG, POLICY_MI
 from ..security.memory import page_spans
 from ..security.session import AttestationSetup, DataPlane
 from ..security.token import TokenOutcome
-from ..snp import PAGE_SIZE, Op
+from ..engine import PRESENT, PRIVATE
+from ..snp import PAGE_SIZE, Access, Fault, Op, Rc
 from ..strategies import SOURCE, TARGET
 
 # Pages whose contents wait, captured, to be sent in one batch (64 MiB at most: a bigger transfer is sent
@@ -47,12 +48,24 @@ def attestation_setup(a: AttestationSpec) -> AttestationSetup:
         source_tcb=tcb(a.source_tcb), target_tcb=tcb(a.target_tcb), target_policy=policy, target_root=a.target_root)
 
 
-class DataRefused(Exception):
-    """The channel refused to go on (handshake, packet or token): ``reason`` says which check."""
+def differing_pages(a, b) -> set[int]:
+    """The gfns whose plain text differs between two ``HostMemory`` of one guest."""
+    out: set[int] = set()
+    n = a.npages
+    for lo in range(0, n, 4096):
+        g = np.arange(lo, min(n, lo + 4096))
+        out.update((lo + np.flatnonzero((a.read_plain_many(g) != b.read_plain_many(g)).any(axis=1))).tolist())
+    return out
 
-    def __init__(self, reason: str, detected_by: str):
+
+class DataRefused(Exception):
+    """The channel refused to go on (handshake, packet, token or the target agent's RMP check): ``reason``
+    says which check; ``action``: the adversary's action it saw, if any."""
+
+    def __init__(self, reason: str, detected_by: str, action=None):
         self.reason = reason
         self.detected_by = detected_by
+        self.action = action
 
 
 class DataMode:
@@ -80,31 +93,72 @@ class DataMode:
     # -- pages
     def handshake(self) -> None:
         adv = self.adversary
+        if adv is not None:
+            adv.at(None, "handshake")
         hs = self.dp.attest(adv.evidence() if adv else None)
         if not hs.accepted:
             side, verdict = hs.refusal
-            raise DataRefused(f"attestation refused by the {side}: {verdict.value}", f"attestation.{verdict.value}")
+            by = f"attestation.{verdict.value}"
+            raise DataRefused(f"attestation refused by the {side}: {verdict.value}", by,
+                              adv.handshake_refused(by) if adv else None)
 
     def _check(self, outcomes) -> None:
-        bad = [o for o in outcomes if o is not Outcome.ACCEPTED]
-        if bad:
-            raise DataRefused(f"the target rejected a packet ({bad[0].value})", f"channel.{bad[0].value}")
+        """The target's verdicts on the packets just delivered: the first rejected one stops the migration
+        (and names the adversary's action that packet carried, if any)."""
+        for i, o in enumerate(outcomes):
+            if o is not Outcome.ACCEPTED:
+                by = f"channel.{o.value}"
+                adv = self.adversary
+                raise DataRefused(f"the target rejected a packet ({o.value})", by, adv.saw(i, by) if adv else None)
 
-    def send(self, gfns, versions, stream: str) -> None:
+    def send(self, gfns, versions, stream: str, at_ns: int | None = None, gate_ns: int | None = None) -> None:
+        """Send ``gfns`` on ``stream`` (a phase's traffic) at virtual time ``at_ns`` (the phase's clock;
+        None: the guest's). In post-copy the target's agent checks the RMP entry of every private page
+        it installs, as it does before a pre-copy resume. ``gate_ns``: a fault reply's, the push's clock
+        (replay.migration.adversary.Adversary.at)."""
         adv = self.adversary
         if adv is not None:
-            adv.tick()
+            adv.at(at_ns, stream, gate_ns)
         if len(gfns):
             self._check(self.dp.send(gfns, versions, STREAM[stream], adv.wire(STREAM[stream]) if adv else None))
+        if adv is not None:
+            adv.tick()  # the host's actions now, on what both hosts hold once these pages landed
+        if len(gfns):
+            if stream in ("postcopy", "fault"):
+                g = np.asarray(gfns, dtype=np.uint32)
+                self.agent_check(g[(self.eng.flags(TARGET, g) & PRIVATE) != 0])
 
-    def after_transfer(self, run_host: int, batch, base: int, a: int, b: int, stream: str) -> None:
+    def agent_check(self, gfns) -> None:
+        """The target's agent checks the RMP entries of private pages it holds (it installed and validated
+        them itself: an entry that is not assigned, validated and the guest's at that gfn is the host's
+        doing), and PVALIDATEs the pages the host reports newly installed (FAIL_NOUPDATE: it was validated
+        already, an alias). Runs on every data-mode run, from the engine's RMP state."""
+        eng, adv = self.eng, self.adversary
+        notices = adv.target_rmp(gfns) if adv is not None else []
+        for gfn in notices:
+            spa = eng.spa(TARGET, gfn)
+            e = eng.rmp_entry(TARGET, spa)
+            if eng.pvalidate(TARGET, spa, asid=e.asid, gfn=gfn, vmpl=0, validate=True) == Rc.FAIL_NOUPDATE:
+                by = "pvalidate.fail_noupdate"
+                raise DataRefused(f"PVALIDATE of gfn {gfn}, reported newly installed, found it validated "
+                                  "(FAIL_NOUPDATE)", by, adv.rmp_refused(gfn, by))
+        for gfn in np.asarray(gfns).tolist():
+            f = eng.check_access(TARGET, gfn, vmpl=0, access=Access.READ, private=True)
+            if f != Fault.NONE:
+                by = "vc.not_validated" if f == Fault.VC_NOT_VALIDATED else f"rmp.{f.key}"
+                raise DataRefused(f"the target's RMP entry of gfn {gfn} is not the guest's ({f.key})", by,
+                                  adv.rmp_refused(gfn, by) if adv is not None else None)
+
+    def after_transfer(self, run_host: int, batch, base: int, a: int, b: int, stream: str,
+                       at_ns: int | None = None) -> None:
         """Replay the interleaving of the transfer: the rows [a, b) it applied and the pages it sent, each
         page with the contents (and state) it had when the engine took its version. Consecutive sends form
         one group, packaged after the rows up to the group's last send are applied, as long as no WRITE or
         page-state row between a page's send and that point touches the page."""
         gfns, rows, versions = self.eng.take_send_log()
+        self._at = at_ns  # the transfer step's clock when it began: its first page's time
         if batch is None:
-            self.send(gfns, versions, stream)
+            self.send(gfns, versions, stream, at_ns)
             return
         if not len(gfns):
             self.rows(run_host, batch, a, b)
@@ -145,7 +199,7 @@ class DataMode:
             if not capture or e - s > CAPTURE_PAGES:
                 self._send_captured(pending, gfns, versions, at, private, used, stream)
                 pending, used, count = [], 0, 0
-                self.send(gfns[s:e], versions[s:e], stream)
+                self.send(gfns[s:e], versions[s:e], stream, self._at)
                 continue
             if count + e - s > CAPTURE_PAGES:
                 self._send_captured(pending, gfns, versions, at, private, used, stream)
@@ -205,21 +259,36 @@ class DataMode:
         same = (at < key.size) & (hit // stride == gfns)
         return np.where(same, hit % stride, b)
 
-    def vmsas(self, vcpus: int, vmpls: list[int]) -> None:
+    def vmsas(self, vcpus: int, vmpls: list[int], at_ns: int | None = None) -> None:
+        """The VMSAs cross (from ``at_ns``); then the target's last look before it runs: packets the host
+        still holds go in, and its agent checks the RMP entry of every private page it holds."""
         adv = self.adversary
+        if adv is not None:
+            adv.at(at_ns, "vmsa")
+            adv.tick()
         self._check(self.dp.send_vmsas(vcpus, vmpls, STREAM["vmsa"], adv.wire(STREAM["vmsa"]) if adv else None))
         if adv is not None:
-            adv.before_resume()  # the target's last look before it runs
+            adv.at(None, "resume")
+            adv.deliver_pending()
+        flags = self.eng.flags(TARGET, np.arange(self.eng.npages, dtype=np.uint32))
+        self.agent_check(np.flatnonzero((flags & (PRIVATE | PRESENT)) == (PRIVATE | PRESENT)))
 
     def token(self) -> None:
         adv = self.adversary
+        if adv is not None:
+            adv.at(None, "token")
         outcome = self.dp.finish(adv.wire(self.dp.TOKEN_STREAM) if adv else None)
         if outcome is not TokenOutcome.MATCH:
-            raise DataRefused(f"validation token: {outcome.value}", f"token.{outcome.value}")
+            by = f"token.{outcome.value}"
+            raise DataRefused(f"validation token: {outcome.value}", by, adv.token_refused(by) if adv else None)
 
     # -- digests and facts
     def snapshot(self, key: str, host: int) -> None:
         self.plaintext[key] = self.dp.memory[host].plaintext_digest()
+        if key == "target_at_switchover" and self.adversary is not None and (
+                self.plaintext[key] != self.plaintext["source_at_switchover"]):
+            # Which pages differ, so that only the action that changed them explains the difference.
+            self.adversary.switchover_diff = differing_pages(self.dp.memory[SOURCE], self.dp.memory[TARGET])
 
     def facts(self) -> tuple[dict, dict]:
         """(metrics.security: numbers and verdicts, for diff and report; data: the handshake transcript)."""

@@ -56,6 +56,7 @@ class Served:
     unpack_ns: int  # target agent CPU (unpack, PVALIDATE, RMPADJUST)
     host_ns: int  # host CPU (source thread for shared pages, the install's serialized section)
     arrive_ns: int = 0  # the reply's last byte reaches the target (virtual time)
+    sent_ns: int = 0  # the reply's first byte goes on the link (virtual time): when the host can touch it
 
 
 class Timeline:
@@ -166,6 +167,7 @@ class FaultPath:
         # The push data in flight on the channel drains first; replies then go one after another (the
         # sender serves queued requests before its next push page).
         t = self.reply.book(t + link.wire_ns(ahead), link.wire_ns(page_bytes))
+        sent = t - link.wire_ns(page_bytes)
         t += link.latency_ns + self.jitter_ns()
         arrive = t
         if private:
@@ -175,7 +177,7 @@ class FaultPath:
             t = self.dst_agents.book(t + agents_busy_ns[1], self.agent_ns(unpack, TARGET, g))
         hold = self.hold_ns(private, self.waiters(vcpu, t))
         t = self.install.book(t, hold)
-        return Served(t, c.postcopy_request_bytes + page_bytes, pack, unpack, host + hold, arrive)
+        return Served(t, c.postcopy_request_bytes + page_bytes, pack, unpack, host + hold, arrive, sent)
 
     def prune(self, before: int) -> None:
         for tl in (self.src_agents, self.dst_agents, self.src_host, self.reply, self.install):

@@ -51,6 +51,15 @@ class PostcopyStats:
         return [b - a for iv in ivs for a, b in iv]
 
 
+def _link_event(run: Run, down: int, f, phase: str, up: int = 0) -> None:
+    """Tell the adversary (if any) the link went down at ``down`` in ``phase`` (the push's, or a fault
+    reply's): a link-loss it made acted then."""
+    adv = run.data.adversary if run.data is not None else None
+    if adv is not None and f is not None:
+        recovered = f.duration_ns != FOREVER
+        adv.link_event(down, recovered, f.at_ns, phase, up - down if recovered else 0)
+
+
 @dataclass(frozen=True)
 class PostcopySwitch:
     pause_ns: int
@@ -131,6 +140,8 @@ class _Postcopy:
                 b, r = g.cur.batch, g.cur.row
                 t = int(b.column("t_ns")[r].as_py()) + int(g.delays[int(b.column("vcpu")[r].as_py())])
                 g.elapse(max(1, t + 1 - g.g))
+                if self.dead_at is not None:  # a fault could not be served: the link is gone for good
+                    return False
         self.begin()
         base_k = 0
         window, wk = None, 0
@@ -144,7 +155,8 @@ class _Postcopy:
             # The window's pages first; else the pages the target lacks, walked in gfn order in the engine
             # (no per-page list). A fault stops the call, so a new window is picked up at once.
             k, batch = transfer.step(run, window, wk if window is not None else base_k, run_host=TARGET,
-                                     paused=False, stream="postcopy", deadline_v=link.deadline(down), delays=g.delays,
+                                     paused=False, stream="postcopy", until_v=transfer.split(run, None),
+                                     deadline_v=link.deadline(down), delays=g.delays,
                                      ready=g.ready, walk_end=None if window is not None else run.npages)
             if window is not None:
                 wk = k
@@ -169,10 +181,12 @@ class _Postcopy:
             f = link.outage(down)
             run.log("link_down", "migration link lost during post-copy (a fault's reply in flight)", t=down)
             if f is None or f.duration_ns == FOREVER:
+                _link_event(run, down, f, "fault")
                 self.dead_at = down
                 return False
             c = run.s.costs
             up = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns
+            _link_event(run, down, f, "fault", up)
             run.log("link_up", "recovered; re-keyed; the lost replies come again", t=up)
             again = up + 2 * link.latency_ns + (self.last_served_v - self.last_arrive_v)
             self.last_served_v = max(self.last_served_v, again)
@@ -192,9 +206,11 @@ class _Postcopy:
         run.log("link_down", "migration link lost during post-copy", t=down)
         f = link.outage(down)
         if f is None or f.duration_ns == FOREVER:
+            _link_event(run, down, f, "postcopy")
             self.dead_at = down
             return False
         up = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns  # re-keyed before pages move
+        _link_event(run, down, f, "postcopy", up)
         self.link_up_ns = up
         self.link_from = f.at_ns + f.duration_ns
         run.log("link_up", f"recovered; re-keyed; stalled_ns={up - down}", t=up)
@@ -274,11 +290,13 @@ class _Postcopy:
                 while (down := run.link.down_at(v_req)) is not None and down < sv.arrive_ns:
                     f = run.link.outage(down)
                     if f is None or f.duration_ns == FOREVER:
+                        _link_event(run, down, f, "fault")
                         self.dead_at = down
                         run.log("link_down", "migration link lost during post-copy", t=down)
                         return False
                     c = run.s.costs
                     v_req = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns
+                    _link_event(run, down, f, "fault", v_req)
                     run.log("link_up", f"recovered; re-keyed; fault on gfn {gfn} requested again", t=v_req)
                     sv = self.path.serve(vcpu, gfn, v_req, private, src.version == 0, 0, e, (0, 0))
             served = sv.done_ns - voff
@@ -288,7 +306,8 @@ class _Postcopy:
             else:
                 eng.deliver(SOURCE, TARGET, gfn)
                 if run.data is not None:
-                    run.data.send([gfn], [src.version], "fault")
+                    run.data.send([gfn], [src.version], "fault", sv.sent_ns,  # on the link then
+                                  eng.transfer_state()["v_ns"] if self.pushing else None)
                 if self.pushing:  # the page shares the link and the agents with the push
                     eng.transfer_add(sv.reply_bytes, sv.pack_ns, sv.unpack_ns)
                     self.reply_bytes += sv.reply_bytes

@@ -142,10 +142,11 @@ def _burst(run: Run, rnd: Round, cursor: int) -> tuple[int, int]:
     down = link.down_at()
     transfer.begin(run, SOURCE)
     while True:
+        lim = transfer.split(run, until)  # an adversary's action due within: a step ends there
         cursor, batch = transfer.step(run, None, cursor, run_host=SOURCE, paused=False, stream="precopy",
-                                      until_v=until, deadline_v=link.deadline(down))
+                                      until_v=lim, deadline_v=link.deadline(down))
         st = eng.transfer_state()
-        if st["link_dead"] or st["v_ns"] >= until or eng.send_count(SOURCE) == 0 or (batch is None):
+        if st["link_dead"] or st["v_ns"] >= until or eng.send_count(SOURCE) == 0 or (batch is None and lim == until):
             break
     transfer.account(run, rnd, st)
     v0 = until - run.s.migration.burst_ns

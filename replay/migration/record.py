@@ -160,7 +160,7 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     adversary = getattr(run.data, "adversary", None)
     if adversary is not None:
         summary["adversary"], summary["adversary_effects"] = adversary.finish(
-            out.status, pc.failed, times["completion_ns"], invariants)
+            out.status, pc.failed, times["completion_ns"], invariants, faults)
     rounds = pa.Table.from_pylist([{k: getattr(r, k) for k in ROUNDS_SCHEMA.names} for r in t.rounds], schema=ROUNDS_SCHEMA)
     # Phases log some events at the moment they happened, found out later (a link's death seen by the
     # transfer that hit it): the log is in time order, ties in the order they were logged.

@@ -42,8 +42,12 @@ def send_paused(run: Run, rnd: Round) -> None:
     eng, g, link = run.eng, run.guest, run.link
     down = link.down_at()
     transfer.begin(run, None)
-    if eng.send_count(SOURCE):
-        transfer.step(run, None, 0, run_host=SOURCE, paused=True, stream="downtime", deadline_v=link.deadline(down))
+    while eng.send_count(SOURCE):
+        lim = transfer.split(run, None)  # an adversary's action due within: a step ends there
+        transfer.step(run, None, 0, run_host=SOURCE, paused=True, stream="downtime", until_v=lim,
+                      deadline_v=link.deadline(down))
+        if lim is None or eng.transfer_state()["link_dead"]:
+            break
     st = eng.transfer_state()
     transfer.account(run, rnd, st)
     g.adopt(st["v_ns"], None)
@@ -65,7 +69,7 @@ def send_vmsas_and_devices(run: Run, rnd: Round) -> int:
     cpu.charge(run.strategy.agent_owner, pack)
     g.pause(dur)
     if run.data is not None:
-        run.data.vmsas(run.vcpus, vmpls)
+        run.data.vmsas(run.vcpus, vmpls, t0)
     rnd.bytes_sent += vmsa_bytes + c.device_state_bytes
     run.tally.bytes["downtime"] += vmsa_bytes + c.device_state_bytes
     run.log("vmsas_sent", f"vmsas={nvmsa} device_state_bytes={c.device_state_bytes}")

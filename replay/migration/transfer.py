@@ -32,6 +32,8 @@ def step(run: Run, gfns, k: int, *, run_host: int, paused: bool, stream: str, un
     ``run_host`` unless ``paused``; data mode carries the contents of what it applied and sent. Returns
     (k, the batch replayed or None)."""
     g, eng = run.guest, run.eng
+    adv = run.data.adversary if run.data is not None else None
+    v0 = eng.transfer_state()["v_ns"] if adv is not None else None  # the step's first page goes then
     cur = g.cur
     batch = None if (paused or cur.done) else cur.batch
     a = cur.row if batch is not None else 0
@@ -39,7 +41,7 @@ def step(run: Run, gfns, k: int, *, run_host: int, paused: bool, stream: str, un
                           until_v=until_v, deadline_v=deadline_v, walk_end=walk_end)
     try:
         if run.data is not None:
-            run.data.after_transfer(run_host, batch, cur.base, a, row if batch is not None else a, stream)
+            run.data.after_transfer(run_host, batch, cur.base, a, row if batch is not None else a, stream, v0)
     finally:  # a refused packet stops the migration, not the guest: the rows it ran stay run
         if batch is not None:
             cur.settle(row)
@@ -68,3 +70,18 @@ def account(run: Run, rnd: Round, st: dict, prev: dict | None = None) -> None:
     t.private_pages += d["private_pages"]
     t.shared_pages += d["shared_pages"]
     t.first_touches += d["first_touches"]
+
+
+def split(run: Run, until_v: int | None) -> int | None:
+    """``until_v``, or earlier: the next time an adversary's action falls due after the transfer clock
+    now. A transfer step stops before its first page at or after that time, so the next step begins
+    with it and the action acts on the first packet at or after its time, on the phase's own clock. No
+    adversary: ``until_v`` as it is (a split never changes what a transfer does, only where its steps
+    end)."""
+    adv = run.data.adversary if run.data is not None else None
+    if adv is None:
+        return until_v
+    due = adv.next_due(run.eng.transfer_state()["v_ns"])
+    if due is None:
+        return until_v
+    return due if until_v is None else min(until_v, due)

@@ -4,7 +4,8 @@ What is modelled, and how:
 
 - **Keys.** An emulated AMD root (ARK) and signing key (ASK), and one VCEK per host and TCB, all ECDSA
   P-384, derived from the scenario seed (``replay.security.keys``). Certificates are minimal signed
-  records (``Certificate``: subject, issuer, public key, signature), not X.509: what matters here is the
+  records (``Certificate``: subject, issuer, public key, signature; a VCEK's also its chip id and TCB),
+  not X.509: what matters here is the
   chain of signatures, and a fixed byte layout keeps them free of validity dates and encoding choices.
 - **Report.** Each agent's ``AttestationReport`` carries the guest's launch measurement, its policy
   (AMD's bit positions: ``MIGRATE_MA`` bit 18, ``DEBUG`` bit 19, bit 17 reserved-must-be-one), the
@@ -13,6 +14,7 @@ What is modelled, and how:
   (RFC 6979), so the same seed gives the same bytes.
 - **Verification** (``verify``) checks, in this order, and names the first check that fails
   (``Verdict``): the chain ARK -> ASK -> VCEK (``chain``), the report's signature (``signature``), the
+  VCEK's TCB and chip id against the report's (``vcek_tcb_mismatch``, ``chip_id_mismatch``), the
   measurement against an allow-list (``measurement``), the policy (migratable set, debug clear:
   ``policy``), every TCB component at least the minimum (``tcb``), and that ``report_data`` binds the
   ECDH key the agent presented (``report_data``).
@@ -102,21 +104,36 @@ class TcbVersion:
 
 @dataclass(frozen=True)
 class Certificate:
-    """A minimal certificate: ``issuer`` vouches, by ``signature``, that ``public_key`` is ``subject``'s."""
+    """A minimal certificate: ``issuer`` vouches, by ``signature``, that ``public_key`` is ``subject``'s.
+
+    A VCEK's also names the chip (``chip_id``, AMD's hwID extension) and the TCB it was derived for (the
+    blSPL/teeSPL/snpSPL/ucodeSPL extensions): a report it signs must claim the same, or a host could sign
+    a report claiming a patched TCB with the key of an unpatched one, or another machine's."""
 
     subject: str
     issuer: str
     public_key: bytes  # SEC1 uncompressed P-384 point
     signature: bytes
+    chip_id: bytes = b""  # VCEK only
+    tcb: "TcbVersion | None" = None  # VCEK only
 
     def tbs(self) -> bytes:
         """The signed part."""
-        return _fields(b"snp-replay-cert-v1", self.subject.encode(), self.issuer.encode(), self.public_key)
+        parts = [b"snp-replay-cert-v1", self.subject.encode(), self.issuer.encode(), self.public_key]
+        if self.tcb is not None:  # a VCEK's extensions are signed with it
+            parts += [self.chip_id, struct.pack("<Q", self.tcb.packed())]
+        return _fields(*parts)
 
 
-def _issue(subject: str, public: ec.EllipticCurvePublicKey, issuer: str, signer: ec.EllipticCurvePrivateKey) -> Certificate:
-    unsigned = Certificate(subject, issuer, _point(public), b"")
-    return Certificate(subject, issuer, unsigned.public_key, signer.sign(unsigned.tbs(), _ECDSA))
+def _issue(subject: str, public: ec.EllipticCurvePublicKey, issuer: str, signer: ec.EllipticCurvePrivateKey,
+           chip_id: bytes = b"", tcb: "TcbVersion | None" = None) -> Certificate:
+    unsigned = Certificate(subject, issuer, _point(public), b"", chip_id, tcb)
+    return dataclasses.replace(unsigned, signature=signer.sign(unsigned.tbs(), _ECDSA))
+
+
+def chip_id_of(seed: int, host: int) -> bytes:
+    """The 64-byte chip id of ``host`` (its VCEK names it, its reports carry it)."""
+    return derive(seed, f"chip/host={host}", 64)
 
 
 class AmdRoot:
@@ -139,7 +156,8 @@ class AmdRoot:
     def vcek(self, host: int, tcb: TcbVersion) -> tuple[ec.EllipticCurvePrivateKey, Certificate]:
         """The VCEK of ``host`` at ``tcb`` (a real VCEK is derived from the chip's secret and its TCB)."""
         key = p384_private_key(self.seed, f"{self.name}/vcek/host={host}/tcb={tcb.packed():016x}")
-        return key, _issue(f"VCEK host={host} tcb={tcb}", key.public_key(), "ASK-Genoa", self._ask)
+        return key, _issue(f"VCEK host={host} tcb={tcb}", key.public_key(), "ASK-Genoa", self._ask,
+                           chip_id_of(self.seed, host), tcb)
 
 
 @dataclass(frozen=True)
@@ -199,7 +217,7 @@ class Agent:
         self._ecdh = p384_private_key(seed, f"ecdh/host={host}/session={session}")
         vcek, vcek_cert = root.vcek(host, tcb)
         report = AttestationReport(
-            chip_id=derive(seed, f"chip/host={host}", 64), measurement=bytes(measurement), policy=policy,
+            chip_id=chip_id_of(seed, host), measurement=bytes(measurement), policy=policy,
             tcb=tcb, report_data=bind_report_data(_point(self._ecdh.public_key())))
         report = dataclasses.replace(report, signature=vcek.sign(report.body(), _ECDSA))
         self.evidence = Evidence(report, vcek_cert, root.ask_cert, _point(self._ecdh.public_key()))
@@ -214,6 +232,8 @@ class Verdict(enum.Enum):
     ACCEPTED = "accepted"
     CHAIN = "chain"  # ASK not signed by the trusted ARK, or VCEK not signed by the ASK
     SIGNATURE = "signature"  # report not signed by the VCEK
+    VCEK_TCB_MISMATCH = "vcek_tcb_mismatch"  # the VCEK was derived for another TCB than the report claims
+    CHIP_ID_MISMATCH = "chip_id_mismatch"  # the VCEK is another chip's than the report names
     MEASUREMENT = "measurement"  # launch measurement not in the allow-list
     POLICY = "policy"  # not migratable, or debug allowed
     TCB = "tcb"  # a TCB component below the minimum
@@ -237,6 +257,12 @@ def verify(evidence: Evidence, policy: VerifierPolicy) -> Verdict:
         return Verdict.CHAIN
     if not _verify_sig(vcek.public_key, r.signature, r.body()):
         return Verdict.SIGNATURE
+    # The signature proves the report came from this VCEK's key; the key must be the one of the TCB and
+    # chip the report claims (a VCEK is derived from both).
+    if vcek.tcb != r.tcb:
+        return Verdict.VCEK_TCB_MISMATCH
+    if vcek.chip_id != r.chip_id:
+        return Verdict.CHIP_ID_MISMATCH
     if r.measurement not in policy.measurements:
         return Verdict.MEASUREMENT
     if not r.policy & POLICY_MIGRATE_MA or r.policy & POLICY_DEBUG:
