@@ -41,8 +41,8 @@ def parse_adversary(text: str):
     kind = kind.strip()
     if not kind:
         raise ScenarioError(f"{where}: no kind before {'@' if at else 'the options'} (expected KIND[@WHEN])")
-    if kind not in ADVERSARY_KINDS:  # named here, shortly: the whole value and the list of kinds fit one line
-        raise ScenarioError(f"--adversary {short(text, 40)}: unknown kind {short(kind, 40)} (one of "
+    if kind not in ADVERSARY_KINDS:  # named once, shortly: the value and the list of kinds fit one line
+        raise ScenarioError(f"--adversary: unknown kind {short(kind, 40)} (one of "
                             f"{', '.join(ADVERSARY_KINDS)}){_hint(kind, ADVERSARY_KINDS)}")
     table: dict[str, Any] = {"kind": kind}
     if at:
