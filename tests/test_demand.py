@@ -261,3 +261,13 @@ def test_quota_floor():
     assert quota_mcpu("0.001", 4) == 1 and quota_mcpu("0.0005", 4) == 1 and quota_mcpu("", 3) == 3000
     with pytest.raises(ScenarioError, match=r"at most 1048576 \(at most 6 decimals\)"):
         check_cpu_quota(2**21, "x")
+
+
+def test_integral_and_advance_stay_exact_integers():
+    d = build_demand("trace", "", 2, 99, None)
+    assert d.integral_ns(0, 200) == 200  # 2 CPUs for 100 ns, then idle
+    assert d.integral_ns(50, 150) == 100 and d.integral_ns(150, 50) == 0
+    # Agents take 0.3 CPU (plus 1 ns) of the 2 busy ones for 10^12 ns: the busy first 100 ns of trace run at
+    # 1 - 0.15 of full speed, taking ceil(100 / 0.85) = 118 ns; the rest is idle and runs at full speed.
+    got = d.advance(0, 10**12, agent_ns=3 * 10**11 + 1)
+    assert type(got) is int and got == 100 + 10**12 - 118  # no float anywhere
