@@ -187,7 +187,7 @@ class ShadowVCPU(Strategy):
         ]
 
     def setup_steps(self) -> list[Step]:
-        c, n = self.s.costs, self.s.migration.agents_initial
+        n = self.s.migration.agents_initial
         steps = [s for _ in range(n) for s in self.agent_steps(SOURCE)]
         # The target's SVSM must be running at VMPL0 before it can create APs.
         steps.append(self.target_boot_step())

@@ -5,7 +5,6 @@ pre-copy rounds, at the switchover, in post-copy, after completion -- with every
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from replay.cli import main
