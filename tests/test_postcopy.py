@@ -251,3 +251,4 @@ def test_no_fault_is_served_after_completion_and_no_metric_is_negative(tmp_path_
     for f in r.faults.to_pylist():
         assert f["raised_ns"] <= f["served_ns"] <= done
     assert r.summary["metrics"]["cpu_ns"]["guest"] >= 0
+

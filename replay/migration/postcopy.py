@@ -113,13 +113,18 @@ class _Postcopy:
         # What the push has to send, zero pages as headers, and the fault replies added to its totals.
         c = run.s.costs
         self.push_bytes = run.eng.missing_bytes(SOURCE, TARGET, PAGE_SIZE, c.page_header_bytes)
-        self.reply_bytes = 0
+        self.reply_bytes = 0  # fault replies added to the current transfer's totals
+        self.pushed_before = 0  # push bytes of the transfers before an outage
         self.last_served_v = 0  # the latest moment a fault's page became usable (virtual time)
         self.last_arrive_v = 0  # the latest moment a fault's reply reached the target
         self.replies: list[tuple[int, int]] = []  # (arrival, gfn) of each fault's reply: lost if the link dies first
 
     # -- the push
     def begin(self) -> None:
+        if self.folded is not None or self.pushed_before or self.reply_bytes:
+            # A new transfer after an outage: the last one's push bytes count as sent (its totals reset).
+            self.pushed_before += self.run.eng.transfer_state()["bytes"] - self.reply_bytes
+            self.reply_bytes = 0
         transfer.begin(self.run, TARGET, skip_present=True)
         self.folded = None
         self.pushing = True
@@ -220,6 +225,7 @@ class _Postcopy:
             g.elapse(up - g.v)
         self.begin()
         run.eng.transfer_add(*self.outage_backlog)
+        self.reply_bytes += self.outage_backlog[0]
         self.outage_backlog = None
         return True
 
@@ -240,7 +246,7 @@ class _Postcopy:
         if not self.pushing:
             return 0
         c = self.run.s.costs
-        sent = self.run.eng.transfer_state()["bytes"] - self.reply_bytes
+        sent = self.pushed_before + self.run.eng.transfer_state()["bytes"] - self.reply_bytes
         left = max(0, self.push_bytes - sent)
         link, src, dst = self.push_bound(g)
         window = c.postcopy_queue_bytes if link >= max(src, dst) else PAGE_SIZE + c.page_header_bytes
