@@ -98,6 +98,16 @@ def quota_mcpu(cpu_quota: str, vcpus: int) -> int:
     return max(1, _decimal_micro(cpu_quota) // MILLI)
 
 
+def agent_share(agents: int, demand_mcpu: int, quota_mcpu: int, fair: bool) -> tuple[int, int]:
+    """CPUs (num, den) that ``agents`` agents on the guest's quota get beside ``demand_mcpu`` busy vCPUs:
+    fair (CFS), min(1, Q/(D+A)) of a CPU each; agents first, min(A, Q). (The Cython engine's
+    shared_capacity is the same rule.)"""
+    a = MILLI * agents
+    if not fair:
+        return min(a, quota_mcpu), MILLI
+    return (agents, 1) if demand_mcpu + a <= quota_mcpu else (agents * quota_mcpu, demand_mcpu + a)
+
+
 @dataclass(frozen=True)
 class Demand:
     """The guest's demand steps over trace time and its quota. ``at_ns[0] == 0``; step i holds from

@@ -38,6 +38,7 @@ from replay.engine import (
     check_transfer_limits,
     check_transfer_params,
 )
+from replay.demand import agent_share
 from replay.errors import TraceError
 from replay.snp import FAULT_KINDS, PAGE_SHIFT, PAGES_PER_2M, VMPLS, Access, Fault, Op, Perm, Rc
 
@@ -542,11 +543,7 @@ class Engine:
             self._seg += 1
         self._dem = mc[self._seg]
         self._seg_end = at[self._seg + 1] if self._seg + 1 < len(at) else U64_MASK
-        a, q = 1000 * p["agents"], p["quota_mcpu"]
-        if p["fair"]:
-            share = (p["agents"], 1) if self._dem + a <= q else (p["agents"] * q, self._dem + a)
-        else:
-            share = (min(a, q), 1000)
+        share = agent_share(p["agents"], self._dem, p["quota_mcpu"], p["fair"])
         for side in ("src", "dst"):
             if p[f"{side}_shared"]:
                 p[f"{side}_cpus"] = share

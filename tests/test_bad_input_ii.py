@@ -16,7 +16,6 @@ import errno
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -132,27 +131,10 @@ def test_forty_digits_still_parse():
 
 # ------------------------------------------------------------------------------------------ sweeps
 
-TINY = """\
-[scenario]
-name = "tiny"
-seed = 3
-[scenario.guest]
-size = "4MiB"
-vcpus = 2
-[scenario.trace]
-generator = "hotcold"
-events = 20_000
-rate = 1_000_000
-fill = true
-[scenario.migration]
-start_ns = "5ms"
-"""
-
-
 def sweep_file(tmp_path: Path, head: str, name: str = "s.toml") -> Path:
-    p = tmp_path / name
-    p.write_text(textwrap.dedent(head) + TINY)
-    return p
+    from test_sweep import write_sweep  # the sweep tests' tiny base scenario
+
+    return write_sweep(tmp_path, head, name)
 
 
 @pytest.mark.parametrize("address, message", [

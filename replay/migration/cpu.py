@@ -21,7 +21,7 @@ Waiting on the PSP or firmware is time, not CPU.
 
 from __future__ import annotations
 
-from ..demand import Demand
+from ..demand import Demand, agent_share
 from ..scenario import Scenario
 from ..strategies import OWNERS, PRIMARY_VM, Step, Strategy
 
@@ -43,13 +43,9 @@ class Cpu:
         (None: paused); ``g``: the guest's trace time (its demand then)."""
         if self.strategy.agents_on_host_cpus:
             return min(agents, self.host_cpus), 1
-        q, a = self.demand.quota_mcpu, 1000 * agents
         if side == guest_side:
-            d = self.demand.at(g)
-            if not self.fair:
-                return min(a, q), 1000
-            return (agents, 1) if d + a <= q else (agents * q, d + a)
-        return min(a, q), 1000
+            return agent_share(agents, self.demand.at(g), self.demand.quota_mcpu, self.fair)
+        return agent_share(agents, 0, self.demand.quota_mcpu, False)  # min(A, Q): the guest does not run here
 
     def pool(self) -> int:
         """CPUs the agents share with the host migration thread (0: separate)."""

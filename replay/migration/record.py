@@ -74,7 +74,10 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     start = times["migration_start_ns"]
     demanded = demand.integral_ns(start, start + window)
     v = run.vcpus
-    ran = [demand.integral_ns(start, max(start, out.guest_g_at_end - sum(x))) // v for x in vlat]
+    ran_at: dict[int, int] = {}  # most vCPUs share a blocked time (0): one integral each
+    for b in {sum(x) for x in vlat}:
+        ran_at[b] = demand.integral_ns(start, max(start, out.guest_g_at_end - b)) // v
+    ran = [ran_at[sum(x)] for x in vlat]
     lost = [max(0, demanded // v - r) for r in ran]
     cpu["guest"] = sum(ran)
     per_vcpu_demand = demanded // v
