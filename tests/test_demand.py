@@ -271,3 +271,22 @@ def test_integral_and_advance_stay_exact_integers():
     # 1 - 0.15 of full speed, taking ceil(100 / 0.85) = 118 ns; the rest is idle and runs at full speed.
     got = d.advance(0, 10**12, agent_ns=3 * 10**11 + 1)
     assert type(got) is int and got == 100 + 10**12 - 118  # no float anywhere
+
+
+def test_step_time_by_owner_and_side():
+    # A step waits (PSP, firmware) and uses CPU on its owner's thread: host and mirror steps take their CPU
+    # at full speed wherever the guest runs; a shadow step on the guest's side takes its fair share of the
+    # quota beside the busy vCPUs (2 busy and 1 agent on a 2-CPU quota: 2/3 of a CPU each), elsewhere a whole CPU.
+    from replay.migration.cpu import Cpu
+    from replay.scenario import make_scenario
+    from replay.strategies import HOST, MIRROR_VM, PRIMARY_VM, Step, make_strategy
+
+    s = make_scenario(trace={"file": "x"}, migration={"strategy": "shadow-vcpu"})
+    cpu = Cpu(s, make_strategy(s), 2, build_demand("trace", "", 2, 10**9, None))
+    for owner in (HOST, MIRROR_VM):
+        assert cpu.step_ns(Step("x", 0, owner, cpu_ns=3_000, wait_ns=500), 0) == 3_500
+    assert cpu.step_ns(Step("x", 0, PRIMARY_VM, cpu_ns=3_000, wait_ns=500), 0) == 500 + 4_500
+    assert cpu.step_ns(Step("x", 1, PRIMARY_VM, cpu_ns=3_000, wait_ns=500), 0) == 500 + 3_000
+    assert cpu.step_ns(Step("x", 0, PRIMARY_VM, cpu_ns=3_000), 0, g=2 * 10**9) == 3_000  # the guest is idle then
+    assert cpu.takes_guest_cpu(PRIMARY_VM, 0, 0) and not cpu.takes_guest_cpu(MIRROR_VM, 0, 0)
+    assert not cpu.takes_guest_cpu(PRIMARY_VM, 1, 0) and not cpu.takes_guest_cpu(PRIMARY_VM, 0, None)
