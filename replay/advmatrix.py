@@ -140,13 +140,13 @@ def run_matrix(scenario: Scenario, *, kinds: Sequence[str] = ADVERSARY_KINDS, mo
 
 def render_section(table: pa.Table) -> str:
     """The matrix as an HTML section (the report's styles)."""
-    from .report import _e
+    from .report import esc
 
-    head = "".join(f"<th>{_e(n)}</th>" for n in SCHEMA.names)
+    head = "".join(f"<th>{esc(n)}</th>" for n in SCHEMA.names)
     body = []
     for row in table.to_pylist():
         cls = "bad" if row["corrupted"] else ("ok" if row["outcome"] == "detected" else "")
-        cells = "".join(f"<td>{_e(str(row[n]).lower() if isinstance(row[n], bool) else row[n])}</td>"
+        cells = "".join(f"<td>{esc(str(row[n]).lower() if isinstance(row[n], bool) else row[n])}</td>"
                         for n in SCHEMA.names)
         body.append(f'<tr class="{cls}">{cells}</tr>')
     bad = sum(table.column("corrupted").to_pylist())
@@ -156,11 +156,11 @@ def render_section(table: pa.Table) -> str:
 
 
 def render_html(table: pa.Table, scenario_name: str) -> str:
-    from .report import CSS, _e
+    from .report import CSS, esc
 
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>snp-replay: adversary matrix</title><style>{CSS}</style></head>
-<body><h1>snp-replay: adversary matrix</h1><p class="sub">scenario {_e(scenario_name)}</p>
+<body><h1>snp-replay: adversary matrix</h1><p class="sub">scenario {esc(scenario_name)}</p>
 {render_section(table)}
 </body></html>
 """

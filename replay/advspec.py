@@ -31,7 +31,7 @@ def parse_adversary(text: str):
     line naming the value and the part that is wrong, otherwise."""
     from dataclasses import fields
 
-    from .scenario import ADVERSARY_KINDS, AdversarySpec, _build, _hint, _parse_value, check_adversary
+    from .scenario import ADVERSARY_KINDS, AdversarySpec, build_section, hint, parse_value, check_adversary
 
     where = f"--adversary {short(text)}"
     if not isinstance(text, str) or text.strip() == "":
@@ -43,7 +43,7 @@ def parse_adversary(text: str):
         raise ScenarioError(f"{where}: no kind before {'@' if at else 'the options'} (expected KIND[@WHEN])")
     if kind not in ADVERSARY_KINDS:  # named once, shortly: the value and the list of kinds fit one line
         raise ScenarioError(f"--adversary: unknown kind {short(kind, 40)} (one of "
-                            f"{', '.join(ADVERSARY_KINDS)}){_hint(kind, ADVERSARY_KINDS)}")
+                            f"{', '.join(ADVERSARY_KINDS)}){hint(kind, ADVERSARY_KINDS)}")
     table: dict[str, Any] = {"kind": kind}
     if at:
         when = when.strip()
@@ -72,21 +72,21 @@ def parse_adversary(text: str):
         if key not in names:
             options_ = [n for n in names if n not in HEAD_KEYS]
             raise ScenarioError(f"{where}: unknown option {short(key, 40)} (one of {', '.join(options_)})"
-                                f"{_hint(key, options_)}")
+                                f"{hint(key, options_)}")
         if key in table:
             raise ScenarioError(f"{where}: option {key!r} given twice")
         try:
-            table[key] = _parse_value(value.strip())
+            table[key] = parse_value(value.strip())
         except ScenarioError as exc:
             raise ScenarioError(f"{where}: {key}: {exc}") from None
-    a = _build(AdversarySpec, table, "adversary", "--adversary", short(text))
+    a = build_section(AdversarySpec, table, "adversary", "--adversary", short(text))
     check_adversary(a, where)
     return a
 
 
 def parse_kinds(text: str, choices: Sequence[str], what: str) -> list[str]:
     """A comma-separated list of names from ``choices``: no empty item, no repeat (UsageError)."""
-    from .scenario import _hint
+    from .scenario import hint
 
     items = [x.strip() for x in text.split(",")]
     if not any(items):
@@ -96,7 +96,7 @@ def parse_kinds(text: str, choices: Sequence[str], what: str) -> list[str]:
         if not x:
             raise UsageError(f"--{what} {short(text)}: empty item at position {i + 1}")
         if x not in choices:
-            raise UsageError(f"--{what}: {short(x)} is not one of {', '.join(choices)}{_hint(x, choices)}")
+            raise UsageError(f"--{what}: {short(x)} is not one of {', '.join(choices)}{hint(x, choices)}")
         if x in seen:
             raise UsageError(f"--{what}: {x!r} given twice")
         seen.add(x)

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import __version__
+from .version import __version__
 from .errors import ExitCode, ReplayError, UsageError, one_line
 from .validate import clip, short
 

@@ -33,6 +33,7 @@ from typing import Any
 import polars as pl
 
 from .errors import UsageError
+from .headline import all_blank, folded_line, headline_lines
 from .runrecord import Run
 
 # Metric groups, in display order. A flattened metric name belongs to the first group whose predicate
@@ -508,8 +509,10 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset
     return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
-def render_text(result: DiffResult, *, only_diff: bool = False) -> str:
-    """The readable comparison; rows that differ are marked ``*`` (``only_diff`` hides equal rows)."""
+def render_text(result: DiffResult, *, only_diff: bool = False, all_metrics: bool = False) -> str:
+    """The readable comparison, the answer first: the outcome, then who wins on each headline metric and
+    by how much (``replay.headline``). Rows that differ are marked ``*`` (``only_diff`` hides equal rows);
+    metrics zero or absent in both runs are folded into one line unless ``all_metrics``."""
     a, b = result.a, result.b
     out: list[str] = []
 
@@ -526,6 +529,7 @@ def render_text(result: DiffResult, *, only_diff: bool = False) -> str:
     out.append(f"Outcome: {result.outcome.value.upper()}")
     for r in result.reasons:
         out.append(f"  - {r}")
+    out += ["  " + line for line in headline_lines([a.summary, b.summary], [f"A ({a.name})", f"B ({b.name})"])]
     out.append("")
 
     # Parameters
@@ -540,8 +544,10 @@ def render_text(result: DiffResult, *, only_diff: bool = False) -> str:
     ndiff = sum(r.differs for r in result.metrics)
     out.append(f"Metrics ({ndiff} of {len(result.metrics)} differ; change = B vs A)")
     rows = []
+    folded = 0 if all_metrics else sum(all_blank([r.a, r.b], _ABSENT) for r in result.metrics)
     for group in GROUPS:
-        members = [r for r in result.metrics if r.group == group and (r.differs or not only_diff)]
+        members = [r for r in result.metrics if r.group == group and (r.differs or not only_diff)
+                   and (all_metrics or not all_blank([r.a, r.b], _ABSENT))]
         if not members:
             continue
         rows.append([f"[{group}]", "", "", "", "", ""])
@@ -551,6 +557,8 @@ def render_text(result: DiffResult, *, only_diff: bool = False) -> str:
         out += table(["metric", "A", "B", "delta", "change", ""], rows, right={1, 2, 3, 4})
     else:
         out.append("  (all equal)")
+    if folded:
+        out.append("  " + folded_line(folded, "both runs", "--all-metrics"))
     out.append("")
 
     if result.regressions:

@@ -8,7 +8,7 @@ Two engines implement the Engine API of docs/internals.md with identical semanti
 ``tests/test_engine_*.py`` run every engine test against both and compare them on random operations.
 This module holds what both share (the ``RmpEntry`` / ``PageView`` tuples, the batch and delay argument
 checks) so that they return equal values and reject bad arguments with the same exceptions. It imports
-neither engine at module level (both import it).
+neither engine (both import it); ``replay.engines.make_engine`` chooses one by name.
 """
 
 from __future__ import annotations
@@ -237,14 +237,3 @@ def check_transfer_add(active: bool, nbytes, agent_cpu_ns, target_cpu_ns) -> tup
     if not all(0 <= x < 1 << 62 for x in vals):
         raise ValueError("transfer_add: nbytes, agent_cpu_ns and target_cpu_ns must be in [0, 2**62)")
     return vals
-
-
-def make_engine(kind: str = "cython", **kw):
-    """Build an engine of ``kind`` (one of ENGINE_KINDS); ``kw`` are the Engine constructor arguments."""
-    if kind == "cython":
-        from replay._engine import Engine
-    elif kind == "reference":
-        from replay.refengine import Engine
-    else:
-        raise ValueError(f"unknown engine kind {kind!r} (expected one of {', '.join(ENGINE_KINDS)})")
-    return Engine(**kw)

@@ -20,6 +20,12 @@ from .errors import ReplayError, UsageError
 from .validate import short
 
 
+def cache_dir() -> Path:
+    """Where generated traces and cached reference digests live: ``$SNP_REPLAY_CACHE``, else
+    ``~/.cache/snp-replay`` (shared by every command and sweep worker on the machine)."""
+    return Path(os.environ.get("SNP_REPLAY_CACHE", Path.home() / ".cache" / "snp-replay"))
+
+
 def show(path: str | os.PathLike, limit: int = 256) -> str:
     """A path as messages print it: as given, unless absurdly long (then a quoted prefix)."""
     name = os.fspath(path)

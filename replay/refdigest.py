@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from .version import __version__
+from .paths import cache_dir
 from .records import canonical_json, write_atomic
 from .trace import TraceMeta, open_trace
 
@@ -43,7 +44,8 @@ def cache_key(meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str) -> str
 def compute(trace_path: str | Path, meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str,
             progress: Callable[[int], None] | None = None) -> str:
     """Replay the whole trace on one host with no migration; the end-of-trace memory digest."""
-    from .engine import U64_MAX, make_engine
+    from .engine import U64_MAX
+    from .engines import make_engine
 
     eng = make_engine(engine_kind, npages=meta.npages, vcpus=meta.vcpus, asid=asid,
                       os_vmpl=os_vmpl, hosts=1)
@@ -58,8 +60,6 @@ def compute(trace_path: str | Path, meta: TraceMeta, asid: int, os_vmpl: int, en
 
 def _entry(meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str, cache: Path | None) -> Path:
     if cache is None:
-        from .migrate import cache_dir
-
         cache = cache_dir()
     return Path(cache) / "refdigest" / cache_key(meta, asid, os_vmpl, engine_kind)
 
@@ -75,7 +75,7 @@ def lookup(meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str, cache: Pa
 
 def no_migration_digest(trace_path: str | Path, meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str,
                         progress: Callable[[int], None] | None = None, cache: Path | None = None) -> str:
-    """The reference digest, from ``cache`` (default: the trace cache, ``replay.migrate.cache_dir()``)
+    """The reference digest, from ``cache`` (default: the trace cache, ``replay.paths.cache_dir()``)
     when known, else computed and stored there. ``progress`` is called with the events replayed; a
     cached answer replays none."""
     return _cached(meta, asid, os_vmpl, engine_kind, cache,

@@ -6,10 +6,12 @@ fetched, so it opens offline in any browser. It is deterministic -- the same run
 HTML -- because the SVG writer gets a fixed hash salt per figure and no date metadata, and nothing in the
 page depends on the clock or the machine.
 
-Sections (ids are stable; tests and users link to them): ``summary`` (status, key numbers), ``plots``
+Sections (ids are stable; tests and users link to them): ``summary`` (the answer first: who wins on
+downtime, guest slowdown, total time and bytes sent, and by how much (``replay.headline``); then status
+and key numbers), ``plots``
 (pages sent and dirty pages per round, cumulative bytes over time, agents over time, guest slowdown,
 post-copy fault latency histogram when any run has one), ``metrics`` (every metric side by side, grouped
-as in ``replay.diff``), ``runs`` (each run's digests, invariants and effective parameters in a
+as in ``replay.diff``; those zero or absent in every run folded into one closed line, ``folded``), ``runs`` (each run's digests, invariants and effective parameters in a
 collapsible ``<details>``).
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .diff import GROUPS, diff_runs, flatten, fmt, metric_group, metric_rows
+from .headline import all_blank, demand_text, folded_line, headline_lines
 from .records import write_atomic
 from .runrecord import Run
 
@@ -45,6 +48,7 @@ figcaption { font-size: .85em; color: #555; margin-top: .3em; }
 figure svg { width: 100%; height: auto; }
 code, .digest { font-family: ui-monospace, monospace; font-size: .85em; }
 details { margin: .5em 0 1em; } summary { cursor: pointer; font-weight: 600; }
+ul.headline { font-size: 1.1em; line-height: 1.5; }
 .swatch { display: inline-block; width: .9em; height: .9em; border-radius: 2px; vertical-align: -.1em;
           margin-right: .35em; }
 """
@@ -65,7 +69,7 @@ def _legend(ax) -> None:
         ax.legend(fontsize=8, frameon=False)
 
 
-def _svg(fig, salt: str) -> str:
+def svg_of(fig, salt: str) -> str:
     """Render ``fig`` to an inline <svg> element, deterministically."""
     import matplotlib
 
@@ -109,7 +113,7 @@ def _plot_pages(runs, names) -> str:
     ax.set_yscale("symlog", linthresh=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
     _legend(ax)
-    return _svg(fig, "pages")
+    return svg_of(fig, "pages")
 
 
 def _plot_bytes(runs, names) -> str:
@@ -124,7 +128,7 @@ def _plot_bytes(runs, names) -> str:
         lw = 3.2 if i == 0 and len(runs) > 1 else 1.6
         ax.plot(xs, ys, "-o", color=COLORS[i % len(COLORS)], ms=3, lw=lw, label=name)
     _legend(ax)
-    return _svg(fig, "bytes")
+    return svg_of(fig, "bytes")
 
 
 def _plot_agents(runs, names) -> str:
@@ -140,7 +144,7 @@ def _plot_agents(runs, names) -> str:
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_ylim(bottom=0)
     _legend(ax)
-    return _svg(fig, "agents")
+    return svg_of(fig, "agents")
 
 
 def _plot_slowdown(runs, names) -> str:
@@ -155,7 +159,7 @@ def _plot_slowdown(runs, names) -> str:
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(True, color="#e6e6e6")
-    return _svg(fig, "slowdown")
+    return svg_of(fig, "slowdown")
 
 
 def _plot_latency(runs, names) -> str | None:
@@ -172,17 +176,17 @@ def _plot_latency(runs, names) -> str | None:
     ax.set_xticks(range(len(buckets)), [f"{lo}–{hi}" for lo, hi in buckets], fontsize=8, rotation=30)
     ax.grid(False, axis="x")
     _legend(ax)
-    return _svg(fig, "latency")
+    return svg_of(fig, "latency")
 
 
 # ------------------------------------------------------------------------------------------------- html
 
 
-def _e(v: Any) -> str:
+def esc(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
 
-def _swatch(i: int) -> str:
+def swatch(i: int) -> str:
     return f'<span class="swatch" style="background:{COLORS[i % len(COLORS)]}"></span>'
 
 
@@ -190,32 +194,24 @@ def _summary_table(runs, names) -> str:
     keys = [("status", None), ("total_ns", "total"), ("downtime_ns", "downtime"),
             ("guest_slowdown_ppm", "guest slowdown (ppm)"), ("setup_ns", "setup"), ("rounds", "rounds"),
             ("bytes_sent", "bytes sent")]
-    head = "".join(f'<th class="num">{_e(label or k)}</th>' for k, label in keys)
+    head = "".join(f'<th class="num">{esc(label or k)}</th>' for k, label in keys)
     rows = []
     for i, (run, name) in enumerate(zip(runs, names)):
         s = run.summary
         status_cls = "ok" if s["status"] == "completed" else "bad"
-        reason = f" — {_e(s.get('status_reason'))}" if s.get("status_reason") else ""
-        cells = [f'<td class="num"><span class="{status_cls}">{_e(s["status"])}</span>{reason}</td>']
-        cells += [f'<td class="num">{_e(fmt(run.metrics.get(k, "")))}</td>' for k, _ in keys[1:]]
+        reason = f" — {esc(s.get('status_reason'))}" if s.get("status_reason") else ""
+        cells = [f'<td class="num"><span class="{status_cls}">{esc(s["status"])}</span>{reason}</td>']
+        cells += [f'<td class="num">{esc(fmt(run.metrics.get(k, "")))}</td>' for k, _ in keys[1:]]
         kernel = s.get("kernel", {}) or {}
-        cells.append(f"<td>{_e(kernel.get('verdict', ''))}</td>")
-        cells.append(f"<td>{_e(_demand(s))}</td>")
-        rows.append(f"<tr><td>{_swatch(i)}{_e(name)}</td>{''.join(cells)}</tr>")
+        cells.append(f"<td>{esc(kernel.get('verdict', ''))}</td>")
+        cells.append(f"<td>{esc(demand_text(s))}</td>")
+        rows.append(f"<tr><td>{swatch(i)}{esc(name)}</td>{''.join(cells)}</tr>")
     return f"<table><tr><th>run</th>{head}<th>kernel</th><th>guest CPU demand</th></tr>{''.join(rows)}</table>"
 
 
-def _demand(summary: dict) -> str:
-    """The demand model a run's slowdown rests on (records before it: every vCPU always busy)."""
-    from .commands.compare import DEMAND_MODELS
-
-    d = (summary.get("metrics") or {}).get("cpu_demand") or {}
-    if not d:
-        return "every vCPU busy at all times (older record)"
-    return f"{DEMAND_MODELS.get(d.get('model', ''), d.get('model', ''))}; quota {d.get('quota_cpus_milli', 0) / 1000:g} CPUs"
-
-
-def _metrics_table(runs, names) -> str:
+def _metrics_table(runs, names, all_metrics: bool = False) -> str:
+    """Every metric side by side; those zero or absent in every run are folded into one closed
+    ``<details>`` line saying how many (``all_metrics``: shown in place instead)."""
     flats = [flatten({k: v for k, v in r.metrics.items()}) for r in runs]
     # latency_hist is plotted, not tabulated (it is a list of buckets)
     flats = [{k: v for k, v in f.items() if ".latency_hist" not in k} for f in flats]
@@ -224,26 +220,43 @@ def _metrics_table(runs, names) -> str:
     order = list(rows_by_name) if two else sorted(
         set().union(*flats), key=lambda n: (GROUPS.index(metric_group(n)), n)
     )
-    head = "".join(f'<th class="num">{_swatch(i)}{_e(n)}</th>' for i, n in enumerate(names))
+    folded = [] if all_metrics else [n for n in order if all_blank([f.get(n) for f in flats])]
+    head = "".join(f'<th class="num">{swatch(i)}{esc(n)}</th>' for i, n in enumerate(names))
     if two:
         head += '<th class="num">delta (B−A)</th><th class="num">change</th>'
-    out = [f"<table><tr><th>metric</th>{head}</tr>"]
-    group = None
-    for name in order:
-        g = metric_group(name)
-        if g != group:
-            group = g
-            out.append(f'<tr class="group"><th colspan="{len(runs) + 1 + 2 * two}">{_e(g)}</th></tr>')
-        values = [f.get(name) for f in flats]
-        cls = ' class="differs"' if any(v != values[0] for v in values) else ""
-        cells = "".join(f'<td class="num">{_e(fmt(v)) if v is not None else "—"}</td>' for v in values)
-        if two:
-            row = rows_by_name[name]
-            delta = "" if row.delta is None else f"{row.delta:+,}" if row.delta else "0"
-            cells += f'<td class="num">{_e(delta)}</td><td class="num">{_e(row.change)}</td>'
-        out.append(f"<tr{cls}><td><code>{_e(name)}</code></td>{cells}</tr>")
-    out.append("</table>")
-    return "".join(out)
+
+    def table(names_: list[str]) -> str:
+        out = [f"<table><tr><th>metric</th>{head}</tr>"]
+        group = None
+        for name in names_:
+            g = metric_group(name)
+            if g != group:
+                group = g
+                out.append(f'<tr class="group"><th colspan="{len(runs) + 1 + 2 * two}">{esc(g)}</th></tr>')
+            values = [f.get(name) for f in flats]
+            cls = ' class="differs"' if any(v != values[0] for v in values) else ""
+            cells = "".join(f'<td class="num">{esc(fmt(v)) if v is not None else "—"}</td>' for v in values)
+            if two:
+                row = rows_by_name[name]
+                delta = "" if row.delta is None else f"{row.delta:+,}" if row.delta else "0"
+                cells += f'<td class="num">{esc(delta)}</td><td class="num">{esc(row.change)}</td>'
+            out.append(f"<tr{cls}><td><code>{esc(name)}</code></td>{cells}</tr>")
+        out.append("</table>")
+        return "".join(out)
+
+    shown = table([n for n in order if n not in set(folded)])
+    if not folded:
+        return shown
+    line = folded_line(len(folded), "every run", "opening this line, or replay report --all-metrics,")
+    return f'{shown}<details id="folded"><summary>{esc(line)}</summary>{table(folded)}</details>'
+
+
+def _headline(runs, names) -> str:
+    """The answer first: who wins on downtime, guest slowdown, total time and bytes, and by how much."""
+    if len(runs) < 2:
+        return ""
+    items = "".join(f"<li>{esc(line)}</li>" for line in headline_lines([r.summary for r in runs], names))
+    return f'<ul class="headline">{items}</ul>'
 
 
 def _comparison(runs) -> str:
@@ -252,9 +265,9 @@ def _comparison(runs) -> str:
         return ""
     result = diff_runs(runs[0], runs[1])
     cls = "ok" if result.reasons == [] else "bad"
-    reasons = "".join(f"<li>{_e(r)}</li>" for r in result.reasons)
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in result.reasons)
     params = "".join(
-        f"<tr><td><code>{_e(p.key)}</code></td><td>{_e(fmt(p.a))}</td><td>{_e(fmt(p.b))}</td></tr>"
+        f"<tr><td><code>{esc(p.key)}</code></td><td>{esc(fmt(p.a))}</td><td>{esc(fmt(p.b))}</td></tr>"
         for p in result.params
     )
     params_html = (
@@ -262,7 +275,7 @@ def _comparison(runs) -> str:
         if params else "<p>Same scenario and strategy: every resolved parameter is equal.</p>"
     )
     return (
-        f'<p>Comparison (A = first run, B = second): <span class="{cls}">{_e(result.verdict().removeprefix("diff: "))}</span></p>'
+        f'<p>Comparison (A = first run, B = second): <span class="{cls}">{esc(result.verdict().removeprefix("diff: "))}</span></p>'
         f"<ul>{reasons}</ul><h3>Parameters that differ</h3>{params_html}"
     )
 
@@ -273,10 +286,10 @@ def _data_section(s: dict) -> str:
     if not isinstance(data, dict) or not isinstance(sec, dict):
         return ""
     steps = "".join(
-        f"<tr><td>{_e(st.get('actor', ''))}</td><td>{_e(st.get('action', ''))}</td><td>{_e(st.get('verdict', ''))}</td></tr>"
+        f"<tr><td>{esc(st.get('actor', ''))}</td><td>{esc(st.get('action', ''))}</td><td>{esc(st.get('verdict', ''))}</td></tr>"
         for st in data.get("handshake") or [] if isinstance(st, dict))
     src, dst = sec.get("source") or {}, sec.get("target") or {}
-    streams = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{_e(fmt(v))}</td></tr>"
+    streams = "".join(f"<tr><td>{esc(k)}</td><td class=\"num\">{esc(fmt(v))}</td></tr>"
                       for k, v in sorted((src.get("sequences") or {}).items()))
     facts = [("handshake", sec.get("handshake_verdict", "")), ("validation token", sec.get("token", "")),
              ("stopped by", sec.get("detected_by", "") or "-"),
@@ -285,7 +298,7 @@ def _data_section(s: dict) -> str:
              ("sealed bytes on the wire", fmt(src.get("wire_bytes", 0))),
              ("shared pages sent unprotected", fmt(sec.get("shared_pages_unprotected", 0))),
              ("target's verdicts", ", ".join(f"{k}: {v}" for k, v in sorted((dst.get("outcomes") or {}).items())))]
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in facts)
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in facts)
     return (f"<h4>Data mode: the attested, sealed channel</h4><table><tr><th>fact</th><th>value</th></tr>{rows}</table>"
             f"<table><tr><th>side</th><th>handshake step</th><th>verdict</th></tr>{steps}</table>"
             f"<table><tr><th>stream</th><th>packets (sequence numbers used)</th></tr>{streams}</table>")
@@ -300,38 +313,38 @@ def _adversary_table(s: dict) -> str:
         return f'{a.get("phase", "")} @ {a["applied_ns"]} ns' if a["outcome"] != "not_reached" and a.get("phase") else ""
 
     rows = "".join(
-        f'<tr><td>{_e(a["kind"])}</td><td>{_e(a["at"])}</td><td>{_e(acted(a))}</td>'
+        f'<tr><td>{esc(a["kind"])}</td><td>{esc(a["at"])}</td><td>{esc(acted(a))}</td>'
         f'<td class="{"ok" if a["outcome"] == "detected" else ""}">'
-        f'{_e(a["outcome"])}</td><td>{_e(a["detected_by"])}</td><td>{_e(a.get("effect", ""))}</td></tr>' for a in acts)
+        f'{esc(a["outcome"])}</td><td>{esc(a["detected_by"])}</td><td>{esc(a.get("effect", ""))}</td></tr>' for a in acts)
     eff = s.get("adversary_effects") or {}
     return (f'<table><tr><th>adversary action</th><th>at</th><th>acted</th><th>outcome</th><th>detected by</th>'
             f'<th>effect</th></tr>{rows}</table>'
-            f'<p class="sub">pages lost {_e(eff.get("pages_lost", 0))} · end plaintext differs from no migration: '
-            f'{_e(fmt(eff.get("plaintext_end_differs", False)))}</p>')
+            f'<p class="sub">pages lost {esc(eff.get("pages_lost", 0))} · end plaintext differs from no migration: '
+            f'{esc(fmt(eff.get("plaintext_end_differs", False)))}</p>')
 
 
 def _run_section(i: int, run: Run, name: str) -> str:
     s = run.summary
     digests = "".join(
-        f'<tr><td>{_e(k)}</td><td class="digest">{_e(v) if v else "(not reached)"}</td></tr>'
+        f'<tr><td>{esc(k)}</td><td class="digest">{esc(v) if v else "(not reached)"}</td></tr>'
         for k, v in s["digests"].items()
     )
     # An adversary's expected effects (shared-page tampering, a host's RMP #PF) are reported, not failures.
     explained = (s.get("adversary_effects") or {}).get("explains", [])
     inv = "".join(
-        f'<tr><td>{_e(k)}</td><td class="{"ok" if v or k in explained else "bad"}">{_e(fmt(v))}'
+        f'<tr><td>{esc(k)}</td><td class="{"ok" if v or k in explained else "bad"}">{esc(fmt(v))}'
         f'{" (the adversary&#x27;s, expected)" if k in explained and not v else ""}</td></tr>'
         for k, v in (s.get("invariants") or {}).items()
     )
     params = "".join(
-        f"<tr><td><code>{_e(k)}</code></td><td>{_e(fmt(v))}</td></tr>" for k, v in flatten(s["scenario"]).items()
+        f"<tr><td><code>{esc(k)}</code></td><td>{esc(fmt(v))}</td></tr>" for k, v in flatten(s["scenario"]).items()
     )
     tool = s.get("tool") or {}
     return f"""
-<h3>{_swatch(i)}{_e(name)}</h3>{_data_section(s)}
-<p class="sub"><code>{_e(run.path)}</code> · status <b>{_e(s["status"])}</b>{" — " + _e(s.get("status_reason")) if s.get("status_reason") else ""}
- · trace <span class="digest">{_e(str(s["trace"].get("digest", ""))[:16])}</span> ({_e(fmt(s["trace"].get("events", "")))} events)
- · {_e(tool.get("name", ""))} {_e(tool.get("version", ""))} ({_e(tool.get("engine", ""))} engine)</p>
+<h3>{swatch(i)}{esc(name)}</h3>{_data_section(s)}
+<p class="sub"><code>{esc(run.path)}</code> · status <b>{esc(s["status"])}</b>{" — " + esc(s.get("status_reason")) if s.get("status_reason") else ""}
+ · trace <span class="digest">{esc(str(s["trace"].get("digest", ""))[:16])}</span> ({esc(fmt(s["trace"].get("events", "")))} events)
+ · {esc(tool.get("name", ""))} {esc(tool.get("version", ""))} ({esc(tool.get("engine", ""))} engine)</p>
 <table><tr><th>digest</th><th>value</th></tr>{digests}</table>
 <table><tr><th>invariant</th><th>holds</th></tr>{inv}</table>
 {_adversary_table(s)}
@@ -340,8 +353,9 @@ def _run_section(i: int, run: Run, name: str) -> str:
 """
 
 
-def render_html(runs: Sequence[Run]) -> str:
-    """The report as a string (see the module docstring for its sections)."""
+def render_html(runs: Sequence[Run], *, all_metrics: bool = False) -> str:
+    """The report as a string (see the module docstring for its sections); ``all_metrics`` shows the
+    metrics that are zero or absent in every run in place instead of folding them."""
     if not runs:
         raise ValueError("a report needs at least one run")
     runs = list(runs)
@@ -357,25 +371,25 @@ def render_html(runs: Sequence[Run]) -> str:
     latency = _plot_latency(runs, names)
     if latency:
         figures.append(("Post-copy remote fault latency histogram.", latency))
-    figs = "".join(f"<figure>{svg}<figcaption>{_e(cap)}</figcaption></figure>" for cap, svg in figures)
+    figs = "".join(f"<figure>{svg}<figcaption>{esc(cap)}</figcaption></figure>" for cap, svg in figures)
     title = "snp-replay: " + " vs ".join(names)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title><style>{CSS}</style></head>
+<title>{esc(title)}</title><style>{CSS}</style></head>
 <body>
-<h1>{_e(title)}</h1>
-<p class="sub">Migration run report · {len(runs)} run(s) · scenario {_e(runs[0].summary["scenario"].get("name", ""))}</p>
-<section id="summary"><h2>Summary</h2>{_summary_table(runs, names)}{_comparison(runs)}</section>
+<h1>{esc(title)}</h1>
+<p class="sub">Migration run report · {len(runs)} run(s) · scenario {esc(runs[0].summary["scenario"].get("name", ""))}</p>
+<section id="summary"><h2>Summary</h2>{_headline(runs, names)}{_summary_table(runs, names)}{_comparison(runs)}</section>
 <section id="plots"><h2>Plots</h2><div class="grid">{figs}</div></section>
-<section id="metrics"><h2>Metrics</h2>{_metrics_table(runs, names)}</section>
+<section id="metrics"><h2>Metrics</h2>{_metrics_table(runs, names, all_metrics)}</section>
 <section id="runs"><h2>Runs</h2>{"".join(_run_section(i, r, n) for i, (r, n) in enumerate(zip(runs, names)))}</section>
 </body></html>
 """
 
 
-def write_report(runs: Sequence[Run], out_html: str | Path) -> Path:
+def write_report(runs: Sequence[Run], out_html: str | Path, *, all_metrics: bool = False) -> Path:
     """Write the self-contained HTML report of ``runs`` to ``out_html`` atomically; returns the path."""
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, render_html(runs).encode("utf-8"))
+    write_atomic(out, render_html(runs, all_metrics=all_metrics).encode("utf-8"))
     return out

@@ -349,16 +349,16 @@ _NEGATIVE_OK = {("trace", "seed"), ("guest", "apic_id_last"), ("fault", "duratio
 
 def _one_of(where: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ScenarioError(f"{where} {short(value)} is not one of {', '.join(choices)}{_hint(str(value), choices)}")
+        raise ScenarioError(f"{where} {short(value)} is not one of {', '.join(choices)}{hint(str(value), choices)}")
     return value
 
 
-def _hint(word: str, candidates: Sequence[str]) -> str:
+def hint(word: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _build(cls, table: Mapping[str, Any], section: str, src: str, label: str | None = None):
+def build_section(cls, table: Mapping[str, Any], section: str, src: str, label: str | None = None):
     """One table of the scenario as ``cls``; ``section`` names its kind (key rules), ``label`` the table in
     messages (``fault[2]``)."""
     label = label or section
@@ -371,7 +371,7 @@ def _build(cls, table: Mapping[str, Any], section: str, src: str, label: str | N
         name = _ALIASES.get((section, key), key)
         where = f"{src}: {label}.{key}"
         if name not in names:
-            raise ScenarioError(f"{src}: {label}.{clip(key, 40)}: unknown key{_hint(key, names)}")
+            raise ScenarioError(f"{src}: {label}.{clip(key, 40)}: unknown key{hint(key, names)}")
         try:
             if (section, name) == ("guest", "cpu_demand"):
                 value = check_cpu_demand(value, where)
@@ -460,23 +460,23 @@ def _from_table(doc: Mapping[str, Any], src: str, base_dir: str) -> Scenario:
         raise ScenarioError(f"{src}: tables or arrays nested deeper than {MAX_DEPTH} levels")
     for key in doc:
         if key not in _TOP_KEYS:
-            raise ScenarioError(f"{src}: unknown key or section {short(key, 40)}{_hint(key, sorted(_TOP_KEYS))}")
+            raise ScenarioError(f"{src}: unknown key or section {short(key, 40)}{hint(key, sorted(_TOP_KEYS))}")
     kwargs: dict[str, Any] = {"base_dir": base_dir}
     for key, default in (("name", ""), ("description", ""), ("seed", 0)):
         if key in doc:
             kwargs[key] = check_key("", key, doc[key], default, f"{src}: {key}")
     for section, cls in _SECTIONS.items():
         if section in doc:
-            kwargs[section] = _build(cls, doc[section], section, src)
+            kwargs[section] = build_section(cls, doc[section], section, src)
     faults = doc.get("fault", [])
     if not isinstance(faults, list):
         raise ScenarioError(f"{src}: 'fault' must be an array of tables ([[fault]])")
-    parsed = [_build(LinkFault, f, "fault", src, f"fault[{i}]") for i, f in enumerate(faults)]
+    parsed = [build_section(LinkFault, f, "fault", src, f"fault[{i}]") for i, f in enumerate(faults)]
     kwargs["faults"] = tuple(parsed)
     adversary = doc.get("adversary", [])
     if not isinstance(adversary, list):
         raise ScenarioError(f"{src}: 'adversary' must be an array of tables ([[adversary]])")
-    kwargs["adversary"] = tuple(_build(AdversarySpec, a, "adversary", src, f"adversary[{i}]")
+    kwargs["adversary"] = tuple(build_section(AdversarySpec, a, "adversary", src, f"adversary[{i}]")
                                 for i, a in enumerate(adversary))
     kernel = doc.get("kernel")
     if isinstance(kernel, Mapping) and kernel.get("profile", "custom") != "custom":
@@ -528,7 +528,7 @@ def scenario_from_doc(doc: Mapping[str, Any], src: str = "<scenario>", base_dir:
     return _from_table(apply_overrides(dict(doc), overrides), src, base_dir)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     if text.strip() == "":
         raise ScenarioError("empty value (write \"\" for an empty string)")
     try:
@@ -551,12 +551,12 @@ def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
         if any(not p for p in parts):
             raise ScenarioError(f"{where}: empty key name in {short(key.strip())}")
         try:
-            parsed = _parse_value(value)
+            parsed = parse_value(value)
         except ScenarioError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
         if len(parts) == 1:
             if parts[0] not in ("name", "description", "seed"):
-                raise ScenarioError(f"{where}: unknown key {short(parts[0], 40)}{_hint(parts[0], ['name', 'description', 'seed'])}")
+                raise ScenarioError(f"{where}: unknown key {short(parts[0], 40)}{hint(parts[0], ['name', 'description', 'seed'])}")
             doc[parts[0]] = parsed
             continue
         section, *rest = parts
@@ -564,13 +564,13 @@ def apply_overrides(doc: dict, overrides: Sequence[str]) -> dict:
             _set_adversary(doc, rest, parsed, where)
             continue
         if section not in _SECTIONS:
-            raise ScenarioError(f"{where}: unknown section {short(section, 40)}{_hint(section, list(_SECTIONS))}")
+            raise ScenarioError(f"{where}: unknown section {short(section, 40)}{hint(section, list(_SECTIONS))}")
         # Only [trace.options] holds free-form tables; every other key is a scalar of its section.
         if len(rest) > 1 and not (section == "trace" and rest[0] == "options" and len(rest) == 2):
             known = [f.name for f in fields(_SECTIONS[section])]
             if rest[0] in known:
                 raise ScenarioError(f"{where}: {section}.{rest[0]} is a single value, not a table")
-            raise ScenarioError(f"{where}: unknown key {short(rest[0], 40)} in [{section}]{_hint(rest[0], known)}")
+            raise ScenarioError(f"{where}: unknown key {short(rest[0], 40)} in [{section}]{hint(rest[0], known)}")
         table = doc.get(section, {})
         if not isinstance(table, dict):
             raise ScenarioError(f"{where}: {section} is not a table in the scenario")

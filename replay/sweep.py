@@ -55,7 +55,7 @@ import pyarrow as pa
 from .errors import ReplayError, ResourceError, RunDirError, ScenarioError, TraceError, UsageError, one_line
 from .records import canonical_json, write_atomic
 from .runrecord import check_run_dir, content_hash
-from .scenario import Scenario, _hint, read_input_text, scenario_from_doc
+from .scenario import Scenario, hint, read_input_text, scenario_from_doc
 from .validate import short
 
 SWEEP_FORMAT = "snp-replay-sweep"
@@ -170,7 +170,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ScenarioError(f"{src}: invalid TOML ({exc})") from None
     for key in doc:
         if key not in _TOP_KEYS:
-            raise ScenarioError(f"{src}: unknown key {key!r}{_hint(key, _TOP_KEYS)}")
+            raise ScenarioError(f"{src}: unknown key {key!r}{hint(key, _TOP_KEYS)}")
     base = doc.get("scenario")
     if isinstance(base, str):
         base_path = path.parent / base

@@ -22,7 +22,7 @@ from .diff import fmt
 from .errors import RunDirError
 from .records import write_atomic
 from .runrecord import MAX_SUMMARY, content_hash, read_record_file
-from .report import COLORS, CSS, _e, _svg, _swatch
+from .report import COLORS, CSS, esc, svg_of, swatch
 from .sweep import FIXED_COLUMNS, SWEEP_FORMAT, SWEEP_JSON, TABLE
 from .validate import load_json
 
@@ -127,7 +127,7 @@ def _plot_axis(df, x: str, salt: str) -> str:
         ax.set_ylim(bottom=0)
     axs[0].legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    return _svg(fig, salt)
+    return svg_of(fig, salt)
 
 
 def wins(df, settings: Sequence[str]):
@@ -158,21 +158,21 @@ def wins(df, settings: Sequence[str]):
 
 
 def _wins_table(rows, settings: Sequence[str], strategies: Sequence[str]) -> str:
-    head = "".join(f"<th>{_e(s)}</th>" for s in settings)
-    head += "".join(f"<th>{_e(label)}</th>" for _, label, _, _ in PLOTTED)
+    head = "".join(f"<th>{esc(s)}</th>" for s in settings)
+    head += "".join(f"<th>{esc(label)}</th>" for _, label, _, _ in PLOTTED)
     body = []
     for row in rows:
-        cells = "".join(f'<td class="num">{_e(fmt(row[s]))}</td>' for s in settings)
+        cells = "".join(f'<td class="num">{esc(fmt(row[s]))}</td>' for s in settings)
         for col, *_ in PLOTTED:
             who, margin = row[col]
-            sw = _swatch(strategies.index(who)) if who in strategies else ""
+            sw = swatch(strategies.index(who)) if who in strategies else ""
             extra = f" (others +{margin}%)" if margin else ""
-            cells += f"<td>{sw}{_e(who)}{_e(extra)}</td>"
+            cells += f"<td>{sw}{esc(who)}{esc(extra)}</td>"
         body.append(f"<tr>{cells}</tr>")
     counts = []
     for col, label, *_ in PLOTTED:
         per = {s: sum(1 for r in rows if r[col][0] == s) for s in strategies}
-        counts.append(f"<li>{_e(label)}: " + ", ".join(f"{_swatch(i)}{_e(s)} wins {per[s]}" for i, s in enumerate(strategies))
+        counts.append(f"<li>{esc(label)}: " + ", ".join(f"{swatch(i)}{esc(s)} wins {per[s]}" for i, s in enumerate(strategies))
                       + f" (of {len(rows)} settings)</li>")
     return f"<ul>{''.join(counts)}</ul><table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -188,23 +188,23 @@ def render_sweep_html(record: dict, df) -> str:
     figs = []
     for i, x in enumerate(axes):
         if done.height:
-            figs.append(f"<figure>{_plot_axis(done, x, f'axis{i}')}<figcaption>Against <code>{_e(x)}</code>: "
+            figs.append(f"<figure>{_plot_axis(done, x, f'axis{i}')}<figcaption>Against <code>{esc(x)}</code>: "
                         "median over seeds and the other swept axes; the band spans their min..max.</figcaption></figure>")
     settings = axes
     win_rows = wins(done, settings) if done.height else []
-    status = ", ".join(f"{n} {_e(s)}" for s, n in by_status.items())
+    status = ", ".join(f"{n} {esc(s)}" for s, n in by_status.items())
     name = record.get("name", "")
     axes_list = "".join(
-        f"<li><code>{_e(', '.join(a['keys']))}</code>: {_e('; '.join(', '.join(fmt(v) for v in vs) for vs in a['values']))}</li>"
+        f"<li><code>{esc(', '.join(a['keys']))}</code>: {esc('; '.join(', '.join(fmt(v) for v in vs) for vs in a['values']))}</li>"
         for a in record["axes"])
     errors = df.filter(pl.col("status") == "error").select("point", "error").rows()
-    err_html = "".join(f"<tr><td class='num'>{p}</td><td>{_e(e)}</td></tr>" for p, e in errors)
+    err_html = "".join(f"<tr><td class='num'>{p}</td><td>{esc(e)}</td></tr>" for p, e in errors)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>snp-replay sweep: {_e(name)}</title><style>{CSS}</style></head>
+<title>snp-replay sweep: {esc(name)}</title><style>{CSS}</style></head>
 <body>
-<h1>snp-replay sweep: {_e(name)}</h1>
-<p class="sub">{_e(record.get("description", ""))} · {total} points: {status}</p>
+<h1>snp-replay sweep: {esc(name)}</h1>
+<p class="sub">{esc(record.get("description", ""))} · {total} points: {status}</p>
 <section id="axes"><h2>Axes</h2><ul>{axes_list}</ul></section>
 <section id="plots"><h2>Plots</h2>{"".join(figs) or "<p>No completed runs, or no axis besides strategy and seed.</p>"}</section>
 <section id="wins"><h2>Where each strategy wins</h2>

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from replay.demand import build_demand, check_cpu_demand, check_cpu_quota
-from replay.engine import ENGINE_KINDS, make_engine
+from replay.engine import ENGINE_KINDS
+from replay.engines import make_engine
 from replay.errors import ScenarioError
 from replay.migrate import run
 from test_precopy import write_trace

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.engine import BATCH_COLUMNS, make_engine
+from replay.engine import BATCH_COLUMNS
+from replay.engines import make_engine
 
 ENGINE = settings.get_profile("engine")
 P = 4096

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from replay.engine import RmpEntry, make_engine
+from replay.engine import RmpEntry
+from replay.engines import make_engine
 from replay.snp import Fault, Op, Rc
 
 ZERO = RmpEntry(False, 0, 0, False, False, False, False, (15, 0, 0, 0))
@@ -230,7 +231,7 @@ def test_digest_over_chunk_boundaries(make_batch):
 
 _TIB_SCRIPT = r"""
 import json, resource, sys
-from replay.engine import make_engine
+from replay.engines import make_engine
 from replay.snp import Rc
 
 def peak():  # bytes (ru_maxrss is KiB on Linux)

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from replay.engine import RmpEntry, make_engine
+from replay.engine import RmpEntry
+from replay.engines import make_engine
 from replay.errors import TraceError
 from replay.snp import Fault, Op, Rc
 

@@ -10,7 +10,8 @@ import pytest
 
 from replay import engine as engine_mod
 from replay import snp
-from replay.engine import RmpEntry, make_engine
+from replay.engine import RmpEntry
+from replay.engines import make_engine
 from replay.snp import Access, Fault, Perm, Rc
 
 FRESH = RmpEntry(False, 0, 0, False, False, False, False, (15, 0, 0, 0))

@@ -97,7 +97,7 @@ def test_report_sections_and_plots(runs, tmp_path):
     caps = " ".join(s.figcaptions)
     for words in ("Pages sent", "Cumulative bytes", "agents", "Guest slowdown", "fault latency"):
         assert words.lower() in caps.lower()
-    assert s.counts["details"] == 2  # effective parameters per run, collapsible
+    assert s.counts["details"] == 3  # effective parameters per run, and the folded metrics: collapsible
     assert "mirror-vm/postcopy" in text and "shadow-vcpu/postcopy" in text
     assert "guest_slowdown_ppm" in text and "+300.00%" in text  # 12,000 -> 48,000 ppm
     assert 'class="differs"' in text

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import ExitCode
+from ..headline import DEMAND_MODELS, all_blank, folded_line, headline_lines
 from ..paths import check_output, check_replaceable_dir
 from ..records import atomic_dir
 from ..scenario import STRATEGIES
@@ -84,14 +85,6 @@ def _invariants(s: dict) -> str:
     return "yes" if all(ok or k in explained for k, ok in s["invariants"].items()) else "NO"
 
 
-DEMAND_MODELS = {
-    "trace-idle": "the trace's idle intervals",
-    "trace-span": "every vCPU busy until the trace's last event, idle after (the trace records no idle time)",
-    "busy": "every vCPU busy at all times",
-    "fraction": "a constant fraction of the vCPUs busy until the trace's last event",
-}
-
-
 def demand_line(summary: dict) -> str:
     """What the guest's CPU demand was taken to be: every slowdown figure rests on it."""
     d = summary["metrics"].get("cpu_demand") or {}
@@ -100,19 +93,28 @@ def demand_line(summary: dict) -> str:
             f"(guest.cpu_demand = {summary['scenario']['guest'].get('cpu_demand', 'trace')!r})")
 
 
-def table(summaries: list[dict]) -> str:
+def table(summaries: list[dict], all_metrics: bool = False) -> str:
+    """The comparison as text: the headline (who wins on downtime, guest slowdown, total time and bytes,
+    by how much), then the metrics side by side; rows zero or absent in every run are folded into one line
+    unless ``all_metrics``."""
     rows = ROWS + (POSTCOPY_ROWS if summaries[0]["mode"] != "precopy" else [])
     rows += DATA_ROWS if all("data" in s for s in summaries) else []
     head = ["metric"] + [s["strategy"] for s in summaries]
-    body = [[label] + ["-" if (v := _get(s, path)) is MISSING else fmt(v) for s in summaries]
-            for label, path, fmt in rows]
+    values = [[_get(s, path) for s in summaries] for _, path, _ in rows]
     faults = [sum(s["metrics"]["faults"].values()) for s in summaries]
-    body.append(["RMP faults"] + [str(f) for f in faults])
+    rows = [*rows, ("RMP faults", (), str)]
+    values.append(faults)
+    keep = [all_metrics or not all_blank(vs, MISSING) for vs in values]
+    body = [[label] + ["-" if v is MISSING else fmt(v) for v in vs]
+            for (label, _, fmt), vs, k in zip(rows, values, keep) if k]
     body.append(["invariants hold"] + [_invariants(s) for s in summaries])
-    ends = {s["digests"]["end_of_trace"] for s in summaries}
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines[:0] = [*headline_lines(summaries, [s["strategy"] for s in summaries]), ""]
+    if keep.count(False):
+        lines.append(folded_line(keep.count(False), "every run", "--all-metrics"))
+    ends = {s["digests"]["end_of_trace"] for s in summaries}
     for s in summaries:
         lines.append(f"kernel ({s['strategy']}, profile {s['kernel']['profile']}): {s['kernel']['verdict']}")
     lines.append(demand_line(summaries[0]))
@@ -126,6 +128,8 @@ def table(summaries: list[dict]) -> str:
 
 def configure(p) -> None:
     add_common(p)
+    p.add_argument("--all-metrics", action="store_true",
+                   help="show the metrics that are zero or absent in both runs (folded by default)")
 
 
 # Set in each worker process by _init_worker (a multiprocessing Event and Queue can only reach a spawned
@@ -239,7 +243,7 @@ def run(args) -> int:
     s0 = results[0].summary
     print(f"{scenario.name or Path(args.scenario).stem}: {s0['mode']}, trace {s0['trace']['digest'][:16]}... "
           f"({s0['trace']['events']} events, {format_bytes(s0['trace']['guest_bytes'])}, {s0['trace']['vcpus']} vCPUs)")
-    print(table([r.summary for r in results]))
+    print(table([r.summary for r in results], args.all_metrics))
     print(f"runs: {out / STRATEGIES[0]}, {out / STRATEGIES[1]}; report: {out / 'report.html'}")
     for r, s in zip(results, STRATEGIES):
         check_invariants(r, out / s)

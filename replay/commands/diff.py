@@ -36,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also require identical records: summary (except the tool block) and every table")
     parser.add_argument("--json", action="store_true", help="print the comparison as canonical JSON")
     parser.add_argument("--only-diff", action="store_true", help="hide metrics, rounds and buckets that are equal")
+    parser.add_argument("--all-metrics", action="store_true",
+                        help="show the metrics that are zero or absent in both runs (folded by default)")
     parser.add_argument("--max-regress", action="append", default=[], metavar="METRIC=PCT",
                         help="fail if B's METRIC exceeds A's by more than PCT percent (repeatable)")
 
@@ -52,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(canonical_json(to_json(result)))
         sys.stdout.flush()
     else:
-        sys.stdout.write(render_text(result, only_diff=args.only_diff))
+        sys.stdout.write(render_text(result, only_diff=args.only_diff, all_metrics=args.all_metrics))
     print(result.verdict(), file=sys.stderr)
     return result.exit_code

@@ -11,6 +11,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="run directories (the first is A in a comparison), or one sweep directory")
     parser.add_argument("--out", "-o", required=True, metavar="FILE.html", help="where to write the report")
+    parser.add_argument("--all-metrics", action="store_true",
+                        help="show the metrics that are zero or absent in every run (folded by default)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {write_sweep_report(args.runs[0], args.out)}", file=sys.stderr)
         return 0
     runs = [load_run(p) for p in args.runs]  # all validated before anything is drawn
-    out = write_report(runs, args.out)
+    out = write_report(runs, args.out, all_metrics=args.all_metrics)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..demand import build_demand
-from ..engine import U64_MAX, make_engine
+from ..engine import U64_MAX
+from ..engines import make_engine
 from ..errors import ScenarioError
 from ..scenario import Scenario
 from ..strategies import SOURCE, TARGET, make_strategy

@@ -67,7 +67,7 @@ from ..security.channel import (
     HEADER,
     HEADER_BYTES,
     TAG_BYTES,
-    _SEALED,
+    SEALED,
     Flag,
     nonce,
     parse_header,
@@ -185,19 +185,19 @@ class Adversary:
         """Change the target's platform (its setup) or rewrite its evidence, for the attestation actions."""
         self.record_ciphertext()
         acts = [a for a in self._of(ATTESTATION) if self._due(a)]
-        dp = self.data.dp
+        data = self.data
         sig = False
         for a in acts:
             a.applied(self.clock(), "handshake")
             k = a.spec.kind
             if k == "bad-measurement":
-                dp.setup = dataclasses.replace(dp.setup, target_measurement="adversary-build")
+                data.alter_target_platform(target_measurement="adversary-build")
             elif k == "bad-policy":
-                dp.setup = dataclasses.replace(dp.setup, target_policy=dp.setup.target_policy | POLICY_DEBUG)
+                data.alter_target_platform(target_policy=data.platform.target_policy | POLICY_DEBUG)
             elif k == "bad-tcb":
-                m = dp.setup.min_tcb
+                m = data.platform.min_tcb
                 low = TcbVersion(m.bootloader, m.tee, m.snp, m.microcode - 1) if m.microcode else TcbVersion(0, 0, 0, 0)
-                dp.setup = dataclasses.replace(dp.setup, target_tcb=low)
+                data.alter_target_platform(target_tcb=low)
             else:
                 sig = True
         if not sig:
@@ -237,7 +237,7 @@ class Adversary:
                     continue  # two private pages on that host are needed: the next chance
                 src, dst = held[0], held[1]
                 a.applied(self.clock(), self.phase, dst)
-                mem = self.data.dp.memory[host]
+                mem = self.data.memory(host)
                 mem.write_raw(dst, mem.read_raw(src))  # the RMP does not stop it: encryption alone decides
                 a.changed.add(dst)
                 a.effect = f"gfn {dst} holds gfn {src}'s ciphertext: decrypts to garbage"
@@ -250,7 +250,7 @@ class Adversary:
             if self.eng.host_write(host, self.eng.spa(host, gfn)) == Fault.HOST_RMP_PF:
                 a.detect("rmp.host_rmp_pf")
             else:
-                self.data.dp.memory[host].write_raw(gfn, derive(self.seed, "adversary/host-write", PAGE_SIZE))
+                self.data.memory(host).write_raw(gfn, derive(self.seed, "adversary/host-write", PAGE_SIZE))
                 a.changed.add(gfn)
 
     def _raw_copy(self, a: Action) -> None:
@@ -260,7 +260,7 @@ class Adversary:
             return
         gfn = held[0]
         a.applied(self.clock(), self.phase, gfn)
-        self.data.dp.memory[SOURCE].raw_copy_to(self.data.dp.memory[TARGET], gfn)
+        self.data.memory(SOURCE).raw_copy_to(self.data.memory(TARGET), gfn)
         a.changed.add(gfn)
         a.effect = f"gfn {gfn} on the target: the source's ciphertext under the target's key and SPA, garbage"
 
@@ -271,7 +271,7 @@ class Adversary:
             host = SOURCE if a.spec.host == "source" else TARGET
             held = self._held_private(host)[:STALE_PAGES] if id(a) not in self.stale else []
             if held:  # the target holds nothing at setup: it records once it holds pages
-                mem = self.data.dp.memory[host]
+                mem = self.data.memory(host)
                 self.stale[id(a)] = (a, self.clock(), held, [mem.read_raw(g) for g in held])
 
     def _stale(self, a: Action) -> None:
@@ -285,7 +285,7 @@ class Adversary:
         if rec is None or not self._due(a):
             return
         host = SOURCE if a.spec.host == "source" else TARGET
-        mem = self.data.dp.memory[host]
+        mem = self.data.memory(host)
         _, t, gfns, old = rec
         for g, c in zip(gfns, old):
             if mem.read_raw(g) != c:
@@ -305,7 +305,7 @@ class Adversary:
     def wire(self, stream: int) -> Callable[[list[bytes]], list[bytes]] | None:
         """The host's rewrite of the next packets of ``stream``, or None when it has nothing to do."""
         self.blame = []
-        if stream == self.data.dp.TOKEN_STREAM:
+        if stream == self.data.token_stream:
             self.deliver_pending()
             self.blame = []
             return None
@@ -329,7 +329,7 @@ class Adversary:
         if not self._reached(s.at_ns):
             return None
         return next((i for i, h in enumerate(heads) if h is not None and i not in taken
-                     and (h.flags & Flag.SHARED if shared else h.flags & _SEALED)), None)
+                     and (h.flags & Flag.SHARED if shared else h.flags & SEALED)), None)
 
     def _rewrite(self, stream: int, packets: list[bytes]) -> list[bytes]:
         # Each slot: what goes on the wire in place of one packet, each with the action a check failing on
@@ -423,7 +423,7 @@ class Adversary:
         self.recorded.clear()
         if out:
             self.blame = [(a,) for a, _ in out]
-            self.data._check(self.data.dp.receiver.receive_many([p for _, p in out]))
+            self.data.deliver([p for _, p in out])
         self.blame = []
 
     def saw(self, index: int, detected_by: str) -> Action | None:
@@ -514,7 +514,7 @@ class Adversary:
             ref = HostMemory.for_host(0, 0, npages=tr.meta.npages, spa_base=1024, shared_ranges=tr.meta.shared_ranges)
             for _, batch in tr:
                 ref.apply_batch(batch)
-        return differing_pages(ref, self.data.dp.memory[self.guest.host])
+        return differing_pages(ref, self.data.memory(self.guest.host))
 
     def record(self) -> list[dict]:
         return [{"kind": a.spec.kind, "at": at_text(a.spec), "outcome": a.outcome, "detected_by": a.detected_by,
@@ -538,7 +538,7 @@ class Adversary:
                 a.outcome = "pending"  # it acted, but the run stopped before any check could see it
         lost = 0
         if status == "failed":
-            n = self.data.dp.memory[1].npages
+            n = self.data.memory(1).npages
             gfns = np.arange(n, dtype=np.uint32)
             present = (self.eng.flags(TARGET, gfns) & PRESENT) != 0
             lost = int(np.count_nonzero(present & (self.eng.versions(TARGET, gfns) != self.eng.versions(SOURCE, gfns))))

@@ -70,6 +70,13 @@ class Run:
     vmsa_live: list = field(default_factory=lambda: [0, 0])  # shadow APs' VMSA pages on each side
 
     @property
+    def adversary(self):
+        """The run's adversary (``replay.migration.adversary.Adversary``: data mode with [[adversary]]
+        entries), or None. Phases call its documented hooks (``at``, ``next_due``, ``link_event``...) only
+        through this, never through the data plane."""
+        return getattr(self.data, "adversary", None)
+
+    @property
     def npages(self) -> int:
         return self.meta.npages
 

@@ -16,12 +16,15 @@ target runs (``DataRefused``): the source runs on with its memory intact.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 
 from ..security.channel import Outcome, PageRefs
 from ..scenario import AttestationSpec, parse_tcb
 from ..security.attestation import DEFAULT_GUEST_POLICY, POLICY_DEBUG, POLICY_MIGRATE_MA, TcbVersion
-from ..security.memory import page_spans
+from ..security.memory import HostMemory, page_spans
 from ..security.session import AttestationSetup, DataPlane
 from ..security.token import TokenOutcome
 from ..engine import PRESENT, PRIVATE
@@ -102,7 +105,34 @@ class DataMode:
             raise DataRefused(f"attestation refused by the {side}: {verdict.value}", by,
                               adv.handshake_refused(by) if adv else None)
 
-    def _check(self, outcomes) -> None:
+    # -- hooks for the adversary (replay.migration.adversary): what an untrusted host can reach, and no more.
+    # It acts on the platform, DRAM and the wire through these, never through the data plane's members.
+    @property
+    def token_stream(self) -> int:
+        """The stream number the validation token travels on (the wire hook sees it like any other)."""
+        return self.dp.TOKEN_STREAM
+
+    def memory(self, host: int) -> HostMemory:
+        """``host``'s DRAM copy of the guest (raw ciphertext reads and writes: what a host owning DRAM does)."""
+        return self.dp.memory[host]
+
+    def alter_target_platform(self, **changes: Any) -> AttestationSetup:
+        """Change the target's platform before the handshake (its measurement, policy or TCB: fields of
+        ``AttestationSetup``); the handshake then verifies what the changed platform reports."""
+        self.dp.setup = dataclasses.replace(self.dp.setup, **changes)
+        return self.dp.setup
+
+    @property
+    def platform(self) -> AttestationSetup:
+        """Both platforms' attestation setup as the handshake will see it."""
+        return self.dp.setup
+
+    def deliver(self, packets: list[bytes]) -> None:
+        """Packets the host hands the target's receiver on its own (ones it held back), checked like every
+        delivery (``check``)."""
+        self.check(self.dp.receiver.receive_many(packets))
+
+    def check(self, outcomes) -> None:
         """The target's verdicts on the packets just delivered: the first rejected one stops the migration
         (and names the adversary's action that packet carried, if any)."""
         for i, o in enumerate(outcomes):
@@ -120,7 +150,7 @@ class DataMode:
         if adv is not None:
             adv.at(at_ns, stream, gate_ns)
         if len(gfns):
-            self._check(self.dp.send(gfns, versions, STREAM[stream], adv.wire(STREAM[stream]) if adv else None))
+            self.check(self.dp.send(gfns, versions, STREAM[stream], adv.wire(STREAM[stream]) if adv else None))
         if adv is not None:
             adv.tick()  # the host's actions now, on what both hosts hold once these pages landed
         if len(gfns):
@@ -239,7 +269,7 @@ class DataMode:
         row = np.where(at[lo:hi] >= 0, at[lo:hi], row)
         refs = PageRefs((pages, self._capture), np.where(inplace, 0, 1).astype(np.int8), row, priv)
         for outcomes in self.dp.send_captured([(gfns[s:e], versions[s:e]) for s, e in groups], refs, STREAM[stream]):
-            self._check(outcomes)
+            self.check(outcomes)
 
     @staticmethod
     def _next_touch(batch, a: int, b: int, gfns: np.ndarray, sent_at: np.ndarray) -> np.ndarray:
@@ -266,7 +296,7 @@ class DataMode:
         if adv is not None:
             adv.at(at_ns, "vmsa")
             adv.tick()
-        self._check(self.dp.send_vmsas(vcpus, vmpls, STREAM["vmsa"], adv.wire(STREAM["vmsa"]) if adv else None))
+        self.check(self.dp.send_vmsas(vcpus, vmpls, STREAM["vmsa"], adv.wire(STREAM["vmsa"]) if adv else None))
         if adv is not None:
             adv.at(None, "resume")
             adv.deliver_pending()

@@ -54,7 +54,7 @@ class PostcopyStats:
 def _link_event(run: Run, down: int, f, phase: str, up: int = 0) -> None:
     """Tell the adversary (if any) the link went down at ``down`` in ``phase`` (the push's, or a fault
     reply's): a link-loss it made acted then."""
-    adv = run.data.adversary if run.data is not None else None
+    adv = run.adversary
     if adv is not None and f is not None:
         recovered = f.duration_ns != FOREVER
         adv.link_event(down, recovered, f.at_ns, phase, up - down if recovered else 0)

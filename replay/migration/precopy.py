@@ -28,10 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..snp import PAGE_SIZE
-from ..strategies import HOST, SOURCE
+from ..strategies import SOURCE
 from . import transfer
 from .context import Round, Run
 from .link import NS_PER_S, LinkDown
+from .dirtylog import sync
 from .setup import agents_wanted, grow_agents
 
 SWITCHOVER_RULE = "qemu-10.1: pending <= threshold; threshold = measured bandwidth x downtime_limit"
@@ -74,36 +75,6 @@ class _Meter:
         if now_v - self.since_v >= self.period_ns:
             self.bandwidth = self.fixed or self.bytes * NS_PER_S // (now_v - self.since_v)
             self.since_v, self.bytes = now_v, 0
-
-
-def sync_cost(run: Run) -> int:
-    c = run.s.costs
-    return c.dirty_sync_ns + c.dirty_sync_ns_per_gib * run.meta.guest_bytes // (1 << 30)
-
-
-def sync(run: Run, *, paused: bool = False) -> int:
-    """Dirty-log get-and-clear into the send bitmap, costing host CPU; returns the pages the log held."""
-    dirty = run.eng.sync_dirty(SOURCE)
-    cost = sync_cost(run)
-    run.cpu.charge(HOST, cost)
-    run.log("dirty_sync", f"dirty_pages={dirty}")
-    if paused:
-        run.guest.pause(cost)
-    else:
-        run.guest.elapse(cost)
-    return dirty
-
-
-def initial_sync(run: Run) -> int:
-    """Setup's initial sync (QEMU's ram_init_bitmaps, dirty-sync-count 1): logging starts clean and the send
-    bitmap holds every page. Returns its time."""
-    t = run.guest.v
-    run.eng.set_dirty_logging(SOURCE, True)
-    run.eng.mark_send_all(SOURCE)
-    run.log("dirty_sync", f"initial bitmap sync (setup): dirty_pages={run.npages}")
-    run.guest.elapse(sync_cost(run))
-    run.cpu.charge(HOST, sync_cost(run))
-    return t
 
 
 def precopy(run: Run, *, max_rounds: int, on_max_rounds: str, initial_sync_ns: int) -> PrecopyEnd:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .. import __version__
+from ..version import __version__
 from ..runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, ROUNDS_SCHEMA, RUN_FORMAT, RUN_VERSION, write_run
 from ..errors import InvariantError
 from ..snp import FAULT_KINDS
@@ -160,7 +160,7 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     if data is not None:
         summary["data"] = data
     _no_negative(metrics, "metrics")
-    adversary = getattr(run.data, "adversary", None)
+    adversary = run.adversary
     if adversary is not None:
         summary["adversary"], summary["adversary_effects"] = adversary.finish(
             out.status, pc.failed, times["completion_ns"], invariants, faults)

@@ -8,6 +8,7 @@ from ..errors import InvariantError
 from ..snp import PAGE_SIZE, Rc
 from ..strategies import SIDES, SOURCE, TARGET, Step
 from .context import Run
+from .dirtylog import initial_sync
 
 def do_step(run: Run, step: Step, *, guest_side: int | None = SOURCE, kind: str = "setup_step") -> None:
     """One step on the clock, the guest running on ``guest_side`` (None: paused): it loses the step's CPU
@@ -56,8 +57,6 @@ def _vmsa_rmp(run: Run, side: int, delta: int) -> None:
 def setup(run: Run, *, dirty_logging: bool) -> tuple[int, int | None]:
     """Strategy setup, dirty-log start and the initial bitmap sync (pre-copy), and the handshake; returns
     the setup time and when the initial sync began (None without dirty logging)."""
-    from .precopy import initial_sync
-
     g, s = run.guest, run.strategy
     v0 = g.v
     run.agents = run.s.migration.agents_initial

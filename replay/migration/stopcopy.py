@@ -11,7 +11,7 @@ from ..strategies import SOURCE, TARGET
 from . import transfer
 from .context import Round, Run
 from .link import LinkDown
-from .precopy import sync
+from .dirtylog import sync
 
 
 @dataclass(frozen=True)

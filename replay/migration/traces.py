@@ -4,17 +4,13 @@ reference digest is ``replay.refdigest``.)"""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ScenarioError
+from ..paths import cache_dir
 from ..scenario import Scenario
 from ..trace import last_t_ns, open_trace
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SNP_REPLAY_CACHE", Path.home() / ".cache" / "snp-replay"))
 
 
 def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:

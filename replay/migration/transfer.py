@@ -32,7 +32,7 @@ def step(run: Run, gfns, k: int, *, run_host: int, paused: bool, stream: str, un
     ``run_host`` unless ``paused``; data mode carries the contents of what it applied and sent. Returns
     (k, the batch replayed or None)."""
     g, eng = run.guest, run.eng
-    adv = run.data.adversary if run.data is not None else None
+    adv = run.adversary
     v0 = eng.transfer_state()["v_ns"] if adv is not None else None  # the step's first page goes then
     cur = g.cur
     batch = None if (paused or cur.done) else cur.batch
@@ -78,7 +78,7 @@ def split(run: Run, until_v: int | None) -> int | None:
     with it and the action acts on the first packet at or after its time, on the phase's own clock. No
     adversary: ``until_v`` as it is (a split never changes what a transfer does, only where its steps
     end)."""
-    adv = run.data.adversary if run.data is not None else None
+    adv = run.adversary
     if adv is None:
         return until_v
     due = adv.next_due(run.eng.transfer_state()["v_ns"])

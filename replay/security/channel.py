@@ -70,7 +70,9 @@ class Flag(enum.IntFlag):
 _PRIVATE, _SHARED, _ZERO, _COMPRESSED, _VMSA, _TOKEN = (int(f) for f in (Flag.PRIVATE, Flag.SHARED, Flag.ZERO,
                                                                         Flag.COMPRESSED, Flag.VMSA, Flag.TOKEN))
 _ALL = _PRIVATE | _SHARED | _ZERO | _COMPRESSED | _VMSA | _TOKEN
-_SEALED = _PRIVATE | _VMSA | _TOKEN
+#: The kinds sealed with AES-GCM (private pages, VMSAs, the token); shared pages travel plain. Public: the
+#: adversary (replay.migration.adversary) picks the packets it tampers with by it.
+SEALED = _PRIVATE | _VMSA | _TOKEN
 # Kind bits (exactly one must be set) -> valid.
 _ONE_KIND = {_PRIVATE, _SHARED, _VMSA, _TOKEN}
 
@@ -109,9 +111,9 @@ def _parse(packet: bytes) -> tuple[int, int, int, int, int, int] | None:
     flags, plen = fields[4], fields[5]
     if plen != len(packet) - HEADER_BYTES or flags & ~_ALL or flags & (_PRIVATE | _SHARED | _VMSA | _TOKEN) not in _ONE_KIND:
         return None
-    if flags & _SEALED and plen < TAG_BYTES:
+    if flags & SEALED and plen < TAG_BYTES:
         return None
-    if flags & _ZERO and (plen != (TAG_BYTES if flags & _SEALED else 0) or not flags & (_PRIVATE | _SHARED)):
+    if flags & _ZERO and (plen != (TAG_BYTES if flags & SEALED else 0) or not flags & (_PRIVATE | _SHARED)):
         return None
     return fields
 
@@ -452,7 +454,7 @@ class Receiver:
         if h is None:
             return Outcome.MALFORMED, None, b""
         stream, seq, flags = h[3], h[1], h[4]
-        if flags & _SEALED:
+        if flags & SEALED:
             try:  # a memoryview: the 4 KiB payload is not copied before decryption
                 body = self._aead(stream).decrypt(nonce(stream, seq), memoryview(packet)[HEADER_BYTES:], packet[:HEADER_BYTES])
             except InvalidTag:
