@@ -528,6 +528,24 @@ def scenario_from_doc(doc: Mapping[str, Any], src: str = "<scenario>", base_dir:
     return _from_table(apply_overrides(dict(doc), overrides), src, base_dir)
 
 
+def scenario_to_doc(s: Scenario) -> dict[str, Any]:
+    """The document (as ``tomllib`` would parse it) that gives ``s`` back: ``scenario_from_doc(
+    scenario_to_doc(s), base_dir=s.base_dir) == s``. With overrides it is how a built scenario takes
+    ``--set`` values by the rules a file's do (``replay.api.override``). A named kernel profile stays a
+    profile (its capabilities are the profile's)."""
+    def table(obj: Any) -> dict[str, Any]:
+        return {f.name: (dict(getattr(obj, f.name)) if f.name == "options" else getattr(obj, f.name))
+                for f in fields(obj)}
+
+    doc: dict[str, Any] = {"name": s.name, "description": s.description, "seed": s.seed}
+    for section in ("guest", "trace", "migration", "costs", "attestation"):
+        doc[section] = table(getattr(s, section))
+    doc["kernel"] = {"profile": s.kernel.profile} if s.kernel.profile != "custom" else table(s.kernel)
+    doc["fault"] = [table(f) for f in s.faults]
+    doc["adversary"] = [table(a) for a in s.adversary]
+    return doc
+
+
 def parse_value(text: str) -> Any:
     if text.strip() == "":
         raise ScenarioError("empty value (write \"\" for an empty string)")

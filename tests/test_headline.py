@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from replay.commands.compare import table
+from replay.comparetext import table
 from replay.diff import diff_runs, render_text
 from replay.headline import all_blank, headline_lines, verdicts
 from replay.report import render_html

@@ -16,12 +16,13 @@ but public to the package: their wrappers import them.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTENSIONS = {"replay._engine", "replay._content", "replay._xts", "replay._gcm"}
+EXTENSIONS = {f"replay.{p.stem}": p for p in sorted((ROOT / "cext").glob("_*.pyx"))}
 
 
 def _private(name: str) -> bool:
@@ -45,16 +46,35 @@ def _owner(name: str, known) -> str | None:
     return name or None
 
 
-def import_graph(root: Path, package: str) -> dict[str, set[str]]:
-    """Module -> the package's modules it imports (module level and function level)."""
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:`` (never executed: annotations only)."""
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING":
+            out.update(id(x) for stmt in n.body for x in ast.walk(stmt))
+    return out
+
+
+def import_graph(root: Path, package: str, extensions: dict[str, Path] | None = None) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (module level and function level; not the imports
+    under ``if TYPE_CHECKING:``). ``extensions``: compiled module -> its Cython source, whose Python-level
+    imports (``from replay.x import ...``) are its edges."""
     mods = modules(root, package)
+    known = set(mods) | set(extensions or {})
     graph: dict[str, set[str]] = {}
+    for name, src in (extensions or {}).items():
+        found = re.findall(rf"^\s*(?:from|import)\s+({package}(?:\.\w+)*)", src.read_text(), flags=re.M)
+        graph[name] = {m for m in (_owner(f, known) for f in found) if m and m != name}
     for name, (path, is_pkg) in mods.items():
         base = name.split(".") if is_pkg else name.split(".")[:-1]
         edges: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        skip = _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
             if isinstance(node, ast.Import):
-                edges.update(filter(None, (_owner(a.name, mods) for a in node.names)))
+                edges.update(filter(None, (_owner(a.name, known) for a in node.names)))
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
@@ -62,7 +82,7 @@ def import_graph(root: Path, package: str) -> dict[str, set[str]]:
                     target = node.module or ""
                 for a in node.names:
                     sub = f"{target}.{a.name}"
-                    hit = sub if sub in mods else _owner(target, mods)
+                    hit = sub if sub in known else _owner(target, known)
                     if hit:
                         edges.add(hit)
         edges.discard(name)
@@ -135,7 +155,9 @@ def private_access(root: Path, package: str) -> list[str]:
 
 
 def test_the_package_has_no_import_cycle():
-    graph = import_graph(ROOT, "replay")
+    graph = import_graph(ROOT, "replay", EXTENSIONS)
+    assert graph["replay._engine"] >= {"replay.engine", "replay.errors", "replay.snp"}  # the .pyx's imports
+    assert "replay._engine" in graph["replay.engines"]
     assert len(graph) > 50 and "replay.migration.precopy" in graph["replay.migration"]  # the graph is real
     assert find_cycle(graph) is None
 
@@ -146,7 +168,7 @@ def test_no_module_uses_another_modules_private_names():
 
 def test_layers_import_only_downward():
     """The lower layers never import the ones above them (docs/internals.md shows the layers)."""
-    graph = import_graph(ROOT, "replay")
+    graph = import_graph(ROOT, "replay", EXTENSIONS)
 
     def reach(start: str) -> set[str]:
         seen, todo = set(), [start]
@@ -170,7 +192,9 @@ def toy(tmp_path: Path) -> Path:
     pkg = tmp_path / "toy"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from .sub import b\n_SECRET = 1\n")
+    # d imports a; a's import of d is for annotations only (never executed): not an edge
+    (pkg / "a.py").write_text("from typing import TYPE_CHECKING\nfrom .sub import b\n_SECRET = 1\n"
+                              "if TYPE_CHECKING:\n    from . import d\n")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import g\n    return g\n")
     (pkg / "c.py").write_text("import toy.a as a\n\ndef g(x):\n    x._hidden = 1\n    return a\n")

@@ -4,6 +4,8 @@ the results table read by polars and DuckDB."""
 
 from __future__ import annotations
 
+import importlib
+
 import contextlib
 import json
 import logging
@@ -253,7 +255,7 @@ def test_interrupted_sweep_resumes_without_rerunning_points(tmp_path, thread_cli
     """Interrupted after three results (as Ctrl-C in the client would), the rerun runs exactly the points
     with no run directory, and no point ever runs twice. The task is slowed (one worker thread, 0.2 s a
     point) so that the interruption comes while most points are still queued."""
-    import replay.sweep as sweep_mod
+    sweep_mod = importlib.import_module("replay.sweep")  # replay.sweep is the API function
 
     p = write_sweep(tmp_path, """
         strategies = ["mirror-vm", "shadow-vcpu"]
@@ -332,7 +334,7 @@ def test_a_point_that_errors_is_recorded_and_the_sweep_goes_on(tmp_path, cluster
 def test_an_erroring_point_is_retried_and_then_completes(tmp_path, thread_client, monkeypatch):
     """A transient failure (here: injected into the task on the first attempt of point 1) is an error row;
     the next invocation runs that point only, and its error file goes."""
-    import replay.sweep as sweep_mod
+    sweep_mod = importlib.import_module("replay.sweep")  # replay.sweep is the API function
 
     p = write_sweep(tmp_path, 'strategies = ["mirror-vm", "shadow-vcpu"]\nseeds = [1, 2]\n')
     out = tmp_path / "out"
@@ -353,7 +355,7 @@ def test_a_worker_that_dies_is_an_error_row(tmp_path, monkeypatch):
     """A point whose worker process dies (here: it exits) is recorded; the other points complete."""
     import dask
 
-    import replay.sweep as sweep_mod
+    sweep_mod = importlib.import_module("replay.sweep")  # replay.sweep is the API function
 
     p = write_sweep(tmp_path, 'seeds = [1, 2]\n')
     real = sweep_mod.run_point

@@ -369,12 +369,12 @@ def test_round_budget_scales_with_the_guest():
 
 
 def test_failed_write_leaves_no_parent_directories(workdir, capsys, monkeypatch):
-    from replay.commands import compare
+    from replay import runner
 
     def fails(*a, **kw):
         raise TraceError("injected failure")
 
-    monkeypatch.setattr(compare, "run_parallel", fails)
+    monkeypatch.setattr(runner, "run_parallel", fails)
     before = snapshot(workdir)
     assert main(["compare", "s.toml", "--out", "new/deeper/cmp", "--no-progress"]) == 2
     assert snapshot(workdir) == before  # neither new/ nor new/deeper/ is left

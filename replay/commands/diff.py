@@ -43,13 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diff import diff_runs, render_text, to_json
+    from ..api import diff
+    from ..diff import render_text, to_json
     from ..records import canonical_json
-    from ..runrecord import load_run
 
     bounds = parse_bounds(args.max_regress)  # syntax first: cheap, and no point loading runs otherwise
-    a, b = load_run(args.run_a), load_run(args.run_b)
-    result = diff_runs(a, b, strict=args.strict, max_regress=bounds)
+    result = diff(args.run_a, args.run_b, strict=args.strict, max_regress=bounds)
     if args.json:
         sys.stdout.buffer.write(canonical_json(to_json(result)))
         sys.stdout.flush()

@@ -85,7 +85,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generators import GENERATORS, generate
+    from ..api import generate
+    from ..generators import GENERATORS
     from ..paths import check_output
     from ..units import format_bytes
 
@@ -114,26 +115,17 @@ def run(args: argparse.Namespace) -> int:
     events = _int(args.events, "--events")
     vcpus = _int(args.vcpus, "--vcpus")
     seed = _int(args.seed, "--seed")
-    extra = {} if args.rate is None else {"rate": _int(args.rate, "--rate")}
+    rate = None if args.rate is None else _int(args.rate, "--rate")
     total = events + (guest // 4096 if args.fill else 0)
-    from pathlib import Path
-
-    from ..validate import TRACE_ROW_BYTES, check_disk
-
-    # The writer's first pass is uncompressed (31 bytes a row) beside the output.
-    check_disk(total * TRACE_ROW_BYTES, Path(args.out).parent, f"gen {kind} ({total} events)")
-
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="ev", unit_scale=True, desc=f"gen {kind}", file=sys.stderr)
     try:
-        meta = generate(
-            kind, args.out, guest_bytes=guest, vcpus=vcpus, events=events, seed=seed, fill=args.fill,
-            compression=None if args.compression == "none" else "zstd",
-            progress=bar.update if bar is not None else None, **extra, **opts,
-        )
+        meta = generate(kind, args.out, guest_size=guest, vcpus=vcpus, events=events, seed=seed, rate=rate,
+                        fill=args.fill, compression=None if args.compression == "none" else "zstd",
+                        progress=bar.update if bar is not None else None, **opts)
     finally:
         if bar is not None:
             bar.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 
-from ..units import parse_duration_ns, parse_size
 
 
 def configure(p) -> None:
@@ -29,26 +28,10 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from ..errors import TraceError
-    from ..importers import ImportOptions, import_trace, parse_columns
-    from ..paths import check_output, require_regular
+    from ..api import import_trace
 
-    require_regular(args.input, TraceError)
-    if args.columns is not None and not args.columns.strip():
-        from ..errors import UsageError
-
-        raise UsageError("--columns: empty (omit it to use the trace's column names)")
-    check_output(args.out, [args.input])
-    opts = ImportOptions(
-        fmt=args.format,
-        columns=parse_columns(args.columns),
-        # An empty value is a mistake, not an absent option: it goes to the parser, which refuses it.
-        guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size is not None else None,
-        vcpus=args.vcpus,
-        sort=args.sort,
-        interval_ns=parse_duration_ns(args.interval_ns, "--interval-ns") if args.interval_ns is not None else None,
-    )
-    meta = import_trace(args.input, args.out, opts)
+    meta = import_trace(args.format, args.input, args.out, columns=args.columns, guest_size=args.guest_size,
+                        vcpus=args.vcpus, sort=args.sort, interval=args.interval_ns)
     print(f"imported {meta.path}: {meta.events} events, {meta.vcpus} vcpu(s), guest {meta.guest_bytes} bytes, "
           f"digest {meta.digest}", file=sys.stderr)
     return 0

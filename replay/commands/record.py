@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..units import format_bytes, parse_size
+from ..units import format_bytes
 
 
 def configure(p) -> None:
@@ -36,8 +36,6 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from ..record import RecordOptions, record
-
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -47,32 +45,17 @@ def run(args) -> int:
         from . import record_vm
 
         return record_vm.run(args, cmd)
-    import os
+    from ..api import record
 
-    from ..paths import check_output
-
-    # The recorded program's existing file arguments are its likely inputs: never the output.
-    check_output(args.out, [a for a in cmd if a and "\x00" not in a and os.path.isfile(a)])
-    region = parse_size(args.region_size, "--region-size")
-    if region <= 0 or region & (region - 1):
-        raise UsageError(f"--region-size: {args.region_size!r} is not a power of two")
-    opts = RecordOptions(
-        argv=tuple(cmd),
-        ns_per_instr=args.rate_ns_per_instr,
-        reads=not args.no_reads,
-        vcpus_from=args.vcpus_from,
-        guest_bytes=parse_size(args.guest_size, "--guest-size") if args.guest_size is not None else None,
-        region_shift=region.bit_length() - 1,
-        valgrind=args.valgrind,
-        clean_env=args.clean_env,
-        progress=False if args.no_progress else None,
-    )
-    result = record(args.out, opts)
+    result = record(args.out, cmd, ns_per_instr=args.rate_ns_per_instr, reads=not args.no_reads,
+                    vcpus_from=args.vcpus_from,
+                    guest_size=args.guest_size, region_size=args.region_size, valgrind=args.valgrind,
+                    clean_env=args.clean_env, progress=not args.no_progress)
     meta, stats = result.meta, result.stats
     skipped = sum(stats["skipped"].values())
     print(
         f"recorded {meta.path}: {meta.events} events ({stats['stores'] + stats['modifies']} writes, "
-        f"{stats['loads'] if opts.reads else 0} reads), {stats['instructions']} instructions, "
+        f"{stats['loads'] if not args.no_reads else 0} reads), {stats['instructions']} instructions, "
         f"{meta.vcpus} vcpu(s), guest {format_bytes(meta.guest_bytes)} in {result.mapping['regions']} region(s), "
         f"{skipped} odd line(s) skipped, digest {meta.digest}",
         file=sys.stderr,

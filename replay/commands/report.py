@@ -16,16 +16,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..paths import check_output
-    from ..report import write_report
-    from ..runrecord import load_run
-    from ..sweepreport import is_sweep_dir, write_sweep_report
+    from ..api import report
 
-    check_output(args.out, args.runs)
-    if len(args.runs) == 1 and is_sweep_dir(args.runs[0]):
-        print(f"wrote {write_sweep_report(args.runs[0], args.out)}", file=sys.stderr)
-        return 0
-    runs = [load_run(p) for p in args.runs]  # all validated before anything is drawn
-    out = write_report(runs, args.out, all_metrics=args.all_metrics)
+    out = report(args.runs, args.out, all_metrics=args.all_metrics)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -1,11 +1,12 @@
-"""`replay sweep SWEEP.toml --out DIR`: run a sweep of scenarios on Dask (see replay.sweep)."""
+"""`replay sweep SWEEP.toml --out DIR`: run a sweep of scenarios on Dask (``replay.api.execute_sweep``;
+see replay.sweep)."""
 
 from __future__ import annotations
 
 import sys
 
 from ..engine import ENGINE_KINDS
-from ..errors import ExitCode, UsageError
+from ..errors import ExitCode
 
 
 def configure(p) -> None:
@@ -22,43 +23,17 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from ..paths import check_output
-    from ..sweep import (
-        TABLE,
-        check_grid_size,
-        check_scheduler,
-        check_sweep_dir,
-        check_sweep_disk,
-        check_trace_files,
-        check_workers,
-        connect,
-        load_sweep,
-        points,
-        run_sweep,
-        sweep_inputs,
-    )
+    from ..api import execute_sweep
+    from ..sweep import TABLE
 
-    # Refused before the sweep file is read: arguments that are wrong whatever it holds.
-    if args.workers is not None and args.scheduler is not None:
-        raise UsageError("--workers sizes the local cluster; it cannot be used with --scheduler")
-    check_workers(args.workers)
-    if args.scheduler is not None:
-        check_scheduler(args.scheduler)  # '' included: an empty address is a mistake, not "run locally"
-    sweep = load_sweep(args.sweep)
-    check_grid_size(sweep)  # from the axes' lengths, before a point is made
-    pts = points(sweep)  # validates every point before a cluster is started
-    n = len(pts)
-    check_output(args.out, sweep_inputs(sweep, pts))  # the sweep directory never is, holds or lies inside an input
-    check_sweep_dir(args.out)  # and is new, empty or a previous sweep's: never merged into another directory
-    check_trace_files(pts)
-    check_sweep_disk(pts, args.out)  # the traces it generates must fit where it writes them
-    client = connect(args.scheduler, args.workers)  # one line if unreachable, before anything is written
-    print(f"{sweep.name}: {n} points", flush=True)  # stdout: stderr holds errors only, one line each
-    res = run_sweep(sweep, args.out, client=client, engine=args.engine, show_progress=not args.no_progress,
-                    pts=pts, own_client=True)
+    def started(name: str, n: int) -> None:
+        print(f"{name}: {n} points", flush=True)  # stdout: stderr holds errors only, one line each
+
+    res = execute_sweep(args.sweep, args.out, scheduler=args.scheduler, workers=args.workers, engine=args.engine,
+                        progress=not args.no_progress, on_start=started)
     counts = ", ".join(f"{res.count(s)} {s}" for s in ("completed", "aborted", "cancelled", "failed", "error") if res.count(s))
-    print(f"{sweep.name}: {n} points ({res.ran} run now, {res.skipped} already done): {counts or 'none'}; "
-          f"table {res.out / TABLE}")
+    print(f"{res.name}: {res.points} points ({res.ran} run now, {res.skipped} already done): {counts or 'none'}; "
+          f"table {res.path / TABLE}")
     if res.count("error"):
         print(f"replay: {res.count('error')} point(s) errored (see the 'error' column); "
               f"rerun the same command to retry only those", file=sys.stderr)
