@@ -52,10 +52,10 @@ def render(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inspect import inspect_trace
+    from ..api import inspect
 
     interval = None if args.interval is None else parse_duration_ns(args.interval, "--interval")
-    summary = inspect_trace(args.file, interval_ns=interval, allow_memory=args.allow_memory)
+    summary = inspect(args.file, interval_ns=interval, allow_memory=args.allow_memory)
     if args.json:
         sys.stdout.write(canonical_json(summary).decode())
     else:
