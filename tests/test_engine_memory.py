@@ -278,3 +278,39 @@ def test_tib_guest_fits_in_bounded_memory():
     assert out["target_last"] == out["entry_last"]
     assert out["launched"] <= 2 << 30, f"launch + digest peaked at {out['launched'] / 2**30:.2f} GiB"
     assert out["transferred"] <= 16 * n, f"two hosts peaked at {out['transferred'] / n:.1f} bytes per page"
+
+
+_UNTOUCHED_SCRIPT = r"""
+import json, sys
+from replay.engine import make_engine
+
+def rss():  # bytes resident now (VmRSS): growth, not the peak of the interpreter's start
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+
+n = 1 << 24  # a 64 GiB guest
+e = make_engine("cython", npages=n, vcpus=1)
+r0 = rss()
+e.launch(0, [])
+r1 = rss()
+e.begin_transfer(0, 0, bandwidth_bytes_per_s=10**12, page_bytes=4096, header_bytes=8, pack_private_ns=0,
+                 pack_zero_ns=0, batch_pages=64, vmgexit_ns=0, charge_guest=False)
+e.mark_send_all(0)
+e.transfer(0, 1, None, 0, None, 0, 0, 0)
+r2 = rss()
+print(json.dumps({"launch": r1 - r0, "transfer": r2 - r1, "sent": e.transfer_state()["pages"],
+                  "zero": e.transfer_state()["zero_pages"], "equal": e.digest(0) == e.digest(1)}))
+"""
+
+
+def test_zero_versions_stay_untouched():
+    """Versions are stored only when they change: launching a fresh host and delivering every (zero) page
+    to a fresh target leave both hosts' version arrays untouched (calloc's pages, never resident), so the
+    page state costs one flags byte per page per host, not five. The bound (1.25 bytes per page per step)
+    fails if either step writes the versions (4 more bytes a page)."""
+    proc = subprocess.run([sys.executable, "-c", _UNTOUCHED_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    n = 1 << 24
+    assert out["sent"] == n and out["zero"] == n and out["equal"]
+    assert out["launch"] <= 1.25 * n, f"launch grew RSS by {out['launch'] / n:.2f} bytes per page"
+    assert out["transfer"] <= 1.25 * n, f"the transfer grew RSS by {out['transfer'] / n:.2f} bytes per page"
