@@ -506,7 +506,10 @@ cdef void launch_c(State* s, int host, const int64_t* ranges, int64_t nranges) n
         else:
             make_private(s, host, gfn, -1)
             flg[gfn] = (flg[gfn] & PG_RMP) | PG_PRIVATE | PG_PRESENT
-        ver[gfn] = 0
+        # Stored only when it changes: a fresh host's versions are calloc's untouched zero pages, which a
+        # read maps to the kernel's shared zero page and never makes resident (4 bytes a page saved).
+        if ver[gfn] != 0:
+            ver[gfn] = 0
 
 
 cdef inline void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev, uint8_t dirty) noexcept nogil:
@@ -801,7 +804,8 @@ cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan)
     cdef bint private = (s.flg[src][gfn] & PG_PRIVATE) != 0
     if fd[0] & PG_PRESENT:
         recv_add(s, dst, gfn, -1)
-    s.ver[dst][gfn] = s.ver[src][gfn]
+    if s.ver[dst][gfn] != s.ver[src][gfn]:  # as in launch_c: a zero page stays an untouched zero page
+        s.ver[dst][gfn] = s.ver[src][gfn]
     fd[0] = (fd[0] & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
     recv_add(s, dst, gfn, 1)
     if plan >= 0:

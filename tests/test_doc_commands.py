@@ -161,6 +161,11 @@ SESSIONS: dict[str, list[tuple[str, How]]] = {
         ("replay verify t.arrow runs/db/mirror-vm", RUN(0)),
         ("tools/bench", RUN()),
         ("tools/bench --data", RUN()),
+        ("tools/bench --big-only", RUN()),
+        ("tools/bench --against main", RUN_AS("tools/bench --against HEAD --events 200000 --against-runs 1 "
+                                              "--against-rss-guest 1GiB --rss-events 20000",
+                                              "the same comparison, smaller: against HEAD (any checkout has it), a "
+                                              "200,000-event trace, one run a side, a 1 GiB guest's RSS")),
         ("tools/fuzz -n 50000 --seed 7 --save", RUN_AS("tools/fuzz -n 200 --seed 7 --save", FUZZ_WHY)),
         ("replay record --vm", SYNOPSIS),
     ],
