@@ -39,7 +39,7 @@ def prepare(scenario: Scenario, *, trace: str | Path | None, allow_memory: bool 
     from .paths import cache_dir
     from .trace import last_t_ns, open_trace, read_meta
     from .validate import (
-        MAX_GUEST_BYTES,
+        MAX_RUN_GUEST_BYTES,
         RUN_TRACE_END_MAX,
         TRACE_ROW_BYTES,
         check_disk,
@@ -66,9 +66,10 @@ def prepare(scenario: Scenario, *, trace: str | Path | None, allow_memory: bool 
         # 64 bits): a trace ending in the last half of the clock's range leaves it no room.
         raise TraceError(f"{meta.path}: the trace ends at t_ns {last}: a run replays traces ending by 2^63-1 ns "
                          f"(292 years), so that the migration after it still fits the run's 64-bit clock")
-    if meta.guest_bytes > MAX_GUEST_BYTES:
-        raise TraceError(f"{meta.path}: guest of {meta.guest_bytes} bytes is beyond what the page engines hold "
-                         f"({MAX_GUEST_BYTES} bytes, 2^32 - 1 pages)")
+    if meta.guest_bytes > MAX_RUN_GUEST_BYTES:
+        raise TraceError(f"{meta.path}: guest of {meta.guest_bytes} bytes is beyond what a run migrates "
+                         f"({MAX_RUN_GUEST_BYTES} bytes, 16 TiB - 4 MiB: the SVSM's VMSA pages take the "
+                         f"last 1,024 of the 2^32 gfns)")
     check_round_budget(scenario.migration, meta.npages)
     check_memory(run_memory_bytes(meta.guest_bytes, meta.vcpus),
                  f"a run of {meta.path} ({meta.guest_bytes} bytes of guest, {meta.vcpus} vCPUs)", allow_memory,

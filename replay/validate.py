@@ -35,7 +35,11 @@ I64_MAX = (1 << 63) - 1
 ENGINE_MAX = (1 << 62) - 1  # the engine's transfer clock takes int64 operands below 2^62
 PAGE_SIZE = 4096
 MAX_GUEST_PAGES = 1 << 32  # the engines index pages with uint32 gfns
-MAX_GUEST_BYTES = MAX_GUEST_PAGES * PAGE_SIZE - PAGE_SIZE  # 16 TiB - 4 KiB
+MAX_GUEST_BYTES = MAX_GUEST_PAGES * PAGE_SIZE - PAGE_SIZE  # 16 TiB - 4 KiB: the largest guest a trace describes
+# The largest guest a run migrates: the SVSM's VMSA pages (the engines' VMSA_SPARE, 1,024) take the gfns just
+# past the guest's, in the same 32-bit gfn space, so a run's guest leaves them room: 16 TiB - 4 MiB.
+MAX_RUN_GUEST_PAGES = MAX_GUEST_PAGES - 1024
+MAX_RUN_GUEST_BYTES = MAX_RUN_GUEST_PAGES * PAGE_SIZE
 MAX_VCPUS = 1 << 16  # the trace's vcpu column is uint16
 RUN_TRACE_END_MAX = I64_MAX  # the last t_ns of a trace a run replays: the run's clock needs room after it
 MAX_ROUNDS = 100_000  # pre-copy rounds: far beyond any convergence (QEMU's guestperf uses 30)
@@ -120,7 +124,7 @@ COST_MAX = 1 << 41
 # kernel, fault. Keys not listed take the rule of their name (see ``_default_rule``).
 KEY_RULES: dict[tuple[str, str], tuple[int, int, str]] = {
     ("", "seed"): (0, U64_MAX, ""),
-    ("guest", "guest_bytes"): (0, MAX_GUEST_BYTES, "bytes"),  # 0: the trace's
+    ("guest", "guest_bytes"): (0, MAX_RUN_GUEST_BYTES, "bytes"),  # 0: the trace's
     ("guest", "vcpus"): (0, MAX_VCPUS, "vCPUs"),  # 0: the trace's
     ("guest", "os_vmpl"): (0, 3, "VMPL"),
     ("guest", "apic_id_first"): (0, (1 << 32) - 1, ""),
