@@ -89,7 +89,7 @@ def test_long_bad_value_is_quoted_short():
         ("migration", "bandwidth_bytes_per_s", (1 << 62) - 1, 1 << 62),
         ("migration", "latency_ns", 1 << 41, (1 << 41) + 1),
         ("guest", "vcpus", 65_536, 65_537),
-        ("guest", "guest_bytes", (1 << 44) - 4096, 1 << 44),
+        ("guest", "guest_bytes", (1 << 44) - (1 << 22), (1 << 44) - (1 << 22) + 4096),  # room for 1,024 VMSA gfns
         ("guest", "os_vmpl", 3, 4),
         ("guest", "asid", 1, 0),
         ("costs", "page_pack_ns", 1 << 41, (1 << 41) + 1),
