@@ -79,13 +79,24 @@ class Migration:
     def run(self) -> RunResult:
         out = Outcome()
         g = self.s.guest
+        ref = None
         if not self._no_migration:
-            from ..refdigest import no_migration_digest  # replayed once per trace and guest, then cached
+            from ..refdigest import Background, lookup  # replayed once per trace and guest, then cached
 
-            self._no_migration = no_migration_digest(self.trace_path, self.meta, g.asid, g.os_vmpl,
-                                                     self.engine if isinstance(self.engine, str) else "cython",
-                                                     self.progress)
-        out.digests["no_migration"] = self._no_migration
+            kind = self.engine if isinstance(self.engine, str) else "cython"
+            self._no_migration = lookup(self.meta, g.asid, g.os_vmpl, kind)
+            if not self._no_migration:
+                # Not known yet: replayed beside this run, from this run's own read of the trace.
+                ref = Background(self.meta, g.asid, g.os_vmpl, kind)
+        try:
+            return self._run(out, ref)
+        finally:
+            if ref is not None:
+                ref.abandon()
+
+    def _run(self, out: Outcome, ref) -> RunResult:
+        g = self.s.guest
+        out.digests["no_migration"] = self._no_migration or ""
         eng = self._engine(2)
         data = None
         if self.s.migration.data:
@@ -97,7 +108,8 @@ class Migration:
         with open_trace(self.trace_path) as reader:
             eng.launch(SOURCE, list(self.meta.shared_ranges))
             eng.reset_counters()  # launch is not part of the migration
-            guest = Guest(eng, reader, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.demand, self.progress)
+            rows = reader if ref is None else _Tee(reader, ref, self.progress)
+            guest = Guest(eng, rows, self.meta.vcpus, self.s.costs.dirty_wp_fault_ns, self.demand, self.progress)
             guest.data = data
             if self.s.adversary:  # the scenario turned data mode on for it
                 adversary = data.adversary = Adversary(self.s.adversary, data, eng, guest, self.s.seed,
@@ -121,6 +133,9 @@ class Migration:
             out.guest_g_at_end = guest.g  # the end of the migration window: the guest has not run past it
             if out.status != "failed":
                 self._finish_trace(run, out)
+            if ref is not None:
+                guest.cur.drain()  # the rest of the trace (a failed run stops early), read and verified
+                self._no_migration = out.digests["no_migration"] = ref.result()
         return build(run, out, self.engine_kind)
 
     def _migrate(self, run: Run, out: Outcome) -> None:
@@ -222,6 +237,21 @@ class Migration:
         lag = int(g.delays.max()) if g.delays is not None else 0  # the most-blocked vCPU ends last
         out.times["trace_end_ns"] = g.v + max(0, self.trace_last_ns + lag - g.g)
         run.log("trace_end", f"host={'target' if g.host == TARGET else 'source'}", t=out.times["trace_end_ns"])
+
+
+class _Tee:
+    """The trace's validated batches, each also fed to a background reference replay (refdigest.Background)
+    as the run reads it; the progress callback counts them once more (the reference's pass)."""
+
+    def __init__(self, reader, ref, progress: ProgressFn | None):
+        self.reader, self.ref, self.progress = reader, ref, progress
+
+    def __iter__(self):
+        for base, batch in self.reader:
+            self.ref.feed(base, batch)
+            if self.progress:
+                self.progress(batch.num_rows)
+            yield base, batch
 
 
 def run(scenario: Scenario, *, strategy: str | None = None, engine: str | Callable = "cython",
