@@ -122,6 +122,18 @@ class Background:
     ``result``. The digest is the same as ``compute``'s: the same engine replays the same rows in order."""
 
     DEPTH = 4
+    # The second engine's state per guest page (one host: 4 B version + 1 B flags, RMP entries where they
+    # differ from launch's), rounded up; see ``fits``.
+    BYTES_PER_PAGE = 8
+
+    @classmethod
+    def fits(cls, meta: TraceMeta) -> bool:
+        """Whether a second engine fits beside the run with room to spare (a quarter of the memory available
+        now): ``run_memory_bytes`` budgets a run with its reference engine freed first (the separate pass),
+        so a guest near that budget takes the separate pass instead. Either way the digest is the same."""
+        from .validate import available_memory_bytes
+
+        return meta.npages * cls.BYTES_PER_PAGE <= available_memory_bytes() // 4
 
     def __init__(self, meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str):
         from .engine import make_engine
