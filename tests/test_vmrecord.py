@@ -255,7 +255,7 @@ def test_shipped_vm_trace_and_scenario(tmp_path, capsys):
 
     meta = read_meta(ROOT / "traces" / "vm-busybox.arrow")
     assert meta.source["recorder"] == "qemu-tcg" and meta.source["deterministic"] is True
-    assert meta.version == 3 and meta.source["epoch_ns"] == 1_000_000
+    assert meta.version == 2 and meta.source["epoch_ns"] == 1_000_000
     assert main(["compare", str(ROOT / "scenarios" / "vm-busybox.toml"), "--out", str(tmp_path / "cmp"),
                  "--no-progress"]) == 0
     with open_trace(ROOT / "traces" / "vm-busybox.arrow") as r:
