@@ -132,7 +132,7 @@ def _progress(n: int) -> None:
         _QUEUE.put(n)
 
 
-def _run_strategy(scenario: Scenario, strategy: str, engine: str, trace_path: Path, no_migration_digest: str,
+def _run_strategy(scenario: Scenario, strategy: str, engine: str, trace_path: Path, no_migration_digest: str | None,
                   plaintext_reference: str | None) -> Any:
     """One strategy's run in a worker process; the record is returned, not written (see ``run``)."""
     from .migrate import Migration
@@ -149,8 +149,9 @@ def _drain(queue: Any, update: Callable[[int], Any]) -> None:
 
 def run_parallel(scenario: Scenario, *, engine: str, trace_path: Path, show_progress: bool) -> list[Any]:
     """Run every strategy of ``scenario`` on one trace, each in its own process; returns their RunResults
-    in STRATEGIES order. The no-migration reference is computed once first (or read from its cache): both
-    runs need it and it is the same for both. When one run fails the other is stopped at its next record
+    in STRATEGIES order. The no-migration reference is read from its cache, or else each worker computes it
+    beside its run from its own read of the trace (refdigest.Background: the same digest in both, on the
+    core that would otherwise wait for a separate pass first). When one run fails the other is stopped at its next record
     batch and the failure is raised; a worker process that dies is a WorkerError."""
     import multiprocessing
     import threading
@@ -158,17 +159,17 @@ def run_parallel(scenario: Scenario, *, engine: str, trace_path: Path, show_prog
     from concurrent.futures.process import BrokenProcessPool
 
     from .errors import WorkerError
-    from .refdigest import lookup, no_migration_digest, plaintext_digest
+    from .refdigest import lookup, plaintext_digest
     from .trace import read_meta
 
     meta = read_meta(trace_path)
     g = scenario.guest
     known = lookup(meta, g.asid, g.os_vmpl, engine)
-    passes = len(STRATEGIES) + (known is None)
+    passes = len(STRATEGIES) * (1 + (known is None))
     # spawn, not fork: the parent may hold pyarrow/tqdm threads, which fork would copy mid-flight.
     ctx = multiprocessing.get_context("spawn")
     with progress_bar(passes * meta.events, "compare", show_progress) as update:
-        nomig = known or no_migration_digest(trace_path, meta, g.asid, g.os_vmpl, engine, update)
+        nomig = known  # None: each worker computes it beside its run (refdigest.Background)
         # data mode's reference too, once here rather than once per worker
         plain = plaintext_digest(trace_path, meta) if scenario.migration.data else None
         stop, queue = ctx.Event(), ctx.Queue() if update else None

@@ -180,14 +180,14 @@ def test_utilization_lays_rows_out_on_a_run_idle_cycle(tmp_path):
                     utilization_ppm=250_000, period_ns=40_000_000)
     ms = 1_000_000
     want_idle = tuple(x for k in range(9) for x in ((40 * k + 10) * ms, (40 * k + 40) * ms))
-    assert meta.version == 2 and meta.vcpu_idle == (want_idle,) * 3
+    assert meta.version == 3 and meta.vcpu_idle == (want_idle,) * 3
     assert read_meta(tmp_path / "u.arrow").vcpu_idle == (want_idle,) * 3
     with open_trace(tmp_path / "u.arrow") as r:
         t = [x for _, b in r for x in b.column("t_ns").to_pylist()]
     assert t == [((i // 10) * 40 + i % 10) * ms for i in range(100)]
-    # Full utilization is the old trace: same rows, version 1, no idle key, no extra source keys.
+    # Full utilization is the old trace: same rows, no idle key (version 3 now, as every new trace), no extra source keys.
     full = generate("uniform", tmp_path / "f.arrow", guest_bytes=1 << 20, vcpus=3, events=100, seed=1, rate=1000)
-    assert full.version == 1 and full.vcpu_idle is None and "utilization_ppm" not in full.source
+    assert full.version == 3 and full.vcpu_idle is None and "utilization_ppm" not in full.source
 
 
 def test_utilization_refusals(tmp_path):

@@ -217,3 +217,43 @@ def test_a_worker_the_pool_fails_to_stop_cannot_hang_compare(tmp_path):
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and "a compare worker process died" in p.stderr
     assert not out.exists()
+
+
+def test_background_reference_equals_the_separate_pass(trace, tmp_path):
+    """refdigest.Background, fed the batches of a read, computes what refdigest.compute does, and stores it;
+    an abandoned one stores nothing. (A cold run feeds it from its own read: see the test above.)"""
+    from replay.trace import open_trace
+
+    meta = read_meta(trace)
+    want = refdigest.compute(trace, meta, 1, 0, "cython")
+    cache = tmp_path / "cache"
+    bg = refdigest.Background(meta, 1, 0, "cython")
+    bg.abandon()
+    assert refdigest.lookup(meta, 1, 0, "cython", cache) is None
+    for kind in ("cython", "reference"):
+        bg = refdigest.Background(meta, 1, 0, kind)
+        with open_trace(trace, verify_digest=True) as r:
+            for base, batch in r:
+                bg.feed(base, batch)
+        assert bg.result(cache) == refdigest.compute(trace, meta, 1, 0, kind)
+        assert refdigest.lookup(meta, 1, 0, kind, cache) == refdigest.compute(trace, meta, 1, 0, kind)
+    assert refdigest.lookup(meta, 1, 0, "cython", cache) == want
+    # Injected fault: a batch fed twice is a different replay, so a different digest.
+    bg = refdigest.Background(meta, 1, 0, "cython")
+    with open_trace(trace) as r:
+        for base, batch in r:
+            bg.feed(base, batch)
+            bg.feed(base, batch)
+    assert bg.result(tmp_path / "other") != want
+
+
+def test_background_reference_error_reaches_the_run(trace):
+    """A failure in the helper thread (here: a batch that is not one) is raised to the feeder, not lost."""
+    meta = read_meta(trace)
+    bg = refdigest.Background(meta, 1, 0, "cython")
+    bg.feed(0, "not a batch")
+    with pytest.raises(Exception):
+        for _ in range(2 * refdigest.Background.DEPTH + 2):
+            bg.feed(0, "not a batch")
+        bg.result()
+    bg.abandon()

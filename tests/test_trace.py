@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -121,7 +122,7 @@ def test_round_trip(tmp_path, compression):
     for k in COLUMNS:
         np.testing.assert_array_equal(np.concatenate(got[k]), c[k])
     md = pa.ipc.open_file(pa.memory_map(str(tmp_path / "t.arrow"))).schema.metadata
-    assert md[b"format"] == b"snp-replay-trace" and md[b"version"] == b"1" and md[b"page_size"] == b"4096"
+    assert md[b"format"] == b"snp-replay-trace" and md[b"version"] == b"3" and md[b"page_size"] == b"4096"
     assert json.loads(md[b"shared_ranges"]) == [[0, 15]]
     assert json.loads(md[b"source"]) == {"test": 1}
     assert meta.to_json()["events"] == 2500
@@ -137,25 +138,81 @@ def test_compression_actually_differs(tmp_path):
     assert f.get_batch(0).num_rows == 1000
 
 
-def test_digest_independent_of_batching_compression_name(tmp_path):
+def _model_digest(c, version):
+    """The documented rule: H over the per-column H of little-endian bytes; H = BLAKE3-256 in version 3,
+    blake2b-256 in versions 1 and 2."""
+    def h(data=b""):
+        return blake3.blake3(data) if version == 3 else hashlib.blake2b(data, digest_size=32)
+
+    outer = h()
+    for k in COLUMNS:
+        outer.update(h(c[k].astype(c[k].dtype.newbyteorder("<")).tobytes()).digest())
+    return outer.hexdigest()
+
+
+@pytest.mark.parametrize("version", [3, 1])
+def test_digest_independent_of_batching_compression_name(tmp_path, version):
     c = cols(3001)
     digests = {
-        write(tmp_path / "a.arrow", c, batch_rows=1 << 20).digest,
-        write(tmp_path / "b.arrow", c, batch_rows=7, compression=None, chunk=100).digest,
-        write(tmp_path / "other-name.arrow", c, batch_rows=1000, chunk=333).digest,
+        write(tmp_path / "a.arrow", c, batch_rows=1 << 20, version=version).digest,
+        write(tmp_path / "b.arrow", c, batch_rows=7, compression=None, chunk=100, version=version).digest,
+        write(tmp_path / "other-name.arrow", c, batch_rows=1000, chunk=333, version=version).digest,
         compute_digest(tmp_path / "a.arrow"),
         compute_digest(tmp_path / "b.arrow"),
     }
     assert len(digests) == 1
+    assert read_meta(tmp_path / "a.arrow").version == version
     c2 = dict(c, value=c["value"].copy())
     c2["value"][5] ^= 1
-    assert write(tmp_path / "c.arrow", c2).digest not in digests
-    # The digest is blake2b-256 of the per-column blake2b-256 of little-endian bytes.
+    assert write(tmp_path / "c.arrow", c2, version=version).digest not in digests
+    assert _model_digest(c, version) in digests
+    assert _model_digest(c, 4 - version) not in digests  # the other hash: the version decides which
 
-    outer = hashlib.blake2b(digest_size=32)
-    for k in COLUMNS:
-        outer.update(hashlib.blake2b(c[k].astype(c[k].dtype.newbyteorder("<")).tobytes(), digest_size=32).digest())
-    assert outer.hexdigest() in digests
+
+@pytest.mark.parametrize("version,idle,want", [(1, None, "1"), (2, None, "1"), (1, [[0, 5], []], "2"),
+                                                (3, None, "3"), (3, [[0, 5], []], "3")])
+def test_versions_written_and_read(tmp_path, version, idle, want):
+    """A writer asked for an old version writes it (blake2b; 2 only with idle intervals); every version reads
+    back with the digest verified, and one changed row is refused whichever hash the version uses."""
+    c = cols(500)
+    path = tmp_path / "v.arrow"
+    meta = write(path, c, version=version, vcpu_idle=idle, compression=None)
+    md = pa.ipc.open_file(pa.memory_map(str(path))).schema.metadata
+    assert md[b"version"] == want.encode() and meta.version == int(want)
+    assert (b"vcpu_idle" in md) == (idle is not None)
+    assert meta.digest == _model_digest(c, int(want)) == compute_digest(path)
+    assert read_meta(path) == meta and read_meta(path).vcpu_idle == meta.vcpu_idle
+    read_all(path)
+    # Corrupt one value byte in place (uncompressed: the bytes are in the file as written).
+    data = bytearray(path.read_bytes())
+    needle = c["value"][250].astype("<u8").tobytes()
+    at = data.find(needle)
+    assert at > 0
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceError, match="content digest .* does not match") as ei:
+        read_all(path)
+    assert_one_line(ei.value, path)
+
+
+def test_shipped_old_traces_verify_as_before():
+    """The traces shipped in traces/ (versions 1 and 2, blake2b) read and verify with the digests the
+    manifest pins."""
+    root = Path(__file__).resolve().parent.parent
+    manifest = json.loads((root / "traces" / "MANIFEST.json").read_text())
+    seen = set()
+    for entry in manifest["traces"]:
+        meta = read_meta(root / entry["file"])
+        assert meta.version in (1, 2) and meta.digest == entry["digest"]
+        assert compute_digest(root / entry["file"]) == entry["digest"]
+        seen.add(meta.version)
+    assert seen == {1, 2}
+
+
+def test_writer_version_refused(tmp_path):
+    with pytest.raises(TraceError, match="version must be one of 1, 2, 3, not 4"):
+        TraceWriter(tmp_path / "x.arrow", guest_bytes=G, vcpus=1, source={}, version=4)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_batch_and_slices(tmp_path):
@@ -304,7 +361,7 @@ def test_events_mismatch(tmp_path):
         ("wrong type", dict(schema=pa.schema([pa.field("gpa", pa.int64(), False) if f.name == "gpa" else f for f in SCHEMA])), "column gpa is int64"),
         ("wrong names", dict(schema=pa.schema([pa.field("addr" if f.name == "gpa" else f.name, f.type, False) for f in SCHEMA])), "schema: columns"),
         ("missing key", dict(drop=("digest",)), "missing key digest"),
-        ("wrong version", dict(meta_over={"version": "3"}), "unsupported trace version '3'"),
+        ("wrong version", dict(meta_over={"version": "4"}), "unsupported trace version '4'"),
         ("wrong format", dict(meta_over={"format": "parquet-ish"}), "not a snp-replay trace"),
         ("bad guest", dict(meta_over={"guest_bytes": "12345"}), "guest_bytes"),
         ("bad ranges", dict(meta_over={"shared_ranges": "[[3, 1]]"}), "shared_ranges"),

@@ -91,7 +91,7 @@ def test_vm_trace_passes_verify(writer_trace, capsys):
     out, _ = writer_trace
     assert main(["verify", str(out)]) == 0
     meta = read_meta(out)
-    assert meta.version == 2 and meta.vcpus == 1 and meta.guest_bytes == 128 << 20
+    assert meta.version == 3 and meta.vcpus == 1 and meta.guest_bytes == 128 << 20
     assert meta.source["recorder"] == "qemu-tcg" and meta.source["deterministic"] is True
     pages = meta.source["pages"]
     assert pages["default"] == "private" and pages["shared_from"] == "swiotlb"

@@ -10,7 +10,7 @@ from ..version import __version__
 from ..errors import ScenarioError
 from ..paths import cache_dir
 from ..scenario import Scenario
-from ..trace import last_t_ns, open_trace
+from ..trace import VERSION as TRACE_VERSION, last_t_ns, open_trace
 
 
 def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
@@ -27,6 +27,7 @@ def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
     g = scenario.guest
     spec = {
         "snp_replay": __version__,  # a new version may generate differently: never reuse across versions
+        "trace_version": TRACE_VERSION,  # the format (its digest's hash) written: a v2 file is not a v3 one
         "generator": t.generator, "events": t.events, "rate": t.rate, "fill": t.fill, "seed": seed,
         "guest_bytes": g.guest_bytes, "vcpus": g.vcpus, "options": {k: repr(v) for k, v in sorted(t.options.items())},
     }
