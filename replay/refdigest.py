@@ -136,7 +136,7 @@ class Background:
         return meta.npages * cls.BYTES_PER_PAGE <= available_memory_bytes() // 4
 
     def __init__(self, meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str):
-        from .engine import make_engine
+        from .engines import make_engine
 
         self.meta, self.key = meta, (asid, os_vmpl, engine_kind)
         self._eng = make_engine(engine_kind, npages=meta.npages, vcpus=meta.vcpus, asid=asid, os_vmpl=os_vmpl,

@@ -283,7 +283,7 @@ def test_tib_guest_fits_in_bounded_memory():
 
 _UNTOUCHED_SCRIPT = r"""
 import json, sys
-from replay.engine import make_engine
+from replay.engines import make_engine
 
 def rss():  # bytes resident now (VmRSS): growth, not the peak of the interpreter's start
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
