@@ -178,7 +178,8 @@ def test_compare_worker_that_dies_is_a_one_line_error(tmp_path, capsys):
 
 
 _ESCAPED_WORKER = """
-import sys, threading, time
+import faulthandler, sys, threading, time
+faulthandler.dump_traceback_later(100, exit=True)  # a hang shows where (stderr), before the test's limit
 import multiprocessing.process
 import psutil
 from replay.cli import main
@@ -190,9 +191,15 @@ import concurrent.futures.process as cfp
 multiprocessing.process.BaseProcess.terminate = lambda self: None
 cfp._ExecutorManagerThread.shutdown_workers = lambda self: None
 
+def cmdline(proc):
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # a short-lived child (the resource tracker's start...) gone meanwhile
+        return ""
+
 def kill_one():
     while True:
-        kids = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+        kids = [c for c in psutil.Process().children() if "spawn_main" in cmdline(c)]
         if len(kids) == 2:  # both started (they take far longer to import than this to notice)
             kids[0].kill()
             return
