@@ -112,3 +112,49 @@ def test_bandwidth_period_ending_exactly_with_a_burst(trace, engine, period, dow
     assert (end["t_ns"], end["detail"]) == ((7120, "round=0 pages=2 bytes=10000") if period == 2000
                                             else (9120, "round=0 pages=4 bytes=20000"))
     assert _m(r)["downtime_ns"] == downtime
+
+
+def _run(trace, strategy, **costs):
+    return run(tiny_scenario(costs=costs), strategy=strategy, trace_path=trace)
+
+
+@pytest.mark.parametrize("strategy", BOTH)
+def test_setup_costs_one_by_one(trace, strategy):
+    # Setup steps run one after another on the migration's clock (docs/costs.md, "Setup"); each key's
+    # share, with one agent a side and 2 memslots, on top of the base run's setup:
+    base = _m(_run(trace, strategy))
+    mirror = strategy == "mirror-vm"
+    per_gib = 7 * (1 << 30) // (4 * 4096)  # 7 ns for the tiny guest's 16 KiB, exactly
+    cases = [
+        ({"gmem_link_ns": 7}, 2 * 2 * 7 if mirror else 0),  # mirror only: per memslot per side
+        ({"vcpu_create_ns": 11}, 2 * 11),  # per agent per side, both designs
+        ({"rmpupdate_ns": 13}, 2 * 13),  # the agent's VMSA page, per side
+        ({"dirty_log_start_ns_per_gib": per_gib}, 7),
+        ({"dirty_log_start_ns_per_gib": per_gib + per_gib // 7 - 1}, 7),  # 7.99... ns: whole ns, rounded down
+        ({"dirty_sync_ns_per_gib": per_gib}, 7),  # the initial sync
+    ]
+    for costs, extra in cases:
+        m = _m(_run(trace, strategy, **costs))
+        assert m["setup_ns"] - base["setup_ns"] == extra, costs
+
+
+@pytest.mark.parametrize("strategy", BOTH)
+def test_downtime_costs_one_by_one(trace, strategy):
+    base = _m(_run(trace, strategy))
+    assert base["downtime_ns"] == DOWNTIME
+    per_gib = 7 * (1 << 30) // (4 * 4096)
+    assert _m(_run(trace, strategy, resume_ns=13))["downtime_ns"] == DOWNTIME + 13
+    # The final sync (inside the downtime) walks the bitmap too.
+    assert _m(_run(trace, strategy, dirty_sync_ns_per_gib=per_gib))["downtime_ns"] == DOWNTIME + 7
+    # device state crosses with the VMSA: 1000 more bytes, 200 ns on the 5 GB/s link.
+    assert _m(_run(trace, strategy, device_state_bytes=6000))["downtime_ns"] == DOWNTIME + 200
+
+
+def test_write_protect_fault_is_the_guests_own_loss(trace):
+    # Dirty logging starts at 5000 (after the mirror VMs and agents); of the writes after it, only gfn 1's at
+    # 7000 comes while logging is on (gfn 3's at 20000 is after the resume): one fault, 19 ns of the guest's.
+    base = _m(_run(trace, "mirror-vm"))
+    m = _m(_run(trace, "mirror-vm", dirty_wp_fault_ns=19))
+    assert base["guest_lost_ns"] == DOWNTIME
+    assert m["guest_lost_ns"] == DOWNTIME + 19
+    assert m["downtime_ns"] == DOWNTIME
