@@ -163,3 +163,16 @@ def test_postcopy_recovery_pays_the_re_handshake(tmp_path, psp, cpu):
     assert costly.summary["metrics"]["completion_ns"] == longer.summary["metrics"]["completion_ns"]
     assert (costly.summary["metrics"]["postcopy"]["blocktime_ns_per_vcpu"]
             == longer.summary["metrics"]["postcopy"]["blocktime_ns_per_vcpu"])
+
+
+@pytest.mark.parametrize("at, noticed", [(9500, 9500), (PRE_VMSA_SEND, PRE_VMSA_SEND), (PRE_VMSA_SEND + 1, PRE_VMSA_SEND + 1),
+                                         (12225, 12225), (PRE_RESUME - 1, PRE_RESUME)])
+def test_a_downtime_failure_keeps_the_source_paused_until_it_is_noticed(pre, at, noticed):
+    # The source stays paused from 9120 until the abort; the VMSA send's own check sees a failure anywhere
+    # up to its last byte's arrival (12230) at once, a later one only the resume's check (12240). Then the
+    # source resumes: the guest lost exactly that pause, and its trace (last write at 20000) ends that late.
+    r = run(tiny_scenario(faults=[{"at_ns": at, "duration_ns": FOREVER}]), strategy="mirror-vm", trace_path=pre)
+    m = r.summary["metrics"]
+    assert r.status == "aborted"
+    assert (m["completion_ns"], m["downtime_ns"], m["guest_lost_ns"]) == (noticed, noticed - PRE_PAUSE, noticed - PRE_PAUSE)
+    assert m["trace_end_ns"] == 20000 + noticed - PRE_PAUSE

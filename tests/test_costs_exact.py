@@ -158,3 +158,29 @@ def test_write_protect_fault_is_the_guests_own_loss(trace):
     assert base["guest_lost_ns"] == DOWNTIME
     assert m["guest_lost_ns"] == DOWNTIME + 19
     assert m["downtime_ns"] == DOWNTIME
+
+
+ROUND_KEYS = ("round", "phase", "sync_ns", "dirty_pages", "start_ns", "end_ns", "pages_sent", "zero_pages",
+              "private_pages", "shared_pages", "bytes_sent", "agents", "agent_cpu_ns", "target_cpu_ns",
+              "host_cpu_ns", "guest_progress_ns")
+
+
+@pytest.mark.parametrize("engine", ENGINE_KINDS)
+def test_the_rounds_table_by_hand(trace, engine):
+    # The base run: the initial sync at 5000 finds the 4 pages; round 0 sends them 5120..9120 (packaging
+    # 4 x 500 ns of agent CPU; the guest runs throughout: 4000 ns of progress); the downtime round (its sync
+    # at the pause, 9120) sends gfn 1 and the VMSA with device state (5000 + 5000 + 5000 bytes) until the
+    # resume at 12240, the guest paused. A round counts its pages' CPU; the VMSA's packing is in the
+    # run's CPU ledger.
+    r = run(tiny_scenario(), strategy="mirror-vm", engine=engine, trace_path=trace)
+    rows = [tuple(row[k] for k in ROUND_KEYS) for row in r.rounds.to_pylist()]
+    assert rows == [(0, "precopy", 5000, 4, 5120, 9120, 4, 0, 4, 0, 20000, 1, 2000, 0, 0, 4000),
+                    (1, "downtime", 9120, 1, 9120, 12240, 1, 0, 1, 0, 15000, 1, 500, 0, 0, 0)]
+    # The bandwidth-boundary run: round 0 stops after 2 pages (7120), round 1 syncs then and ends at once
+    # (max_rounds), the downtime sends the 3 pending pages.
+    r = run(tiny_scenario(burst_ns=2000, bandwidth_period_ns=2000, downtime_limit_ns=2000), strategy="mirror-vm",
+            engine=engine, trace_path=trace)
+    rows = [tuple(row[k] for k in ROUND_KEYS) for row in r.rounds.to_pylist()]
+    assert rows == [(0, "precopy", 5000, 4, 5120, 7120, 2, 0, 2, 0, 10000, 1, 1000, 0, 0, 2000),
+                    (1, "precopy", 7120, 1, 7220, 7220, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0),
+                    (2, "downtime", 7220, 0, 7220, 12340, 3, 0, 3, 0, 25000, 1, 1500, 0, 0, 0)]
