@@ -176,3 +176,24 @@ def test_a_downtime_failure_keeps_the_source_paused_until_it_is_noticed(pre, at,
     assert r.status == "aborted"
     assert (m["completion_ns"], m["downtime_ns"], m["guest_lost_ns"]) == (noticed, noticed - PRE_PAUSE, noticed - PRE_PAUSE)
     assert m["trace_end_ns"] == 20000 + noticed - PRE_PAUSE
+
+
+@pytest.mark.parametrize("at, status, source_only", [(9700, "completed", 0), (9699, "failed", 1)])
+def test_postcopy_last_reply_landing_exactly_at_the_failure(tmp_path, at, status, source_only):
+    # One vCPU: one VMSA, the target resumes at 5100 (g = v - 2100). The push sends gfn 0, 1, 2 until 8100;
+    # the vCPU faults on gfn 3 at g 5900 (v 8000): request in at 8100, packaged until 8600, on the wire
+    # until 9600, in at 9700, after the push's end. A failure for good at 9700 still delivers it; at 9699
+    # the reply is lost with the link and gfn 3 exists only on the source.
+    trace = pc_trace(tmp_path / "f.arrow", rows=[(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3), (5900, 0, 3)], vcpus=1)
+    ok = run(pc_scenario(), strategy="mirror-vm", trace_path=trace)
+    assert [(f["gfn"], f["raised_ns"], f["served_ns"]) for f in ok.faults.to_pylist()] == [(3, 8000, 9700)]
+    r = run(pc_scenario(faults=[{"at_ns": at, "duration_ns": FOREVER}]), strategy="mirror-vm", trace_path=trace)
+    assert r.status == status
+    assert r.summary["metrics"]["postcopy"]["source_only_pages"] == source_only
+    if status == "completed":
+        assert r.summary["metrics"]["completion_ns"] == 9700
+    else:
+        assert [e["t_ns"] for e in _events(r, "link_down")] == [9699]
+    # Recovered instead: the lost reply comes again once the link is back; the run completes later.
+    back = run(pc_scenario(faults=[{"at_ns": 9699, "duration_ns": 100}]), strategy="mirror-vm", trace_path=trace)
+    assert back.status == "completed" and back.summary["metrics"]["completion_ns"] > 9799
