@@ -197,3 +197,25 @@ def test_postcopy_last_reply_landing_exactly_at_the_failure(tmp_path, at, status
     # Recovered instead: the lost reply comes again once the link is back; the run completes later.
     back = run(pc_scenario(faults=[{"at_ns": 9699, "duration_ns": 100}]), strategy="mirror-vm", trace_path=trace)
     assert back.status == "completed" and back.summary["metrics"]["completion_ns"] > 9799
+
+
+def test_a_fault_reply_lost_after_the_push_is_requested_again_at_the_recovery(tmp_path):
+    # No background push, one vCPU: the target resumes at 5100 (g = v - 2100). The fault on gfn 2 at g 3500
+    # (v 5600) takes its path, 1700 ns (latency 100, packaging 500, the reply 1000, latency 100): in at 7300.
+    # An outage [7000, 7200) loses the reply; re-keyed at 7200 (no cost here), the request goes again and
+    # takes the same path: served at 8900. An outage ending exactly at the arrival loses it too.
+    trace = pc_trace(tmp_path / "np.arrow", rows=[(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3), (3500, 0, 2)], vcpus=1)
+    for faults, served in (([], 7300), ([{"at_ns": 7000, "duration_ns": 200}], 8900),
+                           ([{"at_ns": 7299, "duration_ns": 1}], 7300 + 1700),
+                           ([{"at_ns": 7300, "duration_ns": 1}], 7300)):
+        r = run(pc_scenario(postcopy_background_push=False, faults=faults), strategy="mirror-vm", trace_path=trace)
+        assert r.status == "completed"
+        assert [(f["gfn"], f["raised_ns"], f["served_ns"]) for f in r.faults.to_pylist()] == [(2, 5600, served)], faults
+
+
+def test_nothing_of_the_vmsas_is_counted_when_the_run_aborts_before_them(pre):
+    done = run(tiny_scenario(), strategy="mirror-vm", trace_path=pre).summary["metrics"]
+    early = run(tiny_scenario(faults=[{"at_ns": 9500, "duration_ns": FOREVER}]), strategy="mirror-vm",
+                trace_path=pre).summary["metrics"]
+    assert (done["vmsas_sent"], done["device_state_bytes"]) == (1, 5000)
+    assert (early["vmsas_sent"], early["device_state_bytes"]) == (0, 0)

@@ -184,3 +184,12 @@ def test_the_rounds_table_by_hand(trace, engine):
     assert rows == [(0, "precopy", 5000, 4, 5120, 7120, 2, 0, 2, 0, 10000, 1, 1000, 0, 0, 2000),
                     (1, "precopy", 7120, 1, 7220, 7220, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0),
                     (2, "downtime", 7220, 0, 7220, 12340, 3, 0, 3, 0, 25000, 1, 1500, 0, 0, 0)]
+
+
+@pytest.mark.parametrize("pack, agents", [(1000, 1), (1001, 2)])
+def test_precopy_grows_agents_only_when_they_pace_the_burst(trace, pack, agents):
+    # A page is 1000 ns on the link. Packaging it in exactly 1000 ns keeps pace: the link paces the burst,
+    # no agent is added. 1001 ns: the agents pace it, and the next burst gets ceil(1001 / 1000) = 2.
+    r = run(tiny_scenario(costs={"page_pack_ns": pack}, agents_max=4, host_cpus=4), strategy="mirror-vm",
+            trace_path=trace)
+    assert _m(r)["agents_max"] == agents
