@@ -378,3 +378,16 @@ def test_failed_write_leaves_no_parent_directories(workdir, capsys, monkeypatch)
     before = snapshot(workdir)
     assert main(["compare", "s.toml", "--out", "new/deeper/cmp", "--no-progress"]) == 2
     assert snapshot(workdir) == before  # neither new/ nor new/deeper/ is left
+
+
+def test_require_regular_names_a_directory_by_what_was_expected(tmp_path):
+    # (issue 22) A directory where a trace is expected says "not a trace file"; elsewhere "not a file".
+    from replay.errors import TraceError, UsageError
+    from replay.paths import require_regular
+
+    with pytest.raises(TraceError) as e:
+        require_regular(tmp_path, TraceError)
+    assert str(e.value).endswith(": is a directory, not a trace file")
+    with pytest.raises(UsageError) as e:
+        require_regular(tmp_path, UsageError)
+    assert str(e.value).endswith(": is a directory, not a file")
