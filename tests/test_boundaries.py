@@ -219,3 +219,18 @@ def test_nothing_of_the_vmsas_is_counted_when_the_run_aborts_before_them(pre):
                 trace_path=pre).summary["metrics"]
     assert (done["vmsas_sent"], done["device_state_bytes"]) == (1, 5000)
     assert (early["vmsas_sent"], early["device_state_bytes"]) == (0, 0)
+
+
+def test_a_generated_trace_is_made_once_and_then_read_from_the_cache(tmp_path):
+    # (tools/mutate survivor in replay/migration/traces.py) The first call generates into the cache, the
+    # second finds it there and leaves it untouched.
+    from replay.migration import trace_for
+    from replay.scenario import make_scenario
+
+    s = make_scenario(guest={"size": "1MiB", "vcpus": 1}, trace={"generator": "uniform", "events": 100, "rate": 1_000_000})
+    cache = tmp_path / "cache"
+    first = trace_for(s, cache)
+    assert first.is_file() and first.parent == cache
+    stamp = first.stat().st_mtime_ns
+    first.chmod(0o444)
+    assert trace_for(s, cache) == first and first.stat().st_mtime_ns == stamp
