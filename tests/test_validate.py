@@ -391,3 +391,12 @@ def test_require_regular_names_a_directory_by_what_was_expected(tmp_path):
     with pytest.raises(UsageError) as e:
         require_regular(tmp_path, UsageError)
     assert str(e.value).endswith(": is a directory, not a file")
+
+
+def test_run_record_tables_have_no_nullable_columns():
+    # (issue 22) Every column of every run-record table is declared non-null: a reader of an older record
+    # compares schemas exactly, so a column turning nullable would make every older record unreadable.
+    from replay.runrecord import TABLES
+
+    for name, schema in TABLES.items():
+        assert [f.name for f in schema if f.nullable] == [], name
