@@ -193,3 +193,13 @@ def test_precopy_grows_agents_only_when_they_pace_the_burst(trace, pack, agents)
     r = run(tiny_scenario(costs={"page_pack_ns": pack}, agents_max=4, host_cpus=4), strategy="mirror-vm",
             trace_path=trace)
     assert _m(r)["agents_max"] == agents
+
+
+def test_all_vcpus_blocked_counts_every_overlap():
+    # (tools/mutate survivor) QEMU's overlapped blocktime: the time during which every vCPU is blocked at
+    # once. vCPU 0 blocked [0, 10) and [12, 20), vCPU 1 [5, 15): all blocked in [5, 10) and [12, 15): 8 ns.
+    from replay.migration.record import _all_blocked_ns
+
+    assert _all_blocked_ns([[(0, 10), (12, 20)], [(5, 15)]]) == 8
+    assert _all_blocked_ns([[(0, 10)], [(10, 20)]]) == 0  # one ends exactly when the other starts
+    assert _all_blocked_ns([[(0, 10)], []]) == 0
