@@ -112,3 +112,16 @@ def test_an_action_after_the_detection_is_never_applied(trace):
     flip, drop = r.summary["adversary"]
     assert flip["outcome"] == "detected"
     assert (drop["outcome"], drop["detected_by"], drop["applied_ns"], drop["phase"]) == ("not_reached", "", 0, "")
+
+
+def test_tamper_shared_named_by_packet_acts_on_shared_pages_only(tmp_path):
+    # gfn 3 is shared: its copy travels plain beside the sealed private pages of the same stream. Naming the
+    # stream's first packet, the host tampers with the shared pages from there on: gfn 3, undetected (no
+    # check covers a shared page); the private gfn 0 of that send is left alone (else its tag would fail).
+    from test_precopy import ROWS, write_trace
+
+    trace = write_trace(tmp_path / "shr.arrow", [(t, 0, g) for t, g in ROWS], npages=4, vcpus=1, shared=[(3, 3)])
+    r = run(scen(AdversarySpec(kind="tamper-shared", stream=0, sequence=0)), strategy="mirror-vm", trace_path=trace)
+    (a,) = r.summary["adversary"]
+    assert r.status == "completed"
+    assert (a["outcome"], a["detected_by"], a["gfn"], a["phase"]) == ("undetected", "", 3, "precopy")
