@@ -400,3 +400,32 @@ def test_run_record_tables_have_no_nullable_columns():
 
     for name, schema in TABLES.items():
         assert [f.name for f in schema if f.nullable] == [], name
+
+
+@pytest.mark.parametrize("section, key, lo, hi", [
+    ("guest", "vcpus", 0, None), ("migration", "latency_ns", 0, None),
+    ("migration", "agents_max", 1, 1 << 16), ("migration", "shadow_apic_ids", 0, 1 << 16),
+    ("adversary", "stream", -1, (1 << 16) - 1)])
+def test_key_ranges_at_both_ends(section, key, lo, hi):
+    # (issue 22, tools/mutate survivors) Each bound accepted, one past it refused: 0 vCPUs and 0 latency
+    # mean "the trace's" and "no latency"; an agent count or APIC range fits 16 bits (65536 included); an
+    # adversary's stream is a 16-bit stream number or -1 (none named).
+    assert validate.check_key(section, key, lo, 0, "x") == lo
+    with pytest.raises(ScenarioError, match=f"must be >= {lo}"):
+        validate.check_key(section, key, lo - 1, 0, "x")
+    if hi is not None:
+        assert validate.check_key(section, key, hi, 0, "x") == hi
+        with pytest.raises(ScenarioError, match=f"must be <= {hi}"):
+            validate.check_key(section, key, hi + 1, 0, "x")
+
+
+def test_a_tables_non_finite_floats_are_refused_and_finite_ones_pass():
+    # (tools/mutate survivor) trace.options is a free table: a finite float (or a string) passes, NaN and
+    # infinities are refused with the key named.
+    import math
+
+    s = make_scenario(trace={**GEN, "options": {"share": 0.5, "name": "x"}})
+    assert dict(s.trace.options) == {"share": 0.5, "name": "x"}
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ScenarioError, match=r"trace\.options\.share: .* is not a finite number"):
+            make_scenario(trace={**GEN, "options": {"share": bad}})
