@@ -429,3 +429,19 @@ def test_a_tables_non_finite_floats_are_refused_and_finite_ones_pass():
     for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(ScenarioError, match=r"trace\.options\.share: .* is not a finite number"):
             make_scenario(trace={**GEN, "options": {"share": bad}})
+
+
+def test_depth_counts_every_level_past_scalars():
+    # (tools/mutate survivors) A scalar is depth 0, each dict or list one level; a scalar before a deeper
+    # sibling does not stop the count.
+    assert validate.depth(5) == 0
+    assert validate.depth({"a": 1}) == 1
+    assert validate.depth({"a": [1, {"b": 2}]}) == 3
+    assert validate.depth([{"x": 1}, 7]) == 2  # the scalar is popped first: the dict still counts
+    assert validate.depth({"a": [[[[1]]]]}, limit=3) == 4  # stops past the limit
+
+
+def test_gib_formats_sizes_from_mib_to_gib():
+    assert validate._gib(3 << 20) == "3.0 MiB"
+    assert validate._gib((1 << 30) - 1) == "1024.0 MiB"
+    assert validate._gib(3 << 30) == "3.00 GiB"
