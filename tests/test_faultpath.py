@@ -175,3 +175,30 @@ def test_latency_jitter_is_seeded_and_only_adds(tmp_path):
     assert a == b != c
     assert [f[:2] for f in a] == [f[:2] for f in plain]
     assert all(0 <= x[2] - y[2] <= 20_000 for x, y in zip(a, plain)) and a != plain
+
+
+def test_shared_page_fault_pays_no_rmpupdate(tmp_path):
+    # (The agents' VMSA pages take an RMPUPDATE each at setup: the guest pauses at 4998, so it faults at 6000.)
+    # gfn 2 is shared: no agent, no RMPUPDATE. Without a push: exit 0 + latency 100 + the host's copy
+    # (host_page_ns 7) + the reply 1000 (5000 bytes) + latency 100 + install 1111 (no RMPUPDATE, however
+    # dear) = 2318; the same path on a private page adds packaging 500 and the RMPUPDATE 999.
+    from test_precopy import write_trace
+
+    costs = {"install_gmem_write_ns": 1111, "rmpupdate_ns": 999, "host_page_ns": 7}
+    shared = write_trace(tmp_path / "s.arrow", FILL + [(6000, 0, 2)], 4, 1, shared=[(2, 2)])
+    r = run(pc_scenario(costs=costs, postcopy_background_push=False), strategy="mirror-vm", trace_path=shared)
+    assert faults(r) == [(0, 2, 2318)]
+    private = pc_trace(tmp_path / "p.arrow", rows=FILL + [(6000, 0, 2)], vcpus=1)
+    r = run(pc_scenario(costs=costs, postcopy_background_push=False), strategy="mirror-vm", trace_path=private)
+    assert faults(r) == [(0, 2, 100 + 500 + 1000 + 100 + 1111 + 999)]
+
+
+def test_timeline_books_the_earliest_gap_that_fits():
+    from replay.migration.faultpath import Timeline
+
+    t = Timeline(1)
+    assert (t.book(0, 10), t.book(20, 10)) == (10, 30)  # busy [0, 10) and [20, 30)
+    assert t.book(5, 15) == 45  # [10, 25) would overlap [20, 30): after it
+    assert t.book(10, 10) == 20  # [10, 20) fits the gap exactly
+    two = Timeline(2)
+    assert (two.book(0, 10), two.book(0, 10), two.book(0, 5)) == (10, 10, 15)  # both busy: the first free

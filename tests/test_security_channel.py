@@ -487,3 +487,13 @@ def test_a_wire_still_held_is_never_written_over():
     held = third.buffer
     del second, third
     assert s.seal_pages([1], 4, stream=1).buffer is held  # nothing held: reused
+
+
+def test_a_compressed_vmsa_counts_once():
+    # (issue 22, a tools/mutate survivor) A VMSA goes through the single-packet path: 256 bytes of register
+    # state and zeros compress; it counts as one compressed page, of fewer bytes than a page.
+    src, dst, s, r = pair(level=3)
+    s.send_vmsa(0, 0, emulated_vmsa(SEED, 0, 0), stream=0)
+    st = s.stats.to_json()
+    assert (st["vmsas"], st["compressed_pages"], st["payload_bytes"]) == (1, 1, PAGE)
+    assert st["compressed_bytes"] < PAGE

@@ -378,3 +378,70 @@ def test_failed_write_leaves_no_parent_directories(workdir, capsys, monkeypatch)
     before = snapshot(workdir)
     assert main(["compare", "s.toml", "--out", "new/deeper/cmp", "--no-progress"]) == 2
     assert snapshot(workdir) == before  # neither new/ nor new/deeper/ is left
+
+
+def test_require_regular_names_a_directory_by_what_was_expected(tmp_path):
+    # (issue 22) A directory where a trace is expected says "not a trace file"; elsewhere "not a file".
+    from replay.errors import TraceError, UsageError
+    from replay.paths import require_regular
+
+    with pytest.raises(TraceError) as e:
+        require_regular(tmp_path, TraceError)
+    assert str(e.value).endswith(": is a directory, not a trace file")
+    with pytest.raises(UsageError) as e:
+        require_regular(tmp_path, UsageError)
+    assert str(e.value).endswith(": is a directory, not a file")
+
+
+def test_run_record_tables_have_no_nullable_columns():
+    # (issue 22) Every column of every run-record table is declared non-null: a reader of an older record
+    # compares schemas exactly, so a column turning nullable would make every older record unreadable.
+    from replay.runrecord import TABLES
+
+    for name, schema in TABLES.items():
+        assert [f.name for f in schema if f.nullable] == [], name
+
+
+@pytest.mark.parametrize("section, key, lo, hi", [
+    ("guest", "vcpus", 0, None), ("migration", "latency_ns", 0, None),
+    ("migration", "agents_max", 1, 1 << 16), ("migration", "shadow_apic_ids", 0, 1 << 16),
+    ("adversary", "stream", -1, (1 << 16) - 1)])
+def test_key_ranges_at_both_ends(section, key, lo, hi):
+    # (issue 22, tools/mutate survivors) Each bound accepted, one past it refused: 0 vCPUs and 0 latency
+    # mean "the trace's" and "no latency"; an agent count or APIC range fits 16 bits (65536 included); an
+    # adversary's stream is a 16-bit stream number or -1 (none named).
+    assert validate.check_key(section, key, lo, 0, "x") == lo
+    with pytest.raises(ScenarioError, match=f"must be >= {lo}"):
+        validate.check_key(section, key, lo - 1, 0, "x")
+    if hi is not None:
+        assert validate.check_key(section, key, hi, 0, "x") == hi
+        with pytest.raises(ScenarioError, match=f"must be <= {hi}"):
+            validate.check_key(section, key, hi + 1, 0, "x")
+
+
+def test_a_tables_non_finite_floats_are_refused_and_finite_ones_pass():
+    # (tools/mutate survivor) trace.options is a free table: a finite float (or a string) passes, NaN and
+    # infinities are refused with the key named.
+    import math
+
+    s = make_scenario(trace={**GEN, "options": {"share": 0.5, "name": "x"}})
+    assert dict(s.trace.options) == {"share": 0.5, "name": "x"}
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ScenarioError, match=r"trace\.options\.share: .* is not a finite number"):
+            make_scenario(trace={**GEN, "options": {"share": bad}})
+
+
+def test_depth_counts_every_level_past_scalars():
+    # (tools/mutate survivors) A scalar is depth 0, each dict or list one level; a scalar before a deeper
+    # sibling does not stop the count.
+    assert validate.depth(5) == 0
+    assert validate.depth({"a": 1}) == 1
+    assert validate.depth({"a": [1, {"b": 2}]}) == 3
+    assert validate.depth([{"x": 1}, 7]) == 2  # the scalar is popped first: the dict still counts
+    assert validate.depth({"a": [[[[1]]]]}, limit=3) == 4  # stops past the limit
+
+
+def test_gib_formats_sizes_from_mib_to_gib():
+    assert validate._gib(3 << 20) == "3.0 MiB"
+    assert validate._gib((1 << 30) - 1) == "1024.0 MiB"
+    assert validate._gib(3 << 30) == "3.00 GiB"

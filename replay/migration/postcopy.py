@@ -214,11 +214,25 @@ class _Postcopy:
             _link_event(run, down, f, "postcopy")
             self.dead_at = down
             return False
-        up = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns  # re-keyed before pages move
-        _link_event(run, down, f, "postcopy", up)
-        self.link_up_ns = up
-        self.link_from = f.at_ns + f.duration_ns
-        run.log("link_up", f"recovered; re-keyed; stalled_ns={up - down}", t=up)
+        while True:
+            up = f.at_ns + f.duration_ns + c.attestation_psp_ns + c.attestation_cpu_ns  # re-keyed before pages move
+            _link_event(run, down, f, "postcopy", up)
+            self.link_up_ns = up
+            self.link_from = f.at_ns + f.duration_ns
+            run.log("link_up", f"recovered; re-keyed; stalled_ns={up - down}", t=up)
+            # A failure starting at or before `up` (right at this outage's end, or during the re-handshake)
+            # leaves no moment for anything to cross: one longer outage, and the faults raised meanwhile
+            # wait for its end. (Handing the held-back replies to a transfer that dies at once would count
+            # them as sent across a dead link.)
+            nxt = link.down_at(self.link_from)
+            if nxt is None or nxt > up:
+                break
+            down, f = nxt, link.outage(nxt)
+            run.log("link_down", "migration link lost during post-copy", t=down)
+            if f is None or f.duration_ns == FOREVER:
+                _link_event(run, down, f, "postcopy")
+                self.dead_at = down
+                return False
         # The guest runs on through the outage; its faults wait for the link (served after `up`).
         self.pushing, self.outage_backlog = False, [0, 0]
         if up > g.v:
