@@ -24,7 +24,7 @@ directives = {
 
 extensions = [
     Extension(
-        "replay._engine",
+        "replay.engines._engine",
         ["cext/_engine.pyx"],
         include_dirs=["cext", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
@@ -32,7 +32,7 @@ extensions = [
     ),
     # Data mode's WRITE contents written in order (the per-byte loop numpy cannot vectorize well).
     Extension(
-        "replay._content",
+        "replay.security._content",
         ["cext/_content.pyx"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     ),
@@ -44,14 +44,14 @@ _OPENSSL = any(os.path.exists(os.path.join(d, "openssl", "evp.h"))
                for d in ("/usr/include", "/usr/local/include", os.environ.get("OPENSSL_INCLUDE", "/nonexistent")))
 if _OPENSSL:
     extensions.append(Extension(
-        "replay._xts",
+        "replay.security._xts",
         ["cext/_xts.pyx"],
         libraries=["crypto"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     ))
     # AES-256-GCM sealing and opening of many packets per call (the migration channel).
     extensions.append(Extension(
-        "replay._gcm",
+        "replay.security._gcm",
         ["cext/_gcm.pyx"],
         libraries=["crypto"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
@@ -60,15 +60,15 @@ if _OPENSSL:
 
 
 class build_ext_and_qemu_plugin(build_ext):
-    """Also compile `replay record --vm`'s QEMU plugin and guest helper (replay/qemu_plugin/): not Python
+    """Also compile `replay record --vm`'s QEMU plugin and guest helper (replay/traces/qemu_plugin/): not Python
     extensions, and optional: without a compiler they are skipped, and record --vm builds them on first use."""
 
     def run(self):
         super().run()
-        spec = importlib.util.spec_from_file_location("qemu_plugin", os.path.join("replay", "qemu_plugin", "__init__.py"))
+        spec = importlib.util.spec_from_file_location("qemu_plugin", os.path.join("replay", "traces", "qemu_plugin", "__init__.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        dest = os.path.join("replay", "qemu_plugin") if self.inplace else os.path.join(self.build_lib, "replay", "qemu_plugin")
+        dest = os.path.join("replay", "traces", "qemu_plugin") if self.inplace else os.path.join(self.build_lib, "replay", "traces", "qemu_plugin")
         os.makedirs(dest, exist_ok=True)
         mod.prebuild(dest)
 

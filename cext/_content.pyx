@@ -20,7 +20,7 @@ DEF GOLDEN = 0x9E3779B97F4A7C15
 DEF PAGE_SHIFT = 12
 DEF PAGE_SIZE = 4096
 DEF PAGE_MASK = 4095
-# replay.snp.Op (tests/test_security_memory.py checks they agree)
+# replay.model.snp.Op (tests/test_security_memory.py checks they agree)
 DEF OP_WRITE = 0
 DEF OP_READ = 1
 OPS = {"WRITE": OP_WRITE, "READ": OP_READ}

@@ -1,5 +1,5 @@
-# C declarations of the Cython page engine (cext/_engine.pyx -> replay._engine): the structs and the
-# constants, which mirror replay/snp.py and replay/engine.py (tests/test_engine_rules.py checks that they agree).
+# C declarations of the Cython page engine (cext/_engine.pyx -> replay.engines._engine): the structs and the
+# constants, which mirror replay/model/snp.py and replay/engines/common.py (tests/test_engine_rules.py checks that they agree).
 #
 # Memory layout (5 bytes per gfn per host, plus a small table): page state is two arrays per host, a uint32
 # version and a uint8 flags byte per gfn. The RMP is not an array: nearly every entry of a guest page's own
@@ -9,8 +9,8 @@
 # spa_base, the VMSA spares) are in the table or, when absent, the zero entry. A replayed page with a
 # canonical entry touches its flags byte (and version on a write) only.
 #
-# How it is used: Cython looks up a module's own .pxd by the module's qualified name (replay._engine ->
-# replay/_engine.pxd or <include dir>/replay._engine.pxd), so this header, named for the cext/ source, is
+# How it is used: Cython looks up a module's own .pxd by the module's qualified name (replay.engines._engine ->
+# replay/engines/_engine.pxd or <include dir>/replay.engines._engine.pxd), so this header, named for the cext/ source, is
 # cimported explicitly by _engine.pyx (`from _engine cimport *`, found through setup.py's include_path).
 # It therefore holds only types and constants (a cimported pxd's cdef functions would be imported from a
 # module "_engine" at run time). The C functions of the engine, all defined in _engine.pyx, are:
@@ -42,11 +42,11 @@ cdef enum:
     PAGE_SHIFT = 12
     PAGES_PER_2M = 512
     VMPLS = 4
-    VMSA_SPARE = 1024          # replay.engine.VMSA_SPARE
+    VMSA_SPARE = 1024          # replay.engines.common.VMSA_SPARE
     FIRST_FAULTS_MAX = 16
     MAX_HOSTS = 64
 
-# page-state flags (replay.engine PRIVATE / DIRTY / PRESENT)
+# page-state flags (replay.engines.common PRIVATE / DIRTY / PRESENT)
 cdef enum:
     PG_PRIVATE = 1
     PG_DIRTY = 2
@@ -182,7 +182,7 @@ ctypedef struct Xfer:             # begin_transfer parameters and the transfer c
     int64_t first_touches
     int64_t priv_in_batch
     uint64_t wp0                  # write-protect faults counted when the demand segment began
-    # The guest's CPU demand, a step function of trace time (replay.demand): v0/g0, wp0 and the b_*
+    # The guest's CPU demand, a step function of trace time (replay.model.demand): v0/g0, wp0 and the b_*
     # totals are re-based where the guest's progress enters the next step, so that within a step the
     # clock is the closed form of one constant demand.
     int64_t b_bytes

@@ -1,6 +1,6 @@
-"""The Cython page engine (``replay._engine.Engine``): the Engine API of docs/internals.md, fast.
+"""The Cython page engine (``replay.engines._engine.Engine``): the Engine API of docs/internals.md, fast.
 
-Same semantics as the reference engine (replay/refengine.py), which is the readable statement of the rules;
+Same semantics as the reference engine (replay/engines/reference.py), which is the readable statement of the rules;
 tests/test_engine_agree.py checks the two against each other. Layout (cext/_engine.pxd): per host a uint32
 version and a uint8 flags array over gfns, and the RMP held as exceptions to two canonical entries (two
 bits of the flags byte say which; other entries are in a hash table keyed by SPA); the RMP instructions, the access check, the per-row replay loop and
@@ -19,7 +19,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, UINT64_
 
 from _engine cimport *
 
-from replay.engine import (
+from replay.engines.common import (
     PageView,
     RmpEntry as _RmpEntryT,
     U64_MAX,
@@ -34,8 +34,8 @@ from replay.engine import (
     check_transfer_limits,
     check_transfer_params,
 )
-from replay.errors import TraceError
-from replay.snp import FAULT_KINDS, Fault, Rc
+from replay.core.errors import TraceError
+from replay.model.snp import FAULT_KINDS, Fault, Rc
 
 cdef extern from *:
     """
@@ -1670,7 +1670,7 @@ cdef class Engine:
 
 
 def _c_constants():
-    """The C-level constants of cext/_engine.pxd, for tests/test_engine_rules.py to compare with replay/snp.py."""
+    """The C-level constants of cext/_engine.pxd, for tests/test_engine_rules.py to compare with replay/model/snp.py."""
     return {
         "PAGE_SHIFT": PAGE_SHIFT, "PAGES_PER_2M": PAGES_PER_2M, "VMPLS": VMPLS, "VMSA_SPARE": VMSA_SPARE,
         "MAX_HOSTS": MAX_HOSTS,

@@ -10,12 +10,12 @@ For notebooks and scripts (``docs/api.md`` has runnable examples)::
     c["shadow-vcpu"].rounds     # a polars DataFrame, read back from the run record
 
 Every command is a thin layer over these functions (``replay.commands``): the same checks run in the same
-order and raise the same exceptions with the same one-line messages (``replay.errors``: a ``ScenarioError``
+order and raise the same exceptions with the same one-line messages (``replay.core.errors``: a ``ScenarioError``
 for a bad ``--set``, a ``TraceError`` for a bad trace...). Where the command line exits with status 1 (a
 migration that did not complete, a diff that differs), the API returns a result that says so
 (``RunResult.status``, ``DiffResult.outcome``) instead of raising.
 
-Scenarios are ``replay.scenario.Scenario`` (frozen dataclasses); overrides are ``--set`` strings
+Scenarios are ``replay.scenario.spec.Scenario`` (frozen dataclasses); overrides are ``--set`` strings
 (``"section.key=value"``, the value in TOML syntax, bare words as strings), checked by the same rules.
 """
 
@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from .scenario import STRATEGIES, Scenario
+from .scenario.spec import STRATEGIES, Scenario
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from .diff import DiffResult
-    from .record import RecordResult
-    from .runrecord import Run
-    from .sweep import SweepResult
-    from .trace import TraceMeta
+    from .analysis.diff import DiffResult
+    from .traces.lackey import RecordResult
+    from .runs.record import Run
+    from .sweeps.sweep import SweepResult
+    from .traces.format import TraceMeta
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -66,7 +66,7 @@ def load_scenario(path: PathLike, overrides: Sequence[str] = (), *, data: bool =
                   adversary: Sequence[str] = ()) -> Scenario:
     """A scenario file with ``--set`` overrides; ``data``: data mode (``--data``); ``adversary``: one-off
     actions as ``--adversary`` takes them (``"flip@30ms,where=header"``; they turn data mode on)."""
-    from .scenario import load_scenario as load
+    from .scenario.spec import load_scenario as load
 
     s = load(path, [*overrides, *(["migration.data=true"] if data else [])])
     return _with_adversary(s, adversary)
@@ -77,7 +77,7 @@ def make_scenario(doc: Mapping[str, Any] | None = None, overrides: Sequence[str]
     """A scenario from a dict shaped like the TOML file (``doc``) or from its sections as keywords
     (``make_scenario(guest={"size": "64MiB", "vcpus": 2}, migration={"mode": "postcopy"})``), checked as a
     file is; ``base_dir``: where a ``trace.file`` is looked up."""
-    from .scenario import scenario_from_doc
+    from .scenario.spec import scenario_from_doc
 
     if doc is not None and sections:
         raise TypeError("make_scenario: give either doc or sections as keywords, not both")
@@ -86,7 +86,7 @@ def make_scenario(doc: Mapping[str, Any] | None = None, overrides: Sequence[str]
 
 def override(scenario: Scenario, *overrides: str) -> Scenario:
     """``scenario`` with ``--set``-style overrides applied (``override(s, "migration.mode=postcopy")``)."""
-    from .scenario import scenario_from_doc, scenario_to_doc
+    from .scenario.spec import scenario_from_doc, scenario_to_doc
 
     return scenario_from_doc(scenario_to_doc(scenario), "<scenario>", scenario.base_dir, overrides)
 
@@ -94,8 +94,8 @@ def override(scenario: Scenario, *overrides: str) -> Scenario:
 def _with_adversary(s: Scenario, adversary: Sequence[str]) -> Scenario:
     if not adversary:
         return s
-    from .advspec import parse_adversary
-    from .scenario import with_adversary
+    from .scenario.adversary import parse_adversary
+    from .scenario.spec import with_adversary
 
     return with_adversary(s, [parse_adversary(a) for a in adversary])
 
@@ -130,10 +130,10 @@ def generate(kind: str, out: PathLike, *, guest_size: int | str, vcpus: int, eve
     """Write a synthetic workload trace (``replay gen``): ``guest_size`` in bytes or with a unit ("64MiB");
     ``options``: the workload's own (``hot_fraction_ppm``..., see ``replay gen --help``). Returns the trace's
     metadata (``.path``, ``.events``, ``.digest``...)."""
-    from .generators import generate as gen
-    from .paths import check_output
-    from .units import parse_size
-    from .validate import TRACE_ROW_BYTES, check_disk
+    from .traces.generators import generate as gen
+    from .core.paths import check_output
+    from .core.units import parse_size
+    from .core.validate import TRACE_ROW_BYTES, check_disk
 
     check_output(out, [])
     guest_bytes = parse_size(guest_size, "--guest-size")
@@ -150,10 +150,10 @@ def record(out: PathLike, argv: Sequence[str], *, ns_per_instr: int = 1, reads: 
            valgrind: str = "valgrind", clean_env: bool = False, progress: bool = False) -> RecordResult:
     """Record a real program under valgrind's lackey into a trace (``replay record``); sizes in bytes or
     with a unit. ``.meta`` is the trace's metadata, ``.stats`` the parser's counts."""
-    from .errors import UsageError
-    from .paths import check_output
-    from .record import RecordOptions, record as rec
-    from .units import parse_size
+    from .core.errors import UsageError
+    from .core.paths import check_output
+    from .traces.lackey import RecordOptions, record as rec
+    from .core.units import parse_size
 
     argv = list(argv)
     # The recorded program's existing file arguments are its likely inputs: never the output.
@@ -174,10 +174,10 @@ def import_trace(fmt: str, src: PathLike, out: PathLike, *, columns: str | Mappi
     """Convert CSV/Parquet accesses or a dirty-page log into a trace (``replay import``). ``columns``: trace
     column -> input column, as ``"t_ns=ts,gpa=addr"`` or a dict; ``interval``: a dirty log's interval (ns,
     or "100ms")."""
-    from .errors import TraceError, UsageError
-    from .importers import ImportOptions, import_trace as imp, parse_columns
-    from .paths import check_output, require_regular
-    from .units import parse_duration_ns, parse_size
+    from .core.errors import TraceError, UsageError
+    from .traces.importers import ImportOptions, import_trace as imp, parse_columns
+    from .core.paths import check_output, require_regular
+    from .core.units import parse_duration_ns, parse_size
 
     require_regular(src, TraceError)
     if isinstance(columns, str) and not columns.strip():
@@ -197,7 +197,7 @@ def import_trace(fmt: str, src: PathLike, out: PathLike, *, columns: str | Mappi
 
 def inspect(trace: PathLike, interval_ns: int | None = None, allow_memory: bool = False) -> dict[str, Any]:
     """A trace's metadata, op counts, write rate and working-set curve (``replay inspect --json``)."""
-    from .inspect import inspect_trace
+    from .traces.inspect import inspect_trace
 
     return inspect_trace(trace, interval_ns, allow_memory)
 
@@ -236,22 +236,22 @@ class RunResult:
                    events=run.events, faults=run.faults, summary=s)
 
     def record(self) -> Run:
-        """The ``replay.runrecord.Run`` the analysis modules (diff, report) take."""
-        from .runrecord import Run
+        """The ``replay.runs.record.Run`` the analysis modules (diff, report) take."""
+        from .runs.record import Run
 
         return Run(path=self.path, summary=self.summary, rounds=self.rounds, events=self.events, faults=self.faults)
 
 
 def load_run(path: PathLike) -> RunResult:
     """A run directory (``replay run --out``, or one strategy of a compare directory)."""
-    from .runrecord import load_run as load
+    from .runs.record import load_run as load
 
     return RunResult.of(load(path))
 
 
 def check_invariants(result: RunResult, out: PathLike | None = None) -> None:
     """Raise InvariantError if a completed run's invariant failed (no adversary action explaining it)."""
-    from .runner import check_invariants as check
+    from .migration.runner import check_invariants as check
 
     check(result, out if out is not None else result.path)
 
@@ -263,8 +263,8 @@ def run(scenario: Scenario | PathLike, out: PathLike, *, strategy: str | None = 
     """Replay a scenario (a ``Scenario`` or a file) under one strategy into the run directory ``out``
     (``replay run``), replaced atomically; ``trace`` replaces the scenario's trace. A run that did not
     complete is returned (``.status``); ``check``: raise InvariantError on a violated invariant (a bug)."""
-    from .paths import RUN_DIR_ENTRIES, check_output, check_replaceable_dir
-    from .runner import execute
+    from .core.paths import RUN_DIR_ENTRIES, check_output, check_replaceable_dir
+    from .migration.runner import execute
 
     s, source = _scenario(scenario, overrides, data, adversary)
     check_output(out, scenario_inputs(s, source, trace))
@@ -299,13 +299,13 @@ class CompareResult:
     @property
     def headline(self) -> list[str]:
         """Who wins on downtime, guest slowdown, total time and bytes sent, and by how much."""
-        from .headline import headline_lines
+        from .analysis.headline import headline_lines
 
         return headline_lines([r.summary for r in self.runs], [r.strategy for r in self.runs])
 
     def text(self, all_metrics: bool = False) -> str:
         """The table ``replay compare`` prints (metrics zero or absent in both folded unless ``all_metrics``)."""
-        from .comparetext import table
+        from .analysis.comparetext import table
 
         return table([r.summary for r in self.runs], all_metrics)
 
@@ -316,11 +316,11 @@ def compare(scenario: Scenario | PathLike, out: PathLike, *, overrides: Sequence
     """Run a scenario under mirror-vm and shadow-vcpu on one trace, in two worker processes, into
     ``out/<strategy>/`` with ``out/report.html`` (``replay compare``); all three appear together or not
     at all. ``check``: raise InvariantError on a violated invariant (after writing)."""
-    from .paths import check_output, check_replaceable_dir
-    from .records import atomic_dir
-    from .report import write_report
-    from .runner import prepare, run_parallel
-    from .runrecord import load_run as load
+    from .core.paths import check_output, check_replaceable_dir
+    from .core.records import atomic_dir
+    from .analysis.report import write_report
+    from .migration.runner import prepare, run_parallel
+    from .runs.record import load_run as load
 
     s, source = _scenario(scenario, overrides, data, adversary)
     out = Path(out)
@@ -373,22 +373,22 @@ def execute_sweep(sweep_file: PathLike, out: PathLike, *, scheduler: str | None 
     (``status == "error"``); running again retries only them."""
     import polars as pl
 
-    from .errors import UsageError
-    from .paths import check_output
-    from .sweep import (
-        TABLE,
-        check_grid_size,
-        check_scheduler,
-        check_sweep_dir,
-        check_sweep_disk,
-        check_trace_files,
-        check_workers,
-        connect,
-        load_sweep,
-        points,
-        run_sweep,
-        sweep_inputs,
-    )
+    from .core.errors import UsageError
+    from .core.paths import check_output
+    from .sweeps.sweep import (
+    TABLE,
+    check_grid_size,
+    check_scheduler,
+    check_sweep_dir,
+    check_sweep_disk,
+    check_trace_files,
+    check_workers,
+    connect,
+    load_sweep,
+    points,
+    run_sweep,
+    sweep_inputs,
+)
 
     # Refused before the sweep file is read: arguments that are wrong whatever it holds.
     if workers is not None and scheduler is not None:
@@ -424,7 +424,7 @@ RunLike = Union[RunResult, "Run", PathLike]
 
 
 def _record_of(run: RunLike) -> Run:
-    from .runrecord import Run, load_run as load
+    from .runs.record import Run, load_run as load
 
     if isinstance(run, RunResult):
         return run.record()
@@ -441,9 +441,9 @@ def diff(a: RunLike, b: RunLike, *, strict: bool = False,
          max_regress: Mapping[str, int | float] | None = None) -> DiffResult:
     """Compare run A ("before") with run B ("after") (``tools/diff``): ``.outcome``, ``.reasons``,
     ``.metrics`` (rows with delta and ratio), ``.rounds`` (a polars DataFrame), ``.digests``...;
-    ``replay.diff.render_text(result)`` is the text ``tools/diff`` prints. ``max_regress``: metric ->
+    ``replay.analysis.diff.render_text(result)`` is the text ``tools/diff`` prints. ``max_regress``: metric ->
     percent B may exceed A by."""
-    from .diff import diff_runs
+    from .analysis.diff import diff_runs
 
     return diff_runs(_record_of(a), _record_of(b), strict=strict, max_regress=dict(max_regress or {}))
 
@@ -452,9 +452,9 @@ def report(runs: RunLike | CompareResult | Iterable[RunLike], out: PathLike, *, 
     """Write the self-contained HTML report of runs (results, run directories), of a compare's two runs,
     or of a sweep directory given alone (``replay report``); returns its path. ``all_metrics``: show the
     metrics zero or absent in every run instead of folding them."""
-    from .paths import check_output
-    from .report import write_report
-    from .sweepreport import is_sweep_dir, write_sweep_report
+    from .core.paths import check_output
+    from .analysis.report import write_report
+    from .sweeps.report import is_sweep_dir, write_sweep_report
 
     if isinstance(runs, CompareResult):
         items: list[RunLike] = list(runs.runs)

@@ -14,9 +14,9 @@ import os
 import sys
 from typing import Sequence
 
-from .version import __version__
-from .errors import ExitCode, ReplayError, UsageError, one_line
-from .validate import clip, short
+from .core.version import __version__
+from .core.errors import ExitCode, ReplayError, UsageError, one_line
+from .core.validate import clip, short
 
 # name -> (module, one-line help). Order is the order of `replay --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,7 +56,7 @@ def build_parser(selected: str | None) -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .procmem import limit_reservations
+    from .core.procmem import limit_reservations
 
     limit_reservations()  # before pyarrow allocates: workers then fit an address-space limit (ulimit -v)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"replay: error:{where} {exc.strerror or clip(one_line(exc))}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     except MemoryError:
-        # Estimates (replay.validate.check_memory) refuse what cannot fit before allocating; this is the
+        # Estimates (replay.core.validate.check_memory) refuse what cannot fit before allocating; this is the
         # machine running out anyway (other processes, --allow-memory).
         print("replay: error: out of memory (the machine could not provide what this command needed)", file=sys.stderr)
         return ExitCode.BAD_INPUT

@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 Engine fixtures (tests/test_engine_*.py): ``engine_kind`` runs a test once per page engine, ``make_batch``
-builds trace record batches directly (no dependency on replay/trace.py), and the ``engine`` hypothesis
+builds trace record batches directly (no dependency on replay/traces/format.py), and the ``engine`` hypothesis
 profile (derandomized, so CI runs are reproducible) is what the engine property tests use.
 """
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, settings
 
-from replay.engine import BATCH_COLUMNS, ENGINE_KINDS
+from replay.engines.common import BATCH_COLUMNS, ENGINE_KINDS
 
 # ---------------------------------------------------------------------------------------------- traces
 

@@ -1,6 +1,6 @@
 """Golden replays: run each scenario in ``scenarios/`` under each strategy and keep the run record.
 
-Shared by ``tests/test_golden.py`` (compares a fresh run with the golden one using ``replay.diff`` in strict
+Shared by ``tests/test_golden.py`` (compares a fresh run with the golden one using ``replay.analysis.diff`` in strict
 mode) and ``tools/regen-golden`` (rewrites the goldens on purpose). Layout::
 
     tests/golden/<scenario-stem>/<strategy>/   a complete run directory (summary.json + *.arrow), or
@@ -31,7 +31,7 @@ def scenarios() -> list[Path]:
 
 
 def strategies() -> tuple[str, ...]:
-    from replay.scenario import STRATEGIES
+    from replay.scenario.spec import STRATEGIES
 
     return tuple(STRATEGIES)
 

@@ -1,6 +1,6 @@
 """Synthetic run directories for testing tools/diff and reports without the migration driver.
 
-``make_run(path, **changes)`` writes a complete, valid run directory with ``replay.runrecord.write_run``:
+``make_run(path, **changes)`` writes a complete, valid run directory with ``replay.runs.record.write_run``:
 a summary following the layout in docs/internals.md ("Run records"), a few rounds, an event log and, for
 post-copy runs, a faults table. Keyword arguments tweak it: ``scenario`` (deep-merged), ``metrics``
 (deep-merged), ``digests``, ``status``, ``strategy``, ``mode``, ``events`` (count), ``event_changes``
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from replay.runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, ROUNDS_SCHEMA, RUN_FORMAT, RUN_VERSION, write_run
+from replay.runs.record import EVENTS_SCHEMA, FAULTS_SCHEMA, ROUNDS_SCHEMA, RUN_FORMAT, RUN_VERSION, write_run
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64

@@ -16,18 +16,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.advmatrix import UNPROTECTED, default_action, run_matrix, write_matrix
-from replay.advspec import parse_adversary, parse_kinds
-from replay.errors import ScenarioError, UsageError
+from replay.sweeps.adversary_matrix import UNPROTECTED, default_action, run_matrix, write_matrix
+from replay.scenario.spec.adversary import parse_adversary, parse_kinds
+from replay.core.errors import ScenarioError, UsageError
 from replay.migration import Migration, trace_for
-from replay.scenario import (
+from replay.scenario.spec import (
     ADVERSARY_KINDS,
     AdversarySpec,
     load_scenario,
     parse_scenario_text,
     with_adversary,
 )
-from replay.strategies import SOURCE
+from replay.scenario.spec.strategies import SOURCE
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "scenarios" / "adversary" / "base.toml"
@@ -279,7 +279,7 @@ WIRE_CHECK = {"flip": "channel.bad_tag", "forge": "channel.bad_tag", "truncate":
 def _windows(strategy: str, mode: str, phase: str) -> tuple[int, int]:
     """[start, end] of a phase in a run without adversary, from its event log (this test's own oracle,
     not the matrix's aiming)."""
-    from replay.advmatrix import _phase_scenario
+    from replay.sweeps.adversary_matrix import _phase_scenario
 
     s = _phase_scenario(base().with_strategy(strategy), mode, phase)
     r = Migration(s, trace_for(s)).run()
@@ -363,7 +363,7 @@ def test_matrix_every_kind_both_strategies_every_phase():
 def test_matrix_flags_a_corrupted_run(monkeypatch):
     """The matrix's corruption column can turn true: counted as protected, the shared-page tampering is
     a completed run with a plaintext that differs."""
-    import replay.advmatrix as am
+    import replay.sweeps.adversary_matrix as am
 
     monkeypatch.setattr(am, "UNPROTECTED", ())
     table = am.run_matrix(base(), kinds=["tamper-shared"], modes=["precopy"], strategies=["mirror-vm"])
@@ -377,7 +377,7 @@ def test_a_target_that_skips_the_tag_check_is_caught_as_corrupted(monkeypatch):
     import numpy as np
     from cryptography.exceptions import InvalidTag
 
-    import replay.advmatrix as am
+    import replay.sweeps.adversary_matrix as am
     from replay.security import channel
 
     opened = channel.open_many
@@ -498,7 +498,7 @@ def test_the_targets_rmp_check_runs_on_every_run(monkeypatch):
     """No adversary at all: a target RMP entry changed behind the agent's back (here by the test, just
     before the VMSAs) is found by the agent's check before the resume; the run aborts, intact."""
     from replay.migration.data import DataMode
-    from replay.strategies import TARGET
+    from replay.scenario.spec.strategies import TARGET
 
     vmsas = DataMode.vmsas
 
@@ -542,7 +542,7 @@ def test_set_reaches_adversary_entries():
 
 
 def test_same_actions_same_record_bytes():
-    from replay.records import canonical_json
+    from replay.core.records import canonical_json
 
     a = run_with(AdversarySpec(kind="reorder", at_ns=START_NS + 4_000_000), overrides=["migration.mode=hybrid"])
     b = run_with(AdversarySpec(kind="reorder", at_ns=START_NS + 4_000_000), overrides=["migration.mode=hybrid"])
@@ -580,8 +580,8 @@ def test_host_write_run_directory_verifies(tmp_path):
 
 
 def test_run_report_shows_the_actions_and_expected_differences(tmp_path):
-    from replay.report import render_html
-    from replay.runrecord import load_run
+    from replay.analysis.report import render_html
+    from replay.runs.record import load_run
 
     r = run_with(AdversarySpec(kind="tamper-shared", at_ns=START_NS + 3_000_000))
     r.write(tmp_path / "run")
@@ -599,7 +599,7 @@ def test_past_a_failed_rmp_memory_encryption_decides(kind, monkeypatch):
     than the page it came from; an old ciphertext at its own SPA decrypts to the old data. No check
     notices: undetected, and the differing plaintext is explained only by that action."""
     from replay.migration import adversary as adv
-    from replay.strategies import TARGET
+    from replay.scenario.spec.strategies import TARGET
 
     seen = {}
     tick, record = adv.Adversary.tick, adv.Adversary.record_ciphertext
@@ -641,7 +641,7 @@ def test_only_the_action_that_changed_the_pages_explains_a_plaintext_difference(
     page no action changed (here the test's own write into a private page of the target) is not
     excused by it, and shows as an unexplained invariant failure."""
     from replay.migration import adversary as adv
-    from replay.strategies import TARGET
+    from replay.scenario.spec.strategies import TARGET
 
     tamper = AdversarySpec(kind="tamper-shared", at_ns=50_000_000)
     r = run_with(tamper)

@@ -17,8 +17,8 @@ import pytest
 
 import replay
 from replay.cli import main
-from replay.report import esc
-from replay.scenario import load_scenario, scenario_from_doc, scenario_to_doc
+from replay.analysis.report import esc
+from replay.scenario.spec import load_scenario, scenario_from_doc, scenario_to_doc
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "api.md"
@@ -170,7 +170,7 @@ def test_import_replay_is_cheap_and_exports_all():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.splitlines()
-    assert out == ["['replay', 'replay.version']", "[]"]
+    assert out == ["['replay', 'replay.core', 'replay.core.version']", "[]"]
     for name in replay.__all__:
         assert getattr(replay, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

@@ -12,7 +12,6 @@ logs in the sweep directory, nothing left behind by a failure.
 
 from __future__ import annotations
 
-import importlib
 
 import errno
 import os
@@ -26,8 +25,8 @@ import pyarrow as pa
 import pytest
 
 from replay.cli import main
-from replay.errors import ScenarioError
-from replay.trace import TraceWriter
+from replay.core.errors import ScenarioError
+from replay.traces.format import TraceWriter
 
 REPO = Path(__file__).resolve().parent.parent
 U64_MAX = (1 << 64) - 1
@@ -102,7 +101,7 @@ def test_the_largest_guest_a_run_migrates(tmp_path, capsys):
     """A trace may describe a guest of up to 2^32 - 1 pages, but a run's guest leaves the last 1,024 gfns to
     the SVSM's VMSA pages (the gfn field is 32 bits): 16 TiB - 4 MiB runs up to the memory check, one page
     more is refused as a trace beyond what a run migrates (it used to fail at setup, exit 3)."""
-    from replay.engine import VMSA_SPARE
+    from replay.engines.common import VMSA_SPARE
 
     limit = ((1 << 32) - 1024) * 4096
     assert limit + VMSA_SPARE * 4096 == 1 << 44  # the engines' spare VMSA gfns end exactly at 2^32
@@ -151,7 +150,7 @@ def test_huge_numbers_with_units_are_one_line(tmp_path, capsys, text):
 
 
 def test_forty_digits_still_parse():
-    from replay.units import parse_duration_ns, parse_size
+    from replay.core.units import parse_duration_ns, parse_size
 
     assert parse_size("9" * 40) == int("9" * 40)  # range checks (64 bits) come after, with the key's name
     assert parse_duration_ns("1." + "0" * 39 + "s") == 10**9
@@ -222,7 +221,7 @@ def test_a_huge_grid_is_refused_at_once_with_its_size(tmp_path, capsys):
 
 
 def test_the_largest_grid_accepted(tmp_path):
-    from replay.sweep import MAX_POINTS, check_grid_size, load_sweep
+    from replay.sweeps.sweep import MAX_POINTS, check_grid_size, load_sweep
 
     p = sweep_file(tmp_path, f'seeds = [{", ".join(str(i) for i in range(MAX_POINTS))}]\n')
     assert check_grid_size(load_sweep(p)) == MAX_POINTS
@@ -232,7 +231,7 @@ def test_the_largest_grid_accepted(tmp_path):
 
 
 def test_workers_are_bounded_per_core(tmp_path, capsys):
-    from replay.sweep import WORKERS_PER_CORE
+    from replay.sweeps.sweep import WORKERS_PER_CORE
 
     p = sweep_file(tmp_path, "seeds = [1]\n")
     limit = WORKERS_PER_CORE * (os.cpu_count() or 1)
@@ -302,7 +301,7 @@ def test_a_bad_trace_file_is_one_line_before_anything_runs(tmp_path, capsys, dam
 def test_a_full_disk_leaves_nothing_and_is_one_line(tmp_path, capsys, monkeypatch):
     """The table cannot be written (ENOSPC, injected): exit 2, one line, and the sweep directory this
     invocation made is gone."""
-    sweep_mod = importlib.import_module("replay.sweep")  # replay.sweep is the API function
+    import replay.sweeps.sweep as sweep_mod
 
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -359,7 +358,7 @@ def test_a_64_mib_guest_compares_under_a_4_gib_address_space_limit(tmp_path, dat
 
 
 def test_reservations_are_limited_for_workers(monkeypatch):
-    from replay import procmem
+    from replay.core import procmem
 
     for key in procmem.ENV:
         monkeypatch.delenv(key, raising=False)
@@ -373,7 +372,7 @@ def test_reservations_are_limited_for_workers(monkeypatch):
 def test_compare_memory_check_counts_both_workers(tmp_path, capsys, monkeypatch):
     """Each worker needs a run's memory at the same time: the machine must have twice that; the
     address-space limit (per process) must hold one."""
-    from replay import validate
+    from replay.core import validate
 
     (tmp_path / "q.toml").write_text(Q64)
     monkeypatch.chdir(tmp_path)
@@ -430,8 +429,8 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
                       st.from_regex(r"\s*[0-9]{1,60}(\.[0-9]{1,60})?\s*(ns|us|ms|s|b|KiB|MiB|GiB|TiB|kb|x)?\s*",
                                     fullmatch=True)))
 def test_units_raise_only_usage_errors(text):
-    from replay.errors import UsageError
-    from replay.units import MAX_DIGITS, parse_duration_ns, parse_size
+    from replay.core.errors import UsageError
+    from replay.core.units import MAX_DIGITS, parse_duration_ns, parse_size
 
     for parse in (parse_size, parse_duration_ns):
         try:
@@ -454,7 +453,7 @@ def test_units_raise_only_usage_errors(text):
                        max_size=3).map("".join))))
 def test_adversary_specs_raise_only_one_line_scenario_errors(text):
     """Any --adversary value: an AdversarySpec, or a ScenarioError of one line under 400 characters."""
-    from replay.advspec import parse_adversary
+    from replay.scenario.spec.adversary import parse_adversary
 
     try:
         parse_adversary(text)
@@ -467,8 +466,8 @@ def test_adversary_specs_raise_only_one_line_scenario_errors(text):
 @given(interval=st.integers(1, U64_MAX))
 def test_every_documented_inspect_interval_is_accepted_or_refused_in_one_line(tmp_path_factory, interval):
     """Any interval from 1 ns to 2^64-1 ns: the summary, or (too many intervals) a one-line UsageError."""
-    from replay.errors import UsageError
-    from replay.inspect import MAX_INTERVALS, inspect_trace
+    from replay.core.errors import UsageError
+    from replay.traces.inspect import MAX_INTERVALS, inspect_trace
 
     trace = tmp_path_factory.getbasetemp() / "interval-trace.arrow"
     if not trace.exists():
@@ -486,7 +485,7 @@ def test_every_documented_inspect_interval_is_accepted_or_refused_in_one_line(tm
 def test_a_sweep_whose_traces_cannot_fit_the_disk_is_refused_up_front(tmp_path, capsys, monkeypatch):
     import shutil as shutil_mod
 
-    from replay import validate
+    from replay.core import validate
 
     real = shutil_mod.disk_usage
     monkeypatch.setattr(validate.shutil, "disk_usage",
@@ -505,8 +504,8 @@ def test_a_disk_that_fills_while_points_run_is_exit_2_and_leaves_nothing(tmp_pat
 
     from dask.distributed import Client, LocalCluster
 
-    sweep_mod = importlib.import_module("replay.sweep")  # replay.sweep is the API function
-    from replay.errors import ResourceError
+    import replay.sweeps.sweep as sweep_mod
+    from replay.core.errors import ResourceError
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import pytest
 
-from replay.engine import ENGINE_KINDS
-from replay.migrate import run
+from replay.engines.common import ENGINE_KINDS
+from replay.migration import run
 from test_postcopy import pc_scenario, pc_trace
 from test_precopy import tiny_scenario, tiny_trace
 
@@ -225,7 +225,7 @@ def test_a_generated_trace_is_made_once_and_then_read_from_the_cache(tmp_path):
     # (tools/mutate survivor in replay/migration/traces.py) The first call generates into the cache, the
     # second finds it there and leaves it untouched.
     from replay.migration import trace_for
-    from replay.scenario import make_scenario
+    from replay.scenario.spec import make_scenario
 
     s = make_scenario(guest={"size": "1MiB", "vcpus": 1}, trace={"generator": "uniform", "events": 100, "rate": 1_000_000})
     cache = tmp_path / "cache"

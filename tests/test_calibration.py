@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from replay.migrate import run
-from replay.scenario import load_scenario
+from replay.migration import run
+from replay.scenario.spec import load_scenario
 
 CAL = Path(__file__).resolve().parent.parent / "scenarios" / "calibration"
 PUBLISHED = {"kvm-exit": {2: 160_326, 8: 128_247, 64: 39_913}, "uffd-shared": {2: 86_840, 8: 37_912, 64: 1_664}}

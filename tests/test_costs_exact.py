@@ -13,8 +13,8 @@ import dataclasses
 
 import pytest
 
-from replay.engine import ENGINE_KINDS
-from replay.migrate import run
+from replay.engines.common import ENGINE_KINDS
+from replay.migration import run
 from test_precopy import tiny_scenario, tiny_trace
 
 BOTH = ("mirror-vm", "shadow-vcpu")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from replay.engine import ENGINE_KINDS
-from replay.migrate import run
-from replay.scenario import make_scenario
+from replay.engines.common import ENGINE_KINDS
+from replay.migration import run
+from replay.scenario.spec import make_scenario
 from test_precopy import COSTS, write_trace
 
 ROWS = sorted([(i, 0, i) for i in range(16)] + [(2000 + 300 * k, k % 2, (k * 7) % 16) for k in range(80)])

@@ -1,4 +1,4 @@
-"""The guest's CPU demand and quota (replay.demand) by hand: demand steps from idle intervals, progress
+"""The guest's CPU demand and quota (replay.model.demand) by hand: demand steps from idle intervals, progress
 under agents that take the guest's spare quota first, both engines' transfer clocks against the same
 rule, and the runs the issue names (an idle guest, a half-busy one whose agents fit its quota, one whose
 agents exceed it) with every figure computed here from the documented rule."""
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from replay.demand import build_demand, check_cpu_demand, check_cpu_quota
-from replay.engine import ENGINE_KINDS
+from replay.model.demand import build_demand, check_cpu_demand, check_cpu_quota
+from replay.engines.common import ENGINE_KINDS
 from replay.engines import make_engine
-from replay.errors import ScenarioError
-from replay.migrate import run
+from replay.core.errors import ScenarioError
+from replay.migration import run
 from test_precopy import write_trace
 from test_qemu_loop import scenario
 
@@ -115,7 +115,7 @@ def test_advance_matches_the_fluid_model(steps, vcpus, g0, dv, agent, direct, ex
         at.append(t)
         mc.append(min(busy, vcpus) * 1000)
     q = (vcpus + extra_quota) * 1000
-    from replay.demand import Demand
+    from replay.model.demand import Demand
 
     d = Demand("test", np.array(at, np.uint64), np.array(mc, np.int64), q, vcpus)
     got = d.advance(g0, dv, agent, direct)
@@ -257,7 +257,7 @@ def test_advance_edges():
 
 
 def test_quota_floor():
-    from replay.demand import quota_mcpu
+    from replay.model.demand import quota_mcpu
 
     assert quota_mcpu("0.001", 4) == 1 and quota_mcpu("0.0005", 4) == 1 and quota_mcpu("", 3) == 3000
     with pytest.raises(ScenarioError, match=r"at most 1048576 \(at most 6 decimals\)"):
@@ -279,8 +279,8 @@ def test_step_time_by_owner_and_side():
     # at full speed wherever the guest runs; a shadow step on the guest's side takes its fair share of the
     # quota beside the busy vCPUs (2 busy and 1 agent on a 2-CPU quota: 2/3 of a CPU each), elsewhere a whole CPU.
     from replay.migration.cpu import Cpu
-    from replay.scenario import make_scenario
-    from replay.strategies import HOST, MIRROR_VM, PRIMARY_VM, Step, make_strategy
+    from replay.scenario.spec import make_scenario
+    from replay.scenario.spec.strategies import HOST, MIRROR_VM, PRIMARY_VM, Step, make_strategy
 
     s = make_scenario(trace={"file": "x"}, migration={"strategy": "shadow-vcpu"})
     cpu = Cpu(s, make_strategy(s), 2, build_demand("trace", "", 2, 10**9, None))

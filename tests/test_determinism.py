@@ -38,7 +38,7 @@ def test_byte_identical_across_processes_and_hash_seeds(tmp_path):
 def test_same_run_twice_in_process_is_identical(tmp_path):
     from test_precopy import tiny_scenario, tiny_trace
 
-    from replay.migrate import run
+    from replay.migration import run
 
     trace = tiny_trace(tmp_path / "t.arrow")
     r1 = run(tiny_scenario(), strategy="shadow-vcpu", trace_path=trace).write(tmp_path / "r1")

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 
 from replay.cli import main
-from replay.diff import Outcome, diff_runs, render_text, to_json
-from replay.records import canonical_json
-from replay.runrecord import load_run
+from replay.analysis.diff import Outcome, diff_runs, render_text, to_json
+from replay.core.records import canonical_json
+from replay.runs.record import load_run
 from runfixtures import DIGEST_B, make_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def test_strict_faults_presence(capsys, tmp_path):
     b = make_run(tmp_path / "b", mode="postcopy")
     assert run_diff(capsys, a, b, "--strict")[0] == 0
     r = load_run(b)
-    write = __import__("replay.runrecord", fromlist=["write_run"]).write_run
+    write = __import__("replay.runs.record", fromlist=["write_run"]).write_run
     write(tmp_path / "c", r.summary, r.rounds.to_arrow(), r.events.to_arrow(), None)
     rc, _, err = run_diff(capsys, a, tmp_path / "c", "--strict")
     assert rc == 1 and "faults.arrow present in A only" in err
@@ -294,7 +294,7 @@ def _missing_column(p: Path) -> None:
 def _rehash(p: Path) -> None:
     """Recompute the integrity keys after a breakage, as a buggy or forged writer would: the reader's
     deeper checks (Arrow structure, schema, summary shape) must still refuse the record."""
-    from replay.runrecord import content_hash, record_digest
+    from replay.runs.record import content_hash, record_digest
 
     s = json.loads((p / "summary.json").read_text())
     s["tables"] = {f.name: content_hash(f.read_bytes()) for f in sorted(p.glob("*.arrow"))}

@@ -353,7 +353,7 @@ def test_the_cluster_sweep_file_is_valid(tmp_path, capsys):
     """The cluster sweep (not run: 960 runs of 16 GiB guests) passes every check made before a cluster is
     reached: its file, its 960 points, its --out; then the unreachable placeholder scheduler is one line."""
     from replay.cli import main
-    from replay.sweep import load_sweep, points
+    from replay.sweeps.sweep import load_sweep, points
 
     sweep = load_sweep(REPO / "scenarios" / "sweeps" / "mirror-vs-shadow-cluster.toml")
     assert len(points(sweep)) == 960

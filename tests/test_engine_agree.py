@@ -2,7 +2,7 @@
 
 Every return value (or exception type and message), and at the end every RMP entry of every SPA, every
 page of every gfn, ``counters()``, ``transfer_state()``, ``last_stop`` and ``digest`` of both engines must
-be equal. Batches are built with pyarrow directly (no dependency on replay/trace.py).
+be equal. Batches are built with pyarrow directly (no dependency on replay/traces/format.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.engine import BATCH_COLUMNS
+from replay.engines.common import BATCH_COLUMNS
 from replay.engines import make_engine
 
 ENGINE = settings.get_profile("engine")

@@ -17,9 +17,9 @@ import sys
 import numpy as np
 import pytest
 
-from replay.engine import RmpEntry
+from replay.engines.common import RmpEntry
 from replay.engines import make_engine
-from replay.snp import Fault, Op, Rc
+from replay.model.snp import Fault, Op, Rc
 
 ZERO = RmpEntry(False, 0, 0, False, False, False, False, (15, 0, 0, 0))
 P = 4096
@@ -232,7 +232,7 @@ def test_digest_over_chunk_boundaries(make_batch):
 _TIB_SCRIPT = r"""
 import json, resource, sys
 from replay.engines import make_engine
-from replay.snp import Rc
+from replay.model.snp import Rc
 
 def peak():  # bytes (ru_maxrss is KiB on Linux)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -326,7 +326,7 @@ def test_untouched_versions_give_the_dense_metrics(tmp_path, strategy, mode):
     pages never): the untouched pages go as zero pages, the written ones with their versions."""
     from test_postcopy import pc_scenario, pc_trace
 
-    from replay.migrate import run
+    from replay.migration import run
 
     rows = [(100 * i, i % 2, 3 * i) for i in range(8)] + [(3000 + 41 * i, i % 2, (5 * i) % 12) for i in range(60)]
     trace = pc_trace(tmp_path / "sparse.arrow", rows=rows, npages=256, vcpus=2)

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from replay.engine import RmpEntry
+from replay.engines.common import RmpEntry
 from replay.engines import make_engine
-from replay.errors import TraceError
-from replay.snp import Fault, Op, Rc
+from replay.core.errors import TraceError
+from replay.model.snp import Fault, Op, Rc
 
 W, R, TS, TP = Op.WRITE, Op.READ, Op.TO_SHARED, Op.TO_PRIVATE
 P = 4096

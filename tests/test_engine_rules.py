@@ -8,11 +8,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from replay import engine as engine_mod
-from replay import snp
-from replay.engine import RmpEntry
+from replay.engines import common as engine_mod
+from replay.model import snp
+from replay.engines.common import RmpEntry
 from replay.engines import make_engine
-from replay.snp import Access, Fault, Perm, Rc
+from replay.model.snp import Access, Fault, Perm, Rc
 
 FRESH = RmpEntry(False, 0, 0, False, False, False, False, (15, 0, 0, 0))
 
@@ -96,7 +96,7 @@ def test_engine_kinds():
 
 
 def test_c_constants_mirror_snp():
-    from replay import _engine
+    from replay.engines import _engine
 
     c = _engine._c_constants()
     assert (c["PAGE_SHIFT"], c["PAGES_PER_2M"], c["VMPLS"]) == (snp.PAGE_SHIFT, snp.PAGES_PER_2M, snp.VMPLS)

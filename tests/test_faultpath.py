@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from replay.errors import CapabilityError
-from replay.migrate import run
+from replay.core.errors import CapabilityError
+from replay.migration import run
 from test_postcopy import PC_COSTS, pc_scenario, pc_trace
 
 FILL = [(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3)]

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from replay.errors import UsageError
-from replay.generators import GENERATORS, PIECE, generate, hot_pages_of
-from replay.snp import Op
-from replay.trace import open_trace
+from replay.core.errors import UsageError
+from replay.traces.generators import GENERATORS, PIECE, generate, hot_pages_of
+from replay.model.snp import Op
+from replay.traces.format import open_trace
 
 MiB = 1 << 20
 
@@ -174,7 +174,7 @@ def test_utilization_lays_rows_out_on_a_run_idle_cycle(tmp_path):
     # 1 event per ms of run time, running 25% of each 40 ms: 10 ms busy then 30 ms halted. Row i is at busy
     # time i ms; trace time (i // 10) * 40 + i % 10 ms. 100 rows: the last busy part starts at 360 ms; nine
     # idle intervals [40k + 10, 40k + 40) ms before it, the same for every vCPU.
-    from replay.trace import open_trace, read_meta
+    from replay.traces.format import open_trace, read_meta
 
     meta = generate("uniform", tmp_path / "u.arrow", guest_bytes=1 << 20, vcpus=3, events=100, seed=1, rate=1000,
                     utilization_ppm=250_000, period_ns=40_000_000)

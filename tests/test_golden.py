@@ -1,5 +1,5 @@
 """Golden replays: every scenario in scenarios/, under every strategy, must reproduce its golden record
-exactly (``replay.diff`` strict mode); the assertion message is the readable diff. Regenerate on purpose
+exactly (``replay.analysis.diff`` strict mode); the assertion message is the readable diff. Regenerate on purpose
 with ``tools/regen-golden`` (see tests/README.md, "Golden replays")."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ CASES = [(sc, st) for sc in SCENARIOS for st in (goldenlib.strategies() if SCENA
 
 @pytest.mark.parametrize("scenario, strategy", CASES, ids=[f"{sc.stem}-{st}" for sc, st in CASES])
 def test_golden_replay(scenario, strategy, tmp_path):
-    from replay.diff import Outcome, diff_runs, render_text
-    from replay.runrecord import load_run
+    from replay.analysis.diff import Outcome, diff_runs, render_text
+    from replay.runs.record import load_run
 
     golden = golden_dir(scenario, strategy)
     if not golden.exists():

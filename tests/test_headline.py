@@ -1,4 +1,4 @@
-"""Reports lead with the answer (replay.headline): the winner per headline metric and by how much, in the
+"""Reports lead with the answer (replay.analysis.headline): the winner per headline metric and by how much, in the
 HTML report, `replay compare`'s table and `tools/diff`'s text; metrics zero or absent in every run folded
 into one line that says how many (and a flag shows them)."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from replay.comparetext import table
-from replay.diff import diff_runs, render_text
-from replay.headline import all_blank, headline_lines, verdicts
-from replay.report import render_html
-from replay.runrecord import load_run
+from replay.analysis.comparetext import table
+from replay.analysis.diff import diff_runs, render_text
+from replay.analysis.headline import all_blank, headline_lines, verdicts
+from replay.analysis.report import render_html
+from replay.runs.record import load_run
 from runfixtures import base_summary, make_run
 
 

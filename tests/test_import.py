@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from replay.cli import main
-from replay.errors import TraceError, UsageError
-from replay.importers import ImportOptions, import_trace, parse_columns
-from replay.snp import Op
-from replay.trace import open_trace, read_meta
+from replay.core.errors import TraceError, UsageError
+from replay.traces.importers import ImportOptions, import_trace, parse_columns
+from replay.model.snp import Op
+from replay.traces.format import open_trace, read_meta
 
 DATA = Path(__file__).parent / "data"
 

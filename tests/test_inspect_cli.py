@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from replay import cli
-from replay.errors import UsageError
-from replay.inspect import inspect_trace, nice_interval
-from replay.trace import COLUMNS, TraceWriter, read_meta
+from replay.core.errors import UsageError
+from replay.traces.inspect import inspect_trace, nice_interval
+from replay.traces.format import COLUMNS, TraceWriter, read_meta
 
 MiB = 1 << 20
 
@@ -155,7 +155,7 @@ def test_a_missing_dependency_is_bad_input_but_a_missing_module_of_ours_is_a_bug
             raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
         return type("Cmd", (), {"configure": staticmethod(lambda p: None), "run": staticmethod(run)})
 
-    for missing, code, text in (("blake3", 2, "blake3 is not installed"), ("replay._gcm", 2, "replay._gcm is not installed"),
+    for missing, code, text in (("blake3", 2, "blake3 is not installed"), ("replay.security._gcm", 2, "replay.security._gcm is not installed"),
                                 ("replay.scenarios", 3, "internal error: ModuleNotFoundError")):
         monkeypatch.setattr(cli.importlib, "import_module", lambda name, m=missing: command(m))
         assert cli.main(["verify"]) == code

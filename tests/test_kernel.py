@@ -1,5 +1,5 @@
 """Kernel capabilities as of December 2026: each one's state and date, each profile's set, against tables
-written here (not derived from replay/kernel.py); the refusals those profiles imply, the run record's
+written here (not derived from replay/model/kernel.py); the refusals those profiles imply, the run record's
 kernel block, and the docs' table."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from replay import kernel
-from replay.errors import CapabilityError
-from replay.migrate import run
-from replay.records import canonical_json
-from replay.scenario import KERNEL_PROFILES, KernelCaps, make_scenario
+from replay.model import kernel
+from replay.core.errors import CapabilityError
+from replay.migration import run
+from replay.core.records import canonical_json
+from replay.scenario.spec import KERNEL_PROFILES, KernelCaps, make_scenario
 from test_truthful import trace  # noqa: F401  (the module-scoped trace fixture)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "how-it-works.md"

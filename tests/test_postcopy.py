@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from replay.cli import main
-from replay.engine import ENGINE_KINDS
-from replay.migrate import run
-from replay.scenario import make_scenario
+from replay.engines.common import ENGINE_KINDS
+from replay.migration import run
+from replay.scenario.spec import make_scenario
 
 from test_precopy import COSTS, write_trace
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from replay.cli import main
-from replay.migrate import run
-from replay.scenario import make_scenario
-from replay.trace import TraceWriter
+from replay.migration import run
+from replay.scenario.spec import make_scenario
+from replay.traces.format import TraceWriter
 
 ROWS = [(0, 0), (1, 1), (2, 2), (3, 3), (2500, 1), (4500, 2), (7000, 1), (20000, 3)]
 
@@ -178,7 +178,7 @@ def test_dirtying_faster_than_the_link_never_converges(tmp_path):
     # stress: each of 2 vCPUs rewrites its half of a 4 MiB guest page by page, 200K pages/s in all, over a
     # 100 MB/s link (~24K pages/s): every round re-sends nearly the whole guest; pre-copy ends at max_rounds
     # with the downtime limit exceeded, as QEMU would.
-    from replay.generators import generate
+    from replay.traces.generators import generate
 
     trace = tmp_path / "stress.arrow"
     generate("stress", trace, guest_bytes=4 << 20, vcpus=2, events=400_000, seed=1, rate=200_000)

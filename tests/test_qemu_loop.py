@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from replay.engine import ENGINE_KINDS
-from replay.migrate import run
-from replay.scenario import make_scenario
+from replay.engines.common import ENGINE_KINDS
+from replay.migration import run
+from replay.scenario.spec import make_scenario
 from test_precopy import COSTS, write_trace
 
 NS = 1_000_000_000

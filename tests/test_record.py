@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from replay.cli import main
-from replay.errors import RecordError, UsageError
-from replay.record import (
-    AddressMap,
-    LackeyParser,
-    RecordOptions,
-    content_seeds,
-    record,
-)
-from replay.snp import Op
-from replay.trace import compute_digest, open_trace, read_meta
+from replay.core.errors import RecordError, UsageError
+from replay.traces.lackey import AddressMap, LackeyParser, RecordOptions, content_seeds, record
+from replay.model.snp import Op
+from replay.traces.format import compute_digest, open_trace, read_meta
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -276,7 +270,7 @@ def test_shipped_traces_match_manifest(entry):
 
 
 def test_thread_switches_become_idle_intervals():
-    from replay.record import idle_intervals
+    from replay.traces.lackey import idle_intervals
 
     # Thread 1 runs instructions [0, 10), [30, 50), [70, 100); thread 2 [10, 30), [50, 70) (a switch to the
     # thread already running changes nothing). 3 ns an instruction.
@@ -287,7 +281,7 @@ def test_thread_switches_become_idle_intervals():
 
 
 def test_lackey_parser_records_switches_on_the_instruction_clock():
-    from replay.record import LackeyParser
+    from replay.traces.lackey import LackeyParser
 
     p = LackeyParser()
     p.feed(b"I  1000,3\nI  1003,3\n--1-- SCHED[2]:  acquired lock\nI  2000,2\n S 5000,8\n"

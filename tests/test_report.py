@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from replay.cli import main
-from replay.report import render_html, write_report
-from replay.runrecord import load_run
+from replay.analysis.report import render_html, write_report
+from replay.runs.record import load_run
 from runfixtures import make_run, postcopy_metrics
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,8 +3,8 @@
 import pytest
 
 from replay.cli import main
-from replay.errors import ScenarioError
-from replay.scenario import Costs, load_scenario, make_scenario, parse_scenario_text
+from replay.core.errors import ScenarioError
+from replay.scenario.spec import Costs, load_scenario, make_scenario, parse_scenario_text
 
 GEN = {"generator": "uniform", "events": 100}
 

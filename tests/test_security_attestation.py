@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from replay.errors import InvariantError
+from replay.core.errors import InvariantError
 from replay.security.attestation import (DEFAULT_GUEST_POLICY, POLICY_DEBUG, POLICY_MIGRATE_MA, Agent, AmdRoot,
                                          Direction, TcbVersion, Verdict, VerifierPolicy, bind_report_data, handshake,
                                          measurement_of, verify)

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.generators import generate
+from replay.traces.generators import generate
 from replay.security.channel import (HEADER_BYTES, TAG_BYTES, Flag, Header, Outcome, nonce, parse_header,
                                      vmsa_id)
 from replay.security.memory import HostMemory, replay_plaintext_digest
 from replay.security.session import emulated_vmsa, endpoints, establish
 from replay.security.token import Token, TokenOutcome, compare
-from replay.trace import open_trace
+from replay.traces.format import open_trace
 
 PAGE = 4096
 SEED = 5

@@ -9,15 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from replay.errors import InvariantError
-from replay.generators import generate
+from replay.core.errors import InvariantError
+from replay.traces.generators import generate
 from replay.security.attestation import TcbVersion
 from replay.security.channel import Flag, Outcome, parse_header
 from replay.security.memory import replay_plaintext_digest
 from replay.security.session import AttestationSetup, DataPlane
 from replay.security.token import TokenOutcome
-from replay.snp import Op
-from replay.trace import open_trace
+from replay.model.snp import Op
+from replay.traces.format import open_trace
 
 PAGE = 4096
 
@@ -119,7 +119,7 @@ def test_next_touch_of_each_sent_page():
     import pyarrow as pa
 
     from replay.migration.data import DataMode
-    from replay.trace import SCHEMA
+    from replay.traces.format import SCHEMA
 
     rows = [  # (gpa, len, op): row numbers are 10.. (a = 10)
         (5 * PAGE, 8, Op.WRITE),  # 10: gfn 5
@@ -206,8 +206,8 @@ def test_each_page_arrives_with_the_contents_of_its_send_row(trace, cache_pages,
     two ends must agree."""
     from replay.migration import data as datamod
     from replay.security.memory import HostMemory
-    from replay.strategies import SOURCE, TARGET
-    from replay.trace import open_trace
+    from replay.scenario.spec.strategies import SOURCE, TARGET
+    from replay.traces.format import open_trace
 
     monkeypatch.setattr(datamod, "CAPTURE_PAGES", capture)  # 5: the batch goes in several parts
     path, meta, _ = trace

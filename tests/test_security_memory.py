@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.generators import generate
+from replay.traces.generators import generate
 from replay.security import memory as memmod
 from replay.security import xts
 from replay.security.keys import vm_memory_key
 from replay.security.memory import HostMemory, content_bytes, replay_plaintext_digest
-from replay.snp import Op
+from replay.model.snp import Op
 
 PAGE = 4096
 M64 = (1 << 64) - 1
@@ -243,7 +243,7 @@ def test_straight_replay_of_a_trace_gives_the_models_digest(tmp_path):
     path = tmp_path / "t.arrow"
     generate("psc", path, guest_bytes=64 * PAGE, vcpus=2, events=3000, seed=3, burst_every=500, burst_pages=4,
              shared_bytes=8 * PAGE, batch_rows=700)
-    from replay.trace import open_trace
+    from replay.traces.format import open_trace
 
     with open_trace(path) as tr:
         model = Model(64, shared=range(0, 8))
@@ -256,7 +256,7 @@ def test_straight_replay_of_a_trace_gives_the_models_digest(tmp_path):
 
 
 def test_straight_replay_of_a_missing_trace_is_a_trace_error(tmp_path):
-    from replay.errors import TraceError
+    from replay.core.errors import TraceError
 
     with pytest.raises(TraceError, match="missing.arrow: no such file"):
         replay_plaintext_digest(tmp_path / "missing.arrow")
@@ -384,7 +384,7 @@ write_rows = st.lists(
 @given(batches=st.lists(write_rows, min_size=1, max_size=4), cache=st.sampled_from([None, 16, 5]))
 def test_writes_to_stored_pages_in_one_c_call_match_the_model(batches, cache):
     """Once every page is stored, batches of WRITE and READ rows take the one-call path
-    (``replay._content.apply_writes``): the contents, digest and cache bound are still the model's, and
+    (``replay.security._content.apply_writes``): the contents, digest and cache bound are still the model's, and
     the path declines (the general one then runs) exactly when a page it would write holds ciphertext."""
     taken = []
     real = memmod.apply_writes
@@ -420,7 +420,7 @@ def test_the_one_call_paths_decline_and_change_nothing():
     """``apply_writes`` and ``gather_pages`` refuse rows or pages they cannot handle (a page not stored,
     held in ciphertext, a page-state change, a row outside the guest) before writing anything; their op
     codes are the trace's."""
-    from replay._content import OPS, apply_writes, gather_pages
+    from replay.security._content import OPS, apply_writes, gather_pages
 
     assert OPS == {"WRITE": int(Op.WRITE), "READ": int(Op.READ)}
     m = host(cache=2)

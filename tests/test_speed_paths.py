@@ -1,4 +1,4 @@
-"""The end-to-end shortcuts: the no-migration reference digest cached on disk (replay.refdigest) and
+"""The end-to-end shortcuts: the no-migration reference digest cached on disk (replay.migration.refdigest) and
 `replay compare` running its strategies in parallel processes. Neither may change a record."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from replay import refdigest
+from replay.migration import refdigest
 from replay.cli import main
-from replay.migrate import Migration
-from replay.trace import read_meta
+from replay.migration import Migration
+from replay.traces.format import read_meta
 
 from test_precopy import ROWS, tiny_scenario, tiny_trace
 
@@ -229,7 +229,7 @@ def test_a_worker_the_pool_fails_to_stop_cannot_hang_compare(tmp_path):
 def test_background_reference_equals_the_separate_pass(trace, tmp_path):
     """refdigest.Background, fed the batches of a read, computes what refdigest.compute does, and stores it;
     an abandoned one stores nothing. (A cold run feeds it from its own read: see the test above.)"""
-    from replay.trace import open_trace
+    from replay.traces.format import open_trace
 
     meta = read_meta(trace)
     want = refdigest.compute(trace, meta, 1, 0, "cython")

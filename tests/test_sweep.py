@@ -1,10 +1,9 @@
-"""Sweeps (replay.sweep, `replay sweep`, the sweep report): the points a sweep file describes, errors
+"""Sweeps (replay.sweeps.sweep, `replay sweep`, the sweep report): the points a sweep file describes, errors
 before anything runs, real runs on a real local Dask cluster, resuming, errors recorded and retried, and
 the results table read by polars and DuckDB."""
 
 from __future__ import annotations
 
-import importlib
 
 import contextlib
 import json
@@ -18,8 +17,8 @@ import polars as pl
 import pytest
 
 from replay.cli import main
-from replay.errors import ScenarioError
-from replay.sweep import load_sweep, points, run_point, run_sweep
+from replay.core.errors import ScenarioError
+from replay.sweeps.sweep import load_sweep, points, run_point, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 CI_SWEEP = REPO / "scenarios" / "sweeps" / "mirror-vs-shadow-ci.toml"
@@ -156,7 +155,7 @@ def test_ci_sweep_on_a_local_cluster_table_in_polars_and_duckdb(tmp_path, capsys
     # Every combination once: 2 strategies x 2 modes x 2 seeds x 2 bandwidths x 2 vCPU counts.
     combos = df.select("strategy", "mode", "seed", "migration.bandwidth_bytes_per_s", "guest.vcpus").unique()
     assert combos.height == 32
-    # The table's metrics are the run directories' (the one mapping in replay.sweep.METRICS).
+    # The table's metrics are the run directories' (the one mapping in replay.sweeps.sweep.METRICS).
     for row in df.head(4).iter_rows(named=True):
         s = json.loads((out / row["run_dir"] / "summary.json").read_text())
         assert (row["downtime_ns"], row["total_ns"], row["bytes_sent"]) == (
@@ -205,7 +204,7 @@ def test_ci_sweep_on_a_local_cluster_table_in_polars_and_duckdb(tmp_path, capsys
 
 def test_report_wins_table_by_hand():
     """The wins rule on a hand-made table: lowest median over seeds wins; equal medians tie."""
-    from replay.sweepreport import wins
+    from replay.sweeps.report import wins
 
     rows = []
     for strategy, downtimes in (("mirror-vm", [10, 30, 20]), ("shadow-vcpu", [25, 5, 40])):
@@ -218,7 +217,7 @@ def test_report_wins_table_by_hand():
                   "bytes_sent": ("mirror-vm", 50), "guest_slowdown_ppm": ("tie", None)}]
 
 
-# In-process test doubles of replay.sweep.run_point. Dask serializes tasks even for an in-process cluster:
+# In-process test doubles of replay.sweeps.sweep.run_point. Dask serializes tasks even for an in-process cluster:
 # module-level functions travel by reference, so they share this log with the test.
 _REAL_RUN_POINT = run_point
 _LOG: dict[str, list] = {"calls": [], "finished": []}
@@ -255,7 +254,7 @@ def test_interrupted_sweep_resumes_without_rerunning_points(tmp_path, thread_cli
     """Interrupted after three results (as Ctrl-C in the client would), the rerun runs exactly the points
     with no run directory, and no point ever runs twice. The task is slowed (one worker thread, 0.2 s a
     point) so that the interruption comes while most points are still queued."""
-    sweep_mod = importlib.import_module("replay.sweep")  # replay.sweep is the API function
+    import replay.sweeps.sweep as sweep_mod
 
     p = write_sweep(tmp_path, """
         strategies = ["mirror-vm", "shadow-vcpu"]
@@ -334,7 +333,7 @@ def test_a_point_that_errors_is_recorded_and_the_sweep_goes_on(tmp_path, cluster
 def test_an_erroring_point_is_retried_and_then_completes(tmp_path, thread_client, monkeypatch):
     """A transient failure (here: injected into the task on the first attempt of point 1) is an error row;
     the next invocation runs that point only, and its error file goes."""
-    sweep_mod = importlib.import_module("replay.sweep")  # replay.sweep is the API function
+    import replay.sweeps.sweep as sweep_mod
 
     p = write_sweep(tmp_path, 'strategies = ["mirror-vm", "shadow-vcpu"]\nseeds = [1, 2]\n')
     out = tmp_path / "out"
@@ -355,7 +354,7 @@ def test_a_worker_that_dies_is_an_error_row(tmp_path, monkeypatch):
     """A point whose worker process dies (here: it exits) is recorded; the other points complete."""
     import dask
 
-    sweep_mod = importlib.import_module("replay.sweep")  # replay.sweep is the API function
+    import replay.sweeps.sweep as sweep_mod
 
     p = write_sweep(tmp_path, 'seeds = [1, 2]\n')
     real = sweep_mod.run_point
@@ -377,7 +376,7 @@ def test_a_worker_that_dies_is_an_error_row(tmp_path, monkeypatch):
 
 def test_the_cluster_sweep_is_valid_and_shares_traces():
     """The documented large sweep parses and validates: 960 points over 20 distinct traces."""
-    from replay.sweep import _trace_spec
+    from replay.sweeps.sweep import _trace_spec
 
     pts = points(load_sweep(REPO / "scenarios" / "sweeps" / "mirror-vs-shadow-cluster.toml"))
     assert len(pts) == 2 * 3 * 5 * 4 * 4 * 2
@@ -501,7 +500,7 @@ def test_a_sweep_record_without_its_axes_is_one_line(tmp_path, thread_client, ca
 def test_a_cluster_that_cannot_be_reached_leaves_nothing(tmp_path, capsys):
     """Unreachable: exit 2, one line naming the address, within the documented connect timeout (plus the
     time to start), and nothing written."""
-    from replay.sweep import CONNECT_TIMEOUT_S
+    from replay.sweeps.sweep import CONNECT_TIMEOUT_S
 
     p = write_sweep(tmp_path, 'strategies = ["mirror-vm"]\n')
     t0 = time.monotonic()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from replay.migrate import run
+from replay.migration import run
 from test_precopy import tiny_scenario, tiny_trace
 
 BOTH = ("mirror-vm", "shadow-vcpu")

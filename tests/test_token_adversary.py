@@ -15,8 +15,8 @@ import dataclasses
 
 import pytest
 
-from replay.migrate import run
-from replay.scenario import AdversarySpec, with_adversary
+from replay.migration import run
+from replay.scenario.spec import AdversarySpec, with_adversary
 from replay.security.token import Token, TokenOutcome, compare
 from test_precopy import tiny_scenario, tiny_trace
 

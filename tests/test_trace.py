@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 
 from replay import cli
-from replay.errors import TraceError
-from replay.trace import (
+from replay.core.errors import TraceError
+from replay.traces.format import (
     COLUMNS,
     META_DIGEST_KEY,
     METADATA_KEYS,

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from replay.cli import main
-from replay.engine import PRIVATE
-from replay.migrate import run
-from replay.refengine import Engine as RefEngine
-from replay.scenario import make_scenario
+from replay.engines.common import PRIVATE
+from replay.migration import run
+from replay.engines.reference import Engine as RefEngine
+from replay.scenario.spec import make_scenario
 from test_precopy import COSTS, write_trace
 
 NS = 1_000_000_000
@@ -173,7 +173,7 @@ def test_on_max_rounds(trace):
 
 
 def test_kernel_profiles_and_verdicts(trace):
-    from replay.errors import CapabilityError, ScenarioError
+    from replay.core.errors import CapabilityError, ScenarioError
 
     r = run(scen(), strategy="shadow-vcpu", trace_path=trace)
     k = r.summary["kernel"]

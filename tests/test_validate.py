@@ -15,11 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from replay import validate
+from replay.core import validate
 from replay.cli import main
-from replay.errors import ScenarioError, TraceError
-from replay.scenario import MigrationSpec, make_scenario, parse_scenario_text
-from replay.trace import TraceWriter, open_trace
+from replay.core.errors import ScenarioError, TraceError
+from replay.scenario.spec import MigrationSpec, make_scenario, parse_scenario_text
+from replay.traces.format import TraceWriter, open_trace
 
 GEN = {"generator": "uniform", "events": 10}
 SCENARIO = """\
@@ -272,7 +272,7 @@ def test_verify_trace_and_run_dir(workdir, capsys):
 
 
 def _rewrite_summary(run: Path, change) -> None:
-    from replay.runrecord import record_digest
+    from replay.runs.record import record_digest
 
     s = json.loads((run / "summary.json").read_text())
     change(s)
@@ -283,7 +283,7 @@ def _rewrite_summary(run: Path, change) -> None:
 def test_verify_checks_row_order(workdir, capsys):
     """A record whose hashes were recomputed after reordering its events passes the loader's checks but
     not verify's (events numbered 0..n-1 in time order)."""
-    from replay.runrecord import EVENTS_SCHEMA, content_hash
+    from replay.runs.record import EVENTS_SCHEMA, content_hash
 
     assert main(["run", "s.toml", "--out", "r", "--no-progress"]) == 0
     capsys.readouterr()
@@ -315,7 +315,7 @@ def test_tampered_run_dirs_are_refused_by_every_reader(workdir, capsys):
 def test_write_run_records_hashes(tmp_path):
     import runfixtures
 
-    from replay.runrecord import load_run
+    from replay.runs.record import load_run
 
     def blake(data: bytes) -> str:
         return hashlib.blake2b(data, digest_size=32).hexdigest()
@@ -337,7 +337,7 @@ def test_hybrid_rounds_are_bounded():
 
 
 def test_a_verified_trace_is_not_hashed_again_in_the_same_process(workdir, monkeypatch):
-    from replay import trace
+    from replay.traces import format as trace
 
     calls = []
     real = trace._hash_into
@@ -369,7 +369,7 @@ def test_round_budget_scales_with_the_guest():
 
 
 def test_failed_write_leaves_no_parent_directories(workdir, capsys, monkeypatch):
-    from replay import runner
+    from replay.migration import runner
 
     def fails(*a, **kw):
         raise TraceError("injected failure")
@@ -382,8 +382,8 @@ def test_failed_write_leaves_no_parent_directories(workdir, capsys, monkeypatch)
 
 def test_require_regular_names_a_directory_by_what_was_expected(tmp_path):
     # (issue 22) A directory where a trace is expected says "not a trace file"; elsewhere "not a file".
-    from replay.errors import TraceError, UsageError
-    from replay.paths import require_regular
+    from replay.core.errors import TraceError, UsageError
+    from replay.core.paths import require_regular
 
     with pytest.raises(TraceError) as e:
         require_regular(tmp_path, TraceError)
@@ -396,7 +396,7 @@ def test_require_regular_names_a_directory_by_what_was_expected(tmp_path):
 def test_run_record_tables_have_no_nullable_columns():
     # (issue 22) Every column of every run-record table is declared non-null: a reader of an older record
     # compares schemas exactly, so a column turning nullable would make every older record unreadable.
-    from replay.runrecord import TABLES
+    from replay.runs.record import TABLES
 
     for name, schema in TABLES.items():
         assert [f.name for f in schema if f.nullable] == [], name

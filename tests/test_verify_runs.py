@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from replay.cli import main
 from replay.commands.verify import verify_path
-from replay.migrate import run
+from replay.migration import run
 from test_truthful import scen, trace  # noqa: F401 - the module's tiny trace fixture and scenario
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Whole-VM recording (`replay record --vm`, replay.vmrecord): a guest program whose writes are known,
+"""Whole-VM recording (`replay record --vm`, replay.traces.vm): a guest program whose writes are known,
 reproducibility, the errors, and the pieces (initramfs archive, epoch filter, idle intervals).
 
 The recordings boot a real guest under QEMU TCG (5-15 s each on 2 cores): they need qemu-system-x86,
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from replay.cli import main
-from replay.errors import RecordError, UsageError
-from replay.trace import compute_digest, open_trace, read_meta
-from replay.vmrecord import Cpio, EpochFilter, VmOptions, _merge, _Stream, build_initrd, find_busybox
+from replay.core.errors import RecordError, UsageError
+from replay.traces.format import compute_digest, open_trace, read_meta
+from replay.traces.vm import Cpio, EpochFilter, VmOptions, _merge, _Stream, build_initrd, find_busybox
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -259,7 +259,7 @@ def test_shipped_vm_trace_and_scenario(tmp_path, capsys):
     assert main(["compare", str(ROOT / "scenarios" / "vm-busybox.toml"), "--out", str(tmp_path / "cmp"),
                  "--no-progress"]) == 0
     with open_trace(ROOT / "traces" / "vm-busybox.arrow") as r:
-        from replay.trace import last_t_ns
+        from replay.traces.format import last_t_ns
 
         end = last_t_ns(r)
     for strategy in ("mirror-vm", "shadow-vcpu"):
@@ -290,8 +290,8 @@ def test_disk_image_is_the_commands_root(tmp_path):
 
 def test_no_compiler_says_what_to_install(tmp_path, monkeypatch):
     """Without a prebuilt plugin and without a C compiler, one line says what to install."""
-    import replay.qemu_plugin as qp
-    import replay.vmrecord as vr
+    import replay.traces.qemu_plugin as qp
+    import replay.traces.vm as vr
 
     monkeypatch.setenv("SNP_REPLAY_CACHE", str(tmp_path))
     monkeypatch.setattr(qp, "tag", lambda name: "0" * 16)  # matches no prebuilt stamp, no cached build

@@ -21,8 +21,8 @@ MANIFEST = ROOT / "traces" / "MANIFEST.json"
 
 
 def main(names: list[str]) -> int:
-    from replay.records import write_atomic
-    from replay.trace import read_meta
+    from replay.core.records import write_atomic
+    from replay.traces.format import read_meta
 
     manifest = json.loads(MANIFEST.read_text())
     for entry in manifest["traces"]:

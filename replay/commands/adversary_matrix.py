@@ -1,12 +1,12 @@
 """`replay adversary-matrix SCENARIO --out DIR`: every adversary kind x strategy x mode, one Arrow table
-and an HTML page (replay.advmatrix)."""
+and an HTML page (replay.sweeps.adversary_matrix)."""
 
 from __future__ import annotations
 
-from ..engine import ENGINE_KINDS
-from ..errors import ExitCode
-from ..paths import check_replaceable_dir
-from ..scenario import ADVERSARY_KINDS, MODES, load_scenario
+from ..engines.common import ENGINE_KINDS
+from ..core.errors import ExitCode
+from ..core.paths import check_replaceable_dir
+from ..scenario.spec import ADVERSARY_KINDS, MODES, load_scenario
 
 
 def configure(p) -> None:
@@ -20,10 +20,10 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from ..advmatrix import run_matrix, write_matrix
+    from ..sweeps.adversary_matrix import run_matrix, write_matrix
 
-    from ..advspec import parse_kinds
-    from ..paths import check_output
+    from ..scenario.adversary import parse_kinds
+    from ..core.paths import check_output
 
     kinds = parse_kinds(args.kinds, ADVERSARY_KINDS, "kinds")
     modes = parse_kinds(args.modes, MODES, "modes")

@@ -1,10 +1,10 @@
 """`replay compare SCENARIO --out DIR`: run mirror-vm and shadow-vcpu on one trace, side by side
-(``replay.api.compare``; the table is ``replay.comparetext``)."""
+(``replay.api.compare``; the table is ``replay.analysis.comparetext``)."""
 
 from __future__ import annotations
 
-from ..errors import ExitCode
-from ..units import format_bytes
+from ..core.errors import ExitCode
+from ..core.units import format_bytes
 from .run import add_common
 
 

@@ -12,7 +12,7 @@ import argparse
 import re
 import sys
 
-from ..errors import UsageError
+from ..core.errors import UsageError
 
 _BOUND = re.compile(r"^([A-Za-z0-9_.\[\]]+)=(\d+(?:\.\d+)?)%?$")
 
@@ -44,8 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import diff
-    from ..diff import render_text, to_json
-    from ..records import canonical_json
+    from ..analysis.diff import render_text, to_json
+    from ..core.records import canonical_json
 
     bounds = parse_bounds(args.max_regress)  # syntax first: cheap, and no point loading runs otherwise
     result = diff(args.run_a, args.run_b, strict=args.strict, max_regress=bounds)

@@ -1,4 +1,4 @@
-"""``replay gen KIND``: write a synthetic workload trace (see replay.generators for the kinds)."""
+"""``replay gen KIND``: write a synthetic workload trace (see replay.traces.generators for the kinds)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import difflib
 import sys
 from fractions import Fraction
 
-from ..errors import UsageError
-from ..units import parse_duration_ns, parse_size
+from ..core.errors import UsageError
+from ..core.units import parse_duration_ns, parse_size
 
 KIND_OPTIONS = {
     # flag: (keyword, parser, help, kinds)
@@ -53,7 +53,7 @@ def _int(text: str, what: str) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from ..generators import GENERATORS
+    from ..traces.generators import GENERATORS
 
     parser.add_argument("kind", metavar="KIND", help="workload: " + ", ".join(GENERATORS))
     parser.add_argument("--out", required=True, help="trace file to write (.arrow)")
@@ -86,9 +86,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import generate
-    from ..generators import GENERATORS
-    from ..paths import check_output
-    from ..units import format_bytes
+    from ..traces.generators import GENERATORS
+    from ..core.paths import check_output
+    from ..core.units import format_bytes
 
     kind = args.kind
     check_output(args.out, [])

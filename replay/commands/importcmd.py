@@ -1,6 +1,6 @@
 """`replay import FORMAT IN --out FILE`: convert CSV/Parquet accesses or a dirty-page log into a trace.
 
-See replay.importers for the column conventions and how a dirty log is expanded into writes.
+See replay.traces.importers for the column conventions and how a dirty log is expanded into writes.
 """
 
 from __future__ import annotations

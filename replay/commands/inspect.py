@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..records import canonical_json
-from ..units import format_bytes, format_ns, parse_duration_ns
+from ..core.records import canonical_json
+from ..core.units import format_bytes, format_ns, parse_duration_ns
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import UsageError
-from ..units import format_bytes
+from ..core.errors import UsageError
+from ..core.units import format_bytes
 
 
 def configure(p) -> None:
@@ -29,7 +29,7 @@ def configure(p) -> None:
                         "trace does not depend on the calling shell's environment (it shifts stack addresses)")
     p.add_argument("--valgrind", default="valgrind", metavar="PATH", help="valgrind executable (default: from PATH)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    from . import record_vm  # --vm and its options (replay.vmrecord)
+    from . import record_vm  # --vm and its options (replay.traces.vm)
 
     record_vm.configure(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the program to record")

@@ -1,12 +1,12 @@
-"""The options of `replay record --vm` (whole-VM recording under QEMU, replay.vmrecord) and its run."""
+"""The options of `replay record --vm` (whole-VM recording under QEMU, replay.traces.vm) and its run."""
 
 from __future__ import annotations
 
 import re
 import sys
 
-from ..errors import UsageError
-from ..units import format_bytes, parse_size
+from ..core.errors import UsageError
+from ..core.units import format_bytes, parse_size
 
 
 def configure(p) -> None:
@@ -53,9 +53,9 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def run(args, cmd: list[str]) -> int:
-    from ..paths import check_output
-    from ..units import parse_duration_ns
-    from ..vmrecord import VmOptions, record_vm
+    from ..core.paths import check_output
+    from ..core.units import parse_duration_ns
+    from ..traces.vm import VmOptions, record_vm
 
     inputs = [f for f in [args.kernel, args.initrd, args.disk, *args.add] if f]
     check_output(args.out, inputs)

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from ..engine import ENGINE_KINDS
-from ..errors import ExitCode
-from ..scenario import STRATEGIES
+from ..engines.common import ENGINE_KINDS
+from ..core.errors import ExitCode
+from ..scenario.spec import STRATEGIES
 
 
 def add_common(p) -> None:

@@ -1,12 +1,12 @@
 """`replay sweep SWEEP.toml --out DIR`: run a sweep of scenarios on Dask (``replay.api.execute_sweep``;
-see replay.sweep)."""
+see replay.sweeps.sweep)."""
 
 from __future__ import annotations
 
 import sys
 
-from ..engine import ENGINE_KINDS
-from ..errors import ExitCode
+from ..engines.common import ENGINE_KINDS
+from ..core.errors import ExitCode
 
 
 def configure(p) -> None:
@@ -24,7 +24,7 @@ def configure(p) -> None:
 
 def run(args) -> int:
     from ..api import execute_sweep
-    from ..sweep import TABLE
+    from ..sweeps.sweep import TABLE
 
     def started(name: str, n: int) -> None:
         print(f"{name}: {n} points", flush=True)  # stdout: stderr holds errors only, one line each

@@ -19,16 +19,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def verify_path(path: str) -> str:
     """Check one trace or run directory; a one-line description of what was verified."""
-    from ..paths import show
+    from ..core.paths import show
 
     if os.path.isdir(path):
-        from ..runrecord import check_run_dir
+        from ..runs.record import check_run_dir
 
         summary, tables = check_run_dir(path, complete=True)
         rows = ", ".join(f"{name} {t.num_rows}" for name, t in tables.items())
         return (f"{show(path)}: ok: run directory ({summary['strategy']} {summary['mode']}, {summary['status']}; "
                 f"{rows} rows; hashes match)")
-    from ..trace import open_trace
+    from ..traces.format import open_trace
 
     with open_trace(path) as r:
         for _ in r:

@@ -18,13 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..demand import build_demand
-from ..engine import U64_MAX
+from ..model.demand import build_demand
+from ..engines.common import U64_MAX
 from ..engines import make_engine
-from ..errors import ScenarioError
-from ..scenario import Scenario
-from ..strategies import SOURCE, TARGET, make_strategy
-from ..trace import TraceMeta, open_trace, read_meta
+from ..core.errors import ScenarioError
+from ..scenario.spec import Scenario
+from ..scenario.strategies import SOURCE, TARGET, make_strategy
+from ..traces.format import TraceMeta, open_trace, read_meta
 from .clock import Guest, ProgressFn
 from .context import Run
 from .cpu import Cpu
@@ -88,7 +88,7 @@ class Migration:
         g = self.s.guest
         ref = None
         if not self._no_migration:
-            from ..refdigest import Background, lookup  # replayed once per trace and guest, then cached
+            from .refdigest import Background, lookup  # replayed once per trace and guest, then cached
 
             kind = self.engine if isinstance(self.engine, str) else "cython"
             self._no_migration = lookup(self.meta, g.asid, g.os_vmpl, kind)
@@ -96,7 +96,7 @@ class Migration:
                 # Not known yet: replayed beside this run, from this run's own read of the trace.
                 ref = Background(self.meta, g.asid, g.os_vmpl, kind)
             elif not self._no_migration:  # a second engine would not fit: a separate pass first
-                from ..refdigest import no_migration_digest
+                from .refdigest import no_migration_digest
 
                 self._no_migration = no_migration_digest(self.trace_path, self.meta, g.asid, g.os_vmpl, kind,
                                                          self.progress)
@@ -107,13 +107,12 @@ class Migration:
                 ref.abandon()
 
     def _run(self, out: Outcome, ref) -> RunResult:
-        g = self.s.guest
         out.digests["no_migration"] = self._no_migration or ""
         eng = self._engine(2)
         data = None
         refusal: type[Exception] = _NeverRaised
         if self.s.migration.data:
-            from ..refdigest import plaintext_digest
+            from .refdigest import plaintext_digest
             from .data import DataMode, DataRefused
 
             refusal = DataRefused

@@ -60,8 +60,8 @@ from typing import Callable
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..engine import PRESENT, PRIVATE
-from ..scenario import ADVERSARY_PACKET_KINDS, UNSET, AdversarySpec, LinkFault, Scenario
+from ..engines.common import PRESENT, PRIVATE
+from ..scenario.spec import ADVERSARY_PACKET_KINDS, UNSET, AdversarySpec, LinkFault, Scenario
 from ..security.attestation import POLICY_DEBUG, Evidence, TcbVersion
 from ..security.channel import (
     HEADER,
@@ -73,8 +73,8 @@ from ..security.channel import (
     parse_header,
 )
 from ..security.keys import derive
-from ..snp import PAGE_SIZE, Fault
-from ..strategies import SOURCE, TARGET
+from ..model.snp import PAGE_SIZE, Fault
+from ..scenario.strategies import SOURCE, TARGET
 
 WIRE = ADVERSARY_PACKET_KINDS
 ATTESTATION = ("bad-measurement", "bad-signature", "bad-policy", "bad-tcb")
@@ -505,7 +505,7 @@ class Adversary:
         (replayed again here, into a memory of its own: only for a run whose digest differs and that an
         undetected action changed)."""
         from ..security.memory import HostMemory
-        from ..trace import open_trace
+        from ..traces.format import open_trace
         from .data import differing_pages
 
         if self.trace_path is None:

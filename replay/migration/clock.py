@@ -12,7 +12,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from ..snp import Fault
+from ..model.snp import Fault
 
 ProgressFn = Callable[[int], None]
 
@@ -60,7 +60,7 @@ class Guest:
 
     def __init__(self, eng, reader, vcpus: int, wp_fault_ns: int, demand, progress: ProgressFn | None = None):
         self.eng = eng
-        self.demand = demand  # replay.demand.Demand: when the vCPUs want CPU, and the VM's quota
+        self.demand = demand  # replay.model.demand.Demand: when the vCPUs want CPU, and the VM's quota
         self.cur = Cursor(reader, progress)
         self.vcpus = vcpus
         self.wp_fault_ns = wp_fault_ns

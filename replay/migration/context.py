@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..scenario import Scenario
-from ..strategies import Strategy
-from ..trace import TraceMeta
+from ..scenario.spec import Scenario
+from ..scenario.strategies import Strategy
+from ..traces.format import TraceMeta
 from .clock import Guest
 from .cpu import Cpu
 from .link import Link

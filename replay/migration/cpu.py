@@ -9,11 +9,11 @@ Capacity, in CPUs, of ``A`` agents on one side (a rational, so that the clock st
   that side's migration thread: at most min(A, H) CPUs for the agents, and agents + host thread together
   at most H (a pool).
 - shadow-vcpu: the agents are vCPUs of the guest's VM and share its CPU quota Q (``guest.cpu_quota``, by
-  default one CPU per vCPU) with the D vCPUs that are busy (``replay.demand``). Where the guest runs,
+  default one CPU per vCPU) with the D vCPUs that are busy (``replay.model.demand``). Where the guest runs,
   ``costs.cpu_sharing`` decides: ``fair`` (CFS) gives each runnable thread min(1, Q/(D+A)) of a CPU, so the
   agents get A x min(1, Q/(D+A)); ``agents-first`` lets them take min(A, Q) first. Where the guest does not
   run (the target before it resumes, the source after), they get min(A, Q). The guest loses only what the
-  agents take beyond its spare quota Q - D (replay.demand's progress rule): an idle guest loses nothing.
+  agents take beyond its spare quota Q - D (replay.model.demand's progress rule): an idle guest loses nothing.
   Both policies differ in how fast the agents go, hence in how long the guest is exposed.
 
 Waiting on the PSP or firmware is time, not CPU.
@@ -21,9 +21,9 @@ Waiting on the PSP or firmware is time, not CPU.
 
 from __future__ import annotations
 
-from ..demand import Demand, agent_share
-from ..scenario import Scenario
-from ..strategies import OWNERS, PRIMARY_VM, Step, Strategy
+from ..model.demand import Demand, agent_share
+from ..scenario.spec import Scenario
+from ..scenario.strategies import OWNERS, PRIMARY_VM, Step, Strategy
 
 
 class Cpu:

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 
 from ..security.channel import Outcome, PageRefs
-from ..scenario import AttestationSpec, parse_tcb
+from ..scenario.spec import AttestationSpec, parse_tcb
 from ..security.attestation import DEFAULT_GUEST_POLICY, POLICY_DEBUG, POLICY_MIGRATE_MA, TcbVersion
 from ..security.memory import HostMemory, page_spans
 from ..security.session import AttestationSetup, DataPlane
 from ..security.token import TokenOutcome
-from ..engine import PRESENT, PRIVATE
-from ..snp import PAGE_SIZE, Access, Fault, Op, Rc
-from ..strategies import SOURCE, TARGET
+from ..engines.common import PRESENT, PRIVATE
+from ..model.snp import PAGE_SIZE, Access, Fault, Op, Rc
+from ..scenario.strategies import SOURCE, TARGET
 
 # Pages whose contents wait, captured, to be sent in one batch (64 MiB at most: a bigger transfer is sent
 # in several batches).

@@ -4,7 +4,7 @@ live below the three of them."""
 
 from __future__ import annotations
 
-from ..strategies import HOST, SOURCE
+from ..scenario.strategies import HOST, SOURCE
 from .context import Run
 
 

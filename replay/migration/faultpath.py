@@ -20,7 +20,7 @@ Stages of one fault on gfn raised by a vCPU at virtual time t (all on the virtua
    header. Then one latency plus its jitter;
 5. unpacking at the target: the earliest free target agent (its first-touch NPF for the mirror VM,
    unpack, PVALIDATE, RMPADJUST), at its share of the CPUs: with shadow vCPUs, a share of the guest's
-   quota beside the vCPUs that are busy then (replay.demand), as in the push;
+   quota beside the vCPUs that are busy then (replay.model.demand), as in the push;
 6. installing: serialized. ``fault_delivery = "uffd-shared"``: one handler thread for every vCPU holds
    (install + uffd_handler_ns + per_waiter_sq x w^2: each wake-up of the shared queue wakes the w blocked
    vCPUs, which retry under the same contended lock); ``"kvm-exit"`` and ``"uffd-per-vcpu"``: the install
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..snp import PAGE_SIZE
-from ..strategies import SOURCE, TARGET
+from ..model.snp import PAGE_SIZE
+from ..scenario.strategies import SOURCE, TARGET
 from .context import Run
 
 JITTER_STREAM = 0x6A17  # the latency jitter's own random stream, derived from the scenario's seed

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..scenario import FOREVER, LinkFault, MigrationSpec
+from ..scenario.spec import FOREVER, LinkFault, MigrationSpec
 
 NS_PER_S = 1_000_000_000
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..scenario import FOREVER
-from ..snp import PAGE_SIZE, Fault
-from ..strategies import HOST, SOURCE, TARGET
+from ..scenario.spec import FOREVER
+from ..model.snp import PAGE_SIZE, Fault
+from ..scenario.strategies import HOST, SOURCE, TARGET
 from . import transfer
 from .context import Run
 from .faultpath import FaultPath

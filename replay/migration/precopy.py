@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..snp import PAGE_SIZE
-from ..strategies import SOURCE
+from ..model.snp import PAGE_SIZE
+from ..scenario.strategies import SOURCE
 from . import transfer
 from .context import Round, Run
 from .link import NS_PER_S, LinkDown

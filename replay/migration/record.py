@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..version import __version__
-from ..runrecord import EVENTS_SCHEMA, FAULTS_SCHEMA, ROUNDS_SCHEMA, RUN_FORMAT, RUN_VERSION, write_run
-from ..errors import InvariantError
-from ..snp import FAULT_KINDS
-from ..strategies import HOST, MIRROR_VM
+from ..core.version import __version__
+from ..runs.record import EVENTS_SCHEMA, FAULTS_SCHEMA, ROUNDS_SCHEMA, RUN_FORMAT, RUN_VERSION, write_run
+from ..core.errors import InvariantError
+from ..model.snp import FAULT_KINDS
+from ..scenario.strategies import HOST, MIRROR_VM
 from .context import Run
 from .postcopy import PostcopyStats
 from .precopy import SWITCHOVER_RULE
@@ -67,7 +67,7 @@ def build(run: Run, out: Outcome, engine_kind: str) -> RunResult:
     vlat = [pc.latencies(v) for v in range(run.vcpus)]  # each vCPU's fault latencies
     cpu = dict(run.cpu.ledger)
     # The guest's slowdown is the CPU work it demanded over the window (what it would have run with no
-    # migration, replay.demand) that it did not run. Each vCPU got as far as the guest's progress less
+    # migration, replay.model.demand) that it did not run. Each vCPU got as far as the guest's progress less
     # the time it sat blocked on post-copy faults; it ran its share of the demand up to there. An idle
     # guest demands nothing and loses nothing.
     demand = run.guest.demand

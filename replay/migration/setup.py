@@ -4,9 +4,9 @@ step that runs on its own quota on its side."""
 
 from __future__ import annotations
 
-from ..errors import InvariantError
-from ..snp import PAGE_SIZE, Rc
-from ..strategies import SIDES, SOURCE, TARGET, Step
+from ..core.errors import InvariantError
+from ..model.snp import PAGE_SIZE, Rc
+from ..scenario.strategies import SIDES, SOURCE, TARGET, Step
 from .context import Run
 from .dirtylog import initial_sync
 

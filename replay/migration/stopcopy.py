@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..strategies import SOURCE, TARGET
+from ..scenario.strategies import SOURCE, TARGET
 from . import transfer
 from .context import Round, Run
 from .link import LinkDown

@@ -1,16 +1,16 @@
 """The trace a scenario replays: a file, or its generator's output cached by spec. (The no-migration
-reference digest is ``replay.refdigest``.)"""
+reference digest is ``replay.migration.refdigest``.)"""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from ..version import __version__
-from ..errors import ScenarioError
-from ..paths import cache_dir
-from ..scenario import Scenario
-from ..trace import VERSION as TRACE_VERSION, last_t_ns, open_trace
+from ..core.version import __version__
+from ..core.errors import ScenarioError
+from ..core.paths import cache_dir
+from ..scenario.spec import Scenario
+from ..traces.format import VERSION as TRACE_VERSION, last_t_ns, open_trace
 
 
 def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
@@ -21,7 +21,7 @@ def trace_for(scenario: Scenario, cache: Path | None = None) -> Path:
         if not path.exists():
             raise ScenarioError(f"trace.file {t.file!r}: no such file (looked in {path})")
         return path
-    from ..generators import generate  # only scenarios with a generator need it
+    from ..traces.generators import generate  # only scenarios with a generator need it
 
     seed = scenario.trace_seed
     g = scenario.guest

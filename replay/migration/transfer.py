@@ -5,8 +5,8 @@ run's tallies and CPU ledger."""
 
 from __future__ import annotations
 
-from ..snp import PAGE_SIZE
-from ..strategies import HOST
+from ..model.snp import PAGE_SIZE
+from ..scenario.strategies import HOST
 from .context import Round, Run
 
 

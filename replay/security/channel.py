@@ -39,7 +39,7 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..snp import PAGE_SIZE, VMPLS
+from ..model.snp import PAGE_SIZE, VMPLS
 from . import parallel
 from .attestation import Direction, SessionKeys
 from .gcm import TAG_BYTES, open_many, seal_many

@@ -2,7 +2,7 @@
 
 A packet here is ``aad + ciphertext + tag`` (the header in clear as associated data, the 16-byte tag last),
 and a batch of packets lies back to back in one *wire* buffer, as on a link. ``seal_many`` and
-``open_many`` work on a whole batch of pages in C (``replay._gcm``: one OpenSSL EVP context per call,
+``open_many`` work on a whole batch of pages in C (``replay.security._gcm``: one OpenSSL EVP context per call,
 only the nonce reset per packet, GIL released). A large batch is cut in two halves sealed or opened at
 once on two cores (``replay.security.parallel``): every packet is independent of the others, so the bytes
 are the same whatever the split. Without OpenSSL's headers at build time they fall back to
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .parallel import halves
 
 try:
-    from replay._gcm import gcm_open, gcm_seal
+    from replay.security._gcm import gcm_open, gcm_seal
 except ImportError:  # built without OpenSSL's headers: `cryptography`, packet by packet
     gcm_open = gcm_seal = None
 

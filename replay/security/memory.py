@@ -24,7 +24,7 @@ only when its ciphertext is needed: a host reading its DRAM (``read_raw``, ``raw
 back first, and beyond the bound the least recently touched pages are encrypted in batches. A page whose
 DRAM holds ciphertext is decrypted into the cache when a row writes it. Nothing observable depends on the
 cache: ``read_raw`` is always the XTS ciphertext, ``read_plain`` the plain text, digests the same. Rows are
-written in trace order (a later row wins; the loop is in C, ``replay._content``). Page-state changes
+written in trace order (a later row wins; the loop is in C, ``replay.security._content``). Page-state changes
 (TO_SHARED / TO_PRIVATE rows, or ``set_private``) keep the page's contents (in-place conversion): a page
 turning shared is held in clear, a page turning private joins the cache.
 
@@ -43,9 +43,9 @@ import blake3
 import numpy as np
 import pyarrow as pa
 
-from replay._content import apply_writes, gather_pages, scatter_pages, write_spans
+from replay.security._content import apply_writes, gather_pages, scatter_pages, write_spans
 
-from ..snp import PAGE_SHIFT, PAGE_SIZE, Op
+from ..model.snp import PAGE_SHIFT, PAGE_SIZE, Op
 from . import xts
 from .keys import vm_memory_key
 from .parallel import halves
@@ -548,7 +548,7 @@ def replay_plaintext_digest(path: str | os.PathLike, *, seed: int = 0, host: int
     This is the no-migration reference of data mode: a migrated run's end-of-trace memory must have the
     same digest. The digest does not depend on ``seed``, ``host`` or ``spa_base`` (only the ciphertext
     does); they are parameters so that a test can show exactly that."""
-    from ..trace import open_trace
+    from ..traces.format import open_trace
 
     with open_trace(path) as tr:
         mem = HostMemory.for_host(seed, host, npages=tr.meta.npages, spa_base=spa_base,

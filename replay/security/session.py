@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import InvariantError
-from ..snp import PAGE_SIZE
+from ..core.errors import InvariantError
+from ..model.snp import PAGE_SIZE
 from .attestation import (DEFAULT_GUEST_POLICY, Agent, AmdRoot, Evidence, Handshake, TcbVersion, VerifierPolicy, handshake,
                           measurement_of)
 from .channel import Outcome, PageRefs, Receiver, Sender

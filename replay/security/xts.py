@@ -6,7 +6,7 @@ that host), and the 16-byte tweak is the page's system physical byte address ``s
 little-endian. The same plaintext at another SPA, or under another host's key, is therefore different
 ciphertext.
 
-``encrypt_pages`` / ``decrypt_pages`` work on many pages per call in C (``replay._xts``: one OpenSSL EVP
+``encrypt_pages`` / ``decrypt_pages`` work on many pages per call in C (``replay.security._xts``: one OpenSSL EVP
 context, only the tweak reset per page, GIL released). ``reference_pages`` does the same with the
 ``cryptography`` package, one cipher context per page: slower, and the tests check both agree.
 """
@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..snp import PAGE_SHIFT, PAGE_SIZE
+from ..model.snp import PAGE_SHIFT, PAGE_SIZE
 
 try:
-    from replay._xts import xts_pages
+    from replay.security._xts import xts_pages
 except ImportError:  # built without OpenSSL's headers: the `cryptography` package, page by page
     xts_pages = None
 

@@ -185,7 +185,7 @@ def _set_values(rng: random.Random) -> list[str]:
 
 
 def _scenario_keys() -> list[tuple[str, str]]:
-    from replay import scenario as sc
+    from replay.scenario.spec import spec as sc
 
     keys = [("", k) for k in ("name", "description", "seed")]
     for section, cls in sc._SECTIONS.items():
@@ -913,7 +913,7 @@ def case_sweep(rng: random.Random, d: Path, index: int) -> Case:
 
 def _adversary_spec(rng: random.Random) -> tuple[str, str]:
     """One --adversary value: valid, certainly bad by the grammar, or anything."""
-    from replay.scenario import ADVERSARY_KINDS, ADVERSARY_PACKET_KINDS
+    from replay.scenario.spec import ADVERSARY_KINDS, ADVERSARY_PACKET_KINDS
 
     kind = rng.choice(list(ADVERSARY_KINDS) + ["flp", "", "FLIP", "x" * 300])
     when = rng.choice(["", "@1ms", "@200us", "@0", "@0:1", "@1:0", "@forever", "@-1ms", "@1.5ms", "@1e3",
@@ -981,7 +981,7 @@ def case_adversary_toml(rng: random.Random, d: Path, index: int) -> Case:
 
 def case_attestation(rng: random.Random, d: Path, index: int) -> Case:
     """[attestation] with mutated TCB versions, measurements, policy bits and roots."""
-    from replay.scenario import AttestationSpec
+    from replay.scenario.spec import AttestationSpec
 
     keys = [f.name for f in __import__("dataclasses").fields(AttestationSpec)] + ["min_tbc", "root"]
     tcbs = ['"9.0.23.72"', '"0.0.0.0"', '"255.255.255.255"', '"256.0.0.0"', '"9.0.23"', '"9.0.23.72.1"', '"a.b.c.d"',
@@ -996,7 +996,7 @@ def case_attestation(rng: random.Random, d: Path, index: int) -> Case:
 
 def case_kernel(rng: random.Random, d: Path, index: int) -> Case:
     """[kernel]: profiles, capability switches, unknown keys."""
-    from replay.scenario import KERNEL_PROFILES, KernelCaps
+    from replay.scenario.spec import KERNEL_PROFILES, KernelCaps
 
     keys = [f.name for f in __import__("dataclasses").fields(KernelCaps)] + ["gmem_lnk", "planes"]
     lines = ["[kernel]"]
@@ -1028,7 +1028,7 @@ def case_data(rng: random.Random, d: Path, index: int) -> Case:
 
 def case_adversary_matrix(rng: random.Random, d: Path, index: int) -> Case:
     """`replay adversary-matrix` with mutated --kinds/--modes/--out; a valid case runs one or two kinds."""
-    from replay.scenario import ADVERSARY_KINDS
+    from replay.scenario.spec import ADVERSARY_KINDS
 
     ok_kinds = ",".join(rng.sample(["flip", "drop", "bad-tcb", "link-loss"], rng.choice([1, 2])))
     kinds = rng.choice([ok_kinds] * 3 + ["flip,,drop", ",flip", "flip,", "flip,flip", "", " , ", "flp", "x" * 3000,
