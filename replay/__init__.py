@@ -1,7 +1,7 @@
 """snp-replay: deterministic record/replay of guest memory-write traces through SEV-SNP live migration.
 
 The public API (``docs/api.md``) is importable from here: ``replay.load_scenario``, ``replay.run``,
-``replay.compare``, ``replay.sweeps.sweep``, ``replay.analysis.diff``, ``replay.analysis.report``, ``replay.generate``... and the
+``replay.compare``, ``replay.sweep``, ``replay.diff``, ``replay.report``, ``replay.generate``... and the
 exceptions they raise (``replay.ReplayError`` and its kinds). They are loaded on first use (module
 ``__getattr__``), so ``import replay`` stays cheap; ``replay.cli`` is the command line over them.
 """
@@ -34,19 +34,19 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
                       execute_sweep, generate, import_trace, inspect, load_run, load_scenario, make_scenario,
                       override, record, report, run, scenario_inputs, sweep)
     from .core.errors import (
-    CapabilityError,
-    ExitCode,
-    InvariantError,
-    RecordError,
-    ReplayError,
-    ResourceError,
-    RunDirError,
-    ScenarioError,
-    SetupError,
-    TraceError,
-    UsageError,
-    WorkerError,
-)
+        CapabilityError,
+        ExitCode,
+        InvariantError,
+        RecordError,
+        ReplayError,
+        ResourceError,
+        RunDirError,
+        ScenarioError,
+        SetupError,
+        TraceError,
+        UsageError,
+        WorkerError,
+    )
     from .scenario.spec import MODES, STRATEGIES, Scenario
 
 

@@ -376,19 +376,19 @@ def execute_sweep(sweep_file: PathLike, out: PathLike, *, scheduler: str | None 
     from .core.errors import UsageError
     from .core.paths import check_output
     from .sweeps.sweep import (
-    TABLE,
-    check_grid_size,
-    check_scheduler,
-    check_sweep_dir,
-    check_sweep_disk,
-    check_trace_files,
-    check_workers,
-    connect,
-    load_sweep,
-    points,
-    run_sweep,
-    sweep_inputs,
-)
+        TABLE,
+        check_grid_size,
+        check_scheduler,
+        check_sweep_dir,
+        check_sweep_disk,
+        check_trace_files,
+        check_workers,
+        connect,
+        load_sweep,
+        points,
+        run_sweep,
+        sweep_inputs,
+    )
 
     # Refused before the sweep file is read: arguments that are wrong whatever it holds.
     if workers is not None and scheduler is not None:

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replay.sweeps.adversary_matrix import UNPROTECTED, default_action, run_matrix, write_matrix
-from replay.scenario.spec.adversary import parse_adversary, parse_kinds
+from replay.scenario.adversary import parse_adversary, parse_kinds
 from replay.core.errors import ScenarioError, UsageError
 from replay.migration import Migration, trace_for
 from replay.scenario.spec import (
@@ -27,7 +27,7 @@ from replay.scenario.spec import (
     parse_scenario_text,
     with_adversary,
 )
-from replay.scenario.spec.strategies import SOURCE
+from replay.scenario.strategies import SOURCE
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "scenarios" / "adversary" / "base.toml"
@@ -498,7 +498,7 @@ def test_the_targets_rmp_check_runs_on_every_run(monkeypatch):
     """No adversary at all: a target RMP entry changed behind the agent's back (here by the test, just
     before the VMSAs) is found by the agent's check before the resume; the run aborts, intact."""
     from replay.migration.data import DataMode
-    from replay.scenario.spec.strategies import TARGET
+    from replay.scenario.strategies import TARGET
 
     vmsas = DataMode.vmsas
 
@@ -599,7 +599,7 @@ def test_past_a_failed_rmp_memory_encryption_decides(kind, monkeypatch):
     than the page it came from; an old ciphertext at its own SPA decrypts to the old data. No check
     notices: undetected, and the differing plaintext is explained only by that action."""
     from replay.migration import adversary as adv
-    from replay.scenario.spec.strategies import TARGET
+    from replay.scenario.strategies import TARGET
 
     seen = {}
     tick, record = adv.Adversary.tick, adv.Adversary.record_ciphertext
@@ -641,7 +641,7 @@ def test_only_the_action_that_changed_the_pages_explains_a_plaintext_difference(
     page no action changed (here the test's own write into a private page of the target) is not
     excused by it, and shows as an unexplained invariant failure."""
     from replay.migration import adversary as adv
-    from replay.scenario.spec.strategies import TARGET
+    from replay.scenario.strategies import TARGET
 
     tamper = AdversarySpec(kind="tamper-shared", at_ns=50_000_000)
     r = run_with(tamper)

@@ -453,7 +453,7 @@ def test_units_raise_only_usage_errors(text):
                        max_size=3).map("".join))))
 def test_adversary_specs_raise_only_one_line_scenario_errors(text):
     """Any --adversary value: an AdversarySpec, or a ScenarioError of one line under 400 characters."""
-    from replay.scenario.spec.adversary import parse_adversary
+    from replay.scenario.adversary import parse_adversary
 
     try:
         parse_adversary(text)

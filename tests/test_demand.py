@@ -280,7 +280,7 @@ def test_step_time_by_owner_and_side():
     # quota beside the busy vCPUs (2 busy and 1 agent on a 2-CPU quota: 2/3 of a CPU each), elsewhere a whole CPU.
     from replay.migration.cpu import Cpu
     from replay.scenario.spec import make_scenario
-    from replay.scenario.spec.strategies import HOST, MIRROR_VM, PRIMARY_VM, Step, make_strategy
+    from replay.scenario.strategies import HOST, MIRROR_VM, PRIMARY_VM, Step, make_strategy
 
     s = make_scenario(trace={"file": "x"}, migration={"strategy": "shadow-vcpu"})
     cpu = Cpu(s, make_strategy(s), 2, build_demand("trace", "", 2, 10**9, None))

@@ -206,7 +206,7 @@ def test_each_page_arrives_with_the_contents_of_its_send_row(trace, cache_pages,
     two ends must agree."""
     from replay.migration import data as datamod
     from replay.security.memory import HostMemory
-    from replay.scenario.spec.strategies import SOURCE, TARGET
+    from replay.scenario.strategies import SOURCE, TARGET
     from replay.traces.format import open_trace
 
     monkeypatch.setattr(datamod, "CAPTURE_PAGES", capture)  # 5: the batch goes in several parts

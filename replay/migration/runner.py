@@ -39,14 +39,14 @@ def prepare(scenario: Scenario, *, trace: str | Path | None, allow_memory: bool 
     from ..core.paths import cache_dir
     from ..traces.format import last_t_ns, open_trace, read_meta
     from ..core.validate import (
-    MAX_RUN_GUEST_BYTES,
-    RUN_TRACE_END_MAX,
-    TRACE_ROW_BYTES,
-    check_disk,
-    check_memory,
-    check_round_budget,
-    run_memory_bytes,
-)
+        MAX_RUN_GUEST_BYTES,
+        RUN_TRACE_END_MAX,
+        TRACE_ROW_BYTES,
+        check_disk,
+        check_memory,
+        check_round_budget,
+        run_memory_bytes,
+    )
 
     t, g = scenario.trace, scenario.guest
     if trace is None and t.generator:
