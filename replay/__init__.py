@@ -15,9 +15,10 @@ from .core.version import __version__
 
 # name -> the module that defines it (imported when the name is first used)
 _LAZY = {
-    **dict.fromkeys(("CompareResult", "RunResult", "Status", "SweepOutcome", "check_invariants", "compare", "diff",
-                     "execute_sweep", "generate", "import_trace", "inspect", "load_run", "load_scenario",
-                     "make_scenario", "override", "record", "report", "run", "scenario_inputs", "sweep"),
+    **dict.fromkeys(("CompareResult", "RunResult", "Status", "SweepOutcome", "adversary_matrix", "check_invariants",
+                     "compare", "diff", "execute_sweep", "generate", "import_trace", "inspect", "load_run",
+                     "load_scenario", "make_scenario", "override", "record", "record_vm", "report", "run",
+                     "scenario_inputs", "sweep", "verify"),
                     "replay.api"),
     **dict.fromkeys(("ReplayError", "UsageError", "TraceError", "ScenarioError", "CapabilityError", "SetupError",
                      "RunDirError", "RecordError", "WorkerError", "ResourceError", "InvariantError", "ExitCode"),
@@ -30,23 +31,11 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from .api import (CompareResult, RunResult, Status, SweepOutcome, check_invariants, compare, diff,
-                      execute_sweep, generate, import_trace, inspect, load_run, load_scenario, make_scenario,
-                      override, record, report, run, scenario_inputs, sweep)
-    from .core.errors import (
-        CapabilityError,
-        ExitCode,
-        InvariantError,
-        RecordError,
-        ReplayError,
-        ResourceError,
-        RunDirError,
-        ScenarioError,
-        SetupError,
-        TraceError,
-        UsageError,
-        WorkerError,
-    )
+    from .api import (CompareResult, RunResult, Status, SweepOutcome, adversary_matrix, check_invariants, compare,
+                      diff, execute_sweep, generate, import_trace, inspect, load_run, load_scenario, make_scenario,
+                      override, record, record_vm, report, run, scenario_inputs, sweep, verify)
+    from .core.errors import (CapabilityError, ExitCode, InvariantError, RecordError, ReplayError, ResourceError,
+                              RunDirError, ScenarioError, SetupError, TraceError, UsageError, WorkerError)
     from .scenario.spec import MODES, STRATEGIES, Scenario
 
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from .analysis.diff import DiffResult
     from .traces.lackey import RecordResult
+    from .traces.vm import VmResult
     from .runs.record import Run
     from .sweeps.sweep import SweepResult
     from .traces.format import TraceMeta
@@ -44,9 +45,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "CompareResult", "RunResult", "Status", "SweepOutcome",
-    "check_invariants", "compare", "diff", "execute_sweep", "generate", "import_trace", "inspect",
-    "load_run", "load_scenario", "make_scenario", "override", "record", "report", "run", "scenario_inputs",
-    "sweep",
+    "adversary_matrix", "check_invariants", "compare", "diff", "execute_sweep", "generate", "import_trace",
+    "inspect", "load_run", "load_scenario", "make_scenario", "override", "record", "record_vm", "report", "run",
+    "scenario_inputs", "sweep", "verify",
 ]
 
 
@@ -166,6 +167,74 @@ def record(out: PathLike, argv: Sequence[str], *, ns_per_instr: int = 1, reads: 
                          region_shift=region.bit_length() - 1, valgrind=valgrind, clean_env=clean_env,
                          progress=None if progress else False)
     return rec(out, opts)
+
+
+def _shared_range(text: str) -> tuple[int, int]:
+    """``FIRST-LAST`` (hex or decimal, inclusive) as the byte range [first, end)."""
+    import re
+
+    from .core.errors import UsageError
+
+    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*-\s*(0x[0-9a-fA-F]+|\d+)\s*", text)
+    if not m:
+        raise UsageError(f"--shared: {text!r} is not FIRST-LAST (e.g. 0x4000000-0x7ffffff)")
+    a, b = int(m.group(1), 0), int(m.group(2), 0)
+    if b < a:
+        raise UsageError(f"--shared: {text!r}: LAST is below FIRST")
+    return a, b + 1
+
+
+def record_vm(out: PathLike, argv: Sequence[str], *, memory: int | str = "256MiB", vcpus: int = 1,
+              kernel: PathLike | None = None, initrd: PathLike | None = None, append: str = "",
+              add: Sequence[PathLike] = (), disk: PathLike | None = None, start: str = "command",
+              max_stores: int | None = None, max_time: int | str | None = None, epoch: int | str = 0,
+              icount_shift: int = 0, shared: Sequence[str] = (), shared_swiotlb: bool = False,
+              qemu: str = "qemu-system-x86_64", console: PathLike | None = None, timeout_s: int = 3600,
+              progress: bool = False) -> VmResult:
+    """Record a whole VM running ``argv`` under QEMU TCG into a trace (``replay record --vm``; QEMU, a
+    static busybox and a guest kernel must be installed). Sizes and times in bytes/ns or with a unit;
+    ``shared``: ``"FIRST-LAST"`` guest-physical byte ranges classed shared. ``.meta`` is the trace's
+    metadata, ``.counts`` what was kept and dropped, ``.stop`` why recording stopped."""
+    from .core.paths import check_output
+    from .core.units import parse_duration_ns, parse_size
+    from .traces.vm import VmOptions, record_vm as rec
+
+    def ns(value: int | str, what: str) -> int:
+        return value if isinstance(value, int) else parse_duration_ns(value, what)
+
+    files = [os.fspath(f) for f in [kernel, initrd, disk, *add] if f]
+    check_output(out, files)
+    opts = VmOptions(
+        argv=tuple(argv), memory=memory if isinstance(memory, int) else parse_size(memory, "--memory"),
+        vcpus=vcpus, kernel=os.fspath(kernel) if kernel else None, initrd=os.fspath(initrd) if initrd else None,
+        append=append, add=tuple(os.fspath(a) for a in add), disk=os.fspath(disk) if disk else None, start=start,
+        max_stores=max_stores, max_time_ns=ns(max_time, "--max-time") if max_time is not None else None,
+        epoch_ns=ns(epoch, "--epoch"), shift=icount_shift, shared=tuple(_shared_range(r) for r in shared),
+        shared_swiotlb=shared_swiotlb, qemu=qemu, timeout_s=timeout_s, progress=None if progress else False,
+        console=os.fspath(console) if console else None)
+    return rec(out, opts)
+
+
+def verify(path: PathLike) -> str:
+    """Check a trace file or a run directory completely without running anything (``replay verify``): a
+    trace's structure, metadata, every row and its content digest; a run directory's table hashes, record
+    digest, shape and row order. Returns the one-line description ``replay verify`` prints; raises the
+    one-line TraceError / RunDirError on the first failure."""
+    from .core.paths import show
+
+    if os.path.isdir(path):
+        from .runs.record import check_run_dir
+
+        summary, tables = check_run_dir(path, complete=True)
+        rows = ", ".join(f"{name} {t.num_rows}" for name, t in tables.items())
+        return (f"{show(path)}: ok: run directory ({summary['strategy']} {summary['mode']}, {summary['status']}; "
+                f"{rows} rows; hashes match)")
+    from .traces.format import open_trace
+
+    with open_trace(path) as r:
+        for _ in r:
+            pass
+        return f"{show(path)}: ok: trace ({r.meta.events} events, {r.num_batches} batches, digest {r.meta.digest} matches)"
 
 
 def import_trace(fmt: str, src: PathLike, out: PathLike, *, columns: str | Mapping[str, str] | None = None,
@@ -467,3 +536,33 @@ def report(runs: RunLike | CompareResult | Iterable[RunLike], out: PathLike, *, 
         return write_sweep_report(items[0], out)  # type: ignore[arg-type]
     records = [_record_of(r) for r in items]  # all validated before anything is drawn
     return write_report(records, out, all_metrics=all_metrics)
+
+
+def adversary_matrix(scenario: Scenario | PathLike, out: PathLike | None = None, *, overrides: Sequence[str] = (),
+                     kinds: str | Sequence[str] | None = None, modes: str | Sequence[str] = ("precopy", "postcopy"),
+                     engine: str = "cython") -> pl.DataFrame:
+    """Every adversary kind x strategy x mode against ``scenario`` (its own ``[[adversary]]`` entries are
+    replaced), as ``replay adversary-matrix`` runs them: one row per run (kind, strategy, mode, phase,
+    outcome, detected_by, corrupted...). ``kinds``/``modes``: names or a comma-separated string (default:
+    every kind). With ``out``, also writes matrix.arrow, matrix.md and report.html there. A row with
+    ``corrupted`` true is a completed migration whose plain text differs."""
+    import polars as pl
+
+    from .core.paths import check_output, check_replaceable_dir
+    from .scenario.adversary import parse_kinds
+    from .scenario.spec import ADVERSARY_KINDS, MODES
+    from .sweeps.adversary_matrix import run_matrix, write_matrix
+
+    def names(value: str | Sequence[str]) -> str:
+        return value if isinstance(value, str) else ",".join(value)
+
+    kind_list = parse_kinds(names(kinds if kinds is not None else ADVERSARY_KINDS), ADVERSARY_KINDS, "kinds")
+    mode_list = parse_kinds(names(modes), MODES, "modes")
+    s, source = _scenario(scenario, overrides, False, ())
+    if out is not None:
+        check_output(out, [source] if source is not None else [])
+        check_replaceable_dir(out, {"matrix.arrow", "matrix.md", "report.html"}, "adversary matrix directory")
+    table = run_matrix(s, kinds=kind_list, modes=mode_list, engine=engine)
+    if out is not None:
+        write_matrix(table, out, s.name)
+    return pl.from_arrow(table)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from replay.cli import main
-from replay.commands.verify import verify_path
+from replay.api import verify
 from replay.migration import run
 from test_truthful import scen, trace  # noqa: F401 - the module's tiny trace fixture and scenario
 
@@ -34,7 +34,7 @@ def test_verify_accepts_every_run_with_a_link_failure_in_any_phase(trace, tmp_pa
             strategy=strategy, trace_path=trace)
     out = tmp_path_factory.mktemp("run") / "r"
     r.write(out)
-    verify_path(str(out))  # raises RunDirError, one line, if any table is out of order or negative
+    verify(str(out))  # raises RunDirError, one line, if any table is out of order or negative
 
 
 def test_verify_accepts_the_issues_postcopy_link_failure_at_30ms(tmp_path, capsys):

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from ..engines.common import ENGINE_KINDS
 from ..core.errors import ExitCode
-from ..core.paths import check_replaceable_dir
-from ..scenario.spec import ADVERSARY_KINDS, MODES, load_scenario
+from ..scenario.spec import ADVERSARY_KINDS
 
 
 def configure(p) -> None:
@@ -20,19 +19,11 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from ..sweeps.adversary_matrix import run_matrix, write_matrix
+    from ..api import adversary_matrix
 
-    from ..scenario.adversary import parse_kinds
-    from ..core.paths import check_output
-
-    kinds = parse_kinds(args.kinds, ADVERSARY_KINDS, "kinds")
-    modes = parse_kinds(args.modes, MODES, "modes")
-    scenario = load_scenario(args.scenario, args.overrides)
-    check_output(args.out, [args.scenario])
-    check_replaceable_dir(args.out, {"matrix.arrow", "matrix.md", "report.html"}, "adversary matrix directory")
-    table = run_matrix(scenario, kinds=kinds, modes=modes, engine=args.engine)
-    write_matrix(table, args.out, scenario.name)
-    bad = sum(table.column("corrupted").to_pylist())
-    detected = table.column("outcome").to_pylist().count("detected")
-    print(f"{table.num_rows} runs: {detected} detected, {bad} completed with a corrupted plaintext -> {args.out}")
+    df = adversary_matrix(args.scenario, args.out, overrides=args.overrides, kinds=args.kinds, modes=args.modes,
+                          engine=args.engine)
+    bad = int(df["corrupted"].sum())
+    detected = int((df["outcome"] == "detected").sum())
+    print(f"{df.height} runs: {detected} detected, {bad} completed with a corrupted plaintext -> {args.out}")
     return ExitCode.OK if bad == 0 else ExitCode.DIFFERS

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
 import sys
 
-from ..core.errors import UsageError
-from ..core.units import format_bytes, parse_size
+from ..core.units import format_bytes
 
 
 def configure(p) -> None:
@@ -42,57 +40,26 @@ def configure(p) -> None:
                    help="wall-clock limit for the whole run (a safety net; never shapes the trace)")
 
 
-def _range(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*-\s*(0x[0-9a-fA-F]+|\d+)\s*", text)
-    if not m:
-        raise UsageError(f"--shared: {text!r} is not FIRST-LAST (e.g. 0x4000000-0x7ffffff)")
-    a, b = int(m.group(1), 0), int(m.group(2), 0)
-    if b < a:
-        raise UsageError(f"--shared: {text!r}: LAST is below FIRST")
-    return a, b + 1
-
-
 def run(args, cmd: list[str]) -> int:
-    from ..core.paths import check_output
-    from ..core.units import parse_duration_ns
-    from ..traces.vm import VmOptions, record_vm
+    from ..api import record_vm
 
-    inputs = [f for f in [args.kernel, args.initrd, args.disk, *args.add] if f]
-    check_output(args.out, inputs)
-    opts = VmOptions(
-        argv=tuple(cmd),
-        memory=parse_size(args.memory, "--memory"),
-        vcpus=args.vcpus,
-        kernel=args.kernel,
-        initrd=args.initrd,
-        append=args.append,
-        add=tuple(args.add),
-        disk=args.disk,
-        start=args.start,
-        max_stores=args.max_stores,
-        max_time_ns=parse_duration_ns(args.max_time, "--max-time") if args.max_time else None,
-        epoch_ns=parse_duration_ns(args.epoch, "--epoch"),
-        shift=args.icount_shift,
-        shared=tuple(_range(s) for s in args.shared),
-        shared_swiotlb=args.shared_swiotlb,
-        qemu=args.qemu,
-        timeout_s=args.timeout,
-        progress=False if args.no_progress else None,
-        console=args.console,
-    )
-    res = record_vm(args.out, opts)
+    res = record_vm(args.out, cmd, memory=args.memory, vcpus=args.vcpus, kernel=args.kernel, initrd=args.initrd,
+                    append=args.append, add=args.add, disk=args.disk, start=args.start, max_stores=args.max_stores,
+                    max_time=args.max_time, epoch=args.epoch, icount_shift=args.icount_shift, shared=args.shared,
+                    shared_swiotlb=args.shared_swiotlb, qemu=args.qemu, console=args.console,
+                    timeout_s=args.timeout, progress=not args.no_progress)
     c = res.counts
     print(
         f"recorded {res.meta.path}: {res.meta.events} writes over {c.ram_bytes} bytes, "
-        f"guest {format_bytes(opts.memory)}, {opts.vcpus} vcpu(s), stopped: {res.stop}; not RAM: {c.io} MMIO, "
+        f"guest {format_bytes(res.meta.guest_bytes)}, {res.meta.vcpus} vcpu(s), stopped: {res.stop}; not RAM: {c.io} MMIO, "
         f"{c.vga} VGA, {c.rom} ROM, {c.beyond_ram} above RAM stores; {c.dropped_epoch} dropped by --epoch; "
         f"digest {res.meta.digest}",
         file=sys.stderr,
     )
-    if not opts.icount:
+    if res.meta.vcpus > 1:  # no deterministic time (icount) with several vCPUs on QEMU 7.2
         print("replay record: warning: several vCPUs run without deterministic time on QEMU 7.2; "
               "a second recording will differ", file=sys.stderr)
-    elif opts.disk:
+    elif args.disk:
         print("replay record: warning: the disk's I/O completes at host-dependent times; "
               "a second recording may differ", file=sys.stderr)
     return 0

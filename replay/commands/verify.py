@@ -10,33 +10,15 @@ and order. One line per path on stdout; the first failure is a one-line error an
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_RUNDIR", help="trace files and/or run directories")
 
 
-def verify_path(path: str) -> str:
-    """Check one trace or run directory; a one-line description of what was verified."""
-    from ..core.paths import show
-
-    if os.path.isdir(path):
-        from ..runs.record import check_run_dir
-
-        summary, tables = check_run_dir(path, complete=True)
-        rows = ", ".join(f"{name} {t.num_rows}" for name, t in tables.items())
-        return (f"{show(path)}: ok: run directory ({summary['strategy']} {summary['mode']}, {summary['status']}; "
-                f"{rows} rows; hashes match)")
-    from ..traces.format import open_trace
-
-    with open_trace(path) as r:
-        for _ in r:
-            pass
-        return f"{show(path)}: ok: trace ({r.meta.events} events, {r.num_batches} batches, digest {r.meta.digest} matches)"
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..api import verify
+
     for path in args.paths:
-        print(verify_path(path), flush=True)
+        print(verify(path), flush=True)
     return 0
