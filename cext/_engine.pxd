@@ -9,6 +9,10 @@
 # spa_base, the VMSA spares) are in the table or, when absent, the zero entry. A replayed page with a
 # canonical entry touches its flags byte (and version on a write) only.
 #
+# A flags byte is stored XOR the mask of its chunk (CHUNK gfns, one 4 KiB page of bytes, cm[host][gfn >>
+# CHUNK_SHIFT]); a chunk whose stored bytes are all equal is folded into its mask and its page handed back
+# (collapse, in _engine.pyx), so pages in one state cost no resident memory, whatever the state.
+#
 # How it is used: Cython looks up a module's own .pxd by the module's qualified name (replay._engine ->
 # replay/_engine.pxd or <include dir>/replay._engine.pxd), so this header, named for the cext/ source, is
 # cimported explicitly by _engine.pyx (`from _engine cimport *`, found through setup.py's include_path).
@@ -45,6 +49,8 @@ cdef enum:
     VMSA_SPARE = 1024          # replay.engine.VMSA_SPARE
     FIRST_FAULTS_MAX = 16
     MAX_HOSTS = 64
+    CHUNK_SHIFT = 12           # flags bytes per chunk: 4096, one 4 KiB page of memory (see State.cm)
+    CHUNK = 4096
 
 # page-state flags (replay.engine PRIVATE / DIRTY / PRESENT)
 cdef enum:
@@ -209,7 +215,9 @@ ctypedef struct State:
     int os_vmpl
     int hosts
     uint32_t* ver[MAX_HOSTS]              # per gfn
-    uint8_t* flg[MAX_HOSTS]               # per gfn: PG_*
+    uint8_t* flg[MAX_HOSTS]               # per gfn: PG_* XOR the chunk's mask (an mmap of nchunks pages)
+    uint8_t* cm[MAX_HOSTS]                # per chunk of CHUNK gfns: the mask its stored bytes are XORed with
+    int64_t nchunks
     RmpTable exc[MAX_HOSTS]               # RMP entries other than the canonical ones
     int oom                               # the RMP table could not grow (raised as MemoryError)
     int64_t spa_base[MAX_HOSTS]
