@@ -444,10 +444,13 @@ cdef int psmash_c(State* s, int host, int64_t spa) noexcept nogil:
 
 
 cdef void make_private(State* s, int host, int64_t gfn, int64_t ev) noexcept nogil:
+    make_private_f(s, host, gfn, ev, fget(s, host, gfn))
+
+
+cdef void make_private_f(State* s, int host, int64_t gfn, int64_t ev, uint8_t f) noexcept nogil:
     """RMPUPDATE (assign asid, gfn, 4K), PVALIDATE(1), and RMPADJUST(VMPL0 -> os_vmpl, ALL) when os_vmpl > 0:
-    a page becoming private (launch, a page-state change, delivery to the target)."""
+    a page becoming private (launch, a page-state change, delivery to the target); f: its flags now."""
     cdef int64_t spa = s.spa_base[host] + gfn
-    cdef uint8_t f = fget(s, host, gfn)
     cdef RmpEntry e
     if not (f & PG_RMP_EXC):
         # From the zero entry: the update changes it (perms reset), PVALIDATE sets validated, the adjust
@@ -458,7 +461,8 @@ cdef void make_private(State* s, int host, int64_t gfn, int64_t ev) noexcept nog
         s.n_pvalidate[host] += 1
         if s.os_vmpl > 0:
             s.n_rmpadjust[host] += 1
-        fset(s, host, gfn, f | PG_RMP_PRIV)
+        if not (f & PG_RMP_PRIV):
+            s.flg[host][gfn] ^= PG_RMP_PRIV
         return
     rmp_get(s, host, spa, &e)
     # a failing step leaves the entry as it was, so one store at the end is enough
@@ -479,7 +483,7 @@ cdef void make_shared(State* s, int host, int64_t gfn, int64_t ev) noexcept nogi
         # the canonical private entry: PVALIDATE clears validated, the update (a change) gives the zero entry
         s.n_pvalidate[host] += 1
         s.n_rmpupdate[host] += 1
-        fset(s, host, gfn, f & ~PG_RMP)
+        s.flg[host][gfn] ^= PG_RMP_PRIV  # the RMP bits were exactly PG_RMP_PRIV
         return
     rmp_get(s, host, spa, &e)
     pvalidate_do(s, host, spa, &e, s.asid, <uint32_t>gfn, 0, False, False, ev)
@@ -551,7 +555,7 @@ cdef void launch_c(State* s, int host, const int64_t* ranges, int64_t nranges) n
             collapse(s, host, gfn >> CHUNK_SHIFT)  # a chunk of launched pages is one mask: its page goes back
 
 
-cdef inline void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev, uint8_t dirty) noexcept nogil:
+cdef void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev, uint8_t dirty) noexcept nogil:
     """One page of a row (PRESENT already checked): the per-page part of replay()."""
     cdef uint8_t f = fget(s, host, gfn)
     cdef int r
@@ -571,7 +575,7 @@ cdef inline void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev,
             s.n_psc[host] += 1
     else:
         if not private:
-            make_private(s, host, gfn, ev)
+            make_private_f(s, host, gfn, ev, f)
             fset(s, host, gfn, fget(s, host, gfn) | PG_PRIVATE | dirty)
             s.n_psc[host] += 1
 
@@ -647,8 +651,9 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
                 f = guest_check(s, host, first, fl, PERM_WRITE)  # inline: its fast case is two compares
                 if SNP_LIKELY(f == F_NONE):
                     ver[first] += 1
-                    s.wp_faults[host] += (dirty & ~fl) >> 1
-                    flg[first] ^= dirty & ~fl
+                    if dirty:  # (without dirty logging nothing about the flags changes)
+                        s.wp_faults[host] += (dirty & ~fl) >> 1
+                        flg[first] ^= dirty & ~fl
                 else:
                     count_fault(s, f, base_index + r, first)
             else:
@@ -670,13 +675,12 @@ cdef inline int64_t ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private) noexcept nogil:
+cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private, uint8_t f) noexcept nogil:
     """What delivering gfn does to the target's RMP: RMP_KEEP, RMP_ASSIGN (RMPUPDATE + PVALIDATE
     [+ RMPADJUST]) or RMP_RELEASE (PVALIDATE(0) + RMPUPDATE to shared)."""
     cdef RmpEntry e
     cdef bint assigned, ours
-    cdef uint8_t f = fget(s, dst, gfn)
-    if f & PG_RMP_EXC:
+    if f & PG_RMP_EXC:  # f: the page's flags on dst
         rmp_get(s, dst, s.spa_base[dst] + gfn, &e)
         assigned = (e.flags & R_ASSIGNED) != 0
         ours = assigned and e.asid == s.asid and e.gfn == <uint32_t>gfn
@@ -690,9 +694,9 @@ cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private) no
     return RMP_KEEP
 
 
-cdef inline void target_rmp(State* s, int dst, int64_t gfn, int plan) noexcept nogil:
+cdef inline void target_rmp(State* s, int dst, int64_t gfn, int plan, uint8_t f) noexcept nogil:
     if plan == RMP_ASSIGN:
-        make_private(s, dst, gfn, -1)
+        make_private_f(s, dst, gfn, -1, f)
     elif plan == RMP_RELEASE:
         make_shared(s, dst, gfn, -1)
 
@@ -713,8 +717,12 @@ cdef inline void page_terms(int64_t gfn, uint32_t version, uint8_t flags, uint64
 
 
 cdef inline void recv_add(State* s, int host, int64_t gfn, int sign) noexcept nogil:
+    recv_add_f(s, host, gfn, fget(s, host, gfn), sign)
+
+
+cdef inline void recv_add_f(State* s, int host, int64_t gfn, uint8_t flags, int sign) noexcept nogil:
     cdef uint64_t t[2]
-    page_terms(gfn, s.ver[host][gfn], fget(s, host, gfn), t)
+    page_terms(gfn, s.ver[host][gfn], flags, t)
     if sign > 0:
         s.recv_sum[host][0] += t[0]
         s.recv_sum[host][1] += t[1]
@@ -837,19 +845,21 @@ cdef inline void xfer_clock_at(State* s, int64_t elapsed) noexcept nogil:
         demand_step(x, <uint64_t>x.g)
 
 
-cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan) noexcept nogil:
+cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan, uint8_t fd,
+                              bint private) noexcept nogil:
     """The target receives gfn as the source holds it: content, attribute, its RMP state (plan) and the
-    received-set hash."""
-    cdef uint8_t fd = fget(s, dst, gfn)
-    cdef bint private = (fget(s, src, gfn) & PG_PRIVATE) != 0
+    received-set hash. fd: the page's flags on dst; private: on src."""
+    cdef uint8_t* df = &s.flg[dst][gfn]
+    cdef uint8_t nf = (fd & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
     if fd & PG_PRESENT:
-        recv_add(s, dst, gfn, -1)
+        recv_add_f(s, dst, gfn, fd, -1)
     if s.ver[dst][gfn] != s.ver[src][gfn]:  # as in launch_c: a zero page stays an untouched zero page
         s.ver[dst][gfn] = s.ver[src][gfn]
-    fset(s, dst, gfn, (fd & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0))
-    recv_add(s, dst, gfn, 1)
+    if nf != fd:
+        df[0] ^= nf ^ fd
+    recv_add_f(s, dst, gfn, nf, 1)
     if plan >= 0:
-        target_rmp(s, dst, gfn, plan)
+        target_rmp(s, dst, gfn, plan, nf)
 
 
 cdef inline void slog_add(State* s, int64_t gfn, int64_t row, uint32_t version) noexcept nogil:
@@ -929,13 +939,19 @@ cdef int64_t transfer_loop(State* s, int src, int dst, const uint32_t* gfns, int
     cdef uint32_t version
     cdef bint private, zero
     cdef uint8_t ps, pd
+    # the hosts' flags and chunk masks (fget, without reloading them through s after every store)
+    cdef uint8_t* sf = s.flg[src]
+    cdef uint8_t* df = s.flg[dst]
+    cdef const uint8_t* sc = s.cm[src]
+    cdef const uint8_t* dc = s.cm[dst]
+    cdef int64_t cur_c = lastc[0]  # the chunk the walk is in (lastc: the caller's copy, for the last one)
     x.link_dead = 0
     while True:
         if gfns != NULL:
             if k >= n:
                 return k
         elif walk_end >= 0:
-            while k < walk_end and (fget(s, dst, k) & PG_PRESENT):
+            while k < walk_end and ((df[k] ^ dc[k >> CHUNK_SHIFT]) & PG_PRESENT):
                 k += 1
             if k >= walk_end:
                 return k
@@ -954,22 +970,22 @@ cdef int64_t transfer_loop(State* s, int src, int dst, const uint32_t* gfns, int
         if gfns != NULL or walk_end >= 0:
             gfn = gfns[k] if gfns != NULL else k
         else:
-            while not (fget(s, src, k) & PG_SEND):
+            while not ((sf[k] ^ sc[k >> CHUNK_SHIFT]) & PG_SEND):
                 k += 1
                 if k == npages:
                     k = 0
             gfn = k
-        pd = fget(s, dst, gfn)
+        pd = df[gfn] ^ dc[gfn >> CHUNK_SHIFT]
         if x.skip_present and (pd & PG_PRESENT):
             k += 1
             continue
         # 2. what the page costs
-        ps = fget(s, src, gfn)
+        ps = sf[gfn] ^ sc[gfn >> CHUNK_SHIFT]
         version = s.ver[src][gfn]
         private = (ps & PG_PRIVATE) != 0
         zero = version == 0
         nbytes = x.header_bytes + (0 if zero else x.page_bytes)
-        plan = target_rmp_plan(s, dst, gfn, private) if x.target_rmp else -1
+        plan = target_rmp_plan(s, dst, gfn, private, pd) if x.target_rmp else -1
         n_upd = n_pval = n_adj = 0
         if plan == RMP_ASSIGN:
             n_upd = n_pval = 1
@@ -1010,16 +1026,15 @@ cdef int64_t transfer_loop(State* s, int src, int dst, const uint32_t* gfns, int
             x.priv_in_batch = 0 if vmgexit else x.priv_in_batch + 1
             x.vmgexits += vmgexit
             if touch_src:
-                ps |= PG_MAPPED
-                fset(s, src, gfn, ps)
+                sf[gfn] ^= PG_MAPPED  # it was clear
             x.first_touches += touch_src + touch_dst
         xfer_clock_at(s, elapsed)  # the totals are the candidate's: its time is the clock's
         # 4. delivery; with ready, the page is usable on the target from the end of its slot
         if s.slog_on:
             slog_add(s, gfn, base_index + row[0], version)
-        deliver_page(s, src, dst, gfn, plan)
+        deliver_page(s, src, dst, gfn, plan, pd, private)
         if touch_dst:
-            fset(s, dst, gfn, fget(s, dst, gfn) | PG_MAPPED)
+            df[gfn] ^= PG_MAPPED  # clear before, and a delivery keeps it
         if ready != NULL and (ready[gfn] != 0 or ready_matters(c, row[0], dmin, <uint64_t>x.g)):
             ready[gfn] = <uint64_t>x.g
         x.pages += 1
@@ -1027,13 +1042,14 @@ cdef int64_t transfer_loop(State* s, int src, int dst, const uint32_t* gfns, int
         x.private_pages += private
         x.shared_pages += not private
         if gfns == NULL and walk_end < 0:
-            fset(s, src, gfn, fget(s, src, gfn) & ~PG_SEND)
+            sf[gfn] ^= PG_SEND  # set: the walk chose the page for it
             s.send_count[src] -= 1
-        if gfns == NULL and (gfn >> CHUNK_SHIFT) != lastc[0]:
-            if lastc[0] >= 0:  # the walk left that chunk: fold what it made uniform
-                collapse(s, src, lastc[0])
-                collapse(s, dst, lastc[0])
-            lastc[0] = gfn >> CHUNK_SHIFT
+        if gfns == NULL and (gfn >> CHUNK_SHIFT) != cur_c:
+            if cur_c >= 0:  # the walk left that chunk: fold what it made uniform
+                collapse(s, src, cur_c)
+                collapse(s, dst, cur_c)
+            cur_c = gfn >> CHUNK_SHIFT
+            lastc[0] = cur_c
         k += 1
         if gfns == NULL and walk_end < 0 and k == npages:
             k = 0
@@ -1730,7 +1746,9 @@ cdef class Engine:
         cdef int d = self._host(dst)
         cdef int64_t g = self._gfn(gfn)
         cdef bint private = (fget(&self.st, s, g) & PG_PRIVATE) != 0
-        deliver_page(&self.st, s, d, g, target_rmp_plan(&self.st, d, g, private) if target_rmp else -1)
+        cdef uint8_t fd = fget(&self.st, d, g)
+        deliver_page(&self.st, s, d, g, target_rmp_plan(&self.st, d, g, private, fd) if target_rmp else -1, fd,
+                     private)
         self._oom()
 
     def clear_present(self, host, gfns):
