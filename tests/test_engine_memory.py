@@ -434,10 +434,11 @@ def _whole_state(e, n):
 def test_chunked_flags_agree_with_reference(make_batch):
     """Flags held as chunk masks plus changed bytes (Cython) against plain arrays (reference), on a guest of
     three chunks and a part, with every way a chunk is written and folded: a launch with shared ranges across
-    chunk boundaries, writes with dirty logging on, pre-copy's send bitmap set by one mask flip and walked
+    chunk boundaries (and a chunk with none, launched as a whole), writes with dirty logging on, pre-copy's send bitmap set by one mask flip and walked
     in parts (the walk stops mid-chunk, goes on, wraps), a dirty sync, the hybrid switchover's discard, then
-    post-copy's push with a guest whose delays make some ready times matter: every page's flags and version,
-    the digests, the counters and the ready times agree after each step."""
+    post-copy's push with a guest whose delays make some ready times matter, and a launch of the target
+    after all that: every page's flags and version, the digests, the counters and the ready times agree
+    after each step."""
     n = 3 * 4096 + 100
     P = 4096
     engines = [make_engine(k, npages=n, vcpus=2, os_vmpl=1) for k in ("cython", "reference")]
@@ -453,7 +454,7 @@ def test_chunked_flags_agree_with_reference(make_batch):
     steps = []
     for e, ready in zip(engines, readies):
         log = []
-        e.launch(0, [(4000, 4200), (8191, 8192), (n - 3, n - 1)])
+        e.launch(0, [(4000, 4200), (8191, 8191), (n - 3, n - 1)])  # chunk 2 all private: launched at once
         log.append(_whole_state(e, n))
         e.set_dirty_logging(0, True)
         assert e.replay(0, writes, 0, 0, 2**64 - 1) == writes.num_rows
@@ -471,6 +472,8 @@ def test_chunked_flags_agree_with_reference(make_batch):
         delays = np.array([0, 3_000], np.uint64)
         row2, k2 = e.transfer(0, 1, None, 0, post, 0, 0, 1, delays, ready, walk_end=n)
         log.append((row2, k2, e.last_stop, ready.tolist(), _whole_state(e, n)))
+        e.launch(1, [(5, 9)])  # a host that is not fresh: page by page
+        log.append(_whole_state(e, n))
         steps.append(log)
     assert steps[0] == steps[1]
     assert 0 < np.count_nonzero(readies[0]) < n  # some ready times mattered, most did not
