@@ -9,10 +9,6 @@
 # spa_base, the VMSA spares) are in the table or, when absent, the zero entry. A replayed page with a
 # canonical entry touches its flags byte (and version on a write) only.
 #
-# A flags byte is stored XOR the mask of its chunk (CHUNK gfns, one 4 KiB page of bytes, cm[host][gfn >>
-# CHUNK_SHIFT]); a chunk whose stored bytes are all equal is folded into its mask and its page handed back
-# (collapse, in _engine.pyx), so pages in one state cost no resident memory, whatever the state.
-#
 # How it is used: Cython looks up a module's own .pxd by the module's qualified name (replay._engine ->
 # replay/_engine.pxd or <include dir>/replay._engine.pxd), so this header, named for the cext/ source, is
 # cimported explicitly by _engine.pyx (`from _engine cimport *`, found through setup.py's include_path).
@@ -49,8 +45,6 @@ cdef enum:
     VMSA_SPARE = 1024          # replay.engine.VMSA_SPARE
     FIRST_FAULTS_MAX = 16
     MAX_HOSTS = 64
-    CHUNK_SHIFT = 12           # flags bytes per chunk: 4096, one 4 KiB page of memory (see State.cm)
-    CHUNK = 4096
 
 # page-state flags (replay.engine PRIVATE / DIRTY / PRESENT)
 cdef enum:
@@ -63,6 +57,14 @@ cdef enum:
     PG_RMP_PRIV = 32           # the RMP entry of the page's SPA is the canonical private entry
     PG_RMP_EXC = 64            # ... is an exception, held in the host's RMP table (neither: the zero entry)
     PG_RMP = 96
+
+# Flags chunks: a flags byte is stored XOR the mask of its chunk (CHUNK gfns, one 4 KiB page of bytes,
+# cm[host][gfn >> CHUNK_SHIFT]); a chunk whose stored bytes are all equal is folded into its mask and its
+# page handed back (collapse, in _engine.pyx), so pages in one state cost no resident memory, whatever the
+# state.
+cdef enum:
+    CHUNK_SHIFT = 12
+    CHUNK = 4096
 
 # RMP entry flags
 cdef enum:
