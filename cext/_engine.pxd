@@ -58,6 +58,14 @@ cdef enum:
     PG_RMP_EXC = 64            # ... is an exception, held in the host's RMP table (neither: the zero entry)
     PG_RMP = 96
 
+# Flags chunks: a flags byte is stored XOR the mask of its chunk (CHUNK gfns, one 4 KiB page of bytes,
+# cm[host][gfn >> CHUNK_SHIFT]); a chunk whose stored bytes are all equal is folded into its mask and its
+# page handed back (collapse, in _engine.pyx), so pages in one state cost no resident memory, whatever the
+# state.
+cdef enum:
+    CHUNK_SHIFT = 12
+    CHUNK = 4096
+
 # RMP entry flags
 cdef enum:
     R_ASSIGNED = 1
@@ -209,7 +217,9 @@ ctypedef struct State:
     int os_vmpl
     int hosts
     uint32_t* ver[MAX_HOSTS]              # per gfn
-    uint8_t* flg[MAX_HOSTS]               # per gfn: PG_*
+    uint8_t* flg[MAX_HOSTS]               # per gfn: PG_* XOR the chunk's mask (an mmap of nchunks pages)
+    uint8_t* cm[MAX_HOSTS]                # per chunk of CHUNK gfns: the mask its stored bytes are XORed with
+    int64_t nchunks
     RmpTable exc[MAX_HOSTS]               # RMP entries other than the canonical ones
     int oom                               # the RMP table could not grow (raised as MemoryError)
     int64_t spa_base[MAX_HOSTS]

@@ -15,6 +15,8 @@ import hashlib
 import numpy as np
 
 from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memset
+from posix.mman cimport mmap, munmap, madvise, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 
 from _engine cimport *
@@ -52,6 +54,12 @@ cdef extern from *:
     void SNP_PREFETCH(const void* p) noexcept nogil
     bint SNP_LIKELY(bint x) noexcept nogil
 
+cdef extern from "sys/mman.h":
+    enum:
+        MADV_DONTNEED
+        MADV_NOHUGEPAGE
+        MAP_NORESERVE
+
 cdef enum:
     PREFETCH = 8  # rows ahead whose page state and RMP entry are prefetched
 
@@ -75,6 +83,37 @@ cdef inline void count_fault(State* s, int kind, int64_t ev, int64_t gfn) noexce
         s.ff[s.n_ff][1] = kind
         s.ff[s.n_ff][2] = gfn
         s.n_ff += 1
+
+
+# ------------------------------------------------------------------ flags bytes: stored XOR their chunk's mask
+#
+# A page's flags are its stored byte XOR the mask of its chunk (CHUNK gfns, one 4 KiB page of bytes). A chunk
+# whose stored bytes are all equal is folded into its mask and its page handed back to the kernel
+# (collapse), so a run of pages in one state costs nothing, whatever that state: launch leaves every private
+# page's byte at zero, the first pass of pre-copy sets and clears the send bit chunk by chunk, a delivery
+# gives the target the state the source's page had. Every write is a change (XOR of old and new flags), so
+# an unchanged page's byte is never stored.
+
+cdef inline uint8_t fget(const State* s, int host, int64_t g) noexcept nogil:
+    return s.flg[host][g] ^ s.cm[host][g >> CHUNK_SHIFT]
+
+
+cdef inline void fset(State* s, int host, int64_t g, uint8_t v) noexcept nogil:
+    cdef uint8_t d = v ^ fget(s, host, g)
+    if d:
+        s.flg[host][g] ^= d
+
+
+cdef void collapse(State* s, int host, int64_t c) noexcept nogil:
+    """If chunk c's stored bytes are all equal, fold that value into its mask and drop its page (MADV_DONTNEED
+    gives zeros back; where it fails, the bytes are zeroed in place: same flags, page kept)."""
+    cdef uint8_t* p = s.flg[host] + (c << CHUNK_SHIFT)
+    cdef uint8_t v = p[0]
+    if memcmp(p, p + 1, CHUNK - 1) != 0:
+        return
+    s.cm[host][c] ^= v
+    if madvise(p, CHUNK, MADV_DONTNEED) != 0:
+        memset(p, 0, CHUNK)
 
 
 # ------------------------------------------------------------------ the RMP: canonical entries + exceptions
@@ -193,7 +232,7 @@ cdef inline void rmp_get(const State* s, int host, int64_t spa, RmpEntry* out) n
     cdef uint8_t f
     cdef const RmpSlot* p
     if 0 <= g < s.npages:
-        f = s.flg[host][g]
+        f = fget(s, host, g)
         if f & PG_RMP_PRIV:
             priv_entry(s, g, out)
             return
@@ -210,11 +249,10 @@ cdef inline void rmp_get(const State* s, int host, int64_t spa, RmpEntry* out) n
 cdef void rmp_put(State* s, int host, int64_t spa, const RmpEntry* e) noexcept nogil:
     cdef int64_t g = spa - s.spa_base[host]
     cdef RmpEntry c
-    cdef uint8_t rs
-    cdef uint8_t* f
+    cdef uint8_t rs, f
     zero_entry(&c)
     if 0 <= g < s.npages:
-        f = &s.flg[host][g]
+        f = fget(s, host, g)
         if same_entry(e, &c):
             rs = 0
         else:
@@ -224,9 +262,9 @@ cdef void rmp_put(State* s, int host, int64_t spa, const RmpEntry* e) noexcept n
             if tab_set(&s.exc[host], spa, e) != 0:
                 s.oom = 1
                 return
-        elif f[0] & PG_RMP_EXC:
+        elif f & PG_RMP_EXC:
             tab_del(&s.exc[host], spa)
-        f[0] = (f[0] & ~PG_RMP) | rs
+        fset(s, host, g, (f & ~PG_RMP) | rs)
     elif same_entry(e, &c):
         tab_del(&s.exc[host], spa)
     elif tab_set(&s.exc[host], spa, e) != 0:
@@ -406,12 +444,15 @@ cdef int psmash_c(State* s, int host, int64_t spa) noexcept nogil:
 
 
 cdef void make_private(State* s, int host, int64_t gfn, int64_t ev) noexcept nogil:
+    make_private_f(s, host, gfn, ev, fget(s, host, gfn))
+
+
+cdef void make_private_f(State* s, int host, int64_t gfn, int64_t ev, uint8_t f) noexcept nogil:
     """RMPUPDATE (assign asid, gfn, 4K), PVALIDATE(1), and RMPADJUST(VMPL0 -> os_vmpl, ALL) when os_vmpl > 0:
-    a page becoming private (launch, a page-state change, delivery to the target)."""
+    a page becoming private (launch, a page-state change, delivery to the target); f: its flags now."""
     cdef int64_t spa = s.spa_base[host] + gfn
-    cdef uint8_t* f = &s.flg[host][gfn]
     cdef RmpEntry e
-    if not (f[0] & PG_RMP_EXC):
+    if not (f & PG_RMP_EXC):
         # From the zero entry: the update changes it (perms reset), PVALIDATE sets validated, the adjust
         # sets perms[os_vmpl] and clears vmsa. From the canonical private entry: the update changes nothing,
         # PVALIDATE answers FAIL_NOUPDATE, the adjust rewrites what is there. No fault either way; the
@@ -420,7 +461,8 @@ cdef void make_private(State* s, int host, int64_t gfn, int64_t ev) noexcept nog
         s.n_pvalidate[host] += 1
         if s.os_vmpl > 0:
             s.n_rmpadjust[host] += 1
-        f[0] |= PG_RMP_PRIV
+        if not (f & PG_RMP_PRIV):
+            s.flg[host][gfn] ^= PG_RMP_PRIV
         return
     rmp_get(s, host, spa, &e)
     # a failing step leaves the entry as it was, so one store at the end is enough
@@ -435,13 +477,13 @@ cdef void make_shared(State* s, int host, int64_t gfn, int64_t ev) noexcept nogi
     """PVALIDATE(0) then RMPUPDATE to unassigned: a private page becoming shared (page-state change,
     delivery of a shared page over an assigned target entry)."""
     cdef int64_t spa = s.spa_base[host] + gfn
-    cdef uint8_t* f = &s.flg[host][gfn]
+    cdef uint8_t f = fget(s, host, gfn)
     cdef RmpEntry e
-    if (f[0] & PG_RMP) == PG_RMP_PRIV:
+    if (f & PG_RMP) == PG_RMP_PRIV:
         # the canonical private entry: PVALIDATE clears validated, the update (a change) gives the zero entry
         s.n_pvalidate[host] += 1
         s.n_rmpupdate[host] += 1
-        f[0] &= ~PG_RMP
+        s.flg[host][gfn] ^= PG_RMP_PRIV  # the RMP bits were exactly PG_RMP_PRIV
         return
     rmp_get(s, host, spa, &e)
     pvalidate_do(s, host, spa, &e, s.asid, <uint32_t>gfn, 0, False, False, ev)
@@ -487,53 +529,78 @@ cdef inline int guest_check(State* s, int host, int64_t gfn, uint8_t f, int acce
     return check_c(s, host, gfn, s.os_vmpl, access, (f & PG_PRIVATE) != 0)
 
 
+cdef bint launch_chunk(State* s, int host, int64_t c) noexcept nogil:
+    """Launch a whole chunk none of whose pages is shared at once, if every page's flags are 0 (a fresh
+    host): each page's launch would run make_private's shortcut from the zero entry and leave the same
+    flags, so the counters grow by the chunk and its mask takes the launched flags; False otherwise."""
+    cdef uint8_t* p = s.flg[host] + (c << CHUNK_SHIFT)
+    if p[0] != s.cm[host][c] or memcmp(p, p + 1, CHUNK - 1) != 0:
+        return False
+    s.cm[host][c] ^= PG_RMP_PRIV | PG_PRIVATE | PG_PRESENT
+    s.n_rmpupdate[host] += CHUNK
+    s.n_pvalidate[host] += CHUNK
+    if s.os_vmpl > 0:
+        s.n_rmpadjust[host] += CHUNK
+    return True
+
+
 cdef void launch_c(State* s, int host, const int64_t* ranges, int64_t nranges) noexcept nogil:
     """ranges: nranges sorted, disjoint, inclusive [first, last] pairs of shared gfns."""
-    cdef int64_t gfn, r = 0
-    cdef uint8_t* flg = s.flg[host]
+    cdef int64_t gfn = 0, end, r = 0
     cdef uint32_t* ver = s.ver[host]
     cdef bint shared
     cdef RmpEntry e
-    for gfn in range(s.npages):
+    while gfn < s.npages:
         while r < nranges and ranges[2 * r + 1] < gfn:
             r += 1
+        end = gfn + CHUNK
+        if (gfn & (CHUNK - 1)) == 0 and end <= s.npages and not (r < nranges and ranges[2 * r] < end) \
+                and launch_chunk(s, host, gfn >> CHUNK_SHIFT):
+            while gfn < end:
+                if ver[gfn] != 0:
+                    ver[gfn] = 0
+                gfn += 1
+            continue
         shared = r < nranges and ranges[2 * r] <= gfn
         if shared:
             rmp_get(s, host, s.spa_base[host] + gfn, &e)
             if e.flags & R_ASSIGNED:
                 rmpupdate_c(s, host, s.spa_base[host] + gfn, False, 0, 0, False, False)
-            flg[gfn] = (flg[gfn] & PG_RMP) | PG_PRESENT
+            fset(s, host, gfn, (fget(s, host, gfn) & PG_RMP) | PG_PRESENT)
         else:
             make_private(s, host, gfn, -1)
-            flg[gfn] = (flg[gfn] & PG_RMP) | PG_PRIVATE | PG_PRESENT
+            fset(s, host, gfn, (fget(s, host, gfn) & PG_RMP) | PG_PRIVATE | PG_PRESENT)
         # Stored only when it changes: a fresh host's versions are calloc's untouched zero pages, which a
         # read maps to the kernel's shared zero page and never makes resident (4 bytes a page saved).
         if ver[gfn] != 0:
             ver[gfn] = 0
+        if (gfn + 1) & (CHUNK - 1) == 0:
+            collapse(s, host, gfn >> CHUNK_SHIFT)  # a chunk of launched pages is one mask: its page goes back
+        gfn += 1
 
 
-cdef inline void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev, uint8_t dirty) noexcept nogil:
+cdef void apply_page(State* s, int host, int64_t gfn, int op, int64_t ev, uint8_t dirty) noexcept nogil:
     """One page of a row (PRESENT already checked): the per-page part of replay()."""
-    cdef uint8_t* f = &s.flg[host][gfn]
+    cdef uint8_t f = fget(s, host, gfn)
     cdef int r
-    cdef bint private = (f[0] & PG_PRIVATE) != 0
+    cdef bint private = (f & PG_PRIVATE) != 0
     if op == OP_WRITE or op == OP_READ:
-        r = guest_check(s, host, gfn, f[0], PERM_WRITE if op == OP_WRITE else PERM_READ)
+        r = guest_check(s, host, gfn, f, PERM_WRITE if op == OP_WRITE else PERM_READ)
         if r != F_NONE:
             count_fault(s, r, ev, gfn)
         elif op == OP_WRITE:
             s.ver[host][gfn] += 1
-            s.wp_faults[host] += (dirty & ~f[0]) >> 1
-            f[0] |= dirty
+            s.wp_faults[host] += (dirty & ~f) >> 1
+            fset(s, host, gfn, f | dirty)
     elif op == OP_TO_SHARED:
         if private:
             make_shared(s, host, gfn, ev)
-            f[0] = (f[0] & ~PG_PRIVATE) | dirty
+            fset(s, host, gfn, (fget(s, host, gfn) & ~PG_PRIVATE) | dirty)
             s.n_psc[host] += 1
     else:
         if not private:
-            make_private(s, host, gfn, ev)
-            f[0] |= PG_PRIVATE | dirty
+            make_private_f(s, host, gfn, ev, f)
+            fset(s, host, gfn, fget(s, host, gfn) | PG_PRIVATE | dirty)
             s.n_psc[host] += 1
 
 
@@ -550,6 +617,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
     cdef uint8_t o, fl
     cdef uint8_t dirty = PG_DIRTY if s.logging[host] else 0
     cdef uint8_t* flg = s.flg[host]
+    cdef const uint8_t* cm = s.cm[host]
     cdef uint32_t* ver = s.ver[host]
     cdef int f
     cdef int64_t vcpus = s.vcpus
@@ -596,7 +664,7 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
         first = <int64_t>(a >> PAGE_SHIFT)
         last = <int64_t>(end >> PAGE_SHIFT)
         if SNP_LIKELY(first == last):
-            fl = flg[first]
+            fl = flg[first] ^ cm[first >> CHUNK_SHIFT]
             if not (fl & PG_PRESENT) or (ready != NULL and ready[first] > t):
                 s.ls_fault = F_USERFAULT
                 s.ls_gfn = first
@@ -607,15 +675,16 @@ cdef int64_t replay_rows(State* s, int host, const Cols* c, int64_t start, int64
                 f = guest_check(s, host, first, fl, PERM_WRITE)  # inline: its fast case is two compares
                 if SNP_LIKELY(f == F_NONE):
                     ver[first] += 1
-                    s.wp_faults[host] += (dirty & ~fl) >> 1
-                    flg[first] = fl | dirty
+                    if dirty:  # (without dirty logging nothing about the flags changes)
+                        s.wp_faults[host] += (dirty & ~fl) >> 1
+                        flg[first] ^= dirty & ~fl
                 else:
                     count_fault(s, f, base_index + r, first)
             else:
                 apply_page(s, host, first, o, base_index + r, dirty)
         else:
             for g in range(first, last + 1):
-                if not (flg[g] & PG_PRESENT) or (ready != NULL and ready[g] > t):
+                if not ((flg[g] ^ cm[g >> CHUNK_SHIFT]) & PG_PRESENT) or (ready != NULL and ready[g] > t):
                     s.ls_fault = F_USERFAULT
                     s.ls_gfn = g
                     s.ls_vcpu = v
@@ -630,13 +699,12 @@ cdef inline int64_t ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private) noexcept nogil:
+cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private, uint8_t f) noexcept nogil:
     """What delivering gfn does to the target's RMP: RMP_KEEP, RMP_ASSIGN (RMPUPDATE + PVALIDATE
     [+ RMPADJUST]) or RMP_RELEASE (PVALIDATE(0) + RMPUPDATE to shared)."""
     cdef RmpEntry e
     cdef bint assigned, ours
-    cdef uint8_t f = s.flg[dst][gfn]
-    if f & PG_RMP_EXC:
+    if f & PG_RMP_EXC:  # f: the page's flags on dst
         rmp_get(s, dst, s.spa_base[dst] + gfn, &e)
         assigned = (e.flags & R_ASSIGNED) != 0
         ours = assigned and e.asid == s.asid and e.gfn == <uint32_t>gfn
@@ -650,9 +718,9 @@ cdef inline int target_rmp_plan(State* s, int dst, int64_t gfn, bint private) no
     return RMP_KEEP
 
 
-cdef inline void target_rmp(State* s, int dst, int64_t gfn, int plan) noexcept nogil:
+cdef inline void target_rmp(State* s, int dst, int64_t gfn, int plan, uint8_t f) noexcept nogil:
     if plan == RMP_ASSIGN:
-        make_private(s, dst, gfn, -1)
+        make_private_f(s, dst, gfn, -1, f)
     elif plan == RMP_RELEASE:
         make_shared(s, dst, gfn, -1)
 
@@ -673,8 +741,12 @@ cdef inline void page_terms(int64_t gfn, uint32_t version, uint8_t flags, uint64
 
 
 cdef inline void recv_add(State* s, int host, int64_t gfn, int sign) noexcept nogil:
+    recv_add_f(s, host, gfn, fget(s, host, gfn), sign)
+
+
+cdef inline void recv_add_f(State* s, int host, int64_t gfn, uint8_t flags, int sign) noexcept nogil:
     cdef uint64_t t[2]
-    page_terms(gfn, s.ver[host][gfn], s.flg[host][gfn], t)
+    page_terms(gfn, s.ver[host][gfn], flags, t)
     if sign > 0:
         s.recv_sum[host][0] += t[0]
         s.recv_sum[host][1] += t[1]
@@ -797,19 +869,21 @@ cdef inline void xfer_clock_at(State* s, int64_t elapsed) noexcept nogil:
         demand_step(x, <uint64_t>x.g)
 
 
-cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan) noexcept nogil:
+cdef inline void deliver_page(State* s, int src, int dst, int64_t gfn, int plan, uint8_t fd,
+                              bint private) noexcept nogil:
     """The target receives gfn as the source holds it: content, attribute, its RMP state (plan) and the
-    received-set hash."""
-    cdef uint8_t* fd = &s.flg[dst][gfn]
-    cdef bint private = (s.flg[src][gfn] & PG_PRIVATE) != 0
-    if fd[0] & PG_PRESENT:
-        recv_add(s, dst, gfn, -1)
+    received-set hash. fd: the page's flags on dst; private: on src."""
+    cdef uint8_t* df = &s.flg[dst][gfn]
+    cdef uint8_t nf = (fd & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
+    if fd & PG_PRESENT:
+        recv_add_f(s, dst, gfn, fd, -1)
     if s.ver[dst][gfn] != s.ver[src][gfn]:  # as in launch_c: a zero page stays an untouched zero page
         s.ver[dst][gfn] = s.ver[src][gfn]
-    fd[0] = (fd[0] & ~(PG_PRIVATE | PG_DIRTY)) | PG_PRESENT | (PG_PRIVATE if private else 0)
-    recv_add(s, dst, gfn, 1)
+    if nf != fd:
+        df[0] ^= nf ^ fd
+    recv_add_f(s, dst, gfn, nf, 1)
     if plan >= 0:
-        target_rmp(s, dst, gfn, plan)
+        target_rmp(s, dst, gfn, plan, nf)
 
 
 cdef inline void slog_add(State* s, int64_t gfn, int64_t row, uint32_t version) noexcept nogil:
@@ -839,23 +913,69 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
     with walk_end >= 0, the pages dst lacks among gfns [k, walk_end) (the post-copy push).
     Stops before a page once the clock reaches until_v (a burst's end); a page whose last byte would
     arrive after deadline_v (the link's death less its latency) is not sent: x.link_dead is set.
-    Returns the next k (== n when done; the walk's cursor), or an ERR_* code; *row is updated."""
+    Returns the next k (== n when done; the walk's cursor), or an ERR_* code; *row is updated.
+    The walks collapse (flags chunks) each chunk they leave on both hosts, so a walk over a guest in one
+    state leaves no page of flags resident. With ready, a page's time is stored only if a row still to
+    come could wait for it (ready_matters)."""
+    cdef int64_t lastc = -1
+    cdef int64_t res
+    cdef uint64_t dmin = UINT64_MAX
+    cdef int64_t v
+    if ready != NULL:
+        if delays == NULL:
+            dmin = 0
+        else:
+            for v in range(s.vcpus):
+                if delays[v] < dmin:
+                    dmin = delays[v]
+    res = transfer_loop(s, src, dst, gfns, n, k, c, row, base_index, run_host, delays, ready, until_v,
+                        deadline_v, walk_end, dmin, &lastc)
+    if lastc >= 0:
+        collapse(s, src, lastc)
+        collapse(s, dst, lastc)
+    return res
+
+
+cdef inline bint ready_matters(const Cols* c, int64_t row, uint64_t dmin, uint64_t g) noexcept nogil:
+    """Whether a row from ``row`` on could find a page not ready at guest time g: its effective time is at
+    least t_ns[row] + the smallest vCPU delay (t_ns is non-decreasing, as the trace's validation requires,
+    and delays only grow); a ready time at or below that bound acts as 0, the value of a page never
+    stored. Without rows (c NULL: post-copy's push after the trace's last row), nothing waits."""
+    cdef uint64_t lb
+    if c == NULL:
+        return False
+    if c.n == 0:
+        return True
+    lb = c.t_ns[row if row < c.n else c.n - 1] + dmin
+    if lb < dmin:
+        return False  # saturated: nothing is later
+    return g > lb
+
+
+cdef int64_t transfer_loop(State* s, int src, int dst, const uint32_t* gfns, int64_t n, int64_t k,
+                           const Cols* c, int64_t* row, int64_t base_index, int run_host,
+                           const uint64_t* delays, uint64_t* ready, int64_t until_v,
+                           int64_t deadline_v, int64_t walk_end, uint64_t dmin, int64_t* lastc) noexcept nogil:
     cdef Xfer* x = &s.x
     cdef int64_t gfn, r, nbytes, src_cpu, dst_cpu, src_host, dst_host, elapsed, npages = s.npages
     cdef int64_t n_upd, n_pval, n_adj
     cdef int plan, vmgexit, touch_src, touch_dst
     cdef uint32_t version
     cdef bint private, zero
-    cdef uint8_t* ps
-    cdef uint8_t* pd
-    cdef const uint8_t* sflg = s.flg[src]
+    cdef uint8_t ps, pd
+    # the hosts' flags and chunk masks (fget, without reloading them through s after every store)
+    cdef uint8_t* sf = s.flg[src]
+    cdef uint8_t* df = s.flg[dst]
+    cdef const uint8_t* sc = s.cm[src]
+    cdef const uint8_t* dc = s.cm[dst]
+    cdef int64_t cur_c = lastc[0]  # the chunk the walk is in (lastc: the caller's copy, for the last one)
     x.link_dead = 0
     while True:
         if gfns != NULL:
             if k >= n:
                 return k
         elif walk_end >= 0:
-            while k < walk_end and (s.flg[dst][k] & PG_PRESENT):
+            while k < walk_end and ((df[k] ^ dc[k >> CHUNK_SHIFT]) & PG_PRESENT):
                 k += 1
             if k >= walk_end:
                 return k
@@ -874,22 +994,22 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
         if gfns != NULL or walk_end >= 0:
             gfn = gfns[k] if gfns != NULL else k
         else:
-            while not (sflg[k] & PG_SEND):
+            while not ((sf[k] ^ sc[k >> CHUNK_SHIFT]) & PG_SEND):
                 k += 1
                 if k == npages:
                     k = 0
             gfn = k
-        pd = &s.flg[dst][gfn]
-        if x.skip_present and (pd[0] & PG_PRESENT):
+        pd = df[gfn] ^ dc[gfn >> CHUNK_SHIFT]
+        if x.skip_present and (pd & PG_PRESENT):
             k += 1
             continue
         # 2. what the page costs
-        ps = &s.flg[src][gfn]
+        ps = sf[gfn] ^ sc[gfn >> CHUNK_SHIFT]
         version = s.ver[src][gfn]
-        private = (ps[0] & PG_PRIVATE) != 0
+        private = (ps & PG_PRIVATE) != 0
         zero = version == 0
         nbytes = x.header_bytes + (0 if zero else x.page_bytes)
-        plan = target_rmp_plan(s, dst, gfn, private) if x.target_rmp else -1
+        plan = target_rmp_plan(s, dst, gfn, private, pd) if x.target_rmp else -1
         n_upd = n_pval = n_adj = 0
         if plan == RMP_ASSIGN:
             n_upd = n_pval = 1
@@ -906,8 +1026,8 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
                 vmgexit = 1
             dst_cpu = x.unpack_private_ns
             if x.first_touch_ns > 0:
-                touch_src = (ps[0] & PG_MAPPED) == 0
-                touch_dst = (pd[0] & PG_MAPPED) == 0
+                touch_src = (ps & PG_MAPPED) == 0
+                touch_dst = (pd & PG_MAPPED) == 0
                 src_cpu += touch_src * x.first_touch_ns
                 dst_cpu += touch_dst * x.first_touch_ns
         else:
@@ -930,24 +1050,30 @@ cdef int64_t transfer_pages(State* s, int src, int dst, const uint32_t* gfns, in
             x.priv_in_batch = 0 if vmgexit else x.priv_in_batch + 1
             x.vmgexits += vmgexit
             if touch_src:
-                ps[0] |= PG_MAPPED
+                sf[gfn] ^= PG_MAPPED  # it was clear
             x.first_touches += touch_src + touch_dst
         xfer_clock_at(s, elapsed)  # the totals are the candidate's: its time is the clock's
         # 4. delivery; with ready, the page is usable on the target from the end of its slot
         if s.slog_on:
             slog_add(s, gfn, base_index + row[0], version)
-        deliver_page(s, src, dst, gfn, plan)
+        deliver_page(s, src, dst, gfn, plan, pd, private)
         if touch_dst:
-            pd[0] |= PG_MAPPED
-        if ready != NULL:
+            df[gfn] ^= PG_MAPPED  # clear before, and a delivery keeps it
+        if ready != NULL and (ready[gfn] != 0 or ready_matters(c, row[0], dmin, <uint64_t>x.g)):
             ready[gfn] = <uint64_t>x.g
         x.pages += 1
         x.zero_pages += zero
         x.private_pages += private
         x.shared_pages += not private
         if gfns == NULL and walk_end < 0:
-            ps[0] &= ~PG_SEND
+            sf[gfn] ^= PG_SEND  # set: the walk chose the page for it
             s.send_count[src] -= 1
+        if gfns == NULL and (gfn >> CHUNK_SHIFT) != cur_c:
+            if cur_c >= 0:  # the walk left that chunk: fold what it made uniform
+                collapse(s, src, cur_c)
+                collapse(s, dst, cur_c)
+            cur_c = gfn >> CHUNK_SHIFT
+            lastc[0] = cur_c
         k += 1
         if gfns == NULL and walk_end < 0 and k == npages:
             k = 0
@@ -1016,6 +1142,7 @@ cdef class Engine:
         for h in range(MAX_HOSTS):
             self.st.ver[h] = NULL
             self.st.flg[h] = NULL
+            self.st.cm[h] = NULL
             self.st.exc[h].slots = NULL
             self.st.exc[h].cap = self.st.exc[h].n = 0
         self.st.oom = 0
@@ -1023,6 +1150,7 @@ cdef class Engine:
     def __init__(self, npages, vcpus, *, asid=1, os_vmpl=0, hosts=2, spa_base=None):
         cdef int h
         cdef int64_t i
+        cdef void* p
         npages, vcpus, asid, os_vmpl, hosts, spa_base = check_engine_args(npages, vcpus, asid, os_vmpl, hosts, spa_base)
         if self.st.ver[0] != NULL:
             raise RuntimeError("Engine.__init__ called twice")
@@ -1031,6 +1159,7 @@ cdef class Engine:
         self.st.asid = asid
         self.st.os_vmpl = os_vmpl
         self.st.hosts = hosts
+        self.st.nchunks = (npages + CHUNK - 1) >> CHUNK_SHIFT
         self.spa_base = spa_base
         for h in range(hosts):
             self.st.spa_base[h] = spa_base[h]
@@ -1040,8 +1169,15 @@ cdef class Engine:
             self.st.recv_sum[h][0] = self.st.recv_sum[h][1] = 0
             # calloc: all-zero is the fresh state (version 0, no flags, every RMP entry the zero entry)
             self.st.ver[h] = <uint32_t*>calloc(npages, sizeof(uint32_t))
-            self.st.flg[h] = <uint8_t*>calloc(npages, sizeof(uint8_t))
-            if self.st.ver[h] == NULL or self.st.flg[h] == NULL:
+            # flags: whole pages of their own (collapse hands a chunk's page back), never huge pages (a
+            # write would make 2 MiB resident, and khugepaged would fill collapsed chunks in again)
+            p = mmap(NULL, self.st.nchunks * CHUNK, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            if p != MAP_FAILED:
+                self.st.flg[h] = <uint8_t*>p
+                madvise(p, self.st.nchunks * CHUNK, MADV_NOHUGEPAGE)  # advice only: a failure costs memory
+            self.st.cm[h] = <uint8_t*>calloc(self.st.nchunks, sizeof(uint8_t))
+            if self.st.ver[h] == NULL or self.st.flg[h] == NULL or self.st.cm[h] == NULL:
                 raise MemoryError(f"engine: cannot allocate the page state of {npages} pages")
         self.st.ls_fault = F_NONE
         self.st.ls_gfn = self.st.ls_vcpu = self.st.ls_row = 0
@@ -1055,10 +1191,13 @@ cdef class Engine:
         self.st.slog = NULL
         for h in range(MAX_HOSTS):
             free(self.st.ver[h])
-            free(self.st.flg[h])
+            if self.st.flg[h] != NULL:
+                munmap(self.st.flg[h], self.st.nchunks * CHUNK)
+            free(self.st.cm[h])
             free(self.st.exc[h].slots)
             self.st.ver[h] = NULL
             self.st.flg[h] = NULL
+            self.st.cm[h] = NULL
             self.st.exc[h].slots = NULL
 
     # ------------------------------------------------------------------ attributes and argument checks
@@ -1222,7 +1361,7 @@ cdef class Engine:
     def page(self, host, gfn):
         cdef int h = self._host(host)
         cdef int64_t g = self._gfn(gfn)
-        cdef uint8_t f = self.st.flg[h][g]
+        cdef uint8_t f = fget(&self.st, h, g)
         return PageView(self.st.ver[h][g], bool(f & PG_PRIVATE), bool(f & PG_DIRTY), bool(f & PG_PRESENT))
 
     cdef _gfn_array(self, gfns):
@@ -1237,9 +1376,8 @@ cdef class Engine:
         out = np.empty(g.shape[0], np.uint8)
         cdef uint8_t[::1] o = out
         cdef Py_ssize_t i
-        cdef const uint8_t* flg = self.st.flg[h]
         for i in range(g.shape[0]):
-            o[i] = flg[g[i]] & PG_VISIBLE
+            o[i] = fget(&self.st, h, g[i]) & PG_VISIBLE
         return out
 
     def versions(self, host, gfns):
@@ -1258,28 +1396,28 @@ cdef class Engine:
 
     def collect_dirty(self, host):
         cdef int h = self._host(host)
-        cdef uint8_t* flg = self.st.flg[h]
+        cdef State* s = &self.st
         cdef int64_t i, n = 0, j = 0
         with nogil:
-            for i in range(self.st.npages):
-                n += (flg[i] & PG_DIRTY) != 0
+            for i in range(s.npages):
+                n += (fget(s, h, i) & PG_DIRTY) != 0
         out = np.empty(n, np.uint32)
         cdef uint32_t[::1] o = out
         with nogil:
-            for i in range(self.st.npages):
-                if flg[i] & PG_DIRTY:
+            for i in range(s.npages):
+                if fget(s, h, i) & PG_DIRTY:
                     o[j] = <uint32_t>i
                     j += 1
-                    flg[i] &= ~PG_DIRTY
+                    fset(s, h, i, fget(s, h, i) & ~PG_DIRTY)
         return out
 
     def count_present(self, host):
         cdef int h = self._host(host)
-        cdef const uint8_t* flg = self.st.flg[h]
+        cdef const State* s = &self.st
         cdef int64_t i, n = 0
         with nogil:
-            for i in range(self.st.npages):
-                n += (flg[i] & PG_PRESENT) != 0
+            for i in range(s.npages):
+                n += (fget(s, h, i) & PG_PRESENT) != 0
         return n
 
     def missing_bytes(self, src, dst, page_bytes, header_bytes):
@@ -1288,12 +1426,12 @@ cdef class Engine:
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int64_t pb = int(page_bytes), hb = int(header_bytes)
-        cdef const uint8_t* df = self.st.flg[d]
+        cdef const State* st = &self.st
         cdef const uint32_t* sv = self.st.ver[s]
         cdef int64_t i, n = 0, nz = 0
         with nogil:
-            for i in range(self.st.npages):
-                if not (df[i] & PG_PRESENT):
+            for i in range(st.npages):
+                if not (fget(st, d, i) & PG_PRESENT):
                     n += 1
                     nz += sv[i] != 0
         return n * hb + nz * pb
@@ -1302,17 +1440,17 @@ cdef class Engine:
         """Whether ``host``'s mirror agents had not mapped ``gfn`` yet (a first-touch NPF); maps it."""
         cdef int h = self._host(host)
         cdef int64_t g = self._gfn(gfn)
-        cdef uint8_t* f = &self.st.flg[h][g]
-        if f[0] & PG_MAPPED:
+        cdef uint8_t f = fget(&self.st, h, g)
+        if f & PG_MAPPED:
             return False
-        f[0] |= PG_MAPPED
+        fset(&self.st, h, g, f | PG_MAPPED)
         return True
 
     def digest(self, host):
         """blake2b-256 over the little-endian uint32 versions of all gfns, then one byte (PRIVATE bit) each."""
         cdef int h = self._host(host)
         cdef const uint32_t* ver = self.st.ver[h]
-        cdef const uint8_t* flg = self.st.flg[h]
+        cdef const State* s = &self.st
         cdef int64_t i, j, m, n = self.st.npages
         # hashed in chunks through one bounded buffer: no temporary the size of the guest
         buf = np.empty(DIGEST_CHUNK, "<u4")
@@ -1329,7 +1467,7 @@ cdef class Engine:
             m = min(4 * DIGEST_CHUNK, n - i)
             with nogil:
                 for j in range(m):
-                    pv[j] = flg[i + j] & PG_PRIVATE
+                    pv[j] = fget(s, h, i + j) & PG_PRIVATE
             d.update(pv[:m])
         return d.hexdigest()
 
@@ -1548,23 +1686,32 @@ cdef class Engine:
         """Every page is to be sent (the bitmap at the start of pre-copy)."""
         cdef int h = self._host(host)
         cdef int64_t i
-        cdef uint8_t* flg = self.st.flg[h]
+        cdef State* s = &self.st
         with nogil:
-            for i in range(self.st.npages):
-                flg[i] |= PG_SEND
+            if s.send_count[h] == 0:
+                # no page has the bit: flipping it in every chunk's mask sets it on every page, no byte stored
+                for i in range(s.nchunks):
+                    s.cm[h][i] ^= PG_SEND
+            else:
+                for i in range(s.npages):
+                    fset(s, h, i, fget(s, h, i) | PG_SEND)
+                    if (i + 1) & (CHUNK - 1) == 0:
+                        collapse(s, h, i >> CHUNK_SHIFT)
         self.st.send_count[h] = self.st.npages
 
     def sync_dirty(self, host):
         """Dirty-log get-and-clear into the send bitmap; returns the number of pages the log held."""
         cdef int h = self._host(host)
         cdef int64_t i, n = 0, added = 0
-        cdef uint8_t* flg = self.st.flg[h]
+        cdef State* s = &self.st
+        cdef uint8_t f
         with nogil:
-            for i in range(self.st.npages):
-                if flg[i] & PG_DIRTY:
+            for i in range(s.npages):
+                f = fget(s, h, i)
+                if f & PG_DIRTY:
                     n += 1
-                    added += (flg[i] & PG_SEND) == 0
-                    flg[i] = (flg[i] & ~PG_DIRTY) | PG_SEND
+                    added += (f & PG_SEND) == 0
+                    fset(s, h, i, (f & ~PG_DIRTY) | PG_SEND)
         self.st.send_count[h] += added
         return n
 
@@ -1577,16 +1724,18 @@ cdef class Engine:
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int64_t i, n = 0
-        cdef uint8_t* ps = self.st.flg[s]
-        cdef uint8_t* pd = self.st.flg[d]
+        cdef State* st = &self.st
         with nogil:
-            for i in range(self.st.npages):
-                if ps[i] & PG_SEND:
-                    ps[i] &= ~PG_SEND
-                    if pd[i] & PG_PRESENT:
-                        recv_add(&self.st, d, i, -1)
-                        pd[i] &= ~PG_PRESENT
+            for i in range(st.npages):
+                if fget(st, s, i) & PG_SEND:
+                    fset(st, s, i, fget(st, s, i) & ~PG_SEND)
+                    if fget(st, d, i) & PG_PRESENT:
+                        recv_add(st, d, i, -1)
+                        fset(st, d, i, fget(st, d, i) & ~PG_PRESENT)
                         n += 1
+                if (i + 1) & (CHUNK - 1) == 0:
+                    collapse(st, s, i >> CHUNK_SHIFT)
+                    collapse(st, d, i >> CHUNK_SHIFT)
         self.st.send_count[s] = 0
         return n
 
@@ -1607,10 +1756,10 @@ cdef class Engine:
         cdef uint64_t t[2]
         cdef int64_t i
         cdef const uint32_t* ver = self.st.ver[h]
-        cdef const uint8_t* flg = self.st.flg[h]
+        cdef const State* s = &self.st
         with nogil:
-            for i in range(self.st.npages):
-                page_terms(i, ver[i], flg[i], t)
+            for i in range(s.npages):
+                page_terms(i, ver[i], fget(s, h, i), t)
                 a += t[0]
                 b += t[1]
         return f"{a:016x}{b:016x}"
@@ -1620,8 +1769,10 @@ cdef class Engine:
         cdef int s = self._host(src)
         cdef int d = self._host(dst)
         cdef int64_t g = self._gfn(gfn)
-        cdef bint private = (self.st.flg[s][g] & PG_PRIVATE) != 0
-        deliver_page(&self.st, s, d, g, target_rmp_plan(&self.st, d, g, private) if target_rmp else -1)
+        cdef bint private = (fget(&self.st, s, g) & PG_PRIVATE) != 0
+        cdef uint8_t fd = fget(&self.st, d, g)
+        deliver_page(&self.st, s, d, g, target_rmp_plan(&self.st, d, g, private, fd) if target_rmp else -1, fd,
+                     private)
         self._oom()
 
     def clear_present(self, host, gfns):
@@ -1630,9 +1781,9 @@ cdef class Engine:
         cdef const int64_t[::1] g = self._gfn_array(gfns)
         cdef Py_ssize_t i
         for i in range(g.shape[0]):
-            if self.st.flg[h][g[i]] & PG_PRESENT:
+            if fget(&self.st, h, g[i]) & PG_PRESENT:
                 recv_add(&self.st, h, g[i], -1)
-                self.st.flg[h][g[i]] &= ~PG_PRESENT
+                fset(&self.st, h, g[i], fget(&self.st, h, g[i]) & ~PG_PRESENT)
 
     # ------------------------------------------------------------------ counters
 

@@ -73,6 +73,20 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _ready_matters(cols, row: int, dmin: int, g: int) -> bool:
+    """Whether a row from ``row`` on could find a page not ready at guest time g (docs/internals.md, "Memory"):
+    a row's effective time is at least t_ns[row] + the smallest vCPU delay (t_ns is non-decreasing and
+    delays only grow), and a ready time at or below that acts as 0. Without rows (post-copy's push after
+    the trace's last row) nothing waits."""
+    if cols is None:
+        return False
+    t_ns = cols[0]
+    if len(t_ns) == 0:
+        return True
+    lb = int(t_ns[min(row, len(t_ns) - 1)]) + dmin
+    return lb <= U64_MAX and g > lb
+
+
 class Engine:
     """Pure-Python page engine; see the module docstring and docs/internals.md."""
 
@@ -585,6 +599,7 @@ class Engine:
             cols = [batch.column(i).to_numpy(zero_copy_only=True) for i in range(6)]
         delays = as_delays(delays, self.vcpus)
         ready = None if ready is None else as_ready(ready, self.npages)
+        dmin = 0 if delays is None else min(int(d) for d in delays)
         self._last_stop = _NO_STOP
         p, xs = self._xfer, self._xs
         xs["link_dead"] = False
@@ -666,7 +681,7 @@ class Engine:
             self._deliver(src, dst, gfn, plan)
             if touch_dst:
                 dflags[gfn] |= MAPPED
-            if ready is not None:
+            if ready is not None and (int(ready[gfn]) != 0 or _ready_matters(cols, row, dmin, xs["g_ns"])):
                 ready[gfn] = xs["g_ns"]
             xs["pages"] += 1
             xs["zero_pages"] += zero
