@@ -444,3 +444,24 @@ def test_launch_unassigns_shared_and_is_counted(engine_kind):
     e.launch(0, [(1, 1)])
     assert e.rmp_entry(0, e.spa(0, 1)) == FRESH
     assert e.counters()["rmp"]["rmpupdate"] == 4  # 3 private assigns + 1 unassign
+
+
+def test_check_access_many_is_check_access_per_page(e):
+    """The batch check gives, page by page, exactly the single check's fault (every kind the fault-order
+    test makes, shared and private, two VMPLs), and counts nothing."""
+    assert e.rmpupdate(0, e.spa(0, 20), assigned=True, asid=2, gfn=21) == Rc.SUCCESS  # gpa mismatch
+    assert e.rmpupdate(0, e.spa(0, 22), assigned=True, asid=2, gfn=22, immutable=True) == Rc.SUCCESS  # asid
+    assigned(e, 30, validate=False)  # not validated
+    assigned(e, 31)  # the guest's
+    assert adj(e, e.spa(0, 31), 31, 0, 1, Perm.READ) == Rc.SUCCESS
+    gfns = np.array([31, 20, 0, 22, 30, 31, 1023], np.int64)
+    before = e.counters()
+    for private in (True, False):
+        for vmpl, access in ((0, Access.READ), (1, Access.WRITE)):
+            got = e.check_access_many(0, gfns, vmpl=vmpl, access=access, private=private)
+            assert got.dtype == np.uint8
+            assert [Fault(int(f)) for f in got] == [ca(e, int(g), vmpl, access, private) for g in gfns]
+    assert e.counters() == before
+    assert e.check_access_many(0, np.zeros(0, np.int64), vmpl=0, access=Access.READ, private=True).size == 0
+    with pytest.raises(ValueError):
+        e.check_access_many(0, [e.npages], vmpl=0, access=Access.READ, private=True)

@@ -315,6 +315,16 @@ class Engine:
             raise ValueError(f"access must be in [1, 15], got {access}")
         return Fault(self._check(host, gfn, vmpl, access, bool(private)))
 
+    def check_access_many(self, host, gfns, *, vmpl, access, private):
+        """``check_access`` of each of ``gfns``, as a uint8 array of ``Fault`` values."""
+        host = self._host(host)
+        vmpl = check_vmpl("vmpl", vmpl)
+        access = int(access)
+        if not 1 <= access <= Perm.ALL:
+            raise ValueError(f"access must be in [1, 15], got {access}")
+        return np.array([self._check(host, g, vmpl, access, bool(private)) for g in self._gfn_array(gfns).tolist()],
+                        dtype=np.uint8)
+
     def _check(self, host, gfn, vmpl, access, private):
         spa = self.spa_base[host] + gfn
         f = int(self._r_flags[host][spa])
