@@ -185,7 +185,7 @@ def _set_values(rng: random.Random) -> list[str]:
 
 
 def _scenario_keys() -> list[tuple[str, str]]:
-    from replay.scenario.spec import spec as sc
+    from replay.scenario import spec as sc
 
     keys = [("", k) for k in ("name", "description", "seed")]
     for section, cls in sc._SECTIONS.items():
