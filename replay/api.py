@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -276,7 +277,9 @@ def inspect(trace: PathLike, interval_ns: int | None = None, allow_memory: bool 
 
 @dataclass(frozen=True)
 class RunResult:
-    """One run directory, read back (and checked: hashes, schema, shape) from its record."""
+    """One run directory, read back from its record. ``rounds``, ``events`` and ``faults`` are read (each
+    table's hash, schema and shape checked) the first time one is used, so a caller that wants only the
+    status and the metrics never loads polars."""
 
     path: Path
     status: Status
@@ -284,10 +287,8 @@ class RunResult:
     strategy: str
     mode: str
     metrics: dict[str, Any]  # summary.json's metrics: ns, bytes, pages, ppm (see docs/internals.md)
-    rounds: pl.DataFrame
-    events: pl.DataFrame
-    faults: pl.DataFrame | None  # post-copy and hybrid runs only
     summary: dict[str, Any] = dataclasses.field(repr=False)  # the whole summary.json
+    _frames: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def completed(self) -> bool:
@@ -297,12 +298,39 @@ class RunResult:
     def name(self) -> str:
         return f"{self.strategy}/{self.mode}"
 
+    def _table(self, name: str) -> Any:
+        if not self._frames:
+            from .runs.record import load_run as load
+
+            r = load(self.path)
+            self._frames.update(rounds=r.rounds, events=r.events, faults=r.faults)
+        return self._frames[name]
+
+    @property
+    def rounds(self) -> pl.DataFrame:
+        """One row per dirty-log sync (pre-copy round), a polars DataFrame."""
+        return self._table("rounds")
+
+    @property
+    def events(self) -> pl.DataFrame:
+        """The run's events in time order, a polars DataFrame."""
+        return self._table("events")
+
+    @property
+    def faults(self) -> pl.DataFrame | None:
+        """Post-copy and hybrid runs' faults (None in pre-copy), a polars DataFrame."""
+        return self._table("faults")
+
     @classmethod
     def of(cls, run: Run) -> RunResult:
-        s = run.summary
-        return cls(path=Path(run.path), status=Status(s["status"]), status_reason=s.get("status_reason", ""),
-                   strategy=s["strategy"], mode=s["mode"], metrics=s["metrics"], rounds=run.rounds,
-                   events=run.events, faults=run.faults, summary=s)
+        return cls._from_summary(Path(run.path), run.summary,
+                                 {"rounds": run.rounds, "events": run.events, "faults": run.faults})
+
+    @classmethod
+    def _from_summary(cls, path: Path, s: dict[str, Any], frames: dict[str, Any] | None = None) -> RunResult:
+        return cls(path=path, status=Status(s["status"]), status_reason=s.get("status_reason", ""),
+                   strategy=s["strategy"], mode=s["mode"], metrics=s["metrics"], summary=s,
+                   _frames=dict(frames or {}))
 
     def record(self) -> Run:
         """The ``replay.runs.record.Run`` the analysis modules (diff, report) take."""
@@ -340,7 +368,8 @@ def run(scenario: Scenario | PathLike, out: PathLike, *, strategy: str | None = 
     check_replaceable_dir(out, RUN_DIR_ENTRIES, "run directory")
     execute(s, out, strategy=strategy, engine=engine, trace=trace, show_progress=progress,
             allow_memory=allow_memory, out_check=out)
-    result = load_run(out)
+    # The summary this run just wrote; the tables (and their checks) wait until first used.
+    result = RunResult._from_summary(Path(out), json.loads((Path(out) / "summary.json").read_text()))
     if check:
         check_invariants(result, out)
     return result
