@@ -285,3 +285,17 @@ def test_a_target_agent_exactly_as_fast_as_the_link_is_not_a_bottleneck(trace, e
         f = r.faults.to_pylist()[0]
         assert (f["vcpu"], f["gfn"], f["raised_ns"], f["served_ns"] - f["raised_ns"]) == (1, 3, 7600 + 3 * unpack,
                                                                                           latency), unpack
+
+
+def test_a_blocked_vcpu_loses_its_blocked_time_of_demand(trace):
+    # The by-hand run: every vCPU busy up to the trace's last event (g 20000), so the demand is 1 CPU per
+    # vCPU. Window: 800 -> completion 11100 (10300 ns per vCPU demanded). At completion the guest is at
+    # g 11100 - 4100 = 7000; a vCPU ran from 800 up to 7000 less its blocked time: vCPU 0 (2600) 3600,
+    # vCPU 1 (1700) 4500, vCPU 2 (2580) 3620; lost: 6700, 5800, 6680 of 10300 each.
+    r = run(pc_scenario(), strategy="mirror-vm", trace_path=trace)
+    m = r.summary["metrics"]
+    assert m["cpu_demand"]["demanded_ns"] == 3 * 10300
+    assert m["cpu_demand"]["ran_ns"] == 3600 + 4500 + 3620
+    assert m["guest_lost_ns"] == 6700 + 5800 + 6680
+    assert m["guest_slowdown_ppm_per_vcpu"] == [x * 1_000_000 // 10300 for x in (6700, 5800, 6680)]
+    assert m["guest_slowdown_ppm"] == (6700 + 5800 + 6680) * 1_000_000 // (3 * 10300)
