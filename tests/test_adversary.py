@@ -676,3 +676,16 @@ def test_ending_transfer_steps_at_due_times_changes_nothing_else(mode, at):
                 "downtime_pages", "postcopy_pages", "guest_lost_ns"):
         assert split.summary["metrics"][key] == quiet.summary["metrics"][key], key
     assert split.summary["metrics"]["postcopy"]["latency_p99_ns"] == quiet.summary["metrics"]["postcopy"]["latency_p99_ns"]
+
+
+def test_an_action_waiting_for_its_chance_does_not_hold_up_the_others_due_with_it():
+    # In post-copy the target holds no private page when the guest resumes there: rmp-bypass-copy on the
+    # target waits for two. host-write-private on the source, due at the same instant, acts at its first
+    # chance all the same: at the same moment as alone, before the copy.
+    pc = ["migration.mode=postcopy"]
+    alone = run_with(AdversarySpec(kind="host-write-private", at_ns=START_NS, host="source"), overrides=pc)
+    both = run_with(AdversarySpec(kind="rmp-bypass-copy", at_ns=START_NS, host="target"),
+                    AdversarySpec(kind="host-write-private", at_ns=START_NS, host="source"), overrides=pc)
+    one, (copy, write) = alone.summary["adversary"][0], both.summary["adversary"]
+    assert (write["applied_ns"], write["gfn"], write["detected_by"]) == (one["applied_ns"], one["gfn"], "rmp.host_rmp_pf")
+    assert copy["applied_ns"] > write["applied_ns"]
