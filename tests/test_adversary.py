@@ -689,3 +689,28 @@ def test_an_action_waiting_for_its_chance_does_not_hold_up_the_others_due_with_i
     one, (copy, write) = alone.summary["adversary"][0], both.summary["adversary"]
     assert (write["applied_ns"], write["gfn"], write["detected_by"]) == (one["applied_ns"], one["gfn"], "rmp.host_rmp_pf")
     assert copy["applied_ns"] > write["applied_ns"]
+
+
+@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
+def test_rmp_remap_names_the_batchs_next_page(monkeypatch, mode):
+    """rmp-remap rewrites the RMP entry of the first page of the batch the target's agent is about to
+    check so that it names the batch's second page (the page after it when the batch has one page)."""
+    from replay.migration import adversary as adv
+    from replay.scenario.strategies import TARGET
+
+    seen = []
+    orig = adv.Adversary.target_rmp
+
+    def target_rmp(self, gfns):
+        due = any(self._due(a) for a in self._of(("rmp-remap",)))
+        out = orig(self, gfns)
+        if due and len(gfns):
+            g = [int(x) for x in gfns]
+            seen.append((g, self.eng.rmp_entry(TARGET, self.eng.spa(TARGET, g[0])).gfn))
+        return out
+
+    monkeypatch.setattr(adv.Adversary, "target_rmp", target_rmp)
+    r = run_with(AdversarySpec(kind="rmp-remap"), overrides=[f"migration.mode={mode}"])
+    assert r.summary["adversary"][0]["detected_by"] == "rmp.npf_gpa_mismatch"
+    (g, named), = seen
+    assert named == (g[1] if len(g) > 1 else g[0] + 1) and r.summary["adversary"][0]["gfn"] == g[0]
