@@ -714,3 +714,28 @@ def test_rmp_remap_names_the_batchs_next_page(monkeypatch, mode):
     assert r.summary["adversary"][0]["detected_by"] == "rmp.npf_gpa_mismatch"
     (g, named), = seen
     assert named == (g[1] if len(g) > 1 else g[0] + 1) and r.summary["adversary"][0]["gfn"] == g[0]
+
+
+def test_reorder_swaps_the_packet_with_the_next_one(monkeypatch):
+    """reorder@S:N: packet N of stream S crosses after packet N + 1; nothing else moves."""
+    from replay.migration import adversary as adv
+    from replay.security.channel import parse_header
+
+    seen = []
+    orig = adv.Adversary._rewrite
+
+    def rewrite(self, stream, packets):
+        packets = list(packets)
+        out = orig(self, stream, packets)
+        seqs = [parse_header(p).sequence for p in packets]
+        if 7 in seqs:
+            seen.append((stream, seqs, [parse_header(p).sequence for p in out]))
+        return out
+
+    monkeypatch.setattr(adv.Adversary, "_rewrite", rewrite)
+    r = run_with(AdversarySpec(kind="reorder", stream=0, sequence=7))
+    assert r.summary["adversary"][0]["detected_by"] == "channel.bad_sequence"
+    (stream, before, after), = [x for x in seen if x[0] == 0]
+    i = before.index(7)
+    assert i < len(before) - 1  # the next packet is in the same send
+    assert after == before[:i] + [before[i + 1], 7] + before[i + 2:]
