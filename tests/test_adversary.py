@@ -735,7 +735,7 @@ def test_reorder_swaps_the_packet_with_the_next_one(monkeypatch):
     monkeypatch.setattr(adv.Adversary, "_rewrite", rewrite)
     r = run_with(AdversarySpec(kind="reorder", stream=0, sequence=7))
     assert r.summary["adversary"][0]["detected_by"] == "channel.bad_sequence"
-    (stream, before, after), = [x for x in seen if x[0] == 0]
+    (_, before, after), = [x for x in seen if x[0] == 0]
     i = before.index(7)
     assert i < len(before) - 1  # the next packet is in the same send
     assert after == before[:i] + [before[i + 1], 7] + before[i + 2:]

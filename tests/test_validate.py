@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc  # noqa: F401 - pa.ipc
+import pyarrow.ipc
 import pytest
 
 from replay.core import validate
