@@ -676,3 +676,66 @@ def test_ending_transfer_steps_at_due_times_changes_nothing_else(mode, at):
                 "downtime_pages", "postcopy_pages", "guest_lost_ns"):
         assert split.summary["metrics"][key] == quiet.summary["metrics"][key], key
     assert split.summary["metrics"]["postcopy"]["latency_p99_ns"] == quiet.summary["metrics"]["postcopy"]["latency_p99_ns"]
+
+
+def test_an_action_waiting_for_its_chance_does_not_hold_up_the_others_due_with_it():
+    # In post-copy the target holds no private page when the guest resumes there: rmp-bypass-copy on the
+    # target waits for two. host-write-private on the source, due at the same instant, acts at its first
+    # chance all the same: at the same moment as alone, before the copy.
+    pc = ["migration.mode=postcopy"]
+    alone = run_with(AdversarySpec(kind="host-write-private", at_ns=START_NS, host="source"), overrides=pc)
+    both = run_with(AdversarySpec(kind="rmp-bypass-copy", at_ns=START_NS, host="target"),
+                    AdversarySpec(kind="host-write-private", at_ns=START_NS, host="source"), overrides=pc)
+    one, (copy, write) = alone.summary["adversary"][0], both.summary["adversary"]
+    assert (write["applied_ns"], write["gfn"], write["detected_by"]) == (one["applied_ns"], one["gfn"], "rmp.host_rmp_pf")
+    assert copy["applied_ns"] > write["applied_ns"]
+
+
+@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
+def test_rmp_remap_names_the_batchs_next_page(monkeypatch, mode):
+    """rmp-remap rewrites the RMP entry of the first page of the batch the target's agent is about to
+    check so that it names the batch's second page (the page after it when the batch has one page)."""
+    from replay.migration import adversary as adv
+    from replay.scenario.strategies import TARGET
+
+    seen = []
+    orig = adv.Adversary.target_rmp
+
+    def target_rmp(self, gfns):
+        due = any(self._due(a) for a in self._of(("rmp-remap",)))
+        out = orig(self, gfns)
+        if due and len(gfns):
+            g = [int(x) for x in gfns]
+            seen.append((g, self.eng.rmp_entry(TARGET, self.eng.spa(TARGET, g[0])).gfn))
+        return out
+
+    monkeypatch.setattr(adv.Adversary, "target_rmp", target_rmp)
+    r = run_with(AdversarySpec(kind="rmp-remap"), overrides=[f"migration.mode={mode}"])
+    assert r.summary["adversary"][0]["detected_by"] == "rmp.npf_gpa_mismatch"
+    (g, named), = seen
+    assert named == (g[1] if len(g) > 1 else g[0] + 1) and r.summary["adversary"][0]["gfn"] == g[0]
+
+
+def test_reorder_swaps_the_packet_with_the_next_one(monkeypatch):
+    """reorder@S:N: packet N of stream S crosses after packet N + 1; nothing else moves."""
+    from replay.migration import adversary as adv
+    from replay.security.channel import parse_header
+
+    seen = []
+    orig = adv.Adversary._rewrite
+
+    def rewrite(self, stream, packets):
+        packets = list(packets)
+        out = orig(self, stream, packets)
+        seqs = [parse_header(p).sequence for p in packets]
+        if 7 in seqs:
+            seen.append((stream, seqs, [parse_header(p).sequence for p in out]))
+        return out
+
+    monkeypatch.setattr(adv.Adversary, "_rewrite", rewrite)
+    r = run_with(AdversarySpec(kind="reorder", stream=0, sequence=7))
+    assert r.summary["adversary"][0]["detected_by"] == "channel.bad_sequence"
+    (_, before, after), = [x for x in seen if x[0] == 0]
+    i = before.index(7)
+    assert i < len(before) - 1  # the next packet is in the same send
+    assert after == before[:i] + [before[i + 1], 7] + before[i + 2:]

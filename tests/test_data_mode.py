@@ -165,3 +165,31 @@ def test_two_threads_or_one_the_run_record_is_the_same(trace, mode, monkeypatch)
         records.append((r.summary, r.rounds, r.events))
     assert records[0][0] == records[1][0]
     assert records[0][1].equals(records[1][1]) and records[0][2].equals(records[1][2])
+
+
+def test_each_hosts_dram_holds_private_pages_under_the_tweak_of_its_own_spa(trace, monkeypatch):
+    """XTS tweaks with the system physical address the page engine gives each host's copy of a page: the
+    source's DRAM ciphertext of a private page is AES-XTS of its plain text at ``spa(SOURCE, gfn)``."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from replay.migration import Migration
+    from replay.migration import data as datamod
+    from replay.scenario.strategies import SOURCE, TARGET
+
+    made = []
+    orig = datamod.DataMode.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(datamod.DataMode, "__init__", init)
+    out = Migration(scen(), trace, engine="reference").run()
+    assert out.status == "completed"
+    (dm,) = made
+    for host in (SOURCE, TARGET):
+        mem = dm.dp.memory[host]
+        for gfn in (0, 5, 15):  # private pages (12 and 13 are shared)
+            spa = dm.eng.spa(host, gfn)
+            enc = Cipher(algorithms.AES(mem.key), modes.XTS((spa * 4096).to_bytes(16, "little"))).encryptor()
+            assert mem.read_raw(gfn) == enc.update(mem.read_plain(gfn)) + enc.finalize(), (host, gfn)

@@ -252,3 +252,50 @@ def test_no_fault_is_served_after_completion_and_no_metric_is_negative(tmp_path_
         assert f["raised_ns"] <= f["served_ns"] <= done
     assert r.summary["metrics"]["cpu_ns"]["guest"] >= 0
 
+
+
+def test_faults_raised_during_an_outage_of_the_push_wait_for_the_link_not_for_the_push(trace):
+    # The link fails at v 7500 (the push is sending gfn 0, 7100 -> 8100) for 1000 ns: up at 8500 (the
+    # re-keying costs 0 here), with a 5000-byte push queue. vCPU 1's fault (gfn 3, v 7600) is handled while
+    # the guest runs through the outage: no push data is queued while the link is down, so its request
+    # starts at 8500: lands 8600, packaged 8600 -> 9100, on the wire 9100 -> 10100, in at 10200 (2600 ns).
+    # vCPU 0's (gfn 2, v 7700) is handled once the push has restarted at 8500: it waits for the agent
+    # (9100 -> 9600), then behind the push's 5000 queued bytes (1000 ns: 10600), on the wire until 11600,
+    # in at 11700; vCPU 2 (v 7720) waits for that arrival.
+    r = run(pc_scenario(costs={"postcopy_queue_bytes": 5000}, faults=[{"at_ns": 7500, "duration_ns": 1000}]),
+            strategy="mirror-vm", trace_path=trace)
+    assert r.status == "completed", r.summary["status_reason"]
+    got = [(f["vcpu"], f["gfn"], f["raised_ns"], f["served_ns"]) for f in r.faults.to_pylist()]
+    assert got == [(1, 3, 7600, 10200), (0, 2, 7700, 11700), (2, 2, 7720, 11700)]
+    assert all(r.summary["invariants"].values())
+
+
+@pytest.mark.parametrize("engine", ENGINE_KINDS)
+def test_a_target_agent_exactly_as_fast_as_the_link_is_not_a_bottleneck(trace, engine):
+    # Unpacking costs 1000 ns, the push's page time on the link is 1000 ns too: the target agent keeps
+    # pace with the link, so a reply finds it idle. The resume comes 3 x 1000 ns later (the three VMSAs
+    # are unpacked first): vCPU 1's fault is raised at v 7600 + 3000; request +100, packaged +500, on the
+    # wire +1000, in +100, unpacked +1000: 2700 ns (the push queue is 0 bytes here). One ns more of unpack
+    # makes the agent the push's bottleneck: one push packet is on the link ahead of the reply (5000 bytes,
+    # 1000 ns) and the reply waits for the page the agent is on (1001 ns): 100 + 500 + 1000 + 1000 + 100 +
+    # 1001 + 1001.
+    for unpack, latency in ((1000, 2700), (1001, 4702)):
+        r = run(pc_scenario(costs={"page_unpack_ns": unpack}), strategy="mirror-vm", engine=engine, trace_path=trace)
+        assert r.status == "completed", r.summary["status_reason"]
+        f = r.faults.to_pylist()[0]
+        assert (f["vcpu"], f["gfn"], f["raised_ns"], f["served_ns"] - f["raised_ns"]) == (1, 3, 7600 + 3 * unpack,
+                                                                                          latency), unpack
+
+
+def test_a_blocked_vcpu_loses_its_blocked_time_of_demand(trace):
+    # The by-hand run: every vCPU busy up to the trace's last event (g 20000), so the demand is 1 CPU per
+    # vCPU. Window: 800 -> completion 11100 (10300 ns per vCPU demanded). At completion the guest is at
+    # g 11100 - 4100 = 7000; a vCPU ran from 800 up to 7000 less its blocked time: vCPU 0 (2600) 3600,
+    # vCPU 1 (1700) 4500, vCPU 2 (2580) 3620; lost: 6700, 5800, 6680 of 10300 each.
+    r = run(pc_scenario(), strategy="mirror-vm", trace_path=trace)
+    m = r.summary["metrics"]
+    assert m["cpu_demand"]["demanded_ns"] == 3 * 10300
+    assert m["cpu_demand"]["ran_ns"] == 3600 + 4500 + 3620
+    assert m["guest_lost_ns"] == 6700 + 5800 + 6680
+    assert m["guest_slowdown_ppm_per_vcpu"] == [x * 1_000_000 // 10300 for x in (6700, 5800, 6680)]
+    assert m["guest_slowdown_ppm"] == (6700 + 5800 + 6680) * 1_000_000 // (3 * 10300)

@@ -151,3 +151,12 @@ def test_vcek_tcb_and_chip_id_must_be_the_reports():
     ev = _signed_by(1, old, report_tcb=patched)
     forged = dataclasses.replace(ev, vcek_cert=dataclasses.replace(ev.vcek_cert, tcb=patched))
     assert verify(forged, policy) is Verdict.CHAIN
+
+
+def test_p384_private_key_is_the_hkdf_output_reduced_into_1_to_n_minus_1():
+    from replay.security.keys import P384_ORDER, derive, p384_private_key
+
+    # The documented rule: 64 bytes of HKDF output, big-endian, mod (n - 1), plus 1 (never 0).
+    for seed, label in ((0, "a"), (7, "vcek"), (-3, "agent/source")):
+        want = int.from_bytes(derive(seed, label, 64), "big") % (P384_ORDER - 1) + 1
+        assert p384_private_key(seed, label).private_numbers().private_value == want

@@ -497,3 +497,82 @@ def test_a_compressed_vmsa_counts_once():
     st = s.stats.to_json()
     assert (st["vmsas"], st["compressed_pages"], st["payload_bytes"]) == (1, 1, PAGE)
     assert st["compressed_bytes"] < PAGE
+
+
+# ------------------------------------------------------------- token and batch checks (issue 22 mutants)
+
+
+def test_a_page_packet_offered_as_the_token_is_rejected_but_counted_like_any_page():
+    src, dst, s, r = pair()
+    write(src, 2, 9)
+    page = s.send_page(2, 1, stream=3)
+    # An authentic page where the token should be: refused as a token, yet it was opened in sequence, so
+    # its header + tag join the target's token like every page received (the source's has it too).
+    assert r.check_token(page) is TokenOutcome.TOKEN_REJECTED
+    assert r.stats.outcomes == {Outcome.MALFORMED: 1}
+    assert r.token() == s.token() and r.token().pages == 1
+    assert r.check_token(s.send_token(stream=3)) is TokenOutcome.MATCH
+
+
+def test_a_token_sized_packet_without_the_token_flag_is_not_a_token():
+    src, dst, s, r = pair()
+    body = s.token().to_bytes()  # exactly a token's size and contents, sealed with a page's flag
+    forged = s._seal(0, 0, 3, int(Flag.PRIVATE), body)
+    assert r.check_token(forged) is TokenOutcome.TOKEN_REJECTED
+    assert r.stats.outcomes == {Outcome.MALFORMED: 1}
+
+
+def test_a_batch_mixing_streams_is_checked_packet_by_packet():
+    src, dst, s, r = pair(shared=[(1, 2)])
+    for g in range(3):
+        write(src, g, g + 1)
+    a0 = s.send_page(0, 1, stream=1)
+    b0, b1 = s.send_pages([1, 2], 1, stream=2)  # shared pages: no tag ties them to stream 2's key
+    # b1 is stream 2's second packet; stream 2's first never arrived: a gap on stream 2 even though the
+    # batch's sequence numbers (0, 1) would be in order for stream 1 alone.
+    assert r.receive_many([a0, b1]) == [Outcome.ACCEPTED, Outcome.BAD_SEQUENCE]
+    assert r.receive_many([b0, b1]) == [Outcome.ACCEPTED] * 2
+    assert [dst.read_plain(g) for g in range(3)] == [src.read_plain(g) for g in range(3)]
+
+
+@pytest.mark.parametrize("c_code", [True, False])
+def test_seal_many_refuses_a_wire_one_byte_short(monkeypatch, c_code):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from replay.security import gcm
+
+    if not c_code:
+        monkeypatch.setattr(gcm, "gcm_seal", None)
+    key, a, ln = bytes(range(32)), 24, 100
+    nonces, aad = np.zeros((1, 12), np.uint8), np.arange(a, dtype=np.uint8).reshape(1, a)
+    body = bytes(range(ln))
+
+    def seal(wire_bytes):
+        wire = np.zeros(wire_bytes, np.uint8)
+        gcm.seal_many(key, nonces, aad, (body,), [0], [0], [ln], [1], wire, [0])
+        return wire.tobytes()
+
+    size = a + ln + TAG_BYTES
+    assert seal(size) == aad.tobytes() + AESGCM(key).encrypt(bytes(12), body, aad.tobytes())
+    with pytest.raises(ValueError, match="packet 0 .*does not fit the wire"):
+        seal(size - 1)
+
+
+def test_halves_splits_a_batch_at_its_middle(monkeypatch):
+    import threading
+
+    from replay.security import parallel
+
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    monkeypatch.setattr(parallel, "SPLIT_MIN", 4)
+    calls, lock = [], threading.Lock()
+
+    def work(lo, hi):
+        with lock:
+            calls.append((lo, hi))
+
+    parallel.halves(7, work)  # 7 // 2 = 3: the first half is the smaller one
+    assert sorted(calls) == [(0, 3), (3, 7)]
+    calls.clear()
+    parallel.halves(3, work)  # below SPLIT_MIN: at once
+    assert calls == [(0, 3)]

@@ -472,3 +472,60 @@ def test_rewriting_pages_held_in_clear_costs_no_scan_of_the_cache(monkeypatch):
     for k in range(50):
         apply_rows(m, [((k * 7 % 64) * PAGE + 8, 16, 0, k)])
     assert scans == [] and m.cached_pages == 64
+
+
+# ------------------------------------------------------------------ bookkeeping paths (issue 22 mutants)
+
+
+def sm64_at(value: int, byte_offset: int, n: int) -> bytes:
+    """The model at an offset: SplitMix64 is a counter, so word k is the mix of ``value + (k + 1) * gamma``."""
+    out = bytearray()
+    k = byte_offset // 8
+    while len(out) < n:
+        z = (value + (k + 1) * 0x9E3779B97F4A7C15) & M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        out += (z ^ (z >> 31)).to_bytes(8, "little")
+        k += 1
+    return bytes(out[:n])
+
+
+def test_install_zero_wipes_a_stored_page():
+    m = host()
+    apply_rows(m, [(3 * PAGE, 64, Op.WRITE, 5), (4 * PAGE, 8, Op.WRITE, 6)])
+    m.install_zero([3], True)
+    model = Model(16)
+    model.apply([(4 * PAGE, 8, Op.WRITE, 6)])
+    assert m.read_plain(3) == bytes(PAGE) and m.read_raw(3) == xts_model(m.key, bytes(PAGE), 1024 + 3)
+    assert m.read_plain(4) == model.page(4) and m.plaintext_digest() == model.digest()
+    m.install_zero([4], False)  # a shared zero page: plain zeros in DRAM
+    assert m.read_raw(4) == bytes(PAGE) and m.plaintext_digest() == Model(16).digest()
+
+
+def test_a_write_longer_than_a_chunk_is_split_at_the_right_addresses():
+    # One row of CHUNK_PAGES + 1 pages starting one page in: it is cut into a CHUNK_PAGES piece and a
+    # one-page piece whose content continues the stream at byte CHUNK_PAGES * 4096 of the row.
+    c = memmod.CHUNK_PAGES
+    m = host(npages=c + 3)
+    apply_rows(m, [(PAGE, (c + 1) * PAGE, Op.WRITE, 7), (PAGE + 8, 8, Op.WRITE, 9)])
+    assert m.read_plain(0) == bytes(PAGE) and m.read_plain(c + 2) == bytes(PAGE)
+    assert m.read_plain(1) == sm64_at(7, 0, 8) + sm64(9, 8) + sm64_at(7, 16, PAGE - 16)
+    assert m.read_plain(c) == sm64_at(7, (c - 1) * PAGE, PAGE)
+    assert m.read_plain(c + 1) == sm64_at(7, c * PAGE, PAGE)
+    assert m.stored_pages == c + 1
+
+
+def test_the_digest_of_pages_stored_out_of_gfn_order_past_one_walk():
+    # Pages stored in the order 0, 5000, 1, 5001, ...: the first walk of WALK_PAGES gfns has slots that
+    # increase with gaps (the other half's pages sit between them), so it is not one run of the arena.
+    n = memmod.WALK_PAGES + 4
+    order = np.empty(2 * n, np.int64)
+    order[0::2], order[1::2] = np.arange(n), np.arange(5000, 5000 + n)
+    pages = np.zeros((2 * n, PAGE), np.uint8)
+    pages[:, :8] = np.arange(1, 2 * n + 1, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    m = host(npages=5000 + n)
+    m.install_plain(order, pages, True)
+    model = Model(5000 + n)
+    for g, p in zip(order.tolist(), pages):
+        model.mem[g * PAGE : g * PAGE + 8] = p[:8].tobytes()
+    assert m.plaintext_digest() == model.digest()

@@ -12,7 +12,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.ipc
 import pytest
 
 from replay.core import validate
@@ -445,3 +447,61 @@ def test_gib_formats_sizes_from_mib_to_gib():
     assert validate._gib(3 << 20) == "3.0 MiB"
     assert validate._gib((1 << 30) - 1) == "1024.0 MiB"
     assert validate._gib(3 << 30) == "3.00 GiB"
+
+
+# ---------------------------------------------------------- summary shape and estimates (issue 22 mutants)
+
+
+def _golden_summary() -> dict:
+    return json.loads((Path(__file__).parent / "golden" / "postcopy" / "mirror-vm" / "summary.json").read_text())
+
+
+def _check(summary):
+    from replay.runs.record import MODES, STATUSES, STRATEGIES
+
+    return validate.check_summary(summary, "s.json", strategies=STRATEGIES, modes=MODES, statuses=STATUSES)
+
+
+def test_summary_first_faults_are_event_kind_gfn():
+    s = _golden_summary()
+    s["first_faults"] = [[3, "npf", 7], [-1, "rmp", 2]]
+    assert _check(s)["first_faults"] == [[3, "npf", 7], [-1, "rmp", 2]]
+    for bad in ([3, 4, 7], [3, "npf", "7"], ["3", "npf", 7], [3, "npf"]):
+        s["first_faults"] = [bad]
+        with pytest.raises(validate.RunDirError, match=r"first_faults\[0\] is not \[event, kind, gfn\]"):
+            _check(s)
+
+
+def test_summary_latency_buckets_need_all_three_integers():
+    s = _golden_summary()
+    hist = s["metrics"]["postcopy"]["latency_hist"]
+    assert hist and _check(s)
+    for bad in ({"bucket_us_lo": 0, "bucket_us_hi": 1}, {"bucket_us_lo": 0, "count": 1}, [0, 1, 1], 5):
+        s["metrics"]["postcopy"]["latency_hist"] = [hist[0], bad]
+        with pytest.raises(validate.RunDirError, match=r"latency_hist\[1\] is not a bucket"):
+            _check(s)
+
+
+def test_inspect_memory_estimate_counts_whole_pages():
+    # 3 pages and one byte: 3 whole pages x 2 bitmaps x 1 B, 2 intervals x 16 B, plus the batch overhead.
+    got = validate.inspect_memory_bytes(3 * 4096 + 1, intervals=2)
+    assert got == 3 * 2 + 2 * 16 + (256 << 20) and type(got) is int
+
+
+def test_a_run_table_with_bytes_a_cheap_check_passes_is_refused(tmp_path):
+    # Structure and buffer sizes are right; only the string bytes are not UTF-8, which the full validation
+    # of every batch finds (a cheaper check would hand the bytes on to polars).
+    from replay.runs.record import parse_table
+
+    schema = pa.schema([("kind", pa.utf8())])
+    bad = pa.Array.from_buffers(pa.utf8(), 2, [None, pa.py_buffer(np.array([0, 2, 4], np.int32).tobytes()),
+                                               pa.py_buffer(b"ok\xff\xfe")])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as w:
+        w.write_batch(pa.record_batch([bad], schema=schema))
+    with pytest.raises(validate.RunDirError, match=r"events\.arrow: not a valid Arrow file \(.*UTF8"):
+        parse_table(tmp_path / "events.arrow", sink.getvalue().to_pybytes(), schema)
+    good = pa.BufferOutputStream()
+    with pa.ipc.new_file(good, schema) as w:
+        w.write_batch(pa.record_batch([pa.array(["ok", "no"])], schema=schema))
+    assert parse_table(tmp_path / "e.arrow", good.getvalue().to_pybytes(), schema).column(0).to_pylist() == ["ok", "no"]
