@@ -505,3 +505,27 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     with pytest.raises(TraceError):
         write(path, bad(cols(10), op=(3, 7)))
     assert read_meta(path) == meta and [p.name for p in tmp_path.iterdir()] == ["i.arrow"]
+
+
+_ABANDON = r"""
+import sys, threading
+from replay.traces.format import open_trace
+
+it = iter(open_trace(sys.argv[1]))
+next(it)  # a batch read, the next one reading ahead and this one hashing: both helper threads started
+# The garbage collector can close an abandoned reader inside another thread's start-up, which holds this lock
+# (threading._maintain_shutdown_locks); closing it there must not join a thread (that needs the same lock).
+with threading._shutdown_locks_lock:
+    it.close()
+print("closed")
+"""
+
+
+def test_an_abandoned_reader_closes_without_joining_its_threads(tmp_path):
+    """A run that stops early leaves its reader to the garbage collector; the reader's clean-up used to join
+    its helper threads, which hung a run forever when the collector ran inside a starting thread."""
+    path = tmp_path / "t.arrow"
+    write(path, cols(5000), batch_rows=1000)
+    p = subprocess.run([sys.executable, "-c", _ABANDON, str(path)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0 and p.stdout == "closed\n", p.stderr

@@ -604,8 +604,10 @@ class TraceWriter:
             raise
 
     def _shutdown_pool(self) -> None:
+        # wait=False: abort() also runs from __del__, where joining a thread can deadlock (see TraceReader);
+        # the pool's jobs were all awaited before (close) or are moot (abort).
         if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=False)
             self._pool = None
 
     def abort(self) -> None:
@@ -827,15 +829,19 @@ class TraceReader:
                 job, hashing = hashing, None
                 job.result()
         finally:
+            # Never join a thread here: an abandoned reader is closed by the garbage collector, which can run
+            # inside another thread's start-up while it holds the interpreter's thread-shutdown lock, and a
+            # join there waits on that lock forever (seen: a run hung in Thread.start). The jobs are awaited
+            # (no thread lock involved); the idle workers then exit on their own.
             if ahead is not None:
                 with contextlib.suppress(BaseException):
                     ahead.result()
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown(wait=False)
             if hashing is not None:
                 with contextlib.suppress(BaseException):
                     hashing.result()
-            hash_pool.shutdown(wait=True)
+            hash_pool.shutdown(wait=False)
         if row != meta.events:
             raise TraceError(
                 f"{self.path}: batch {self.num_batches}, row {row}: file has {row} rows but metadata says events={meta.events}"
