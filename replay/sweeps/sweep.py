@@ -494,7 +494,7 @@ def build_table(sweep: Sweep, pts: Sequence[Point], keys: Mapping[int, str], out
 
 
 def _read_summary(run_dir: Path) -> dict | None:
-    """A point's run summary if its run directory is complete and intact (``runrecord.check_run_dir``),
+    """A point's run summary if its run directory is complete and intact (``replay.runs.record.check_run_dir``),
     else None: the point counts as not run, and running it again replaces whatever is there."""
     try:
         return check_run_dir(run_dir)[0]
