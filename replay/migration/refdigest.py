@@ -47,15 +47,21 @@ def cache_key(meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str) -> str
     return hashlib.blake2b(canonical_json(ident), digest_size=16).hexdigest()
 
 
+def _launched_engine(meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str):
+    """One host of the trace's guest, launched as a run launches its source: what both passes replay on."""
+    from ..engines import make_engine
+
+    eng = make_engine(engine_kind, npages=meta.npages, vcpus=meta.vcpus, asid=asid, os_vmpl=os_vmpl, hosts=1)
+    eng.launch(0, list(meta.shared_ranges))
+    return eng
+
+
 def compute(trace_path: str | Path, meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str,
             progress: Callable[[int], None] | None = None) -> str:
     """Replay the whole trace on one host with no migration; the end-of-trace memory digest."""
     from ..engines.common import U64_MAX
-    from ..engines import make_engine
 
-    eng = make_engine(engine_kind, npages=meta.npages, vcpus=meta.vcpus, asid=asid,
-                      os_vmpl=os_vmpl, hosts=1)
-    eng.launch(0, list(meta.shared_ranges))
+    eng = _launched_engine(meta, asid, os_vmpl, engine_kind)
     with open_trace(trace_path) as reader:
         for base, batch in reader:
             eng.replay(0, batch, 0, base, U64_MAX)
@@ -136,12 +142,8 @@ class Background:
         return meta.npages * cls.BYTES_PER_PAGE <= available_memory_bytes() // 4
 
     def __init__(self, meta: TraceMeta, asid: int, os_vmpl: int, engine_kind: str):
-        from ..engines import make_engine
-
         self.meta, self.key = meta, (asid, os_vmpl, engine_kind)
-        self._eng = make_engine(engine_kind, npages=meta.npages, vcpus=meta.vcpus, asid=asid, os_vmpl=os_vmpl,
-                                hosts=1)
-        self._eng.launch(0, list(meta.shared_ranges))
+        self._eng = _launched_engine(meta, asid, os_vmpl, engine_kind)
         self._q: queue.Queue = queue.Queue(maxsize=self.DEPTH)
         self._error: BaseException | None = None
         self._digest: str | None = None
