@@ -121,3 +121,20 @@ def test_diff_text_leads_with_the_answer_and_folds(tmp_path, capsys):
     assert "npf_asid" not in out and "npf_asid" in render_text(res, all_metrics=True)
     assert main(["diff", str(a), str(b), "--all-metrics"]) == 0
     assert "npf_asid" in capsys.readouterr().out
+
+
+def test_small_formatters_by_hand():
+    """The slowdown percentage, the fold line's plural, a boolean never taken for a metric, and the demand
+    line (its quota in CPUs from milli-CPUs), from tools/mutate's survivors in headline.py."""
+    from replay.analysis.headline import demand_text, folded_line, format_ppm
+
+    assert format_ppm(1_000_000) == "100.00 %" and format_ppm(250_000) == "25.00 %"
+    assert folded_line(1, "every run", "--x").startswith("1 metric zero")
+    assert folded_line(2, "every run", "--x").startswith("2 metrics zero")
+    done = {"status": "completed", "metrics": {"downtime_ns": True}}
+    assert verdicts([done, done])[0].values == (None, None)  # True is not 1 ns of downtime
+    assert demand_text({"metrics": {}}) == "every vCPU busy at all times (older record)"
+    assert demand_text({}) == "every vCPU busy at all times (older record)"
+    assert demand_text({"metrics": {"cpu_demand": {"model": "busy", "quota_cpus_milli": 2500}}}) == \
+        "every vCPU busy at all times; quota 2.5 CPUs"
+    assert demand_text({"metrics": {"cpu_demand": {"model": "busy"}}}).endswith("quota 0 CPUs")
