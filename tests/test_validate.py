@@ -505,3 +505,179 @@ def test_a_run_table_with_bytes_a_cheap_check_passes_is_refused(tmp_path):
     with pa.ipc.new_file(good, schema) as w:
         w.write_batch(pa.record_batch([pa.array(["ok", "no"])], schema=schema))
     assert parse_table(tmp_path / "e.arrow", good.getvalue().to_pybytes(), schema).column(0).to_pylist() == ["ok", "no"]
+
+
+# Every scenario key's range by hand (issue 22): the numbers are written out here, not taken from the
+# module, so a changed limit (a constant, or the table) fails. U64 = 2^64 - 1, I64 = 2^63 - 1, ENGINE =
+# 2^62 - 1 (the engine's clock operands), COST = 2^41 (a step of ~36 min or 2 TiB), a run's guest 16 TiB
+# - 4 MiB (the SVSM's 1,024 VMSA gfns after it), 2^32 - 1 for APIC IDs and ASIDs.
+_U64, _I64, _ENGINE, _COST = 18446744073709551615, 9223372036854775807, 4611686018427387903, 2199023255552
+_HAND_RULES = {
+    ("", "seed"): (0, _U64, ""),
+    ("guest", "guest_bytes"): (0, 17592181850112, "bytes"),
+    ("guest", "vcpus"): (0, 65536, "vCPUs"),
+    ("guest", "os_vmpl"): (0, 3, "VMPL"),
+    ("guest", "apic_id_first"): (0, 4294967295, ""),
+    ("guest", "apic_id_last"): (-1, 4294967295, ""),
+    ("guest", "asid"): (1, 4294967295, ""),
+    ("trace", "events"): (0, _I64, "events"),
+    ("trace", "rate"): (1, _I64, "accesses per second"),
+    ("trace", "seed"): (-1, _U64, ""),
+    ("migration", "bandwidth_bytes_per_s"): (1, _ENGINE, "bytes per second"),
+    ("migration", "latency_ns"): (0, _COST, "ns"),
+    ("migration", "latency_jitter_ns"): (0, _COST, "ns"),
+    ("migration", "max_rounds"): (1, 100000, "rounds"),
+    ("migration", "precopy_rounds"): (0, 100000, "rounds"),
+    ("migration", "agents_initial"): (1, 65536, "agents"),
+    ("migration", "agents_max"): (1, 65536, "agents"),
+    ("migration", "shadow_apic_id_base"): (0, 4294967295, ""),
+    ("migration", "shadow_apic_ids"): (0, 65536, "APIC IDs"),
+    ("migration", "prepage_pages"): (0, 4294967296, "pages"),
+    ("costs", "batch_pages"): (1, 4294967296, "pages"),
+    ("fault", "duration_ns"): (-1, _ENGINE, "ns"),
+    ("adversary", "at_ns"): (-1, _ENGINE, "ns"),
+    ("adversary", "stream"): (-1, 65535, ""),
+    ("adversary", "sequence"): (-1, _ENGINE, ""),
+    ("adversary", "duration_ns"): (-1, _ENGINE, "ns"),
+    # keys not in the table: the rule of their name, costs capped at COST, everything else at ENGINE
+    ("costs", "rmpadjust_ns"): (0, _COST, "ns"),
+    ("costs", "stream_bytes"): (0, _COST, "bytes"),
+    ("costs", "agents"): (0, _COST, ""),
+    ("kernel", "zero_ns_per_gib"): (0, _ENGINE, "ns"),
+    ("kernel", "buffer_bytes_per_s"): (0, _ENGINE, "bytes"),
+    ("migration", "downtime_limit_ns"): (0, _ENGINE, "ns"),
+    ("migration", "xbzrle_cache_bytes"): (0, _ENGINE, "bytes"),
+    ("guest", "something"): (0, _ENGINE, ""),
+}
+
+
+def test_every_listed_key_has_a_hand_checked_range():
+    assert set(validate.KEY_RULES) <= set(_HAND_RULES)
+
+
+@pytest.mark.parametrize("section, key", sorted(_HAND_RULES))
+def test_every_key_range_at_both_ends_with_its_unit(section, key):
+    lo, hi, unit = _HAND_RULES[(section, key)]
+    u = f" {unit}" if unit else ""
+    assert validate.check_key(section, key, lo, 0, "w") == lo
+    assert validate.check_key(section, key, hi, 0, "w") == hi
+    with pytest.raises(ScenarioError) as e:
+        validate.check_key(section, key, lo - 1, 0, "w")
+    assert str(e.value) == f"w: must be >= {lo}{u}, got {lo - 1}"
+    with pytest.raises(ScenarioError) as e:
+        validate.check_key(section, key, hi + 1, 0, "w")
+    assert str(e.value) == f"w: must be <= {hi}{u}, got {validate.short(hi + 1)}"
+    with pytest.raises(ScenarioError) as e:
+        validate.check_key(section, key, "1", 0, "w")
+    assert str(e.value) == f"w: expected an integer{' (' + unit + ')' if unit else ''}, got '1'"
+
+
+def test_string_keys_at_their_length_limit():
+    # 4,096 characters pass, 4,097 are refused with both figures; a NUL is refused at any length
+    assert validate.check_key("", "name", "x" * 4096, "", "w") == "x" * 4096
+    with pytest.raises(ScenarioError, match=r"^w: string of 4097 characters \(at most 4096\)$"):
+        validate.check_key("", "name", "x" * 4097, "", "w")
+    with pytest.raises(ScenarioError, match="NUL"):
+        validate.check_key("", "name", "a\x00", "", "w")
+
+
+def test_quotes_and_nesting_at_their_limits():
+    # a bad value is quoted up to 60 characters of its repr; a run record or scenario may nest 32 deep
+    assert validate.short("x" * 58) == repr("x" * 58)                     # 60 characters with the quotes
+    assert validate.short("x" * 59) == repr("x" * 59)[:60] + "... (61 chars)"
+    assert validate.load_json("[" * 32 + "]" * 32, "w") is not None
+    with pytest.raises(validate.RunDirError, match="^w: nested deeper than 32 levels$"):
+        validate.load_json("[" * 33 + "]" * 33, "w")
+    assert validate.depth([[[1]]], limit=32) == 3
+    doc = {"a": 1}
+    for _ in range(39):
+        doc = {"a": doc}
+    assert validate.depth(doc) == 33   # 40 deep, past the default limit of 32: it stops counting at 33
+
+
+def test_clip_keeps_200_characters():
+    assert validate.clip("x" * 200) == "x" * 200
+    assert validate.clip("x" * 201) == "x" * 200 + "... (201 chars)"
+
+
+def test_an_import_guest_up_to_16_tib_less_a_page():
+    from replay.core.errors import UsageError
+    from replay.traces.importers import ImportOptions
+
+    top = (1 << 44) - 4096
+    assert ImportOptions(fmt="csv", guest_bytes=top).guest_bytes == 17592186040320
+    with pytest.raises(UsageError, match="up to 17592186040320 bytes"):
+        ImportOptions(fmt="csv", guest_bytes=top + 4096)
+
+
+# ------------------------------------------------------------------ paths: how messages show them (issue 22)
+
+
+def test_paths_are_shown_as_given_up_to_256_printable_characters():
+    from replay.core.paths import show
+
+    assert show("a" * 256) == "a" * 256
+    assert show("a" * 257) == validate.short("a" * 257)
+    assert show("tab\there") == repr("tab\there")      # not printable: quoted, whatever its length
+    assert show(Path("x/y")) == "x/y"
+
+
+def test_an_unreadable_path_names_the_system_error(tmp_path):
+    from replay.core.errors import UsageError
+    from replay.core.paths import require_regular
+
+    too_long = tmp_path / ("n" * 300)           # a name longer than NAME_MAX: stat fails with ENAMETOOLONG
+    with pytest.raises(UsageError) as e:
+        require_regular(too_long)
+    assert str(e.value).endswith(": cannot open: File name too long")
+
+
+def test_check_output_sees_every_input_and_the_working_directory(tmp_path, monkeypatch):
+    from replay.core.errors import UsageError
+    from replay.core.paths import check_output
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(UsageError, match="is the input"):
+        check_output("out.json", [None, "", "out.json"])     # absent inputs skipped, the rest still checked
+    for cwd_or_parent in (".", "..", str(tmp_path)):
+        with pytest.raises(UsageError, match="is or contains the current directory"):
+            check_output(cwd_or_parent, [])
+    assert check_output("sub/new", []) == Path("sub/new")
+
+
+def test_a_replaced_directory_must_be_a_real_directory_of_that_kind(tmp_path):
+    from replay.core.errors import UsageError
+    from replay.core.paths import check_replaceable_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="exists and is not a directory"):
+        check_replaceable_dir(tmp_path / "file", [], "run directory")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    with pytest.raises(UsageError, match="exists and is not a directory"):
+        check_replaceable_dir(tmp_path / "link", [], "run directory")
+    check_replaceable_dir(tmp_path / "d", [], "run directory")          # empty: fine
+    name = "e" * 50
+    (tmp_path / "d" / name).write_text("x")
+    with pytest.raises(UsageError) as e:
+        check_replaceable_dir(tmp_path / "d", ["summary.json"], "run directory")
+    # the stray entry quoted to 40 characters of its repr, with its full length
+    assert f"(it holds {repr(name)[:40]}... (52 chars))" in str(e.value)
+
+
+def test_json_nesting_counts_brackets_outside_strings_only():
+    # the cheap pre-scan before json.loads: brackets inside strings (also after an escaped quote) do not
+    # nest; siblings close what they opened; 32 levels pass and 33 do not, wherever the deep branch is
+    deep = "[" * 40 + "]" * 40
+    assert validate.load_json(json.dumps({"a": deep}), "w") == {"a": deep}
+    assert validate.load_json(json.dumps({"a": '\\"' + deep}), "w") == {"a": '\\"' + deep}
+    assert validate.load_json(json.dumps(['"' + deep, "x"]), "w") == ['"' + deep, "x"]
+    ok = "[[], " + "[" * 31 + "]" * 31 + "]"
+    assert validate.load_json(ok, "w") is not None
+    for bad in ("[[], " + "[" * 32 + "]" * 32 + "]", "[" * 33 + "]" * 33,
+                '{"a": "[[", "b": ' + "[" * 32 + "]" * 32 + "}"):
+        with pytest.raises(validate.RunDirError, match="^w: nested deeper than 32 levels$"):
+            validate.load_json(bad, "w")
+    with pytest.raises(validate.RunDirError, match=r"^w: malformed JSON \(NaN is not a number\)$"):
+        validate.load_json('{"a": NaN}', "w")

@@ -1,0 +1,153 @@
+"""tools/mutate's own machinery: which tests it picks for a mutant, the warm test server (pass, fail, hang)
+and the coverage map. Mutating needs cosmic-ray (the `mutate` extra); none of this does."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load():
+    loader = importlib.machinery.SourceFileLoader("mutate_tool", str(ROOT / "tools" / "mutate"))
+    spec = importlib.util.spec_from_loader("mutate_tool", loader)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["mutate_tool"] = mod  # (dataclasses look their module up)
+    loader.exec_module(mod)
+    return mod
+
+
+mt = _load()
+
+SRC = textwrap.dedent('''\
+    LIMIT = 4                      # 1
+                                   # 2
+    @decorate(LIMIT + 1)           # 3
+    def f(x, y=2):                 # 4
+        if x > LIMIT and (         # 5
+                y < 3):            # 6
+            return call(x,         # 7
+                        y + 1)     # 8
+        for i in range(x - 1):     # 9
+            x += i                 # 10
+        return x                   # 11
+    ''')
+
+
+def test_header_lines_cut_compound_statements_to_their_header():
+    h = mt._header_lines(SRC)
+    assert h[1] == range(1, 2)
+    assert h[3] == h[4] == range(3, 5)          # decorator and signature (defaults): the def's header
+    assert h[5] == h[6] == range(5, 7)          # the if's test over two lines, not its body
+    assert h[7] == h[8] == range(7, 9)          # one statement over two lines
+    assert h[9] == range(9, 10) and h[10] == range(10, 11) and h[11] == range(11, 12)
+
+
+def _selector(lines: dict) -> object:
+    cmap = {"tests": ["tests/test_validate.py::a", "tests/test_validate.py::b", "tests/test_other.py::c"],
+            "durations": [0.5, 0.1, 0.2], "lines": {"replay/core/paths.py": lines}}
+    return mt.Selector(cmap, {"replay/core/paths.py": SRC})
+
+
+def _m(line: int):
+    return mt.Mutant("replay/core/paths.py", "core/AddNot", 0, line, 0, "k")
+
+
+def test_selector_takes_the_tests_that_ran_the_statement_fastest_first():
+    sel = _selector({"5": [0, 1], "7": [2], "10": [0], "1": [-1], "4": [-1]})
+    assert sel.select(_m(6)) == (["tests/test_validate.py::b", "tests/test_validate.py::a"], 0.6, False)
+    assert sel.select(_m(8)) == (["tests/test_other.py::c"], 0.2, False)   # line 8 has no record: line 7 has
+    assert sel.select(_m(10)) == (["tests/test_validate.py::a"], 0.5, False)
+    assert sel.fallbacks == 0
+
+
+def test_selector_falls_back_to_the_module_for_import_time_and_unrun_statements():
+    sel = _selector({"5": [0, 1], "1": [-1], "4": [-1]})
+    # run at import (a constant, a default): every test of the module's files (MODULE_TESTS), fastest first
+    wide = (["tests/test_validate.py::b", "tests/test_validate.py::a"], pytest.approx(0.6), True)
+    assert sel.select(_m(1)) == wide
+    assert sel.select(_m(4)) == wide
+    assert sel.select(_m(11)) == wide                                     # run by no test in process
+    assert sel.fallbacks == 3
+
+
+@pytest.mark.parametrize("rc,outcome", [(None, "timeout"), (0, "survived"), (1, "killed"), (2, "killed"),
+                                        (3, "killed"), (4, "error"), (5, "error")])
+def test_exit_codes(rc, outcome):
+    assert mt._outcome(rc) == outcome
+
+
+def _tree(tmp_path: Path) -> Path:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "pkg.py").write_text("def f(x):\n    return x + 1\n\nLIMIT = 3\n")
+    (tmp_path / "tests" / "test_t.py").write_text(textwrap.dedent('''\
+        import time
+        import pkg
+
+        def test_pass():
+            assert pkg.f(1) == 2
+
+        def test_fail():
+            assert pkg.f(1) == 3
+
+        def test_hang():
+            while pkg.LIMIT:
+                time.sleep(0.01)
+        '''))
+    return tmp_path
+
+
+def test_server_passes_fails_and_kills_a_hang(tmp_path):
+    tree = _tree(tmp_path)
+    server = mt.Server(tree)
+    try:
+        assert server.run(["tests/test_t.py::test_pass"], timeout=60)[0] == "survived"
+        assert server.run(["tests/test_t.py::test_fail"], timeout=60)[0] == "killed"
+        assert server.run(["tests/test_t.py::test_nothing"], timeout=60)[0] == "error"   # nothing collected
+        t0 = time.monotonic()
+        outcome, secs = server.run(["tests/test_t.py::test_hang"], timeout=1.0)
+        assert outcome == "timeout" and 1.0 <= secs < 30 and time.monotonic() - t0 < 30
+        # a mutant written into the tree is what the next run imports (the fresh mtime beats the .pyc)
+        (tree / "pkg.py").write_text("def f(x):\n    return x + 2\n\nLIMIT = 3\n")
+        server.touch(tree / "pkg.py")
+        assert server.run(["tests/test_t.py::test_fail"], timeout=60)[0] == "survived"
+        (tree / "pkg.py").write_text("def f(x):\n    return x + 1\n\nLIMIT = 3\n")
+        server.touch(tree / "pkg.py")
+        assert server.run(["tests/test_t.py::test_pass"], timeout=60)[0] == "survived"
+    finally:
+        server.close()
+    assert server.proc.returncode == 0
+
+
+def test_coverage_map_records_which_test_ran_which_line(tmp_path):
+    tree = _tree(tmp_path)
+    doc = mt.coverage_map(tree, ["pkg.py"], ["tests/test_t.py::test_pass"], cache=None)
+    assert doc["tests"] == ["tests/test_t.py::test_pass"] and doc["failed"] == []
+    lines = {int(k): v for k, v in doc["lines"]["pkg.py"].items()}
+    assert lines[2] == [0]                 # the function body: by the test
+    assert lines[1] == [-1] and lines[4] == [-1]   # the def and the constant: at import
+    with pytest.raises(SystemExit, match="unmutated tests fail"):
+        mt.coverage_map(tree, ["pkg.py"], ["tests/test_t.py::test_fail"], cache=None)
+    json.dumps(doc)  # (the cache stores it as JSON)
+
+
+def test_stages_run_the_first_two_files_fastest_tests_first():
+    tests = [f"tests/a.py::t{i}" for i in range(30)] + [f"tests/b.py::t{i}" for i in range(5)] \
+        + [f"tests/c.py::t{i}" for i in range(10)] + ["tests/a.py::late"]
+    dur = {t: 0.5 for t in tests}
+    (first, first_s), (rest, rest_s) = mt.stages(tests, 23.0, dur.__getitem__)
+    assert first == tests[:35] + ["tests/a.py::late"] and first_s == 18.0   # a's and b's tests
+    assert rest == tests[35:45] and rest_s == 5.0                           # c's: a third file
+    assert mt.stages(tests[:40], 20.0, dur.__getitem__) == [(tests[:40], 20.0)]   # 40 or fewer: one run
+    assert mt.stages(tests, 23.0, None) == [(tests, 23.0)]                         # --select modules
+    many = [f"tests/a.py::t{i}" for i in range(45)]
+    (first, _), (rest, _) = mt.stages(many, 22.5, lambda t: 0.5)
+    assert first == many[:40] and rest == many[40:]          # at most 40 in the first run
