@@ -140,8 +140,8 @@ def test_coverage_map_records_which_test_ran_which_line(tmp_path):
 
 
 def test_stages_run_the_first_two_files_fastest_tests_first():
-    tests = [f"tests/a.py::t{i}" for i in range(30)] + [f"tests/b.py::t{i}" for i in range(5)] \
-        + [f"tests/c.py::t{i}" for i in range(10)] + ["tests/a.py::late"]
+    tests = ([f"tests/a.py::t{i}" for i in range(30)] + [f"tests/b.py::t{i}" for i in range(5)]
+             + [f"tests/c.py::t{i}" for i in range(10)] + ["tests/a.py::late"])
     dur = {t: 0.5 for t in tests}
     (first, first_s), (rest, rest_s) = mt.stages(tests, 23.0, dur.__getitem__)
     assert first == tests[:35] + ["tests/a.py::late"] and first_s == 18.0   # a's and b's tests
