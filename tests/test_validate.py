@@ -681,3 +681,296 @@ def test_json_nesting_counts_brackets_outside_strings_only():
             validate.load_json(bad, "w")
     with pytest.raises(validate.RunDirError, match=r"^w: malformed JSON \(NaN is not a number\)$"):
         validate.load_json('{"a": NaN}', "w")
+
+
+# validate.py survivors of the full pass (issue 22)
+#
+# Every figure below is worked out by hand from the rule in validate.py's comments and docstrings, not
+# taken from the module: a changed constant, bound or loop fails here.
+
+
+def test_a_tables_nesting_stops_at_four_levels():
+    # a free table (trace.options) may nest 4 levels (the table itself is the first); the 5th is refused
+    four = {"a": {"b": {"c": {"d": 1}}}}
+    assert validate.check_key("trace", "options", four, {}, "w") == four
+    assert dict(make_scenario(trace={**GEN, "options": four}).trace.options) == four
+    with pytest.raises(ScenarioError, match=r"^w: nested deeper than 4 levels$"):
+        validate.check_key("trace", "options", {"a": four}, {}, "w")
+
+
+def test_round_budget_rounds_down_when_pages_do_not_divide_it():
+    # a 12 GiB guest: 3 x 2^20 pages; 2^35 / (3 x 2^20) = 32768 / 3 = 10922.67, so at most 10,922 rounds
+    assert validate.max_rounds_for(3 << 20) == 10922 and type(validate.max_rounds_for(3 << 20)) is int
+    for key in ("max_rounds", "precopy_rounds"):
+        m = MigrationSpec(mode="hybrid", **{key: 10922})
+        validate.check_round_budget(m, 3 << 20)
+        with pytest.raises(ScenarioError) as e:
+            validate.check_round_budget(dataclasses.replace(m, **{key: 10923}), 3 << 20)
+        assert str(e.value) == (f"migration.{key} 10923 is too many for a guest of 3145728 pages: at most 10922 "
+                                f"(rounds x pages <= 2^35, so that a run ends in bounded time)")
+
+
+def test_run_memory_estimate_counts_whole_pages():
+    # 3 pages and one byte: 3 whole pages x 24 B, 2 vCPUs x 64 B, plus the 256 MiB batch overhead
+    got = validate.run_memory_bytes(3 * 4096 + 1, 2)
+    assert got == 72 + 128 + 268435456 and type(got) is int
+
+
+def test_inspect_memory_estimate_without_intervals():
+    # no intervals by default: 5 pages x 2 bitmaps x 1 B plus the batch overhead only
+    assert validate.inspect_memory_bytes(5 * 4096) == 10 + 268435456
+
+
+def test_generating_a_trace_needs_31_bytes_a_row_of_disk(tmp_path, monkeypatch):
+    # the writer's uncompressed first pass: 8 + 2 + 8 + 4 + 1 + 8 = 31 B a row; 10 events plus a fill of
+    # the 64-page guest = 74 rows = 2,294 bytes, checked against the free space of the output's directory
+    from collections import namedtuple
+
+    from replay import api
+
+    free = {}
+    asked = []
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(validate.shutil, "disk_usage", lambda p: (asked.append(p), usage(1 << 40, 0, free["b"]))[1])
+    free["b"] = 2293
+    with pytest.raises(validate.ResourceError) as e:
+        api.generate("uniform", tmp_path / "t.arrow", guest_size=64 * 4096, vcpus=1, events=10, seed=1, fill=True)
+    assert str(e.value) == f"gen uniform (74 events) needs about 0.0 MiB of disk in {tmp_path} but only 0.0 MiB is free"
+    assert asked == [tmp_path] and not (tmp_path / "t.arrow").exists()
+    free["b"] = 2294  # exactly enough
+    meta = api.generate("uniform", tmp_path / "t.arrow", guest_size=64 * 4096, vcpus=1, events=10, seed=1, fill=True)
+    assert meta.events == 74
+
+
+def test_disk_check_passes_at_exactly_the_free_space(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(validate.shutil, "disk_usage", lambda p: usage(1 << 40, 0, 3 << 30))
+    validate.check_disk(3 << 30, tmp_path, "x")
+    with pytest.raises(validate.ResourceError) as e:
+        validate.check_disk((3 << 30) + 1, tmp_path, "x")
+    assert str(e.value) == f"x needs about 3.00 GiB of disk in {tmp_path} but only 3.00 GiB is free"
+
+
+def test_gib_switches_to_gib_at_exactly_one_gib():
+    assert validate._gib(1 << 30) == "1.00 GiB"
+    assert validate._gib(3 << 29) == "1.50 GiB"
+    assert validate._gib((1 << 30) - (1 << 20)) == "1023.0 MiB"
+
+
+# /proc/meminfo as the kernel writes it (values in kB); the first MemAvailable line is the one read
+_MEMINFO = b"MemTotal:        1000 kB\nMemFree:          500 kB\nMemAvailable:     750 kB\nMemAvailable:     999 kB\n"
+
+
+def _fake_machine(monkeypatch, meminfo, sysconf):
+    import io
+
+    def fake_open(path, mode="r", *a, **kw):
+        assert (path, mode) == ("/proc/meminfo", "rb")
+        if meminfo is None:
+            raise FileNotFoundError(2, "No such file or directory")
+        return io.BytesIO(meminfo)
+
+    def fake_sysconf(name):
+        if sysconf is None:
+            raise ValueError(f"unrecognized configuration name {name}")
+        return sysconf[name]
+
+    monkeypatch.setattr(validate, "open", fake_open, raising=False)
+    monkeypatch.setattr(validate.os, "sysconf", fake_sysconf)
+
+
+def test_machine_memory_is_memavailable_in_kib(monkeypatch):
+    # 750 kB x 1024; MemTotal, MemFree and a second MemAvailable line are not read
+    _fake_machine(monkeypatch, _MEMINFO, {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096})
+    assert validate.machine_available_bytes() == 768000
+
+
+def test_machine_memory_falls_back_to_sysconf_then_to_2_pow_62(monkeypatch):
+    # no MemAvailable line (kernels before 3.14), or no /proc at all: free pages x page size = 3 x 4096
+    _fake_machine(monkeypatch, b"MemTotal:        1000 kB\nMemFree:          500 kB\n",
+                  {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096})
+    assert validate.machine_available_bytes() == 12288
+    _fake_machine(monkeypatch, None, {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096})
+    assert validate.machine_available_bytes() == 12288
+    _fake_machine(monkeypatch, None, None)  # nothing to ask: no limit (2^62)
+    assert validate.machine_available_bytes() == 4611686018427387904
+
+
+def _memory(monkeypatch, have, machine):
+    monkeypatch.setattr(validate, "available_memory_bytes", lambda: have)
+    monkeypatch.setattr(validate, "machine_available_bytes", lambda: machine)
+
+
+def test_memory_check_refuses_by_default_and_one_process_is_checked_once(monkeypatch):
+    need = 3 << 20
+    _memory(monkeypatch, need, need)
+    validate.check_memory(need, "x")                  # exactly enough, one process (the default)
+    _memory(monkeypatch, need - 1, need - 1)
+    with pytest.raises(validate.ResourceError) as e:
+        validate.check_memory(need, "x")              # not allowed by default
+    # one process: the single-process message, not "(1 processes of ...)"
+    assert str(e.value) == "x needs about 3.0 MiB of memory but this machine has 3.0 MiB available (--allow-memory to try anyway)"
+    validate.check_memory(need, "x", allow=True)
+
+
+def test_memory_check_of_two_processes_counts_both_against_the_machine(monkeypatch):
+    need = 3 << 20
+    _memory(monkeypatch, 6 << 20, 6 << 20)
+    validate.check_memory(need, "x", processes=2)     # 2 x 3 MiB = 6 MiB: exactly enough
+    _memory(monkeypatch, 5 << 20, 5 << 20)
+    with pytest.raises(validate.ResourceError) as e:
+        validate.check_memory(need, "x", processes=2)
+    assert str(e.value) == ("x needs about 6.0 MiB of memory (2 processes of 3.0 MiB) but this machine has "
+                            "5.0 MiB available (--allow-memory to try anyway)")
+    validate.check_memory(need, "x", processes=1)     # one of them fits
+    _memory(monkeypatch, 6 << 20, (6 << 20) - 1)      # the machine one byte short: refused
+    with pytest.raises(validate.ResourceError, match=r"\(2 processes of 3\.0 MiB\)"):
+        validate.check_memory(need, "x", processes=2)
+
+
+# ---- run records: summary.json's shape, key by key (the golden record is a valid one to start from)
+
+
+def _refused(summary, message):
+    with pytest.raises(validate.RunDirError) as e:
+        _check(summary)
+    assert str(e.value) == f"s.json: {message}"
+
+
+def test_summary_takes_its_allowed_values_by_keyword_only():
+    from replay.runs.record import MODES, STATUSES, STRATEGIES
+
+    s = _golden_summary()
+    assert validate.check_summary(summary=s, where="w", strategies=STRATEGIES, modes=MODES, statuses=STATUSES) is s
+    with pytest.raises(TypeError):
+        validate.check_summary(s, "w", STRATEGIES, MODES, STATUSES)
+
+
+def test_summary_nesting_up_to_32_levels():
+    # the summary is level 1, its scenario level 2: 30 more levels make 32 (accepted), 31 make 33
+    s = _golden_summary()
+    deep = 1
+    for _ in range(30):
+        deep = {"a": deep}
+    s["scenario"]["deep"] = deep
+    assert _check(s) is s
+    s["scenario"]["deep"] = {"a": deep}
+    _refused(s, "nested deeper than 32 levels")
+
+
+@pytest.mark.parametrize("key", ["status", "strategy", "mode", "scenario", "trace", "metrics", "digests",
+                                 "invariants"])
+def test_summary_required_keys(key):
+    s = _golden_summary()
+    del s[key]
+    _refused(s, f"missing key {key!r}")
+
+
+def test_summary_optional_keys_may_be_absent():
+    s = _golden_summary()
+    for key in ("format", "version", "status_reason", "tool", "first_faults", "adversary", "adversary_effects"):
+        s.pop(key, None)
+    assert _check(s) is s
+
+
+@pytest.mark.parametrize("key, bad, message", [
+    ("format", 1, "format is 1, expected a str"),
+    ("version", "1", "version is '1', expected a int"),
+    ("version", True, "version is True, expected a int"),
+    ("status", 1, "status is 1, expected a str"),
+    ("status_reason", None, "status_reason is None, expected a str"),
+    ("strategy", ["mirror-vm"], "strategy is ['mirror-vm'], expected a str"),
+    ("mode", 2, "mode is 2, expected a str"),
+    ("scenario", [], "scenario is [], expected a dict"),
+    ("trace", "t", "trace is 't', expected a dict"),
+    ("metrics", [], "metrics is [], expected a dict"),
+    ("digests", [], "digests is [], expected a dict"),
+    ("invariants", True, "invariants is True, expected a dict"),
+    ("tool", "replay", "tool is 'replay', expected a dict"),
+    ("first_faults", {}, "first_faults is {}, expected a list"),
+    ("adversary", {}, "adversary is {}, expected a list"),
+    ("adversary_effects", [], "adversary_effects is [], expected a dict"),
+])
+def test_summary_top_level_types(key, bad, message):
+    s = _golden_summary()
+    s[key] = bad
+    _refused(s, message)
+
+
+@pytest.mark.parametrize("key, t, bad", [("digest", "str", 1), ("events", "int", "3"), ("events", "int", False),
+                                         ("guest_bytes", "int", 1.0), ("vcpus", "int", None),
+                                         ("source", "dict", [])])
+def test_summary_trace_keys(key, t, bad):
+    s = _golden_summary()
+    s["trace"][key] = bad
+    _refused(s, f"trace.{key} is missing or not a {t}")
+    del s["trace"][key]
+    _refused(s, f"trace.{key} is missing or not a {t}")
+
+
+def test_summary_digests_are_empty_or_32_or_64_lowercase_hex():
+    s = _golden_summary()
+    for good in ("", "0123456789abcdef" * 2, "f" * 64):
+        s["digests"]["x"] = good
+        assert _check(s) is s
+    for bad in ("0" * 31, "0" * 33, "0" * 63, "0" * 65, "abc", "g" * 32, "A" * 32, "z" * 64):
+        s["digests"]["x"] = bad
+        # quoted as short() does: the repr (the string and its 2 quotes) cut to 60 characters past 58
+        shown = repr(bad) if len(bad) <= 58 else repr(bad)[:60] + f"... ({len(bad) + 2} chars)"
+        _refused(s, f"digests.x {shown} is not a hex digest")
+    s["digests"]["x"] = 5
+    _refused(s, "digests.x 5 is not a hex digest")
+
+
+def test_summary_invariants_are_true_or_false():
+    s = _golden_summary()
+    s["invariants"]["extra"] = False
+    assert _check(s) is s
+    for bad, shown in ((1, "1"), ("true", "'true'"), (None, "None")):
+        s["invariants"]["extra"] = bad
+        _refused(s, f"invariants.extra {shown} is not true/false")
+
+
+def test_summary_metric_leaves_from_0_to_2_pow_64_less_1_in_lists_too():
+    s = _golden_summary()
+    s["metrics"]["bytes_sent"] = 0
+    s["metrics"]["guest_slowdown_ppm_per_vcpu"] = [0, 18446744073709551615]
+    assert _check(s) is s
+    s["metrics"]["bytes_sent"] = 18446744073709551615
+    assert _check(s) is s
+    s["metrics"]["bytes_sent"] = 18446744073709551616
+    _refused(s, "metrics.bytes_sent 18446744073709551616 is out of range 0..2^64-1")
+    s["metrics"]["bytes_sent"] = -1
+    _refused(s, "metrics.bytes_sent -1 is out of range 0..2^64-1")
+    s["metrics"]["bytes_sent"] = 0
+    s["metrics"]["guest_slowdown_ppm_per_vcpu"] = [3, -1]
+    _refused(s, "metrics.guest_slowdown_ppm_per_vcpu[1] -1 is out of range 0..2^64-1")
+    s["metrics"]["guest_slowdown_ppm_per_vcpu"] = [3, "4"]
+    _refused(s, "metrics.guest_slowdown_ppm_per_vcpu[1] is '4', expected an integer")
+    s["metrics"]["guest_slowdown_ppm_per_vcpu"] = [3]
+    s["metrics"]["precopy"]["switchover_reason"] = 5   # a named string leaf, wherever it is
+    _refused(s, "metrics.precopy.switchover_reason is 5, expected a str")
+
+
+@pytest.mark.parametrize("key", ["cpu_ns", "faults", "rmp"])
+def test_summary_metric_groups_are_objects(key):
+    s = _golden_summary()
+    del s["metrics"][key]
+    assert _check(s) is s          # absent: an older record
+    s["metrics"][key] = 5
+    _refused(s, f"metrics.{key} is not an object")
+
+
+def test_summary_adversary_actions_have_four_strings():
+    s = _golden_summary()
+    ok = {"kind": "replay", "at": "switchover", "outcome": "refused", "detected_by": ""}
+    s["adversary"] = [ok]
+    assert _check(s) is s
+    for k in ok:
+        for bad in ({key: v for key, v in ok.items() if key != k}, {**ok, k: 1}):
+            s["adversary"] = [ok, bad]
+            _refused(s, "adversary[1] is not an action (kind, at, outcome, detected_by)")
+    s["adversary"] = ["replay"]
+    _refused(s, "adversary[0] is not an action (kind, at, outcome, detected_by)")
