@@ -1,0 +1,42 @@
+"""The migration link's rules at their edges (replay/migration/link.py; survivors of tools/mutate over
+link.py, dirtylog.py and the post-copy fault path's link handling).
+
+The scenarios are test_precopy's tiny pre-copy run and test_postcopy's tiny post-copy run, with the figures
+each test needs derived in its comments from the documented rules: a page counts as delivered only if its
+last byte arrives (send end + latency) at or before the moment the link dies; failures are half-open
+intervals [at, at + duration).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from replay.engines.common import ENGINE_KINDS
+from replay.migration import run
+from test_precopy import tiny_scenario, tiny_trace
+
+FOREVER = -1
+# Setup free of cost, no latency: the migration starts at 0 and its first round starts at 0 too.
+FREE_SETUP = {"mirror_vm_create_ns": 0, "ap_create_ns": 0, "dirty_sync_ns": 0, "page_pack_ns": 0}
+
+
+@pytest.fixture
+def pre(tmp_path):
+    return tiny_trace(tmp_path / "tiny.arrow")
+
+
+@pytest.mark.parametrize("engine", ENGINE_KINDS)
+@pytest.mark.parametrize("at, pages", [(0, 0), (1, 4)])
+def test_a_link_dead_at_the_migrations_first_instant_delivers_nothing(pre, engine, at, pages):
+    # Migration from 0, no latency, setup free: the handshake takes 0 ns and its check (down strictly before
+    # its end, 0) lets it through. Round 0 sends the 4 pages, still zero at trace time 0: headers alone,
+    # 904 bytes each on a 5 TB/s link: 3616 bytes, 0.72 ns, so every send ends by 1 ns. A link dead from 0
+    # lets no page end at or before 0: nothing is delivered (a deadline of 1 ns would let all 4 through).
+    # Dead from 1: all 4 are in; the run aborts either way, at the failure.
+    s = tiny_scenario(costs=FREE_SETUP, start_ns=0, latency_ns=0, bandwidth_bytes_per_s=5_000_000_000_000,
+                      faults=[{"at_ns": at, "duration_ns": FOREVER}])
+    r = run(s, strategy="mirror-vm", engine=engine, trace_path=pre)
+    m = r.summary["metrics"]
+    assert r.status == "aborted"
+    assert f"link down at {at} ns" in r.summary["status_reason"]
+    assert (m["setup_ns"], m["precopy_pages"], m["bytes_sent"]) == (0, pages, 904 * pages)
