@@ -1,0 +1,58 @@
+"""The post-copy fault path's queues and its latency jitter at their edges (replay/migration/faultpath.py;
+survivors of tools/mutate): a booking that fits a gap only if every interval after it is looked at, a
+zero-length booking on a busy server, and the jitter drawn from its own documented stream, derived here
+from the scenario's seed by the test's own generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from replay.migration import run
+from replay.migration.faultpath import Timeline
+from test_faultpath import FILL, faults
+from test_postcopy import pc_scenario, pc_trace
+
+
+def test_a_booking_checks_every_interval_it_would_overlap():
+    # Busy [0, 10), [11, 12), [13, 20). Two ns from 10: [10, 12) hits [11, 12), so from 12; [12, 14) hits
+    # [13, 20), so from 20: it ends at 22 (a walk that skipped [13, 20) would end at 14, inside it).
+    t = Timeline(1)
+    assert [t.book(0, 10), t.book(11, 1), t.book(13, 7)] == [10, 12, 20]
+    assert t.book(10, 2) == 22
+
+
+def test_a_zero_length_booking_on_a_busy_server_waits_for_it():
+    # A zero-cost stage (a zero page's check with no cost, say) behind a busy server still waits for it:
+    # at the very start of a busy interval and inside it alike, it ends where the interval ends.
+    t = Timeline(1)
+    assert t.book(0, 10) == 10
+    assert (t.book(0, 0), t.book(5, 0), t.book(10, 0)) == (10, 10, 10)
+
+
+# The plain path of test_faultpath's fault without a push: latency 100 + packaging 500 + the reply 1000 +
+# latency 100.
+PLAIN = 1700
+JITTER_NS = 10_000
+STREAM = 0x6A17  # the jitter's stream beside the scenario's seed (docs: "one stream"; fixed, so records stay)
+
+
+def _draws(seed: int, n: int) -> list[int]:
+    bits = np.random.PCG64(np.random.SeedSequence([seed, STREAM]))
+    return [int(bits.random_raw()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "exponential"])
+def test_jitter_is_drawn_from_its_own_stream_per_crossing(tmp_path, kind):
+    # One fault, no push: two crossings (the request, the reply), each drawing one 64-bit value. Uniform:
+    # the value modulo 10001; exponential: -10000 x ln(U), U = (the value's top 53 bits + 1) / 2^53,
+    # truncated to whole ns.
+    trace = pc_trace(tmp_path / "t.arrow", rows=FILL + [(3500, 0, 2)], vcpus=1)
+    s = pc_scenario(postcopy_background_push=False, latency_jitter=kind, latency_jitter_ns=JITTER_NS)
+    u = _draws(s.seed, 2)
+    if kind == "uniform":
+        extra = [x % (JITTER_NS + 1) for x in u]
+    else:
+        extra = [int(-JITTER_NS * np.log(((x >> 11) + 1) / float(1 << 53))) for x in u]
+    r = run(s, strategy="mirror-vm", trace_path=trace)
+    assert faults(r) == [(0, 2, PLAIN + sum(extra))]
