@@ -1,7 +1,7 @@
 """The post-copy fault path's queues and its latency jitter at their edges (replay/migration/faultpath.py;
 survivors of tools/mutate): a booking that fits a gap only if every interval after it is looked at, a
-zero-length booking on a busy server, and the jitter drawn from its own documented stream, derived here
-from the scenario's seed by the test's own generator."""
+zero-length booking on a busy server, pruning that forgets only what is over, and the jitter drawn from
+its own documented stream, derived here from the scenario's seed by the test's own generator."""
 
 from __future__ import annotations
 
@@ -29,6 +29,20 @@ def test_a_zero_length_booking_on_a_busy_server_waits_for_it():
     assert t.book(0, 10) == 10
     assert (t.book(0, 0), t.book(5, 0), t.book(10, 0)) == (10, 10, 10)
 
+
+
+def test_prune_forgets_only_intervals_over_before_it():
+    # prune(before) promises that no booking starts earlier than ``before``: it may forget what ends at or
+    # before it, never an interval still busy then. Busy [0, 10) and [12, 20):
+    t = Timeline(1)
+    assert (t.book(0, 10), t.book(12, 8)) == (10, 20)
+    t.prune(5)  # [0, 10) is still busy at 5: one ns from 5 waits for it
+    assert t.book(5, 1) == 11
+    t = Timeline(1)
+    assert (t.book(0, 10), t.book(12, 8)) == (10, 20)
+    t.prune(15)  # [0, 10) is over, [12, 20) busy at 15: one ns from 15 waits for it
+    assert t.book(15, 1) == 21
+    assert t.busy == [[(12, 20), (20, 21)]]
 
 # The plain path of test_faultpath's fault without a push: latency 100 + packaging 500 + the reply 1000 +
 # latency 100.
