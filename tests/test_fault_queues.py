@@ -70,3 +70,11 @@ def test_jitter_is_drawn_from_its_own_stream_per_crossing(tmp_path, kind):
         extra = [int(-JITTER_NS * np.log(((x >> 11) + 1) / float(1 << 53))) for x in u]
     r = run(s, strategy="mirror-vm", trace_path=trace)
     assert faults(r) == [(0, 2, PLAIN + sum(extra))]
+
+
+def test_no_jitter_kind_means_no_jitter_whatever_its_size(tmp_path):
+    # latency_jitter = "none" with a latency_jitter_ns set: the size is ignored, every crossing takes the
+    # plain latency.
+    trace = pc_trace(tmp_path / "t.arrow", rows=FILL + [(3500, 0, 2)], vcpus=1)
+    s = pc_scenario(postcopy_background_push=False, latency_jitter="none", latency_jitter_ns=JITTER_NS)
+    assert faults(run(s, strategy="mirror-vm", trace_path=trace)) == [(0, 2, PLAIN)]

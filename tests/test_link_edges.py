@@ -76,3 +76,15 @@ def test_a_link_loss_after_the_migration_completed_was_not_reached(tmp_path):
     assert r.status == "completed"
     (a,) = r.summary["adversary"]
     assert (a["outcome"], a["detected_by"], a["phase"]) == ("not_reached", "", "")
+
+
+def test_the_resume_counts_the_pages_the_target_lacks(tmp_path):
+    # test_postcopy's hybrid run: the pre-copy round sent gfn 0..3, the switchover discards the target's
+    # stale gfn 1: it lacks 1 page of 4. Paused at 7200 (sync 100, VMSAs + device state 4000, latency 100):
+    # resumed at 11400, a downtime of 4200.
+    rows = [(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3), (7050, 1, 1), (7250, 0, 1), (20000, 2, 0)]
+    trace = pc_trace(tmp_path / "t.arrow", rows=rows)
+    s = pc_scenario(mode="hybrid", precopy_rounds=1, downtime_limit_ns=1, bandwidth_period_ns=1)
+    r = run(s, strategy="mirror-vm", trace_path=trace)
+    assert [(e["t_ns"], e["detail"]) for e in r.events.to_pylist() if e["kind"] == "resume"] == [
+        (11400, "target resumed; downtime_ns=4200 userfault_pages=1")]
