@@ -78,3 +78,18 @@ def test_no_jitter_kind_means_no_jitter_whatever_its_size(tmp_path):
     trace = pc_trace(tmp_path / "t.arrow", rows=FILL + [(3500, 0, 2)], vcpus=1)
     s = pc_scenario(postcopy_background_push=False, latency_jitter="none", latency_jitter_ns=JITTER_NS)
     assert faults(run(s, strategy="mirror-vm", trace_path=trace)) == [(0, 2, PLAIN)]
+
+
+def test_a_hybrid_reply_waits_for_what_the_push_still_has_not_for_what_precopy_sent(tmp_path):
+    # test_postcopy's hybrid run with gfn 2 rewritten too (7060, after it was sent at 5100..6100): the target
+    # lacks gfn 1 and 2 at the resume (v 11400, g 7200: the clocks 4200 apart), 10000 bytes of push. The
+    # push sends gfn 1 (11400..12400); vCPU 0 faults on gfn 2 at g 7300 (v 11500), with 5000 bytes of the
+    # push left (the 20000 sent in pre-copy are not the push's): behind those, 1000 ns. Request in at 11600,
+    # packaged until 12100, 1000 queued, its own page until 14100, in at 14200: 2700 ns.
+    rows = [(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3), (7050, 1, 1), (7060, 1, 2), (7300, 0, 2), (20000, 2, 0)]
+    trace = pc_trace(tmp_path / "t.arrow", rows=rows)
+    s = pc_scenario(costs={"postcopy_queue_bytes": 20000}, mode="hybrid", precopy_rounds=1, downtime_limit_ns=1,
+                    bandwidth_period_ns=1)
+    r = run(s, strategy="mirror-vm", trace_path=trace)
+    assert r.status == "completed"
+    assert faults(r) == [(0, 2, 2700)]
