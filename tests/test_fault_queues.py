@@ -93,3 +93,14 @@ def test_a_hybrid_reply_waits_for_what_the_push_still_has_not_for_what_precopy_s
     r = run(s, strategy="mirror-vm", trace_path=trace)
     assert r.status == "completed"
     assert faults(r) == [(0, 2, 2700)]
+
+
+def test_the_push_left_ahead_of_a_reply_counts_every_byte(tmp_path):
+    # test_faultpath's fault behind a partly drained push, on a 1 GB/s link (a byte is a ns). Paused at
+    # 3000, one VMSA + device state (10000 bytes) and a latency: resumed at v 13100, g 3000. The push sends
+    # gfn 0 (to 18100, g 8000) and gfn 1 (to 23100); vCPU 0 faults on gfn 3 at g 9000 (v 19100) with 10000
+    # of the push's 20000 bytes left (window 20000): request in at 19200, packaged until 19700, 10000 ns
+    # behind the push, its page until 34700, in at 34800: 15700 ns.
+    trace = pc_trace(tmp_path / "t.arrow", rows=FILL + [(9000, 0, 3)], vcpus=1)
+    s = pc_scenario(costs={"postcopy_queue_bytes": 20000}, bandwidth_bytes_per_s=1_000_000_000)
+    assert faults(run(s, strategy="mirror-vm", trace_path=trace)) == [(0, 3, 15700)]
