@@ -264,6 +264,8 @@ def test_row_order_is_checked_only_when_asked(tmp_path):
     events = runfixtures.make_events(4)
     run = _run(tmp_path / "r", events=_with(events, "seq", [0, 1, 3, 2]))
     assert check_run_dir(run)[1]["events"].column("seq").to_pylist() == [0, 1, 3, 2]
+    with pytest.raises(TypeError):  # keyword-only: a bare True would not say what it asks for
+        check_run_dir(run, True)
     _refused(run, f"{run / 'events.arrow'}: row 2: seq 3, expected 2", complete=True)
 
 
