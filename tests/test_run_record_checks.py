@@ -300,3 +300,12 @@ def test_a_precopy_record_with_faults_listed_reads_them(tmp_path):
     assert check_run_dir(run, complete=True)[1]["faults"].column("gfn").to_pylist() == [1000, 1001]
     assert content_hash((run / "faults.arrow").read_bytes()) == json.loads((run / "summary.json").read_text())[
         "tables"]["faults.arrow"]
+
+
+def test_a_table_of_another_schema_is_refused_naming_the_expected_one(tmp_path):
+    schema = pa.schema([pa.field("a", pa.uint32(), nullable=False), pa.field("b", pa.string(), nullable=False)])
+    other = pa.schema([pa.field("a", pa.uint64(), nullable=False), pa.field("b", pa.string(), nullable=False)])
+    batch = pa.RecordBatch.from_arrays([pa.array([1], pa.uint64()), pa.array(["x"])], schema=other)
+    with pytest.raises(RunDirError) as e:
+        parse_table(tmp_path / "t", _ipc(batch), schema)
+    assert str(e.value) == f"{tmp_path / 't'}: schema differs from the run record's (a: uint32, b: string)"
