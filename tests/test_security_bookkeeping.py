@@ -106,6 +106,17 @@ def test_the_memory_key_is_the_first_hkdf_label_of_its_host():
     assert keys.derive(1 << 70, "x", 5) == _hkdf("x", 5, 1 << 70)
 
 
+# The order of the P-384 group, written out from FIPS 186-4 D.1.2.4 (not imported from the code under test).
+P384_N = int("ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973", 16)
+
+
+def test_a_p384_scalar_is_the_hkdf_output_reduced_with_the_fips_group_order():
+    assert keys.P384_ORDER == P384_N
+    for seed, label in ((3, "ark"), (11, "ecdh/host=1/session=0")):
+        want = int.from_bytes(_hkdf(label, 64, seed), "big") % (P384_N - 1) + 1
+        assert keys.p384_private_key(seed, label).private_numbers().private_value == want
+
+
 @pytest.mark.parametrize("seed", [True, "1", 1.0])
 def test_a_seed_must_be_an_int_and_not_a_bool(seed):
     with pytest.raises(TypeError, match=r"^seed must be an int, got "):
