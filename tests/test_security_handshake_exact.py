@@ -38,6 +38,15 @@ def test_policy_bits_are_amds():
     assert at.DEFAULT_GUEST_POLICY == 0x70000
 
 
+def test_the_default_tcb_is_the_scenarios_default_9_0_23_72():
+    # A platform at the default TCB meets the default minimum exactly (scenario attestation.min_tcb).
+    from replay.scenario.spec import AttestationSpec
+
+    assert (TcbVersion().bootloader, TcbVersion().tee, TcbVersion().snp, TcbVersion().microcode) == (9, 0, 23, 72)
+    assert str(TcbVersion()) == "bl=9,tee=0,snp=23,ucode=72"
+    assert AttestationSpec().min_tcb == AttestationSpec().source_tcb == "9.0.23.72"
+
+
 def test_tcb_components_are_bytes_0_to_255():
     assert TcbVersion(255, 255, 255, 255).packed() == 0xFF_FF_0000_0000_FF_FF
     assert TcbVersion(0, 0, 0, 0).packed() == 0
