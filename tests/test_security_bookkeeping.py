@@ -162,3 +162,28 @@ def test_threads_are_the_cores_at_most_two_and_one_when_asked():
     assert _threads_in_a_fresh_process(1, None) == 1
     assert _threads_in_a_fresh_process(8, "1") == 1
     assert _threads_in_a_fresh_process(8, "2") == 2
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+def test_the_security_records_are_frozen():
+    """Reports, evidence, certificates, keys, handshakes, headers, wires and tokens are values: a verifier's
+    verdict or a token must not change under it after the fact."""
+    import dataclasses
+
+    import numpy as np
+
+    from replay.security import attestation as at
+    from replay.security import channel as ch
+    from replay.security.session import AttestationSetup, establish
+
+    hs = establish(2)
+    ev = at.Agent(at.AmdRoot(2), 2, 0, measurement=at.measurement_of("svsm")).evidence
+    values = [at.TcbVersion(), ev.vcek_cert, ev.report, ev, at.VerifierPolicy(b"", frozenset()), hs.source_keys,
+              hs.steps[0], hs, ch.Header(0, 0, 0, 0, ch.Flag.PRIVATE, 16), ch.Wire.of([b"x"]),
+              ch.PageRefs.of(np.zeros((1, 4096), np.uint8), [True]), AttestationSetup(), Token(0, 0, bytes(48))]
+    for v in values:
+        name = dataclasses.fields(v)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(v, name, getattr(v, name))
