@@ -46,7 +46,7 @@ def test_a_stream_beyond_16_bits_is_refused_before_anything_is_counted(stream):
 
 
 def test_stream_65535_carries_pages_vmsas_and_the_token():
-    src, dst, s, r = pair()
+    src, _dst, s, r = pair()
     write(src, 3, 1)
     pk = s.send_pages([3], 1, 65535) + [s.send_vmsa(1, 3, emulated_vmsa(SEED, 1, 3), 65535)]
     assert [parse_header(p).stream for p in pk] == [65535, 65535]
@@ -67,7 +67,7 @@ def test_the_last_sequence_number_is_two_to_the_64_minus_2_for_a_page():
 
 
 def test_a_batch_may_end_on_the_last_sequence_number_but_not_past_it():
-    src, dst, s, r = pair()
+    _src, _dst, s, r = pair()
     s.stats.sequences[4] = LAST - 1
     with pytest.raises(OverflowError, match="^stream 4: sequence numbers exhausted$"):
         s.send_pages([1, 2, 3], 0, 4)
@@ -113,7 +113,7 @@ def test_the_last_gfn_of_the_targets_guest_is_accepted_and_the_next_refused():
 def test_statistics_by_hand_for_one_packet_of_each_kind():
     # gfn 1 private written, gfn 2 private never written (zero), gfn 5 shared written, gfn 6 shared zero;
     # one VMSA on stream 0. No compression: payloads are whole pages.
-    src, dst, s, r = pair(shared=[(5, 7)])
+    src, _dst, s, r = pair(shared=[(5, 7)])
     write(src, 1, 11)
     write(src, 5, 12)
     pk = s.send_pages([1, 2, 5, 6], [3, 3, 4, 4], 2) + [s.send_vmsa(0, 2, emulated_vmsa(SEED, 0, 2), 0)]

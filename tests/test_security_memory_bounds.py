@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from replay.model.snp import Op
 from replay.security.memory import CACHE_PAGES, HostMemory, all_distinct, nonzero_pages
 
 PAGE = 4096
