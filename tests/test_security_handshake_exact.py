@@ -84,6 +84,17 @@ def test_the_report_body_and_evidence_digest_by_hand():
                                                  ev.ecdh_public)).digest()
 
 
+def test_an_agent_is_session_0_unless_told_and_takes_its_report_fields_by_keyword():
+    from cryptography.hazmat.primitives import serialization
+
+    ev = Agent(AmdRoot(SEED), SEED, 1, measurement=measurement_of("svsm")).evidence
+    point = p384_private_key(SEED, "ecdh/host=1/session=0").public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    assert ev.ecdh_public == point and len(point) == 97
+    with pytest.raises(TypeError):
+        Agent(AmdRoot(SEED), SEED, 1, measurement_of("svsm"))  # type: ignore[misc]
+
+
 def test_a_vceks_chip_id_is_signed_with_it():
     root = AmdRoot(SEED)
     ev = Agent(root, SEED, 1, measurement=measurement_of("svsm")).evidence
