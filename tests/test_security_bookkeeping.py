@@ -145,9 +145,8 @@ def test_a_batch_of_256_pages_is_split_and_255_is_not(monkeypatch):
     assert _calls(monkeypatch, 1001, threads=1) == [(0, 1001)]
 
 
-def _threads_in_a_fresh_process(cores: int, env_threads: str | None) -> int:
-    code = (f"import os; os.sched_getaffinity = lambda pid: set(range({cores})); "
-            "from replay.security import parallel; print(parallel.THREADS)")
+def _threads_in_a_fresh_process(setup: str, env_threads: str | None = None) -> int:
+    code = f"import os; {setup}; from replay.security import parallel; print(parallel.THREADS)"
     env = {k: v for k, v in os.environ.items() if k != "SNP_REPLAY_THREADS"}
     env["PYTHONPATH"] = str(REPO)
     if env_threads is not None:
@@ -157,11 +156,23 @@ def _threads_in_a_fresh_process(cores: int, env_threads: str | None) -> int:
     return int(p.stdout)
 
 
+def _cores(n: int) -> str:
+    # This process's own affinity (pid 0) has n cores; any other pid's (init's) has one.
+    return f"os.sched_getaffinity = lambda pid: set(range({n})) if pid == 0 else {{0}}"
+
+
 def test_threads_are_the_cores_at_most_two_and_one_when_asked():
-    assert _threads_in_a_fresh_process(8, None) == 2
-    assert _threads_in_a_fresh_process(1, None) == 1
-    assert _threads_in_a_fresh_process(8, "1") == 1
-    assert _threads_in_a_fresh_process(8, "2") == 2
+    assert _threads_in_a_fresh_process(_cores(8)) == 2
+    assert _threads_in_a_fresh_process(_cores(2)) == 2
+    assert _threads_in_a_fresh_process(_cores(1)) == 1
+    assert _threads_in_a_fresh_process(_cores(8), "1") == 1
+    assert _threads_in_a_fresh_process(_cores(8), "2") == 2
+
+
+@pytest.mark.parametrize("count, threads", [(None, 1), (1, 1), (8, 2)])
+def test_without_affinity_the_cpu_count_is_used_and_unknown_is_one(count, threads):
+    setup = f"del os.sched_getaffinity; os.cpu_count = lambda: {count}"
+    assert _threads_in_a_fresh_process(setup) == threads
 
 
 # ---------------------------------------------------------------------------------------------- values
