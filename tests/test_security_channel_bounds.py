@@ -133,3 +133,46 @@ def test_statistics_by_hand_for_one_packet_of_each_kind():
     t = s.token()
     assert (t.pages, t.vmsas) == (2, 1) and r.token() == t
     assert HEADER_BYTES == 32 and TAG_BYTES == 16
+
+
+def test_flags_on_the_wire_are_the_documented_bits():
+    # The header's u16 at byte 26: PRIVATE 1, SHARED 2, ZERO 4, COMPRESSED 8, VMSA 16, TOKEN 32.
+    import struct
+
+    src, _dst, s, _r = pair(shared=[(5, 7)])
+    write(src, 5, 1)
+    pk = s.send_pages([1, 5, 6], 1, 1) + [s.send_vmsa(0, 0, emulated_vmsa(SEED, 0, 0), 0), s.send_token(3)]
+    assert [struct.unpack_from("<H", p, 26)[0] for p in pk] == [1 | 4, 2, 2 | 4, 16, 32]
+
+
+def test_nonces_are_stream_then_sequence_big_endian_one_row_each():
+    from replay.security.channel import nonce, nonces
+
+    got = nonces(7, np.array([1, (1 << 64) - 2], np.uint64))
+    assert got.shape == (2, 12) and got.dtype == np.uint8
+    assert got.tobytes() == nonce(7, 1) + nonce(7, (1 << 64) - 2)
+    assert nonce(7, 1) == bytes([0, 0, 0, 7]) + bytes(7) + bytes([1])
+
+
+def _hdr(flags, plen, extra=None):
+    from replay.security.channel import Header
+
+    return Header(3, 0, 0, 1, flags, plen).pack() + (bytes(plen) if extra is None else extra)
+
+
+def test_a_header_is_refused_for_each_defect_on_its_own():
+    # Each packet has exactly one defect; the good ones beside them parse.
+    assert parse_header(_hdr(Flag.SHARED, PAGE)).flags == Flag.SHARED
+    assert parse_header(_hdr(Flag.SHARED, 4, b"abcde")) is None  # payload_len says 4, 5 bytes follow
+    assert parse_header(_hdr(Flag.SHARED | 64, 0)) is None  # an unknown flag bit with one kind
+    assert parse_header(_hdr(Flag.SHARED | Flag.VMSA, 0)) is None  # two kinds
+    assert parse_header(_hdr(Flag.ZERO, 0)) is None  # no kind
+    assert parse_header(_hdr(Flag.PRIVATE, PAGE + 16)).flags == Flag.PRIVATE  # a sealed page
+    assert parse_header(_hdr(Flag.PRIVATE, 15)) is None  # sealed, no room for the tag
+    assert parse_header(_hdr(Flag.PRIVATE | Flag.ZERO, 16)).flags == Flag.PRIVATE | Flag.ZERO
+    assert parse_header(_hdr(Flag.PRIVATE | Flag.ZERO, 17)) is None  # a zero page carries the tag alone
+    assert parse_header(_hdr(Flag.SHARED | Flag.ZERO, 0)).flags == Flag.SHARED | Flag.ZERO  # the header alone
+    assert parse_header(_hdr(Flag.SHARED | Flag.ZERO, 16)) is None
+    assert parse_header(_hdr(Flag.VMSA | Flag.ZERO, 16)) is None  # only pages may be zero
+    assert parse_header(_hdr(Flag.TOKEN | Flag.ZERO, 16)) is None
+    assert parse_header(_hdr(Flag.SHARED, 0)[:HEADER_BYTES - 1]) is None  # shorter than a header
