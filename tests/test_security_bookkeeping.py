@@ -73,6 +73,16 @@ def test_restore_returns_to_the_checkpoint_and_the_checkpoint_is_not_shared():
     assert h.token() == Token(2, 0, _expected({1: [_rec(1), _rec(2)]}))
 
 
+def test_vmsa_counts_are_keyword_only():
+    # A bare positional count would be easy to confuse with the packet count.
+    h = TokenHasher()
+    for call in (lambda: h.absorb(1, b"h", b"t", True), lambda: h.absorb_many(1, [_rec(1)], 1),
+                 lambda: h.absorb_block(1, _rec(1), 1, 1)):
+        with pytest.raises(TypeError):
+            call()
+    assert h.token() == Token(0, 0, hashlib.sha384(b"snp-replay token v1").digest())
+
+
 def test_token_bytes_and_json():
     t = Token(3, 1, bytes(range(48)))
     data = t.to_bytes()
