@@ -176,3 +176,24 @@ def test_a_header_is_refused_for_each_defect_on_its_own():
     assert parse_header(_hdr(Flag.VMSA | Flag.ZERO, 16)) is None  # only pages may be zero
     assert parse_header(_hdr(Flag.TOKEN | Flag.ZERO, 16)) is None
     assert parse_header(_hdr(Flag.SHARED, 0)[:HEADER_BYTES - 1]) is None  # shorter than a header
+
+
+def test_an_empty_batch_is_an_empty_wire_and_takes_no_sequence_number():
+    _src, _dst, s, r = pair()
+    w = s.seal_pages([], [], 1)
+    assert (len(w), w.buffer.size, w.offsets.size, w.lengths.size, w.packets()) == (0, 0, 0, 0, [])
+    assert r.receive_many(w) == [] and s.stats.sequences == {} and r.stats.sequences == {}
+
+
+def test_a_wire_is_a_batch_on_the_link_compared_by_identity():
+    from replay.security.channel import Wire
+
+    a, b = Wire.of([b"x", b"yz"]), Wire.of([b"x", b"yz"])
+    assert a != b and a == a and len({a, b}) == 2 and a.packets() == b.packets() == [b"x", b"yz"]
+
+
+def test_the_senders_options_are_keyword_only():
+    from replay.security.channel import Sender
+
+    with pytest.raises(TypeError):
+        Sender(HS.source_keys, HostMemory.for_host(SEED, 0, npages=2, spa_base=0), 3)
