@@ -197,3 +197,21 @@ def test_the_senders_options_are_keyword_only():
 
     with pytest.raises(TypeError):
         Sender(HS.source_keys, HostMemory.for_host(SEED, 0, npages=2, spa_base=0), 3)
+
+
+def test_version_0_is_held_and_vmsas_and_the_token_carry_version_0():
+    src, _dst, s, r = pair()
+    write(src, 2, 5)
+    assert r.held_version(2) is None
+    assert r.receive_many(s.send_pages([2], 0, 1)) == [Outcome.ACCEPTED] and r.held_version(2) == 0
+    v = parse_header(s.send_vmsa(2, 1, emulated_vmsa(SEED, 2, 1), 0))
+    t = parse_header(s.send_token(9))
+    assert (v.gfn, v.version, t.gfn, t.version) == (9, 0, 0, 0)
+    assert t.payload_len == 8 + 8 + 48 + TAG_BYTES  # pages, vmsas, the SHA-384, the tag
+
+
+def test_the_receivers_direction_is_keyword_only():
+    from replay.security.channel import Receiver
+
+    with pytest.raises(TypeError):
+        Receiver(HS.target_keys, HostMemory.for_host(SEED, 1, npages=2, spa_base=0), None)
