@@ -123,3 +123,11 @@ def test_how_precopy_ended_is_immutable():
     end = PrecopyEnd("stop-and-copy", "converged", 2, 0, 0, 5_000_000_000, 0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         end.rounds = 3
+
+
+def test_max_rounds_counts_only_syncs(trace):  # noqa: F811
+    # max_rounds 1 = the initial sync alone: the loop still sends until its estimate asks for a sync; the
+    # base run's single burst sends all 4 pages (5120..9120), pending 0 <= threshold 0: converged, never
+    # "max_rounds" before a sync of the loop.
+    m = run(tiny_scenario(max_rounds=1), strategy="mirror-vm", trace_path=trace).summary["metrics"]
+    assert (m["switchover_reason"], m["switchover_ns"], m["rounds"]) == ("converged", 9120, 2)
