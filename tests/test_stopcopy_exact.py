@@ -1,0 +1,107 @@
+"""Stop-and-copy and the run's event log, by hand on test_precopy's tiny scenario (issue 22's mutation
+survivors in replay/migration/stopcopy.py, setup.py, precopy.py and record.py).
+
+The timeline (mirror-vm; derived in test_boundaries and test_costs_exact): setup 1000..5120 (two mirror VMs
+and their agents' VMSAs, 1000 ns each; the initial sync 5000..5100 finds the 4 pages; the handshake's round
+trip 2 x 10 ns); round 0 sends the 4 pages 5120..9120; converged with nothing pending; the guest pauses at
+9120; the final sync (100 ns) finds gfn 1; gfn 1 10220; the VMSA (one vCPU at VMPL0: 4096 + 904 bytes) with
+5000 bytes of device state, 2000 ns on the 5 GB/s link, until 12220; one latency for the last byte, one for
+the token: the target resumes at 12240, a downtime of 3120 ns.
+
+The rules (docs/costs.md, "Downtime"): the VMSAs and device state cross in the slower of their link time and
+their packaging by the agents (a whole CPU each while the guest is paused); the VMSAs are one per vCPU per
+VMPL in use (the SVSM's VMPL0, and the OS's when it runs below it); dirty logging stops at the pause, so a
+source that runs on after an abort takes no more write-protect faults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from replay.engines.common import ENGINE_KINDS
+from replay.migration import run
+from replay.migration.stopcopy import Switchover, vmpls_in_use
+from test_costs_exact import trace  # noqa: F401  (fixture: test_precopy's 4-page trace)
+from test_precopy import tiny_scenario
+
+PAUSE, VMSA_SEND, RESUME = 9120, 10220, 12240
+
+
+def _details(r, *kinds):
+    return [(e["t_ns"], e["kind"], e["detail"]) for e in r.events.to_pylist() if e["kind"] in kinds]
+
+
+@pytest.mark.parametrize("engine", ENGINE_KINDS)
+def test_the_event_log_by_hand(trace, engine):  # noqa: F811
+    r = run(tiny_scenario(), strategy="mirror-vm", engine=engine, trace_path=trace)
+    assert _details(r, "handshake", "setup_done", "round_start", "round_end", "precopy_end", "vmsas_sent",
+                    "validation_token", "resume") == [
+        (5100, "handshake", "attested handshake (20 ns; PSP wait 0 ns, cpu 0 ns per side)"),
+        (5120, "setup_done", "setup_ns=4120 agents=1"),
+        (5120, "round_start", "round=0 dirty_pages=4 agents=1"),
+        (9120, "round_end", "round=0 pages=4 bytes=20000"),
+        (9120, "precopy_end", "converged: stop-and-copy; pending=0 threshold=0 bandwidth=5000000000"),
+        (12220, "vmsas_sent", "vmsas=1 device_state_bytes=5000"),
+        (12240, "validation_token", "pages=5 match=True"),  # 4 pages in round 0, gfn 1 in the downtime
+        (12240, "resume", "target resumed; downtime_ns=3120"),
+    ]
+
+
+def test_precopy_end_names_pending_threshold_and_bandwidth(trace):  # noqa: F811
+    # test_switchover_threshold's pending = threshold run: 8192 bytes pending, threshold 8192, 4.096 GB/s.
+    s = tiny_scenario(burst_ns=2000, bandwidth_period_ns=2000, downtime_limit_ns=2000,
+                      avail_switchover_bandwidth_bytes_per_s=4_096_000_000)
+    r = run(s, strategy="mirror-vm", trace_path=trace)
+    assert _details(r, "precopy_end") == [
+        (7120, "precopy_end", "converged: stop-and-copy; pending=8192 threshold=8192 bandwidth=4096000000")]
+
+
+def test_host_cpus_taken_and_the_guests_loss(trace):  # noqa: F811
+    # Window 1000..12240 = 11240 ns. The mirror VM's CPU: its two agents' VMSAs (2 x 1000) and packaging 4 +
+    # 1 pages and the VMSA (6 x 500): 5000; the host's: two mirror VMs (2 x 1000) and two syncs (2 x 100):
+    # 2200. 7200 ns of CPU over 11240 ns: 640 milli-CPUs (640.57). The guest (one vCPU, its whole quota
+    # demanded) ran all but the downtime: 11240 - 3120 = 8120; slowdown 3120 / 11240 = 277580 ppm (.07).
+    m = run(tiny_scenario(), strategy="mirror-vm", trace_path=trace).summary["metrics"]
+    assert (m["cpu_ns"]["mirror_vm"], m["cpu_ns"]["host"], m["total_ns"]) == (5000, 2200, 11240)
+    d = m["cpu_demand"]
+    assert (d["host_cpus_taken_milli"], d["demanded_ns"], d["ran_ns"]) == (640, 11240, 8120)
+    assert (m["guest_lost_ns"], m["guest_slowdown_ppm"], m["guest_slowdown_ppm_per_vcpu"]) == (3120, 277580, [277580])
+    assert all(type(x) is int for x in (*m["cpu_ns"].values(), *d.values(), m["guest_lost_ns"]) if x != "trace-span")
+
+
+@pytest.mark.parametrize("engine", ENGINE_KINDS)
+@pytest.mark.parametrize("pack, vmsa_ns", [(199, 200), (200, 200), (201, 201), (500, 500)])
+def test_vmsa_send_takes_the_slower_of_link_and_packaging(trace, engine, pack, vmsa_ns):  # noqa: F811
+    # A 96-byte VMSA with its 904-byte header and no device state: 1000 bytes, 200 ns on the link. Packaging
+    # it takes page_pack_ns on the one agent (a whole CPU: the guest is paused). The pages keep the link's
+    # pace (pack < 1000 ns), so only the VMSA send changes: downtime 3120 - 2000 + max(200, pack).
+    s = tiny_scenario(costs={"page_pack_ns": pack, "vmsa_bytes": 96, "device_state_bytes": 0})
+    r = run(s, strategy="mirror-vm", engine=engine, trace_path=trace)
+    assert _details(r, "vmsas_sent") == [(VMSA_SEND + vmsa_ns, "vmsas_sent", "vmsas=1 device_state_bytes=0")]
+    assert r.summary["metrics"]["downtime_ns"] == RESUME - 2000 + vmsa_ns - PAUSE
+    assert r.summary["metrics"]["downtime_bytes"] == 5000 + 1000
+
+
+def test_dirty_logging_stops_at_the_pause(trace):  # noqa: F811
+    # One write-protect fault before the pause (gfn 1 at 7000). A link failure for good at the VMSA send
+    # aborts: the source runs on, dirty logging off, so gfn 3's write at 20000 (at 21100, after the pause
+    # of 10220 - 9120 ns) takes no fault.
+    base = run(tiny_scenario(), strategy="mirror-vm", trace_path=trace).summary["metrics"]
+    r = run(tiny_scenario(faults=[{"at_ns": VMSA_SEND, "duration_ns": -1}]), strategy="mirror-vm",
+            trace_path=trace)
+    assert r.status == "aborted"
+    assert base["wp_faults"] == r.summary["metrics"]["wp_faults"] == 1
+
+
+@pytest.mark.parametrize("os_vmpl, vmpls", [(0, [0]), (1, [0, 1]), (2, [0, 2]), (3, [0, 3])])
+def test_vmpls_with_a_vmsa(os_vmpl, vmpls):
+    assert vmpls_in_use(SimpleNamespace(s=SimpleNamespace(guest=SimpleNamespace(os_vmpl=os_vmpl)))) == vmpls
+
+
+def test_a_switchover_is_immutable():
+    sw = Switchover(12240, "a" * 64, "a" * 64, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sw.vmsas = 2
