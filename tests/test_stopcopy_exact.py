@@ -105,3 +105,47 @@ def test_a_switchover_is_immutable():
     sw = Switchover(12240, "a" * 64, "a" * 64, 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         sw.vmsas = 2
+
+
+RECORD_KEYS = ("total_ns", "setup_ns", "downtime_ns", "expected_downtime_ns", "downtime_limit_exceeded",
+               "switchover_reason", "switchover_ns", "completion_ns", "trace_end_ns", "rounds", "vmsas_sent",
+               "device_state_bytes", "guest_lost_ns")
+
+
+def test_a_run_aborted_in_setup_records_nothing_of_the_later_phases(trace):  # noqa: F811
+    # The link fails for good at the migration's start (1000). Setup's steps need no link; the handshake
+    # does: it starts after the initial sync, at 5100, and sees the failure then: abort at 5100, window 4100
+    # ns. No setup time (setup never finished), no rounds, no switchover, no VMSA, no device state; the guest
+    # never paused (nothing lost) and its trace ends at its last write, 20000.
+    r = run(tiny_scenario(faults=[{"at_ns": 1000, "duration_ns": -1}]), strategy="mirror-vm", trace_path=trace)
+    m = r.summary["metrics"]
+    assert r.status == "aborted"
+    assert tuple(m[k] for k in RECORD_KEYS) == (4100, 0, 0, 0, False, "", 0, 5100, 20000, 0, 0, 0, 0)
+    assert m["precopy"] == {} and m["postcopy"]["switchover_to_complete_ns"] == 0
+
+
+def test_a_cancelled_run_records_its_precopy_and_no_switchover(trace):  # noqa: F811
+    # test_switchover_threshold's threshold-8193 run with on_max_rounds = cancel: at max_rounds (the sync at
+    # 7120, 100 ns) it cancels at 7220: 2 rounds (no final sync), window 6220, expected downtime 2999, over
+    # the limit (12288 pending > 8193); no switchover, no VMSA; the guest ran on the source throughout.
+    s = tiny_scenario(burst_ns=2000, bandwidth_period_ns=2000, downtime_limit_ns=2000,
+                      avail_switchover_bandwidth_bytes_per_s=4_096_500_000, on_max_rounds="cancel")
+    r = run(s, strategy="mirror-vm", trace_path=trace)
+    m = r.summary["metrics"]
+    assert (r.status, r.summary["status_reason"]) == ("cancelled", "not converged after 2 rounds: cancelled (on_max_rounds)")
+    assert tuple(m[k] for k in RECORD_KEYS) == (6220, 4120, 0, 2999, True, "max_rounds", 0, 7220, 20000, 2, 0, 0, 0)
+    assert m["precopy"]["action"] == "cancel"
+
+
+def test_a_migration_over_at_its_start_has_a_window_of_zero(trace):  # noqa: F811
+    # Every setup cost and the latency 0, the migration starting at 0 and the link down for good from 0: the
+    # handshake sees it at 0 and aborts there. A window of 0 ns: no total time, no demand, no loss, no CPU
+    # rate (nothing divided by the empty window).
+    s = tiny_scenario(costs={"mirror_vm_create_ns": 0, "dirty_sync_ns": 0, "ap_create_ns": 0}, start_ns=0,
+                      latency_ns=0, faults=[{"at_ns": 0, "duration_ns": -1}])
+    r = run(s, strategy="mirror-vm", trace_path=trace)
+    m = r.summary["metrics"]
+    assert (r.status, m["completion_ns"], m["total_ns"], m["guest_lost_ns"], m["guest_slowdown_ppm"]) == (
+        "aborted", 0, 0, 0, 0)
+    d = m["cpu_demand"]
+    assert (d["demanded_ns"], d["ran_ns"], d["host_cpus_taken_milli"]) == (0, 0, 0)
