@@ -103,10 +103,18 @@ def test_trace_file_relative_to_the_scenario_and_missing(tmp_path):
 @pytest.mark.parametrize("guest", [{}, {"guest_bytes": 4 * 4096}, {"vcpus": 1}])
 def test_a_generator_needs_the_guests_size_and_vcpus(tmp_path, guest):
     s = make_scenario(guest=guest, trace={"generator": "hotcold", "events": 10})
-    with pytest.raises(ScenarioError) as e:
-        trace_for(s, tmp_path / "cache")
-    assert str(e.value) == "a [trace] generator needs guest.guest_bytes (or guest.size) and guest.vcpus"
-    assert list((tmp_path / "cache").iterdir()) == []  # nothing generated
+    cache = tmp_path / "new" / "cache"  # made, with its parents, and made again without complaint
+    for _ in range(2):
+        with pytest.raises(ScenarioError) as e:
+            trace_for(s, cache)
+        assert str(e.value) == "a [trace] generator needs guest.guest_bytes (or guest.size) and guest.vcpus"
+    assert list(cache.iterdir()) == []  # nothing generated
+
+
+def test_the_traces_last_event(trace):  # noqa: F811
+    from replay.migration.traces import last_event_ns
+
+    assert last_event_ns(trace) == 20000  # test_precopy's last write
 
 
 @pytest.mark.parametrize("available, fits", [(127, False), (128, True), (131, True), (132, True)])

@@ -149,3 +149,18 @@ def test_a_migration_over_at_its_start_has_a_window_of_zero(trace):  # noqa: F81
         "aborted", 0, 0, 0, 0)
     d = m["cpu_demand"]
     assert (d["demanded_ns"], d["ran_ns"], d["host_cpus_taken_milli"]) == (0, 0, 0)
+
+
+def test_shared_pages_cost_the_host_on_both_sides(tmp_path):
+    # gfn 0..2 shared (the inclusive range (0, 2)), host_page_ns 7: a shared page costs 7 ns of host CPU on
+    # the source and again on the target. Round 0 sends gfn 0..2 (shared) and gfn 3: 3 x 2 x 7 = 42 ns; the
+    # downtime sends gfn 1 (shared): 14 ns; the host's ledger: the base 2200 (two mirror VMs, two syncs) + 56.
+    # The link paces everything (7 ns per page is far below its 1000), so no time changes.
+    from test_precopy import tiny_trace
+
+    t = tiny_trace(tmp_path / "shared.arrow", shared=((0, 2),))
+    r = run(tiny_scenario(costs={"host_page_ns": 7}), strategy="mirror-vm", trace_path=t)
+    rows = [(x["phase"], x["shared_pages"], x["private_pages"], x["host_cpu_ns"]) for x in r.rounds.to_pylist()]
+    assert rows == [("precopy", 3, 1, 42), ("downtime", 1, 0, 14)]
+    m = r.summary["metrics"]
+    assert (m["cpu_ns"]["host"], m["downtime_ns"], m["shared_pages_sent"]) == (2256, 3120, 4)
