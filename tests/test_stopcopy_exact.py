@@ -164,3 +164,18 @@ def test_shared_pages_cost_the_host_on_both_sides(tmp_path):
     assert rows == [("precopy", 3, 1, 42), ("downtime", 1, 0, 14)]
     m = r.summary["metrics"]
     assert (m["cpu_ns"]["host"], m["downtime_ns"], m["shared_pages_sent"]) == (2256, 3120, 4)
+
+
+def test_the_handshakes_psp_wait_and_cpu(trace):  # noqa: F811
+    # attestation_psp_ns 29, attestation_cpu_ns 13: each side's agent (the mirror VM's, on the host CPUs: not
+    # the guest's) waits 29 for its PSP and computes 13, both sides at once: 42 ns, plus the round trip of 2 x
+    # 10: 62 ns; setup 4120 + 42. The mirror VM pays 2 x 13 of CPU; the guest loses nothing more.
+    base = run(tiny_scenario(), strategy="mirror-vm", trace_path=trace).summary["metrics"]
+    r = run(tiny_scenario(costs={"attestation_psp_ns": 29, "attestation_cpu_ns": 13}), strategy="mirror-vm",
+            trace_path=trace)
+    assert _details(r, "handshake") == [
+        (5100, "handshake", "attested handshake (62 ns; PSP wait 29 ns, cpu 13 ns per side)")]
+    m = r.summary["metrics"]
+    assert m["setup_ns"] == 4120 + 42
+    assert m["cpu_ns"]["mirror_vm"] - base["cpu_ns"]["mirror_vm"] == 2 * 13
+    assert m["guest_lost_ns"] == base["guest_lost_ns"] == 3120
