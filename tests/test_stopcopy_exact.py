@@ -28,6 +28,8 @@ from test_costs_exact import trace  # noqa: F401  (fixture: test_precopy's 4-pag
 from test_precopy import tiny_scenario
 
 PAUSE, VMSA_SEND, RESUME = 9120, 10220, 12240
+INVARIANTS_HOLD = {"end_of_trace_equals_no_migration": True, "target_equals_source_at_switchover": True,
+                   "no_faults": True}
 
 
 def _details(r, *kinds):
@@ -48,6 +50,9 @@ def test_the_event_log_by_hand(trace, engine):  # noqa: F811
         (12240, "validation_token", "pages=5 match=True"),  # 4 pages in round 0, gfn 1 in the downtime
         (12240, "resume", "target resumed; downtime_ns=3120"),
     ]
+    assert r.summary["invariants"] == INVARIANTS_HOLD
+    d = r.summary["digests"]
+    assert d["target_at_switchover"] == d["source_at_switchover"] != ""
 
 
 def test_precopy_end_names_pending_threshold_and_bandwidth(trace):  # noqa: F811
@@ -122,6 +127,8 @@ def test_a_run_aborted_in_setup_records_nothing_of_the_later_phases(trace):  # n
     assert r.status == "aborted"
     assert tuple(m[k] for k in RECORD_KEYS) == (4100, 0, 0, 0, False, "", 0, 5100, 20000, 0, 0, 0, 0)
     assert m["precopy"] == {} and m["postcopy"]["switchover_to_complete_ns"] == 0
+    # no switchover: nothing for its two sides to agree on, the invariant holds trivially
+    assert r.summary["digests"]["target_at_switchover"] == "" and r.summary["invariants"] == INVARIANTS_HOLD
 
 
 def test_a_cancelled_run_records_its_precopy_and_no_switchover(trace):  # noqa: F811
