@@ -186,3 +186,16 @@ def test_the_handshakes_psp_wait_and_cpu(trace):  # noqa: F811
     assert m["setup_ns"] == 4120 + 42
     assert m["cpu_ns"]["mirror_vm"] - base["cpu_ns"]["mirror_vm"] == 2 * 13
     assert m["guest_lost_ns"] == base["guest_lost_ns"] == 3120
+
+
+@pytest.mark.parametrize("at, setup_ns, completion", [(5119, 0, 5119), (5120, 4120, None)])
+def test_the_handshake_needs_the_link_to_its_end(trace, at, setup_ns, completion):  # noqa: F811
+    # The handshake runs 5100..5120 and needs the link for its whole length: a failure for good at 5119
+    # aborts it (setup never finishes: no setup time; the abort at the failure); one at 5120 is after it:
+    # setup completes (4120 ns) and pre-copy's first page meets the failure instead.
+    r = run(tiny_scenario(faults=[{"at_ns": at, "duration_ns": -1}]), strategy="mirror-vm", trace_path=trace)
+    m = r.summary["metrics"]
+    assert r.status == "aborted" and m["setup_ns"] == setup_ns
+    assert ("setup_done" in [e["kind"] for e in r.events.to_pylist()]) == (setup_ns > 0)
+    if completion is not None:
+        assert m["completion_ns"] == completion
