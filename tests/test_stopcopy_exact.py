@@ -199,3 +199,21 @@ def test_the_handshake_needs_the_link_to_its_end(trace, at, setup_ns, completion
     assert ("setup_done" in [e["kind"] for e in r.events.to_pylist()]) == (setup_ns > 0)
     if completion is not None:
         assert m["completion_ns"] == completion
+
+
+@pytest.mark.parametrize("strategy, touches, cpu", [("mirror-vm", 8, 5000 + 8 * 7), ("shadow-vcpu", 0, 5000)])
+def test_first_touch_npfs_only_for_the_mirror_vm(trace, strategy, touches, cpu):  # noqa: F811
+    # mirror_npf_ns 7: the mirror VM's agent touches each private page first on each side (4 pages sent in
+    # round 0: 8 NPFs, 8 x 7 ns of its CPU, below the link's pace); gfn 1 in the downtime was touched
+    # already. Shadow vCPUs run in the guest's own context: no such NPF. (5000: the agents' base CPU.)
+    r = run(tiny_scenario(costs={"mirror_npf_ns": 7}), strategy=strategy, trace_path=trace)
+    m = r.summary["metrics"]
+    owner = "mirror_vm" if strategy == "mirror-vm" else "primary_vm_agents"
+    assert (m["mirror_first_touch_npfs"], m["cpu_ns"][owner], m["downtime_ns"]) == (touches, cpu, 3120)
+
+
+def test_plain_postcopy_pauses_without_a_sync(trace):  # noqa: F811
+    # No dirty log in plain post-copy: the downtime round finds no dirty pages; the post-copy round's are the
+    # 4 the target lacks.
+    r = run(tiny_scenario(mode="postcopy"), strategy="mirror-vm", trace_path=trace)
+    assert [(x["phase"], x["dirty_pages"]) for x in r.rounds.to_pylist()] == [("downtime", 0), ("postcopy", 4)]
