@@ -51,6 +51,13 @@ def test_the_event_log_by_hand(trace, engine):  # noqa: F811
         (12240, "resume", "target resumed; downtime_ns=3120"),
     ]
     assert r.summary["invariants"] == INVARIANTS_HOLD
+    # Each side's agent VMSA page: created (RMPUPDATE, PVALIDATE, RMPADJUST vmsa=1) and torn down (RMPADJUST
+    # vmsa=0); the target also assigns and validates each private page on its first arrival (4 in round 0;
+    # gfn 1 again in the downtime needs neither). Pre-copy has no fault table.
+    assert r.summary["metrics"]["rmp"] == {
+        "source": {"rmpupdate": 1, "pvalidate": 1, "rmpadjust": 2, "psmash": 0, "psc": 0},
+        "target": {"rmpupdate": 5, "pvalidate": 5, "rmpadjust": 2, "psmash": 0, "psc": 0}}
+    assert r.faults is None
     d = r.summary["digests"]
     assert d["target_at_switchover"] == d["source_at_switchover"] != ""
 
@@ -217,3 +224,4 @@ def test_plain_postcopy_pauses_without_a_sync(trace):  # noqa: F811
     # 4 the target lacks.
     r = run(tiny_scenario(mode="postcopy"), strategy="mirror-vm", trace_path=trace)
     assert [(x["phase"], x["dirty_pages"]) for x in r.rounds.to_pylist()] == [("downtime", 0), ("postcopy", 4)]
+    assert r.faults is not None and r.faults.num_rows == r.summary["metrics"]["postcopy"]["requests"]
