@@ -26,7 +26,7 @@ from replay.migration import refdigest
 from replay.scenario.spec import AdversarySpec, LinkFault, with_adversary
 from test_adversary import START_NS, base
 from test_postcopy import pc_scenario, pc_trace
-from test_precopy import tiny_scenario, tiny_trace
+from test_precopy import ROWS, tiny_scenario, tiny_trace, write_trace
 
 FOREVER = -1
 TESTS = Path(__file__).resolve().parent
@@ -64,6 +64,8 @@ def test_a_scenario_guest_that_is_not_the_traces_is_refused(pre, key, value, hav
 def test_engine_and_the_rest_are_keyword_arguments(pre):
     with pytest.raises(TypeError):
         Migration(tiny_scenario(), pre, "reference")
+    with pytest.raises(TypeError):
+        run(tiny_scenario(), "mirror-vm")
 
 
 def test_the_record_names_the_engine_and_the_run_builds_two_hosts(pre):
@@ -197,3 +199,11 @@ def test_an_abort_another_fault_caused_is_not_credited_to_a_link_loss_action():
     (a,) = r.summary["adversary"]
     assert (a["outcome"], a["detected_by"], a["applied_ns"]) == ("not_reached", "", 0)
 
+
+
+def test_a_trace_that_ends_inside_the_migration_ends_at_the_completion(tmp_path):
+    # The tiny trace without its write at 20000: its last event (7000) is behind the guest when the run
+    # completes at 12240 (the guest at g = 12240 - 3120 = 9120), so the trace ends right then.
+    trace = write_trace(tmp_path / "short.arrow", [(t, 0, gfn) for t, gfn in ROWS if t < 20000], npages=4, vcpus=1)
+    r = run(tiny_scenario(), strategy="mirror-vm", trace_path=trace)
+    assert (_m(r)["completion_ns"], _m(r)["trace_end_ns"]) == (12240, 12240)
