@@ -1,0 +1,85 @@
+"""When an adversary action falls due, on the tiny data-mode run, at the exact instant (issue 22, tools/mutate
+survivors in replay/migration/adversary.py), and what an action that never acted records.
+
+The run is test_precopy's tiny pre-copy scenario in data mode: setup 1000..5100 (a mirror VM per side,
+1000 ns each, the initial sync 100 ns after dirty logging starts at 5000), then the attested handshake at
+5100 (its round trip, 2 x 10 ns, until 5120). The handshake is the attestation actions' one chance: an
+action falls due once the acting clock has reached its time (docs/adversary: "at or after").
+
+A second scenario has every cost before the first burst at 0 (migration at 0, no latency): the
+handshake and round 0's first send happen at 0 ns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from replay.migration import Migration
+from replay.scenario.spec import AdversarySpec, make_scenario, with_adversary
+from test_precopy import COSTS, tiny_scenario, tiny_trace
+
+HANDSHAKE = 5100
+
+
+@pytest.fixture
+def pre(tmp_path):
+    return tiny_trace(tmp_path / "tiny.arrow")
+
+
+def _run(s, trace, *actions):
+    r = Migration(with_adversary(s, list(actions)), trace).run()
+    (a,) = r.summary["adversary"]
+    return r, a
+
+
+def _at_zero():
+    return make_scenario(guest={"os_vmpl": 0}, trace={"file": "unused.arrow"},
+                         migration={"start_ns": 0, "latency_ns": 0, "bandwidth_bytes_per_s": 5_000_000_000,
+                                    "agents_initial": 1, "agents_max": 1, "data": True},
+                         costs={**COSTS, "mirror_vm_create_ns": 0, "ap_create_ns": 0, "dirty_sync_ns": 0})
+
+
+@pytest.mark.parametrize("at, outcome", [(HANDSHAKE, "detected"), (HANDSHAKE + 1, "not_reached")])
+def test_an_attestation_action_due_exactly_at_the_handshake_acts(pre, at, outcome):
+    r, a = _run(tiny_scenario(data=True), pre, AdversarySpec(kind="bad-tcb", at_ns=at))
+    assert a["outcome"] == outcome
+    if outcome == "detected":
+        assert (r.status, a["applied_ns"], a["phase"], a["detected_by"]) == ("aborted", HANDSHAKE, "handshake",
+                                                                              "attestation.tcb")
+    else:  # its one chance passed 1 ns before its time: the run completes, the action recorded as never acting
+        assert r.status == "completed"
+        assert (a["applied_ns"], a["gfn"], a["phase"], a["detected_by"], a["effect"]) == (0, 0, "", "", "")
+
+
+def test_an_action_without_a_time_acts_at_the_first_chance_even_at_0_ns(pre):
+    r, a = _run(_at_zero(), pre, AdversarySpec(kind="bad-tcb"))
+    assert (r.status, a["at"], a["outcome"], a["applied_ns"]) == ("aborted", "first", "detected", 0)
+
+
+def test_a_host_write_at_0_ns_acts_once(pre):
+    # Due at 0 and applied at 0 (round 0's first send, on the source): one RMP #PF, never again.
+    r, a = _run(_at_zero(), pre, AdversarySpec(kind="host-write-private", at_ns=0))
+    assert r.status == "completed"
+    assert (a["outcome"], a["applied_ns"], a["phase"], a["gfn"]) == ("detected", 0, "precopy", 0)
+    assert r.summary["metrics"]["faults"]["host_rmp_pf"] == 1
+
+
+@pytest.mark.parametrize("min_tcb", ["1.0.0.0", "0.1.0.0", "0.0.1.0", "0.0.0.1", "9.0.23.0"])
+def test_bad_tcb_is_below_any_minimum(pre, min_tcb):
+    # Both platforms at 9.1.23.72 meet every minimum here; the action sets the target's TCB one below the
+    # minimum's microcode (or, with microcode 0 there, to 0.0.0.0): the source's check of the target's
+    # report refuses it whichever component the minimum sets.
+    s = tiny_scenario(data=True)
+    s = dataclasses.replace(s, attestation=dataclasses.replace(s.attestation, min_tcb=min_tcb, source_tcb="9.1.23.72",
+                                                                 target_tcb="9.1.23.72"))
+    r, a = _run(s, pre, AdversarySpec(kind="bad-tcb"))
+    assert (r.status, a["outcome"], a["detected_by"]) == ("aborted", "detected", "attestation.tcb")
+    assert r.summary["status_reason"].startswith("attestation refused by the source: tcb")
+
+
+def test_a_link_loss_records_no_page(pre):
+    # A link loss acts on no page: its record's gfn is 0 like an unreached action's.
+    r, a = _run(tiny_scenario(data=True), pre, AdversarySpec(kind="link-loss", at_ns=6000))
+    assert (r.status, a["outcome"], a["applied_ns"], a["gfn"]) == ("aborted", "detected", 6000, 0)
