@@ -18,7 +18,7 @@ import pytest
 
 from replay.migration import Migration
 from replay.scenario.spec import AdversarySpec, make_scenario, with_adversary
-from test_precopy import COSTS, tiny_scenario, tiny_trace
+from test_precopy import COSTS, tiny_scenario, tiny_trace, write_trace
 
 HANDSHAKE = 5100
 
@@ -83,3 +83,13 @@ def test_a_link_loss_records_no_page(pre):
     # A link loss acts on no page: its record's gfn is 0 like an unreached action's.
     r, a = _run(tiny_scenario(data=True), pre, AdversarySpec(kind="link-loss", at_ns=6000))
     assert (r.status, a["outcome"], a["applied_ns"], a["gfn"]) == ("aborted", "detected", 6000, 0)
+
+
+def test_stale_ciphertext_records_the_lowest_4096_private_pages(tmp_path):
+    # 4097 private pages, each written once from t = 0; gfn 4096 written again at 6000, after the handshake
+    # (5100) where the host records the lowest 4096 pages' ciphertext (STALE_PAGES, 16 MiB): the one page
+    # that changes was never recorded, so the action has nothing to write back.
+    n = 4097
+    trace = write_trace(tmp_path / "wide.arrow", [(g, 0, g) for g in range(n)] + [(6000, 0, n - 1)], npages=n, vcpus=1)
+    r, a = _run(tiny_scenario(data=True), trace, AdversarySpec(kind="stale-ciphertext", at_ns=7000))
+    assert (r.status, a["outcome"], a["effect"]) == ("completed", "not_reached", "")
