@@ -18,6 +18,7 @@ import pytest
 
 from replay.migration import Migration
 from replay.scenario.spec import AdversarySpec, make_scenario, with_adversary
+from test_postcopy import pc_scenario, pc_trace
 from test_precopy import COSTS, tiny_scenario, tiny_trace, write_trace
 
 HANDSHAKE = 5100
@@ -93,3 +94,16 @@ def test_stale_ciphertext_records_the_lowest_4096_private_pages(tmp_path):
     trace = write_trace(tmp_path / "wide.arrow", [(g, 0, g) for g in range(n)] + [(6000, 0, n - 1)], npages=n, vcpus=1)
     r, a = _run(tiny_scenario(data=True), trace, AdversarySpec(kind="stale-ciphertext", at_ns=7000))
     assert (r.status, a["outcome"], a["effect"]) == ("completed", "not_reached", "")
+
+
+@pytest.mark.parametrize("at, applied, gfn, phase", [(8100, 8200, 3, "fault"), (8101, 9100, 1, "postcopy")])
+def test_a_fault_reply_carries_an_action_once_the_push_has_reached_its_time(tmp_path, at, applied, gfn, phase):
+    # test_postcopy's tiny post-copy run with data mode's per-page costs set to the metadata ones (packaging
+    # 500 ns, no unpacking, no compression): test_boundaries' timeline. The push sends gfn 0 7100..8100;
+    # vCPU 1's fault on gfn 3 puts its reply on the wire at 8200, the push's clock standing at 8100; the
+    # push sends gfn 1 at 9100. A flip due at 8100 is due for the reply (the push has reached 8100 too);
+    # due at 8101, the reply goes out before the push reaches it: the push's gfn 1 carries it.
+    s = pc_scenario(costs={"data_page_pack_ns": 500, "data_page_unpack_ns": 0, "data_zstd_page_ns": 0}, data=True)
+    r, a = _run(s, pc_trace(tmp_path / "pc.arrow"), AdversarySpec(kind="flip", at_ns=at))
+    assert (a["outcome"], a["detected_by"]) == ("detected", "channel.bad_tag")
+    assert (a["applied_ns"], a["gfn"], a["phase"]) == (applied, gfn, phase)
