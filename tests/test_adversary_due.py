@@ -107,3 +107,43 @@ def test_a_fault_reply_carries_an_action_once_the_push_has_reached_its_time(tmp_
     r, a = _run(s, pc_trace(tmp_path / "pc.arrow"), AdversarySpec(kind="flip", at_ns=at))
     assert (a["outcome"], a["detected_by"]) == ("detected", "channel.bad_tag")
     assert (a["applied_ns"], a["gfn"], a["phase"]) == (applied, gfn, phase)
+
+
+def _acted(a):
+    return a["outcome"], a["applied_ns"], a["gfn"], a["phase"]
+
+
+def test_host_actions_due_together_all_act_at_the_first_chance(pre):
+    # Round 0's one send of gfn 0..3 begins at 5120; the hosts act right after it (the tick), in the
+    # scenario's order. Two actions not due yet (and a stale-ciphertext that only records) come first and
+    # hold none of the others back: raw-copy takes the lowest page the target holds (gfn 0), the RMP
+    # bypass copies gfn 0's ciphertext over gfn 1 on the target, and both host writes hit gfn 0 (two #PFs).
+    far = 10**12
+    r = Migration(with_adversary(tiny_scenario(data=True), [
+        AdversarySpec(kind="stale-ciphertext", at_ns=far), AdversarySpec(kind="host-write-private", at_ns=far),
+        AdversarySpec(kind="raw-copy", at_ns=5120), AdversarySpec(kind="rmp-bypass-copy", at_ns=5120, host="target"),
+        AdversarySpec(kind="host-write-private", at_ns=5120, host="target"),
+        AdversarySpec(kind="host-write-private", at_ns=5120, host="source")]), pre).run()
+    assert [_acted(a) for a in r.summary["adversary"]] == [
+        ("not_reached", 0, 0, ""), ("not_reached", 0, 0, ""), ("undetected", 5120, 0, "precopy"),
+        ("undetected", 5120, 1, "precopy"), ("detected", 5120, 0, "precopy"), ("detected", 5120, 0, "precopy")]
+    assert r.summary["metrics"]["faults"]["host_rmp_pf"] == 2
+
+
+def test_a_host_write_on_a_host_holding_nothing_private_waits_alone(tmp_path):
+    # Post-copy (test_boundaries' timeline, data mode at the metadata costs): the first tick follows the
+    # VMSAs at 3000, when the target holds no page of the guest: its write waits for the push's gfn 0
+    # (7100); the source's write, due too, is not held back by it.
+    s = pc_scenario(costs={"data_page_pack_ns": 500, "data_page_unpack_ns": 0, "data_zstd_page_ns": 0}, data=True)
+    r = Migration(with_adversary(s, [AdversarySpec(kind="host-write-private", at_ns=0, host="target"),
+                                     AdversarySpec(kind="host-write-private", at_ns=0, host="source")]),
+                  pc_trace(tmp_path / "pc.arrow")).run()
+    assert [_acted(a) for a in r.summary["adversary"]] == [("detected", 7100, 0, "postcopy"),
+                                                           ("detected", 3000, 0, "vmsa")]
+
+
+def test_an_rmp_bypass_copy_needs_two_private_pages_and_two_are_enough(tmp_path):
+    trace = write_trace(tmp_path / "two.arrow", [(0, 0, 0), (1, 0, 1)], npages=2, vcpus=1)
+    r, a = _run(tiny_scenario(data=True), trace, AdversarySpec(kind="rmp-bypass-copy", at_ns=5120))
+    assert _acted(a) == ("undetected", 5120, 1, "precopy")
+    assert a["effect"] == "gfn 1 holds gfn 0's ciphertext: decrypts to garbage"
