@@ -80,7 +80,8 @@ def test_selector_falls_back_to_the_module_for_import_time_and_unrun_statements(
 
 
 @pytest.mark.parametrize("rc,outcome", [(None, "timeout"), (0, "survived"), (1, "killed"), (2, "killed"),
-                                        (3, "killed"), (4, "error"), (5, "error")])
+                                        (3, "killed"), (4, "killed"), (5, "killed"), (70, "error"),
+                                        (-9, "error")])
 def test_exit_codes(rc, outcome):
     assert mt._outcome(rc) == outcome
 
@@ -111,7 +112,7 @@ def test_server_passes_fails_and_kills_a_hang(tmp_path):
     try:
         assert server.run(["tests/test_t.py::test_pass"], timeout=60)[0] == "survived"
         assert server.run(["tests/test_t.py::test_fail"], timeout=60)[0] == "killed"
-        assert server.run(["tests/test_t.py::test_nothing"], timeout=60)[0] == "error"   # nothing collected
+        assert server.run(["tests/test_t.py::test_nothing"], timeout=60)[0] == "killed"  # nothing collected
         t0 = time.monotonic()
         outcome, secs = server.run(["tests/test_t.py::test_hang"], timeout=1.0)
         assert outcome == "timeout" and 1.0 <= secs < 30 and time.monotonic() - t0 < 30
