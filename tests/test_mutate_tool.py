@@ -150,3 +150,89 @@ def test_stages_run_the_first_two_files_fastest_tests_first():
     many = [f"tests/a.py::t{i}" for i in range(45)]
     (first, _), (rest, _) = mt.stages(many, 22.5, lambda t: 0.5)
     assert first == many[:40] and rest == many[40:]          # at most 40 in the first run
+
+
+# --- the list of equivalent mutants (tests/equivalent-mutants.toml) ---------------------------------------
+
+def _mutant(path="replay/m.py", op="core/NumberReplacer", line="x = 0", rank=0, lineno=3):
+    return mt.Mutant(path, op, rank, lineno, 4, f"{path}\0{op}\0{line}\0{rank}")
+
+
+def _eq(tmp_path, body):
+    f = tmp_path / "eq.toml"
+    f.write_text(textwrap.dedent(body))
+    return f
+
+
+ENTRY = '''\
+    [[equivalent]]
+    path = "replay/m.py"
+    operator = "core/NumberReplacer"
+    line = "x = 0"
+    what = "`x = 0` -> 1"
+    why = "x is set again before it is read"
+    '''
+
+
+def test_equivalents_match_by_file_operator_line_text_and_rank(tmp_path):
+    eqs = mt.load_equivalents(_eq(tmp_path, ENTRY + ENTRY.replace('"x = 0"', '"y = 0"') + "rank = 1\n"))
+    assert [e.rank for e in eqs] == [None, 1]
+    a, a2 = _mutant(), _mutant(rank=1, lineno=9)                     # two `x = 0` lines: no rank = both
+    b0, b1 = _mutant(line="y = 0"), _mutant(line="y = 0", rank=1)    # rank 1 only
+    other_op, other_file = _mutant(op="core/AddNot"), _mutant(path="replay/n.py")
+    of, stale = mt.equivalence(eqs, [a, a2, b0, b1, other_op, other_file], ["replay/m.py", "replay/n.py"])
+    assert set(of) == {a.key, a2.key, b1.key} and stale == []
+    of, stale = mt.equivalence(eqs, [a], ["replay/m.py"])
+    assert stale == [eqs[1]]                                         # its line is gone
+    assert mt.equivalence(eqs, [a], ["replay/other.py"])[1] == []   # out of scope: not stale
+
+
+@pytest.mark.parametrize("body, message", [
+    (ENTRY.replace("why =", "whyy ="), "unknown field 'whyy' (did you mean 'why'?)"),
+    (ENTRY.replace('what = "`x = 0` -> 1"\n', ""), "`what` must be a non-empty string"),
+    (ENTRY.replace('"core/NumberReplacer"', '"NumberReplacer"'), "cosmic-ray's full name"),
+    (ENTRY + "rank = true\n", "`rank` must be an integer"),
+    (ENTRY.replace('"x = 0"', '"  "'), "`line` must be a non-empty string"),
+    ("[[equivalents]]\n", "unknown top-level key 'equivalents'"),
+    ("[[equivalent]\n", "not readable TOML"),
+])
+def test_a_bad_equivalents_file_is_one_line_naming_the_entry(tmp_path, body, message):
+    with pytest.raises(SystemExit) as e:
+        mt.load_equivalents(_eq(tmp_path, body))
+    assert message in str(e.value) and str(tmp_path / "eq.toml") in str(e.value) and "\n" not in str(e.value)
+    assert mt.load_equivalents(tmp_path / "absent.toml") == []
+
+
+def test_the_score_leaves_listed_equivalents_out_and_flags_a_listed_mutant_that_was_killed(tmp_path, capsys):
+    import types
+    eqs = mt.load_equivalents(_eq(tmp_path, ENTRY + ENTRY.replace('"x = 0"', '"z = 0"')))
+    ms = [_mutant(line=f"v{i} = 0", lineno=i) for i in range(7)]
+    eq_survivor, eq_killed = _mutant(lineno=10), _mutant(line="z = 0", lineno=11)
+    results = ([mt.Result(m, "killed", 1.0) for m in ms[:5]] + [mt.Result(ms[5], "timeout", 1.0)]
+               + [mt.Result(ms[6], "survived", 1.0), mt.Result(eq_survivor, "survived", 1.0),
+                  mt.Result(eq_killed, "killed", 1.0)])
+    args = types.SimpleNamespace(select="lines", quick=False, rerun=None, sample=1, jobs=2, md=None,
+                                 json=tmp_path / "r.json", fail_under=87.5, equivalent=tmp_path / "eq.toml")
+    equiv = mt.equivalence(eqs, [r.mutant for r in results], ["replay/m.py"])
+    # killed 6 + 1 (the wrongly listed one) = 7 of 8 non-equivalent = 87.5%; 7 of 9 of all = 77.8%
+    assert mt.report(results, ["replay/m.py"], args, 9, 1.0, 0.0, equiv) == 0
+    out = capsys.readouterr().out
+    assert "# Mutation score: 7/8 = 87.5% (without 1 equivalent mutants; 7/9 = 77.8% of all)" in out
+    assert "| replay/m.py | 6 | 1 | 1 | 1 | 87.5% |" in out
+    todo = out.split("## Surviving mutants")[1].split("##")[0]
+    assert "replay/m.py:6 " in todo and "replay/m.py:10 " not in todo      # the listed one is not a to-do
+    assert "killed, so not equivalent: replay/m.py:11" in out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["score_percent"] == 87.5 and doc["score_all_percent"] == 77.78
+    assert [r["line"] for r in doc["results"] if r["equivalent"]] == [10]
+    args.fail_under = 87.6
+    assert mt.report(results, ["replay/m.py"], args, 9, 1.0, 0.0, equiv) == 1
+
+
+def test_the_equivalents_table_is_one_row_per_entry_sorted_with_pipes_escaped(tmp_path):
+    eqs = mt.load_equivalents(_eq(tmp_path, ENTRY.replace('"x = 0"', '"z = 0"')
+                                  + ENTRY.replace("x is set", "a | b: x is\\n set")))
+    assert mt.equivalents_table(eqs).splitlines() == [
+        "| mutant | why it is equivalent |", "|---|---|",
+        "| `m.py`: `x = 0` -> 1 | a \\| b: x is set again before it is read |",
+        "| `m.py`: `x = 0` -> 1 | x is set again before it is read |"]
