@@ -171,3 +171,29 @@ def test_no_detected_host_write_explains_no_fault():
     d = _adversary(AdversarySpec(kind="host-write-private", at_ns=5))  # never applied
     for faults in (None, {"host_rmp_pf": 1}):
         assert d.finish("completed", False, 100, {"no_faults": False}, faults)[1]["explains"] == []
+
+
+def test_only_detected_host_writes_count_for_the_faults():
+    # Detected: the host write at 5 and a flip (a channel refusal, no fault). The second host write never
+    # came. One #PF = one detected host write: explained.
+    d = _adversary(AdversarySpec(kind="host-write-private", at_ns=5), AdversarySpec(kind="flip", at_ns=5),
+                   AdversarySpec(kind="host-write-private", at_ns=10**12))
+    write, flip, _ = d.actions
+    write.applied(5, "precopy", 0)
+    write.detect("rmp.host_rmp_pf")
+    flip.applied(5, "precopy", 1)
+    flip.detect("channel.bad_tag")
+    assert d.finish("completed", False, 100, {"no_faults": False}, {"host_rmp_pf": 1})[1]["explains"] == ["no_faults"]
+
+
+@pytest.mark.parametrize("differs, explained", [({3}, True), ({3, 5}, False), (None, False)])
+def test_a_switchover_difference_is_explained_only_by_the_pages_actions_changed(differs, explained):
+    # A tamper-shared that changed gfn 3 unnoticed explains the target's plain text differing from the
+    # source's at the switchover only if every page that differs is gfn 3 (None: none differed).
+    key = "plaintext_target_equals_source_at_switchover"
+    d = _adversary(AdversarySpec(kind="tamper-shared", at_ns=5))
+    (a,) = d.actions
+    a.applied(5, "precopy", 3)
+    a.changed.add(3)
+    d.switchover_diff = differs
+    assert d.finish("completed", False, 100, {key: False}, {})[1]["explains"] == ([key] if explained else [])
