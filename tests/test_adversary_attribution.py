@@ -167,6 +167,15 @@ def test_detected_host_writes_explain_only_their_own_faults(faults, explains):
     assert effects == {"pages_lost": 0, "plaintext_end_differs": False, "explains": explains}
 
 
+@pytest.mark.parametrize("invariants", [{"no_faults": True}, {}])
+def test_only_a_failed_invariant_is_explained(invariants):
+    # The write's own #PF, but the invariant held (or is not checked on this run): nothing to explain.
+    d = _adversary(AdversarySpec(kind="host-write-private", at_ns=5))
+    d.actions[0].applied(5, "precopy", 0)
+    d.actions[0].detect("rmp.host_rmp_pf")
+    assert d.finish("completed", False, 100, invariants, {"host_rmp_pf": 1})[1]["explains"] == []
+
+
 def test_no_detected_host_write_explains_no_fault():
     d = _adversary(AdversarySpec(kind="host-write-private", at_ns=5))  # never applied
     for faults in (None, {"host_rmp_pf": 1}):
