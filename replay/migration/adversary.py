@@ -337,7 +337,8 @@ class Adversary:
         slots: list[list[tuple[bytes, tuple]]] = [[(p, ())] for p in packets]
         taken: set[int] = set()  # packets an action took already: two actions due together take two
         heads = [parse_header(p) for p in packets]
-        held = self.pending.pop(stream, [])
+        held = self.pending.pop(stream, [])  # held back by an earlier send: they go after this one's first
+        hold: list[tuple[Action, bytes]] = []  # held back now: they go after the stream's next packet
         late = self.recorded.pop(stream, [])  # replay-old-version: the stream has moved on
         gap = self.gaps.pop(stream, None)  # a packet an earlier send dropped or held: shows on this one's first
         drops: list[tuple[int, Action]] = []
@@ -374,7 +375,7 @@ class Adversary:
                     taken.add(i + 1)
                 else:  # the last one of this send: it goes after the stream's next packet
                     slots[i] = []
-                    held.append((a, p))
+                    hold.append((a, p))
                     drops.append((i, a))
             elif k == "forge":
                 slots[i] = [(self._forged(h), (a,))]
@@ -399,7 +400,9 @@ class Adversary:
             if out:
                 out[1:1] = [(p, (a,)) for a, p in held]
             else:
-                self.pending[stream] = held
+                hold[:0] = held
+        if hold:
+            self.pending[stream] = hold
         out += [(p, (a,)) for a, p in late]
         self.blame = [a for _, a in out]
         return [p for p, _ in out]
