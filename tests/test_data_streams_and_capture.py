@@ -1,0 +1,78 @@
+"""Data mode's streams and capture in the driver (replay/migration/data.py): each kind of traffic on its
+documented stream (0 pre-copy, 1 stop-and-copy, 2 post-copy push, 3 post-copy fault replies, 4 VMSAs;
+the token on 65535), as the run record's per-stream sequence counts show; a page the target's guest
+writes after the push delivered it, while the same push step goes on, keeps the guest's write (the push's
+groups are sent as they come on the target, never held back past the guest's rows); and
+``differing_pages`` finds a differing page at gfn 0 and past its 4096-page chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from replay.migration import run
+from replay.migration.data import differing_pages
+from replay.security.memory import HostMemory
+from test_postcopy import pc_scenario, pc_trace
+from test_precopy import tiny_scenario, tiny_trace
+
+
+def sequences(r):
+    sec = r.summary["metrics"]["security"]
+    assert sec["source"]["sequences"] == sec["target"]["sequences"]
+    return sec["source"]["sequences"]
+
+
+def test_precopy_traffic_uses_streams_0_1_and_4(tmp_path):
+    # test_precopy's tiny guest (4 pages, one vCPU at VMPL0): the pre-copy round sends every page (all four
+    # written before the start), the stop-and-copy the pages dirtied after the round sent them, one VMSA.
+    r = run(tiny_scenario(data=True), strategy="mirror-vm", trace_path=tiny_trace(tmp_path / "t.arrow"))
+    assert r.status == "completed"
+    down = sum(x["pages_sent"] for x in r.rounds.to_pylist() if x["phase"] == "downtime")
+    assert down == 2
+    assert sequences(r) == {"0": 4, "1": down, "4": 1, "65535": 1}
+
+
+def test_postcopy_traffic_uses_streams_2_3_and_4(tmp_path):
+    # 8 written pages, one vCPU; the guest resumes on the target at g = 3000 and touches gfn 7 1 ns later:
+    # the push goes in gfn order, so gfn 7 is a fault (its reply on stream 3) and the push sends the other
+    # 7 pages (stream 2); one VMSA (stream 4).
+    rows = [(i, 0, i) for i in range(8)] + [(3001, 0, 7), (60000, 0, 0)]
+    r = run(pc_scenario(data=True), strategy="mirror-vm",
+            trace_path=pc_trace(tmp_path / "p.arrow", rows=rows, vcpus=1, npages=8))
+    assert r.status == "completed"
+    assert [(f["vcpu"], f["gfn"]) for f in r.faults.to_pylist()] == [(0, 7)]
+    assert sequences(r) == {"2": 7, "3": 1, "4": 1, "65535": 1}
+
+
+def test_a_page_written_on_the_target_during_the_push_keeps_the_write(tmp_path):
+    # The push delivers gfns 0, 1, 2; the guest (on the target, gfn 1 there now) writes gfn 1 at g 12000;
+    # the same push step then sends gfns 3..7. Sent as it comes, gfn 1 lands before the write: the target
+    # ends with the straight replay's memory. Held back to the end of the step, the pushed copy would land
+    # after the write and undo it.
+    rows = [(i, 0, i) for i in range(8)] + [(12000, 0, 1), (60000, 0, 7)]
+    r = run(pc_scenario(data=True), strategy="mirror-vm",
+            trace_path=pc_trace(tmp_path / "w.arrow", rows=rows, vcpus=1, npages=8))
+    assert r.status == "completed" and r.faults.num_rows == 0  # no fault: gfn 1 was there before 12000
+    assert sequences(r) == {"2": 8, "4": 1, "65535": 1}
+    d = r.summary["digests"]
+    assert d["end_of_trace"] == d["no_migration"]
+    assert r.summary["invariants"]["plaintext_end_equals_no_migration"] is True
+
+
+def write(mem, gfn, value):
+    mem.apply(np.array([gfn * 4096], np.uint64), np.array([8], np.uint64), np.zeros(1, np.uint8),
+              np.array([value], np.uint64))
+
+
+def test_differing_pages_at_gfn_0_and_past_the_first_chunk():
+    # 4098 pages: chunks [0, 4096) and [4096, 4098); pages differ at both ends of the guest and at the second
+    # chunk's first page.
+    a = HostMemory.for_host(3, 0, npages=4098, spa_base=0)
+    b = HostMemory.for_host(3, 1, npages=4098, spa_base=8192)
+    for g in (0, 5, 4095, 4096, 4097):
+        write(a, g, 1)
+        write(b, g, 1)
+    assert differing_pages(a, b) == set()  # the same plain text under other keys and SPAs
+    for g in (0, 4095, 4096, 4097):
+        write(b, g, 2)
+    assert differing_pages(a, b) == {0, 4095, 4096, 4097}
