@@ -3,6 +3,8 @@ documented stream (0 pre-copy, 1 stop-and-copy, 2 post-copy push, 3 post-copy fa
 the token on 65535), as the run record's per-stream sequence counts show; a page the target's guest
 writes after the push delivered it, while the same push step goes on, keeps the guest's write (the push's
 groups are sent as they come on the target, never held back past the guest's rows); and
+a page a WRITE changes after its pre-copy send in the same transfer goes with the contents it had at its
+send, whatever the WRITE's content seed (the op column, not the value column, says what a row does); and
 ``differing_pages`` finds a differing page at gfn 0 and past its 4096-page chunks."""
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 from replay.migration import run
 from replay.migration.data import differing_pages
 from replay.security.memory import HostMemory
+from replay.traces.format import TraceWriter
 from test_postcopy import pc_scenario, pc_trace
 from test_precopy import tiny_scenario, tiny_trace
 
@@ -57,6 +60,27 @@ def test_a_page_written_on_the_target_during_the_push_keeps_the_write(tmp_path):
     d = r.summary["digests"]
     assert d["end_of_trace"] == d["no_migration"]
     assert r.summary["invariants"]["plaintext_end_equals_no_migration"] is True
+
+
+def test_a_page_changed_after_its_send_goes_with_its_contents_at_the_send(tmp_path):
+    # test_precopy's tiny run with zstd: gfns 0..3 hold 8 bytes each; round 0 sends gfn 0 before g 11000 and
+    # gfns 1..3 after it, in the same transfer; at 11000 a WRITE fills gfn 0 with the content function of
+    # seed 1 (4096 bytes that do not compress; 1 is also Op.READ's code, which must not matter: only the
+    # op column says what a row does). Round 0's copy of gfn 0 is the one of its send (8 bytes): it
+    # compresses. Compressed pages: round 0's 4 + the VMSA (256 bytes and zeros) = 5; the stop-and-copy
+    # resends the dirty gfn 0, full and incompressible.
+    rows = [(0, 0, 8, 2), (1, 1, 8, 3), (2, 2, 8, 4), (3, 3, 8, 5), (11000, 0, 4096, 1), (30000, 3, 8, 6)]
+    p, n = tmp_path / "w.arrow", len(rows)
+    with TraceWriter(p, guest_bytes=4 * 4096, vcpus=1, source={"test": "seed1"}) as w:
+        w.write(np.array([r[0] for r in rows], np.uint64), np.zeros(n, np.uint16),
+                np.array([r[1] * 4096 for r in rows], np.uint64), np.array([r[2] for r in rows], np.uint32),
+                np.zeros(n, np.uint8), np.array([r[3] for r in rows], np.uint64))  # op 0: WRITE
+    r = run(tiny_scenario(data=True, data_zstd_level=3), strategy="mirror-vm", trace_path=p)
+    assert r.status == "completed"
+    assert [(x["phase"], x["pages_sent"]) for x in r.rounds.to_pylist()] == [("precopy", 4), ("downtime", 1)]
+    assert sequences(r) == {"0": 4, "1": 1, "4": 1, "65535": 1}
+    sec = r.summary["metrics"]["security"]
+    assert sec["source"]["compressed_pages"] == sec["target"]["compressed_pages"] == 5
 
 
 def write(mem, gfn, value):
