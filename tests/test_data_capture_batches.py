@@ -10,14 +10,16 @@ from __future__ import annotations
 import pytest
 
 import replay.migration.data as data
+import replay.security.memory as memory
 from replay.migration import run
 from test_precopy import tiny_scenario, write_trace
 
 SMALL = 4
 
 
+@pytest.mark.parametrize("cache", [None, 0])
 @pytest.mark.parametrize("start", [20000, 35000])
-def test_small_capture_batches_send_the_same_as_one_batch(tmp_path, monkeypatch, start):
+def test_small_capture_batches_send_the_same_as_one_batch(tmp_path, monkeypatch, start, cache):
     # 16 written pages; from `start` the guest rewrites gfn 5k mod 16 every 500 ns while round 0 sends.
     # 20000: the round's first batch captures 4 pages; 35000: the first sends form a group of 7 untouched
     # pages (more than 4: sealed in place in batches of 4 and 3), then a batch captures 4.
@@ -34,6 +36,8 @@ def test_small_capture_batches_send_the_same_as_one_batch(tmp_path, monkeypatch,
         return send_captured(self, groups, gfns, versions, at, private, n_used, stream)
 
     monkeypatch.setattr(data, "CAPTURE_PAGES", SMALL)
+    if cache is not None:
+        monkeypatch.setattr(memory, "CACHE_PAGES", cache)
     monkeypatch.setattr(data.DataMode, "_send_captured", spy)
     small = run(s, strategy="mirror-vm", trace_path=trace)
     assert SMALL in used  # the case this test is for: a batch that fills the buffer
