@@ -5,14 +5,17 @@ writes after the push delivered it, while the same push step goes on, keeps the 
 groups are sent as they come on the target, never held back past the guest's rows); and
 a page a WRITE changes after its pre-copy send in the same transfer goes with the contents it had at its
 send, whatever the WRITE's content seed (the op column, not the value column, says what a row does); and
-``differing_pages`` finds a differing page at gfn 0 and past its 4096-page chunks."""
+``differing_pages`` finds a differing page at gfn 0 and past its 4096-page chunks; the scenario's
+[attestation] section gives the handshake exactly the target policy bits it names."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from replay.migration import run
-from replay.migration.data import differing_pages
+from replay.migration.data import attestation_setup, differing_pages
+from replay.scenario.spec import AttestationSpec
+from replay.security.attestation import TcbVersion
 from replay.security.memory import HostMemory
 from replay.traces.format import TraceWriter
 from test_postcopy import pc_scenario, pc_trace
@@ -100,3 +103,13 @@ def test_differing_pages_at_gfn_0_and_past_the_first_chunk():
     for g in (0, 4095, 4096, 4097):
         write(b, g, 2)
     assert differing_pages(a, b) == {0, 4095, 4096, 4097}
+
+
+def test_the_attestation_section_sets_exactly_the_targets_policy_bits():
+    # DEFAULT_GUEST_POLICY = SMT (bit 16) | reserved-one (17) | MIGRATE_MA (18) = 0x70000; DEBUG is bit 19.
+    assert attestation_setup(AttestationSpec()).target_policy == 0x70000
+    assert attestation_setup(AttestationSpec(target_migratable=False)).target_policy == 0x30000
+    assert attestation_setup(AttestationSpec(target_debug=True)).target_policy == 0xF0000
+    assert attestation_setup(AttestationSpec(target_migratable=False, target_debug=True)).target_policy == 0xB0000
+    s = attestation_setup(AttestationSpec(min_tcb="1.2.3.4", target_tcb="5.6.7.8"))
+    assert (s.min_tcb, s.target_tcb) == (TcbVersion(1, 2, 3, 4), TcbVersion(5, 6, 7, 8))
