@@ -1,13 +1,15 @@
 """The receiver's inputs and its bookkeeping of stale copies (replay/security/channel.py): packets given
 as any iterable (a generator is read once, whole: nothing lost to the batch path's own checks), a stale
 zero copy never wipes the newer page the target holds, and stale copies count in no byte tally (what the
-target counts is what it installed)."""
+target counts is what it installed), and a packet a host makes up whose flags name no kind of page, or two, is
+malformed in a batch as alone."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from replay.security.channel import Outcome
+from replay.security.channel import HEADER, Flag, Outcome
 from test_security_channel import pair, write
 
 STREAM = 1
@@ -52,3 +54,15 @@ def test_stale_copies_count_in_no_byte_tally():
     # Installed: gfn 1 (v5) and gfn 2, 4096 bytes each, uncompressed; the stale gfn 1 (v3) not.
     assert st["payload_bytes"] == st["compressed_bytes"] == 2 * PAGE
     assert st["private_pages"] == 2 and st["compressed_pages"] == 0
+
+
+@pytest.mark.parametrize("flags", [0, int(Flag.PRIVATE | Flag.SHARED), int(Flag.COMPRESSED)])
+def test_a_host_made_packet_of_no_kind_or_two_kinds_is_malformed(flags):
+    # A plain 4096-byte page whose flags name no kind, or both private and shared: not a page the target
+    # can take, in a batch (beside a good shared page) as alone.
+    src, dst, s, r = pair(shared=[(0, 15)])
+    bad = HEADER.pack(2, 1, 1, STREAM, flags, PAGE) + bytes([9]) * PAGE
+    good = HEADER.pack(3, 0, 1, STREAM, int(Flag.SHARED), PAGE) + bytes([8]) * PAGE
+    assert r.receive_many([good, bad]) == [Outcome.ACCEPTED, Outcome.MALFORMED]
+    assert r.held_version(2) is None and dst.read_plain(2) == bytes(PAGE)
+    assert r.receive(bad) is Outcome.MALFORMED
