@@ -6,15 +6,17 @@ groups are sent as they come on the target, never held back past the guest's row
 a page a WRITE changes after its pre-copy send in the same transfer goes with the contents it had at its
 send, whatever the WRITE's content seed (the op column, not the value column, says what a row does); and
 ``differing_pages`` finds a differing page at gfn 0 and past its 4096-page chunks; the scenario's
-[attestation] section gives the handshake exactly the target policy bits it names."""
+[attestation] section gives the handshake exactly the target policy bits it names; and in the post-copy
+push the target's agent checks each group of consecutive sends after it landed, so a refusal comes after
+the whole group (a group ends only where a row touches one of its pages before the next send)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from replay.migration import run
+from replay.migration import Migration, run
 from replay.migration.data import attestation_setup, differing_pages
-from replay.scenario.spec import AttestationSpec
+from replay.scenario.spec import AdversarySpec, AttestationSpec, with_adversary
 from replay.security.attestation import TcbVersion
 from replay.security.memory import HostMemory
 from replay.traces.format import TraceWriter
@@ -113,3 +115,21 @@ def test_the_attestation_section_sets_exactly_the_targets_policy_bits():
     assert attestation_setup(AttestationSpec(target_migratable=False, target_debug=True)).target_policy == 0xB0000
     s = attestation_setup(AttestationSpec(min_tcb="1.2.3.4", target_tcb="5.6.7.8"))
     assert (s.min_tcb, s.target_tcb) == (TcbVersion(1, 2, 3, 4), TcbVersion(5, 6, 7, 8))
+
+
+def test_a_refusal_in_the_push_comes_after_the_whole_group(tmp_path):
+    # The run above with an rmp-remap action due from 0 ns: the push's first step sends gfns 0, 1, 2 before
+    # the guest's write of gfn 1 at g 12000 (the row after gfn 2's send) and 3..7 after it. Consecutive
+    # sends form one group as long as no row between a page's send and the group's last send touches the
+    # page: gfn 1's next touch is exactly the row after gfn 2's send, so gfns 0, 1, 2 are one group, sent
+    # (3 packets on stream 2) before the target's agent checks them; the host has remapped gfn 0's RMP
+    # entry (to the group's next page, gfn 1): the check refuses there.
+    rows = [(i, 0, i) for i in range(8)] + [(12000, 0, 1), (60000, 0, 7)]
+    trace = pc_trace(tmp_path / "w.arrow", rows=rows, vcpus=1, npages=8)
+    r = Migration(with_adversary(pc_scenario(data=True), [AdversarySpec(kind="rmp-remap", at_ns=0)]), trace).run()
+    (a,) = r.summary["adversary"]
+    assert (r.status, a["outcome"], a["detected_by"], a["gfn"], a["phase"]) == (
+        "failed", "detected", "rmp.npf_gpa_mismatch", 0, "postcopy")
+    sec = r.summary["metrics"]["security"]
+    assert sec["source"]["sequences"] == {"2": 3, "4": 1}  # no token: the migration stopped
+    assert sec["target"]["private_pages"] == 3
