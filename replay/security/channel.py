@@ -81,7 +81,7 @@ class Outcome(enum.Enum):
     """What the receiver did with a packet."""
 
     ACCEPTED = "accepted"
-    MALFORMED = "malformed"  # short packet, bad length or impossible flags
+    MALFORMED = "malformed"  # short packet, bad length, impossible flags, a gfn or version (>= 2^63) the target cannot hold
     BAD_TAG = "bad_tag"  # GCM authentication failed: tampered or forged
     BAD_SEQUENCE = "bad_sequence"  # not the next sequence number of its stream: dropped, replayed or reordered
     STALE_VERSION = "stale_version"  # an older copy of a page than the target holds (dropped, in sequence)
@@ -611,7 +611,7 @@ class Receiver:
                     self.vmsas[divmod(gfn, VMPLS)] = page
                     st.vmsas += 1
                     self._count_payload(flags, body)
-                elif gfn >= npages:
+                elif gfn >= npages or version >= 1 << 63:  # a gfn or version the target cannot hold
                     o = Outcome.MALFORMED
                 elif version < held[gfn]:
                     o = Outcome.STALE_VERSION
