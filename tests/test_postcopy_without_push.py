@@ -50,3 +50,18 @@ def test_fault_replies_after_the_push_charge_packaging_and_unpacking_to_the_agen
     assert r.status == "completed", r.summary["status_reason"]
     assert r.summary["metrics"]["postcopy"]["requests"] == 2
     assert r.summary["metrics"]["cpu_ns"]["mirror_vm"] == 2000 + 6 * 570
+
+
+@pytest.mark.parametrize("down, source_only, requests", [(8299, 4, 0), (8300, 3, 1)])
+def test_a_reply_lost_for_good_without_the_push_fails_the_migration(tmp_path, down, source_only, requests):
+    # Nobody else watches the link: vCPU 1's reply for gfn 3 (requested at v 6600) lands at 8300. The link
+    # down for good at 8299 loses it: no page reached the target, all 4 exist only on the source, the
+    # guest stopped at its fault (g 3500 + 1 -> v 6601). Down at 8300, the moment it lands: it is
+    # delivered; vCPU 0's reply for gfn 2 (requested at 8100, in at 9800) is lost then: 3 pages remain.
+    trace = pc_trace(tmp_path / "t.arrow", rows=ROWS, vcpus=2)
+    r = run(pc_scenario(postcopy_background_push=False, faults=[{"at_ns": down, "duration_ns": -1}]),
+            strategy="mirror-vm", trace_path=trace)
+    assert r.status == "failed"
+    pc = r.summary["metrics"]["postcopy"]
+    assert (pc["source_only_pages"], pc["requests"]) == (source_only, requests)
+    assert [e["t_ns"] for e in r.events.to_pylist() if e["kind"] == "link_down"] == [down]
