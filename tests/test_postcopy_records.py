@@ -82,3 +82,22 @@ def test_the_tiny_runs_postcopy_round_and_page_tallies(tiny):
     # gfn 3 and gfn 2 came by fault: private, each written once before the switchover (version 1, not a
     # zero page); the push's gfn 0 and 1 likewise. No page is shared or zero.
     assert (m["private_pages_sent"], m["shared_pages_sent"], m["zero_pages"]) == (4, 0, 0)
+
+
+def _overcommit_heuristic() -> bool:
+    import resource
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            mode = f.read().strip()
+    except OSError:
+        return False
+    return mode == "0" and resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
+
+
+@pytest.mark.skipif(not _overcommit_heuristic(), reason="needs Linux's heuristic overcommit and no address-space limit")
+def test_page_ready_times_of_a_huge_guest_reserve_no_memory():
+    # 2^37 pages (a 512 TiB guest): 1 TiB of ready times, more than any test machine's RAM and swap. Under the
+    # heuristic overcommit a mapping that large is refused unless it asks for no reservation (MAP_NORESERVE);
+    # reading its last entry makes one page resident, no more.
+    a = lazy_ready(1 << 37)
+    assert a.size == 1 << 37 and int(a[-1]) == 0
