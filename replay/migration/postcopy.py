@@ -321,7 +321,11 @@ class _Postcopy:
             self.path.prune(int(cur.batch.column("t_ns")[row].as_py()) + voff)
             sv = self.path.serve(vcpu, gfn, v_req, private, src.version == 0, self.queued_ahead(e), e,
                                  self.agents_busy(e))
-            if not self.pushing and self.outage_backlog is None:
+            # A page the target already holds is on its way in the push: that copy serves the fault, and the
+            # reply (never counted as sent) is not waited for: its arrival neither keeps the link needed nor
+            # fails the migration when the link dies.
+            held = eng.page(TARGET, gfn).present
+            if not self.pushing and self.outage_backlog is None and not held:
                 # After the push, nobody else watches the link: a reply still on its way when the link
                 # dies is lost; the request goes again once the link is back (re-keyed), or never.
                 while (down := run.link.down_at(v_req)) is not None and down < sv.arrive_ns:
@@ -337,8 +341,8 @@ class _Postcopy:
                     run.log("link_up", f"recovered; re-keyed; fault on gfn {gfn} requested again", t=v_req)
                     sv = self.path.serve(vcpu, gfn, v_req, private, src.version == 0, 0, e, (0, 0))
             served = sv.done_ns - voff
-            arrive = sv.arrive_ns
-            if eng.page(TARGET, gfn).present:
+            arrive = 0 if held else sv.arrive_ns
+            if held:
                 served = min(served, int(g.ready[gfn]))  # already on its way in the push
             else:
                 eng.deliver(SOURCE, TARGET, gfn)
