@@ -44,3 +44,19 @@ def test_a_fault_after_the_link_is_back_starts_at_its_own_time(tmp_path):
     assert r.status == "completed", r.summary["status_reason"]
     assert [(f["vcpu"], f["gfn"], f["raised_ns"], f["served_ns"]) for f in r.faults.to_pylist()] == [
         (1, 3, 7600, 10200), (0, 2, 7700, 11700), (2, 2, 7720, 11700), (1, 5, 11700, 14400)]
+
+
+def test_the_push_has_no_more_to_send_than_the_pages_no_fault_brought(tmp_path):
+    # A bigger push queue (8000 bytes), the link down at v 8500 for 100 ns. vCPU 1 faults on gfn 2 at g 4450
+    # (v 8550, in the outage): held until 8600, served at g 10300. vCPU 0 faults on gfn 3 at g 6000
+    # (v 10100): by then the push sent gfn 0 and 1 and the fault brought gfn 2, so the push has gfn 3 left,
+    # 5000 bytes (not 20000 - 10000 = 10000: the push skips a page a fault brought). The request lands
+    # 10200, packaged 10200 -> 10700; ahead of the reply min(8000, 5000) bytes = 1000 ns, then its own 1000
+    # ns on the wire and 100 latency: served at 12800 (with 8000 bytes ahead it would be 13400).
+    rows = [(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3), (4450, 1, 2), (6000, 0, 3), (20000, 2, 0)]
+    sc = pc_scenario(costs={"postcopy_queue_bytes": 8000}, faults=[{"at_ns": 8500, "duration_ns": 100}])
+    r = run(sc, strategy="mirror-vm", trace_path=pc_trace(tmp_path / "t.arrow", rows=rows))
+    assert r.status == "completed", r.summary["status_reason"]
+    assert [(f["vcpu"], f["gfn"], f["raised_ns"], f["served_ns"]) for f in r.faults.to_pylist()] == [
+        (1, 2, 8550, 10300), (0, 3, 10100, 12800)]
+    assert r.summary["metrics"]["completion_ns"] == 12800

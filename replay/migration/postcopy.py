@@ -346,6 +346,8 @@ class _Postcopy:
                 served = min(served, int(g.ready[gfn]))  # already on its way in the push
             else:
                 eng.deliver(SOURCE, TARGET, gfn)
+                # The push skips a page a fault brought: it no longer has that page to send.
+                self.push_bytes -= run.s.costs.page_header_bytes + (PAGE_SIZE if src.version else 0)
                 if run.data is not None:
                     run.data.send([gfn], [src.version], "fault", sv.sent_ns,  # on the link then
                                   eng.transfer_state()["v_ns"] if self.pushing else None)
