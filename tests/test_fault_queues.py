@@ -104,3 +104,19 @@ def test_the_push_left_ahead_of_a_reply_counts_every_byte(tmp_path):
     trace = pc_trace(tmp_path / "t.arrow", rows=FILL + [(9000, 0, 3)], vcpus=1)
     s = pc_scenario(costs={"postcopy_queue_bytes": 20000}, bandwidth_bytes_per_s=1_000_000_000)
     assert faults(run(s, strategy="mirror-vm", trace_path=trace)) == [(0, 3, 15700)]
+
+
+def test_an_install_counts_a_vcpu_blocked_by_an_earlier_fault_than_its_latest(tmp_path):
+    # Two vCPUs, no background push, packaging 2000 ns, 10 ns of install lock per blocked vCPU; gfn 1
+    # shared. vCPU 0 faults on gfn 3 at g 3500 (v 7600) and is blocked until 10810, then on gfn 2 (raised
+    # 10910, served 14120): both are served before vCPU 1's fault on gfn 1, raised earlier (g 3700, v 7800)
+    # but later in the trace. Its request lands 7900; a shared page goes from the source host without an
+    # agent: on the wire 7900 -> 8900 (5000 bytes), in at 9000. vCPU 0 is blocked then (by its first
+    # fault, not its latest): 2 vCPUs wait on the install lock, 2 x 10 ns: served at 9020 (not 9010).
+    from test_precopy import write_trace
+    rows = [(0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3), (3500, 0, 3), (3600, 0, 2), (3700, 1, 1), (20000, 0, 0)]
+    sc = pc_scenario(costs={"page_pack_ns": 2000, "fault_lock_per_waiter_ns": 10}, postcopy_background_push=False)
+    r = run(sc, strategy="mirror-vm", trace_path=write_trace(tmp_path / "t.arrow", rows, 4, 2, shared=[(1, 1)]))
+    assert r.status == "completed", r.summary["status_reason"]
+    got = [(f["vcpu"], f["gfn"], f["raised_ns"], f["served_ns"]) for f in r.faults.to_pylist()]
+    assert got[:3] == [(0, 3, 7600, 10810), (0, 2, 10910, 14120), (1, 1, 7800, 9020)]

@@ -106,7 +106,10 @@ class FaultPath:
         self.src_host = Timeline()
         self.reply = Timeline()
         self.install = Timeline()
-        self.busy: list[tuple[int, int]] = [(0, 0)] * run.vcpus  # each vCPU's latest blocked interval
+        # Each vCPU's blocked intervals not yet pruned: faults are served in trace order, not in time order,
+        # so a vCPU's later interval can be booked before another vCPU's install that falls in an earlier one.
+        self.busy: list[list[tuple[int, int]]] = [[] for _ in range(run.vcpus)]
+        self.horizon = 0  # the latest prune: no install is booked before it
         self.mirror = run.strategy.agents_on_host_cpus
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([run.s.seed, JITTER_STREAM])))
 
@@ -142,7 +145,7 @@ class FaultPath:
         return self.install_ns(private) + c.fault_lock_ns + c.fault_lock_per_waiter_ns * w
 
     def waiters(self, vcpu: int, t: int) -> int:
-        return 1 + sum(1 for i, (a, b) in enumerate(self.busy) if i != vcpu and a <= t < b)
+        return 1 + sum(1 for i, iv in enumerate(self.busy) if i != vcpu and any(a <= t < b for a, b in iv))
 
     def serve(self, vcpu: int, gfn: int, t: int, private: bool, zero: bool, queued_ahead_bytes: int, g: int,
               agents_busy_ns: tuple[int, int] = (0, 0)) -> Served:
@@ -182,6 +185,9 @@ class FaultPath:
     def prune(self, before: int) -> None:
         for tl in (self.src_agents, self.dst_agents, self.src_host, self.reply, self.install):
             tl.prune(before)
+        self.horizon = before
 
     def block(self, vcpu: int, start: int, end: int) -> None:
-        self.busy[vcpu] = (start, end)
+        # (no install comes before the horizon, the fault being served: an interval over by then holds nobody)
+        self.busy[vcpu] = [iv for iv in self.busy[vcpu] if iv[1] > self.horizon] + [(start, end)]
+
