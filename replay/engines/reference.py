@@ -565,8 +565,10 @@ class Engine:
         at, mc = p["demand_at_ns"], p["demand_mcpu"]
         while self._seg + 1 < len(at) and at[self._seg + 1] <= g:
             self._seg += 1
-        self._dem = mc[self._seg]
-        self._seg_end = at[self._seg + 1] if self._seg + 1 < len(at) else U64_MASK
+        # Python ints, as the Cython engine returns: numpy scalars would reach the clock and the run record
+        # (whose JSON refuses them)
+        self._dem = int(mc[self._seg])
+        self._seg_end = int(at[self._seg + 1]) if self._seg + 1 < len(at) else U64_MASK
         share = agent_share(p["agents"], self._dem, p["quota_mcpu"], p["fair"])
         for side in ("src", "dst"):
             if p[f"{side}_shared"]:
