@@ -101,3 +101,17 @@ def test_an_agent_added_on_demand_takes_its_steps_on_the_clock(trace):  # noqa: 
         (11124, "agent_added", "agents=2"),
         (11124, "round_end", "round=0 pages=4 bytes=20000"),
     ]
+
+
+def test_a_plain_postcopy_run_records_no_precopy_figures(tmp_path):
+    # test_postcopy's tiny post-copy run (mirror-vm): no pre-copy, so no rounds counted, no expected
+    # downtime (pre-copy's estimate), and its downtime (the pause at 3000 to the resume at 7100: 4100 ns)
+    # is within the 10,000 ns limit. The latency histogram has QEMU's 24 buckets, the last [2^23, 2^24) us.
+    from test_postcopy import pc_scenario, pc_trace
+
+    r = run(pc_scenario(), strategy="mirror-vm", engine="reference", trace_path=pc_trace(tmp_path / "pc.arrow"))
+    m = _m(r)
+    assert r.status == "completed" and m["downtime_ns"] == 4100
+    assert (m["rounds"], m["expected_downtime_ns"], m["downtime_limit_exceeded"]) == (0, 0, False)
+    hist = m["postcopy"]["latency_hist"]
+    assert len(hist) == 24 and hist[-1]["bucket_us_lo"] == 1 << 23 and hist[-1]["bucket_us_hi"] == 1 << 24
