@@ -550,11 +550,13 @@ class Engine:
 
     def begin_transfer(self, v_ns, g_ns, **params):
         p = check_transfer_params(v_ns, g_ns, params, self.vcpus)
+        # Python ints before _xfer_reset copies the parameters (it used to come after: numpy ints then
+        # reached the clock and the run record's JSON, which refuses them)
+        p["demand_at_ns"], p["demand_mcpu"] = [int(x) for x in p["demand_at_ns"]], [int(x) for x in p["demand_mcpu"]]
         self._xfer_reset(p)
         self._v0 = self._xs["v_ns"] = p["v_ns"]
         self._g0 = self._xs["g_ns"] = p["g_ns"]
         self._wp0 = sum(self._wp_faults)
-        p["demand_at_ns"], p["demand_mcpu"] = [int(x) for x in p["demand_at_ns"]], [int(x) for x in p["demand_mcpu"]]
         self._demand_step(p["g_ns"])
 
     def _demand_step(self, g):
