@@ -263,3 +263,12 @@ def test_every_test_file_is_in_a_selection_or_named_outside_the_scope():
     assert sorted(files - selected - set(mt.OUTSIDE_SCOPE)) == [], \
         "add these to tools/mutate's MODULE_TESTS (or OUTSIDE_SCOPE): the mutation pass would not run them"
     assert sorted(set(mt.OUTSIDE_SCOPE) - files) == [] and not selected & set(mt.OUTSIDE_SCOPE)
+
+
+def test_a_rescore_keeps_earlier_outcomes_by_key_and_marks_new_mutants_not_run():
+    kept, new = _mutant(lineno=3), _mutant(line="w = 0", lineno=4)
+    old = {kept.key: {"outcome": "timeout", "seconds": 2.5, "diff": "- x = 0 | + x = 1", "tests": 7},
+           _mutant(line="gone = 0").key: {"outcome": "killed"}}
+    got = mt.rescored([kept, new], old)
+    assert [(r.mutant, r.outcome, r.seconds, r.diff, r.tests) for r in got] == [
+        (kept, "timeout", 2.5, "- x = 0 | + x = 1", 7), (new, "not-run", 0.0, "", 0)]
