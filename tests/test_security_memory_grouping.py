@@ -142,3 +142,24 @@ def test_sizes_keys_and_addresses_are_keyword_only(tmp_path):
         HostMemory.for_host(1, 0, 8, 0)
     with pytest.raises(TypeError):
         replay_plaintext_digest(tmp_path / "t", 1)
+
+
+def test_eviction_takes_exactly_the_least_recently_touched_pages():
+    """Bound 240 (cut to 240 - 240 // 4 = 180). Pages 0..105 written (A), 106..184 (B), A written again,
+    then 185..259 (C): 260 in clear > 240, so 260 - 180 = 80 are written back, the least recent first:
+    all 79 of B, then 1 of A (which one of A is not specified: they were touched together)."""
+    m = mem(npages=260, cache=240)
+
+    def write_range(lo, hi, value):
+        n = hi - lo
+        m.apply(np.arange(lo, hi, dtype=np.uint64) * np.uint64(PAGE), np.full(n, 8, np.uint64),
+                np.zeros(n, np.uint8), np.full(n, value, np.uint64))
+
+    write_range(0, 106, 1)
+    write_range(106, 185, 2)
+    write_range(0, 106, 3)
+    assert m.cached_pages == 185
+    write_range(185, 260, 4)
+    assert m.cached_pages == 180
+    back = m.plain_rows(np.arange(260))[1] == -2
+    assert back[106:185].all() and not back[185:].any() and int(back[:106].sum()) == 1
