@@ -68,6 +68,30 @@ def test_each_chunk_after_the_first_starts_where_the_last_one_ended():
     assert m.private_mask([0, CHUNK, 2 * CHUNK - 1]).all()
 
 
+def test_pieces_filling_exactly_one_chunk_are_applied_together():
+    """Pieces of 16383 and 1 pages: 16384, one chunk. It turns stored shared page 0 private and writes new
+    page 16388: 4 + 2 = 6 in clear > 4, cut to 3 (two chunks would end at 4)."""
+    m = mem(npages=CHUNK + 8, cache=4, shared=[(0, 0)])
+    write(m, 0)
+    four_cached(m, CHUNK)
+    rows(m, (Op.TO_PRIVATE, 0, CHUNK - 1), (Op.WRITE, CHUNK + 4, 8))
+    assert m.cached_pages == 3
+
+
+def test_a_row_one_byte_longer_than_a_chunk_ends_its_first_chunk_at_16384_pages():
+    """A page-state row of 16384 pages + 1 byte (pages 0..16384) is cut into a 16384-page piece (chunk 1)
+    and a 1-byte piece on page 16384 that goes with the next row. Pages 0 and 16384 are stored shared:
+    chunk 1 turns page 0 private (4 + 1 = 5 > 4, cut to 3); chunk 2 turns page 16384 private and writes new
+    page 16385 (3 + 2 = 5 > 4, cut to 3). Cutting after the 1-byte piece instead would end at 4."""
+    m = mem(npages=CHUNK + 10, cache=4, shared=[(0, 0), (CHUNK, CHUNK)])
+    write(m, 0)
+    write(m, CHUNK)
+    four_cached(m, CHUNK + 2)
+    m.apply(np.array([0, (CHUNK + 1) * PAGE], np.uint64), np.array([CHUNK * PAGE + 1, 8], np.uint64),
+            np.array([Op.TO_PRIVATE, Op.WRITE], np.uint8), np.array([0, 9], np.uint64))
+    assert m.cached_pages == 3 and m.private_mask([0, CHUNK]).all()
+
+
 def test_the_last_page_state_row_of_a_call_wins_and_a_page_ending_private_stays_encrypted():
     """Page 3 written back (ciphertext in DRAM), then in one call: page 1 shared, page 3 shared, page 3
     private. Page 3 ends private as it was: its DRAM keeps the ciphertext (0 pages in clear)."""

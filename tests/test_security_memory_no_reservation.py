@@ -66,8 +66,10 @@ def test_room_grows_to_64_pages_then_by_doubling(refuse):
     m = mem(npages=200)
     write(m, 10, value=3)
     assert m.plain_rows([10])[0].shape == (64, PAGE)  # max(1, 2 * 0, 64) = 64 <= 200
-    m.apply(np.arange(100, 164, dtype=np.uint64) * np.uint64(PAGE), np.full(64, 8, np.uint64),
-            np.zeros(64, np.uint8), np.arange(100, 164, dtype=np.uint64))
+    m.apply(np.arange(100, 163, dtype=np.uint64) * np.uint64(PAGE), np.full(63, 8, np.uint64),
+            np.zeros(63, np.uint8), np.arange(100, 163, dtype=np.uint64))
+    assert m.plain_rows([10])[0].shape == (64, PAGE)  # 64 pages: exactly full, no need to grow
+    write(m, 163, value=163)
     assert m.plain_rows([10])[0].shape == (128, PAGE)  # 65 pages: max(65, 2 * 64, 64) = 128 <= 200
     assert fake.asked == [200, 64, 128]
     assert m.read_plain(10) == sm64(3, 8) + bytes(PAGE - 8)
