@@ -187,3 +187,11 @@ def test_eviction_takes_exactly_the_least_recently_touched_pages():
     assert m.cached_pages == 180
     back = m.plain_rows(np.arange(260))[1] == -2
     assert back[106:185].all() and not back[185:].any() and int(back[:106].sum()) == 1
+
+
+def test_a_row_one_byte_short_of_a_chunk_is_one_piece():
+    """16384 pages - 1 byte from gpa 0 turned shared: pages 0..16383, and nothing past them."""
+    m = mem(npages=2 * CHUNK + 1)
+    m.apply(np.zeros(1, np.uint64), np.array([CHUNK * PAGE - 1], np.uint64), np.array([Op.TO_SHARED], np.uint8),
+            np.zeros(1, np.uint64))
+    assert m.private_mask([0, CHUNK - 1, CHUNK, 2 * CHUNK - 1, 2 * CHUNK]).tolist() == [False, False, True, True, True]

@@ -7,6 +7,7 @@
 - The digest's in-place path only for slots in gfn order: slots 0, 2, 1, 3 for gfns 0..3 (increasing
   from the first but not in order), and a second walk batch whose slots rise with gaps; 4098 pages
   stored (past 4096).
+- The digest remembered while nothing changes (not hashed again).
 - The write-back cache's recency: a page rewritten in place is older than a page touched after it, and a
   call of page-state rows only touches no page.
 """
@@ -97,3 +98,14 @@ def test_page_state_rows_alone_touch_no_page():
             np.zeros(1, np.uint64))
     write(m, 4)  # W
     assert m.plain_rows([1, 2, 4])[1].tolist() == [-2, 1, 2]
+
+
+def test_the_digest_is_not_hashed_again_while_nothing_changes(monkeypatch):
+    from replay.security import memory as memmod
+
+    m = mem(npages=8)
+    write(m, 2)
+    d = m.plaintext_digest()
+    m.read_plain(2)  # reading changes nothing
+    monkeypatch.setattr(memmod.blake3, "blake3", None)  # hashing again would fail
+    assert m.plaintext_digest() == d
