@@ -62,7 +62,9 @@ def test_a_second_caller_waits_for_the_one_helper_thread(monkeypatch):
     upper = {}
 
     def first(lo, hi):
-        if lo:  # the upper half, on the helper thread: busy until the second caller has handed its half over
+        if hi - lo == parallel.SPLIT_MIN:  # not split at all (256 is worth splitting): fail at once
+            first_upper_started.set()
+        elif lo:  # the upper half, on the helper thread: busy until the second caller has handed its half over
             upper["first"] = threading.get_ident()
             first_upper_started.set()
             second_submitted.wait(5)
