@@ -1,15 +1,17 @@
 """Data-mode memory's bookkeeping where only an unusual input reaches it (replay/security/memory.py).
 
 - Chunks: a call spanning more than 16384 page pieces is applied in chunks of at most 16384 (a piece
-  that alone fills a chunk stands alone) and the cache bound is applied after each chunk, so how many
-  private pages end up in clear shows where the chunks were cut. The page-state rows here cover unstored
+  that alone fills a chunk stands alone; pieces of exactly 16384 pages stay together; a row one byte
+  longer than a chunk is cut after 16384 pages, one byte shorter is one piece) and the cache bound is
+  applied after each chunk, so how many private pages end up in clear shows where the chunks were cut. The page-state rows here cover unstored
   pages (nothing is stored for them), so 32769 page pieces cost only index arrays.
 - Page-state rows in one call: the last row for a page wins (a page going shared then private again in
   one call is never decrypted); the first stored page (slot 0) is a stored page like any other; a row
   turning an unstored page shared stores nothing (the next free slot stays zero).
 - ``plain_rows``: -1 for a page never stored, -2 for one whose DRAM holds ciphertext, else its row, for
   the first two slots either way round.
-- The cache at exactly its bound after a scan (nothing evicted, the count stays exact), a bad gfn named
+- The cache at exactly its bound after a scan (nothing evicted, the count stays exact); eviction of
+  exactly the least recently touched pages when groups of pages share a touch; a bad gfn named
   when a good one comes first, and the keyword-only arguments of the constructors and the replay helper.
 """
 

@@ -5,8 +5,8 @@ it, the memory starts with no room at all and grows as pages are stored: to 64 p
 smaller), then by doubling, never past the guest. A fake ``mmap`` refuses every mapping above a limit:
 
 - limit 0: the memory is still built and reads as zeros (nothing is mapped before a page is stored);
-- limit 128 pages, guest 200: one page stored -> room for 64; 65 stored -> 128 (the doubling); contents
-  survive the move;
+- limit 128 pages, guest 200: one page stored -> room for 64; 64 stored -> still 64 (exactly full);
+  65 stored -> 128 (the doubling); contents survive the move;
 - limit 64, guest 100: with slots 0..63 all in use, a page-state row over an unstored page touches no slot
   (the cache evicts the least recently touched page, found with ``plain_rows``).
 """
