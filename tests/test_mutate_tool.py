@@ -272,3 +272,29 @@ def test_a_rescore_keeps_earlier_outcomes_by_key_and_marks_new_mutants_not_run()
     got = mt.rescored([kept, new], old)
     assert [(r.mutant, r.outcome, r.seconds, r.diff, r.tests) for r in got] == [
         (kept, "timeout", 2.5, "- x = 0 | + x = 1", 7), (new, "not-run", 0.0, "", 0)]
+
+
+def test_lines_a_module_scoped_fixture_runs_are_credited_to_every_test_that_uses_it(tmp_path):
+    # The fixture runs pkg.f once, inside the first test that needs it; the second test reads its result
+    # and would fail alone on a mutant of f: both must be selected for f's body.
+    tree = _tree(tmp_path)
+    (tree / "tests" / "test_m.py").write_text(textwrap.dedent('''\
+        import pytest
+        import pkg
+
+        @pytest.fixture(scope="module")
+        def once():
+            return pkg.f(41)
+
+        def test_first(once):
+            assert once
+
+        def test_second(once):
+            assert once == 42
+
+        def test_other():
+            assert True
+        '''))
+    doc = mt.coverage_map(tree, ["pkg.py"], ["tests/test_m.py"], cache=None)
+    assert doc["tests"] == [f"tests/test_m.py::test_{n}" for n in ("first", "second", "other")]
+    assert doc["lines"]["pkg.py"]["2"] == [0, 1]        # f's body: both users of the fixture, not test_other
