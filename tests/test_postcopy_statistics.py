@@ -96,3 +96,25 @@ def test_a_negative_count_anywhere_in_the_record_is_an_internal_error():
                             "inconsistent")
     with pytest.raises(InvariantError, match=r"^run record: metrics\.c is -7 "):
         _no_negative({"a": [1], "c": -7}, "metrics")
+
+
+def _pct_metrics(latencies):
+    blocked = [[(0, lat) for lat in latencies]]
+    pc = PostcopyStats(requests=len(latencies), duplicates=0, bytes=0, blocked=blocked, source_only_pages=0)
+    return _postcopy_metrics(None, Outcome(status="completed", postcopy=pc), pc, [pc.latencies(0)])
+
+
+def test_percentiles_at_exact_ranks():
+    # Nearest rank: p50 of 2 latencies is the ceil(2 x 0.5) = 1st smallest (not the 2nd); p99 of 100 is the
+    # ceil(100 x 0.99) = 99th (not the 100th).
+    m = _pct_metrics([3200, 1200])
+    assert (m["latency_p50_ns"], m["latency_p99_ns"]) == (1200, 3200)
+    m = _pct_metrics(list(range(1, 101)))
+    assert (m["latency_p50_ns"], m["latency_p99_ns"]) == (50, 99)
+
+
+def test_percentile_rank_is_exact_integer_arithmetic_at_a_million():
+    # 1,000,001 latencies 0 .. 1,000,000: p50 is the ceil(500,000.5) = 500,001st smallest, 500,000. Only exact
+    # integer arithmetic gets this: 500,000.5 is within a millionth of 500,000.
+    m = _pct_metrics(range(1_000_001))
+    assert m["latency_p50_ns"] == 500_000
