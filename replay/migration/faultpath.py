@@ -106,9 +106,11 @@ class FaultPath:
         self.src_host = Timeline()
         self.reply = Timeline()
         self.install = Timeline()
-        # Each vCPU's blocked intervals not yet pruned: faults are served in trace order, not in time order,
+        # Each vCPU's blocked intervals (starts, ends): faults are served in trace order, not in time order,
         # so a vCPU's later interval can be booked before another vCPU's install that falls in an earlier one.
-        self.busy: list[list[tuple[int, int]]] = [[] for _ in range(run.vcpus)]
+        # One vCPU's intervals come in time order and never overlap (its next row waits for the page), so
+        # the one that can hold a moment is the last to start at or before it: a bisection.
+        self.busy: list[tuple[list[int], list[int]]] = [([], []) for _ in range(run.vcpus)]
         self.horizon = 0  # the latest prune: no install is booked before it
         self.mirror = run.strategy.agents_on_host_cpus
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([run.s.seed, JITTER_STREAM])))
@@ -145,7 +147,11 @@ class FaultPath:
         return self.install_ns(private) + c.fault_lock_ns + c.fault_lock_per_waiter_ns * w
 
     def waiters(self, vcpu: int, t: int) -> int:
-        return 1 + sum(1 for i, iv in enumerate(self.busy) if i != vcpu and any(a <= t < b for a, b in iv))
+        n = 1
+        for i, (starts, ends) in enumerate(self.busy):
+            k = bisect.bisect_right(starts, t) - 1
+            n += i != vcpu and k >= 0 and t < ends[k]
+        return n
 
     def serve(self, vcpu: int, gfn: int, t: int, private: bool, zero: bool, queued_ahead_bytes: int, g: int,
               agents_busy_ns: tuple[int, int] = (0, 0)) -> Served:
@@ -188,6 +194,12 @@ class FaultPath:
         self.horizon = before
 
     def block(self, vcpu: int, start: int, end: int) -> None:
+        starts, ends = self.busy[vcpu]
+        k = bisect.bisect_right(starts, start)
+        starts.insert(k, start)
+        ends.insert(k, end)
         # (no install comes before the horizon, the fault being served: an interval over by then holds nobody)
-        self.busy[vcpu] = [iv for iv in self.busy[vcpu] if iv[1] > self.horizon] + [(start, end)]
+        over = bisect.bisect_right(ends, self.horizon)
+        if over > 64:
+            del starts[:over], ends[:over]
 
