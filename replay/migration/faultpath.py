@@ -202,4 +202,3 @@ class FaultPath:
         over = bisect.bisect_right(ends, self.horizon)
         if over > 64:
             del starts[:over], ends[:over]
-

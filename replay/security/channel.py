@@ -81,7 +81,7 @@ class Outcome(enum.Enum):
     """What the receiver did with a packet."""
 
     ACCEPTED = "accepted"
-    MALFORMED = "malformed"  # short packet, bad length, impossible flags, a gfn or version (>= 2^63) the target cannot hold
+    MALFORMED = "malformed"  # short packet, bad length, impossible flags, a gfn or version (>= 2^63) out of range
     BAD_TAG = "bad_tag"  # GCM authentication failed: tampered or forged
     BAD_SEQUENCE = "bad_sequence"  # not the next sequence number of its stream: dropped, replayed or reordered
     STALE_VERSION = "stale_version"  # an older copy of a page than the target holds (dropped, in sequence)
