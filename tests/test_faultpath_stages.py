@@ -80,3 +80,17 @@ def test_exponential_jitter_is_the_documented_draw():
         want.append(int(-j * np.log(((u >> 11) + 1) / float(1 << 53))))  # numpy's log, as the driver
     assert [fp.jitter_ns() for _ in range(8)] == want
     assert all(w >= 0 for w in want)
+
+
+def test_blocked_intervals_over_before_the_horizon_are_dropped_in_batches():
+    # vCPU 0 blocked [10i, 10i + 5) for i = 0..199, the horizon moving to each start as faults are served.
+    # Intervals ending at or before the horizon hold nobody (no install comes before it): once more than
+    # 64 of them are over they are dropped, so the list stays short however long the run; vCPU 1 counts
+    # vCPU 0 as waiting only inside an interval, also after the drops.
+    p = path()
+    for i in range(200):
+        p.prune(10 * i)
+        p.block(0, 10 * i, 10 * i + 5)
+        assert len(p.busy[0][0]) == len(p.busy[0][1]) <= 66
+    assert p.busy[0][0][-1] == 1990 and p.busy[0][0] == sorted(p.busy[0][0])
+    assert (p.waiters(1, 1992), p.waiters(1, 1995), p.waiters(1, 1980)) == (2, 1, 2)

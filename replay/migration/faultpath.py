@@ -198,7 +198,8 @@ class FaultPath:
         k = bisect.bisect_right(starts, start)
         starts.insert(k, start)
         ends.insert(k, end)
-        # (no install comes before the horizon, the fault being served: an interval over by then holds nobody)
+        # No install comes before the horizon (the fault being served): an interval over by then holds nobody.
+        # They are dropped in batches, as a drop moves the whole list.
         over = bisect.bisect_right(ends, self.horizon)
         if over > 64:
             del starts[:over], ends[:over]
